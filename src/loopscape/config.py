@@ -1,0 +1,129 @@
+"""Typed configuration: dataclasses, loaded from YAML or TOML, with CLI overrides.
+
+A config is a tree of dataclasses. ``load_config(cls, path, overrides)`` reads
+an optional file, applies ``key.sub=value`` overrides (values parsed as YAML,
+so ``seeds=[0,1,2]`` and ``alpha=2.5`` work), checks every value's type, and
+runs each section's ``validate()``. Any problem raises :class:`ConfigError`
+with one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+
+def require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    """Raise ``ConfigError`` saying ``field must be <allowed> (got <value>)`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{field} must be {allowed} (got {value!r})")
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), field)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        require(isinstance(value, dict), field, "a table of settings", value)
+        return from_dict(tp, value, prefix=f"{field}.")
+    if tp is bool:
+        require(isinstance(value, bool), field, "true or false", value)
+        return value
+    if tp is int:
+        require(isinstance(value, int) and not isinstance(value, bool), field, "an integer", value)
+        return value
+    if tp is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), field, "a number", value)
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), field, "a string", value)
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        require(key in names, f"{prefix}{key}", f"one of {sorted(names)}", key)
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        require(isinstance(node, dict), dotted, "a path to a setting", dotted)
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=100"`` -> ``("train.epochs", 100)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override must look like key.sub=value (got {text!r})")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text) or {}
+    raise ConfigError(f"config file must end in .yaml, .yml or .toml (got {path.name!r})")
+
+
+def validate_tree(config: Any, prefix: str = "") -> None:
+    """Call ``validate(prefix)`` on every dataclass section, depth first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_tree(value, f"{prefix}{f.name}.")
+    if hasattr(config, "validate"):
+        config.validate(prefix)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """File (optional), then overrides, then type checks and validation."""
+    data = read_config_file(path) if path else {}
+    for key, value in (overrides or {}).items():
+        _set(data, key, value)
+    config = from_dict(cls, data)
+    validate_tree(config)
+    return config

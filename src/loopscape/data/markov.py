@@ -1,0 +1,197 @@
+"""The synthetic Markov language of Section 4.1 / Appendix E.1.1.
+
+A sequence ``X = (x_0, ..., x_{L-1})`` over ``V`` tokens has probability
+
+    P(X) = P(x_0) * prod_k T_k[x_{k-1}, x_k],     P(x_0) = 1 / V,
+
+with ``L - 1`` distinct random transition matrices ``T_1..T_{L-1}``; at test
+lengths longer than the training length they are applied cyclically
+(Appendix E.1.3). The difficulty of a sequence is its information content
+``IC(X) = -log2 P(X)``.
+
+Two points the paper leaves open, and the reading taken here:
+
+* **Transition matrices.** Each row has i.i.d. ``Uniform(0, 1)`` entries,
+  normalised to sum to one (the usual "random stochastic matrix" of research
+  code). Of the distributions tried, this is the one whose *data* statistics
+  match the paper's Table 1 "# Simple Sequences" column (share of test
+  sequences with IC below the largest training IC: 99.5% / 64.5% / 0 at
+  L = 8 / 11 / 14); rows uniform on the simplex (Dirichlet(1)) leave ~90% at
+  L = 14. See ``docs/markov.md``.
+* **IC unit.** Bits. With V = 3 a tilted transition costs at most
+  ``log 3 = 1.1`` nats, so in nats no L = 11 test set could have the paper's
+  35% of sequences above IC = 14.57; in bits the numbers fit.
+
+The training set (Appendix E.1.1) is every one of the ``V^L`` sequences once,
+"expanded" to ``N`` by drawing ``N - V^L`` more with probability proportional
+to ``P(X)^alpha``. Test sets draw ``N_test`` sequences from the same tilted
+law exactly, even where ``V^L`` cannot be enumerated: ``P(X)^alpha`` is itself
+a (non-homogeneous) Markov chain with weights ``T_k^alpha``, sampled forwards
+with backward messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceSet:
+    """A set of sequences with their information content.
+
+    ``tokens`` is ``(N, L)``; a model reads ``inputs`` (the first ``L - 1``
+    tokens) and predicts ``targets`` (the last one).
+    """
+
+    tokens: torch.Tensor  # (N, L) int64
+    ic: torch.Tensor  # (N,) float64, bits
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, -1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def ic_groups(self, low_frac: float = 0.4, high_frac: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks of the lowest ``low_frac`` and highest ``high_frac``
+        of sequences by IC (Section 4.1: 'low information' / 'high information').
+
+        Ranks, not IC values, decide membership, so each group has exactly
+        ``floor(frac * N)`` members even when many sequences share an IC;
+        ties are broken by position in the set (a stable sort).
+        """
+        n = len(self)
+        order = torch.argsort(self.ic, stable=True)
+        low = torch.zeros(n, dtype=torch.bool)
+        high = torch.zeros(n, dtype=torch.bool)
+        low[order[: int(low_frac * n)]] = True
+        high[order[n - int(high_frac * n) :]] = True
+        return low, high
+
+
+class MarkovLanguage:
+    """A Markov language: ``V`` tokens, ``L - 1`` transition matrices, uniform start.
+
+    Args:
+        vocab_size: ``V`` (3 in the paper: {a, b, c}).
+        length: training sequence length ``L`` (4 in the paper); the language has
+            ``L - 1`` transition matrices.
+        seed: seed of the transition matrices.
+    """
+
+    def __init__(self, vocab_size: int = 3, length: int = 4, seed: int = 0):
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 (got {vocab_size})")
+        if length < 2:
+            raise ValueError(f"length must be >= 2 (got {length})")
+        self.vocab_size = vocab_size
+        self.length = length
+        rng = np.random.default_rng(seed)
+        raw = rng.random((length - 1, vocab_size, vocab_size))
+        self.transitions = raw / raw.sum(axis=-1, keepdims=True)  # (L-1, V, V), rows sum to 1
+
+    def transition(self, step: int) -> np.ndarray:
+        """``T_step`` for ``step = 1, 2, ...``, cycling past ``L - 1`` (Appendix E.1.3)."""
+        return self.transitions[(step - 1) % (self.length - 1)]
+
+    # -- exact probabilities -------------------------------------------------------
+    def log2_prob(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``log2 P(X)`` for each row of ``tokens`` (any length >= 1)."""
+        x = np.asarray(tokens, dtype=np.int64)
+        out = np.full(x.shape[0], -np.log2(self.vocab_size))
+        for k in range(1, x.shape[1]):
+            out += np.log2(self.transition(k)[x[:, k - 1], x[:, k]])
+        return out
+
+    def information_content(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``IC(X) = -log2 P(X)`` in bits."""
+        return -self.log2_prob(tokens)
+
+    def enumerate(self, length: int | None = None) -> np.ndarray:
+        """All ``V^L`` sequences, in lexicographic order."""
+        length = self.length if length is None else length
+        return np.array(list(itertools.product(range(self.vocab_size), repeat=length)), dtype=np.int64)
+
+    def tilted_probabilities(self, alpha: float, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence of ``length`` and its probability under ``P(X)^alpha / Z``."""
+        seqs = self.enumerate(length)
+        logw = alpha * self.log2_prob(seqs)
+        w = np.exp2(logw - logw.max())
+        return seqs, w / w.sum()
+
+    # -- samplers ------------------------------------------------------------------
+    def sample_enumerated(self, n: int, alpha: float, rng: np.random.Generator, length: int | None = None) -> np.ndarray:
+        """``n`` i.i.d. sequences drawn ``proportional to P(X)^alpha`` by enumeration."""
+        seqs, p = self.tilted_probabilities(alpha, length)
+        return seqs[rng.choice(len(seqs), size=n, p=p)]
+
+    def sample_tilted_chain(self, n: int, alpha: float, length: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` i.i.d. sequences of ``length`` drawn exactly ``proportional to P(X)^alpha``.
+
+        ``P(X)^alpha`` factorises over the chain with weights ``T_k^alpha``; the
+        backward messages ``beta_{k-1}(x) = sum_y T_k[x, y]^alpha beta_k(y)``
+        turn it into forward conditionals
+        ``p(x_k | x_{k-1}) ∝ T_k[x_{k-1}, x_k]^alpha beta_k(x_k)``.
+        Messages are renormalised at every step (only ratios matter), so any
+        length is fine in float64.
+        """
+        V = self.vocab_size
+        beta = [np.ones(V)] * length
+        for k in range(length - 1, 0, -1):
+            b = (self.transition(k) ** alpha) @ beta[k]
+            beta[k - 1] = b / b.sum()
+        x = np.empty((n, length), dtype=np.int64)
+        x[:, 0] = rng.choice(V, size=n, p=beta[0] / beta[0].sum())
+        for k in range(1, length):
+            w = self.transition(k)[x[:, k - 1]] ** alpha * beta[k][None, :]
+            cdf = np.cumsum(w / w.sum(axis=1, keepdims=True), axis=1)
+            u = rng.random(n)[:, None]
+            x[:, k] = np.minimum((u > cdf).sum(axis=1), V - 1)
+        return x
+
+    # -- the paper's data sets ---------------------------------------------------------
+    def _as_set(self, tokens: np.ndarray) -> SequenceSet:
+        return SequenceSet(torch.from_numpy(tokens), torch.from_numpy(self.information_content(tokens)))
+
+    def training_set(self, n: int, alpha: float, rng: np.random.Generator, include_all: bool = True) -> SequenceSet:
+        """Appendix E.1.1: all ``V^L`` sequences, oversampled to ``n`` by ``P(X)^alpha``.
+
+        With ``include_all=False``, or if ``n < V^L`` (the set cannot hold every
+        sequence), it is ``n`` tilted draws.
+        """
+        base = self.enumerate()
+        if not include_all or n < len(base):
+            return self._as_set(self.sample_enumerated(n, alpha, rng))
+        extra = self.sample_enumerated(n - len(base), alpha, rng)
+        return self._as_set(np.concatenate([base, extra]))
+
+    def sample_set(self, n: int, alpha: float, length: int, rng: np.random.Generator) -> SequenceSet:
+        """``n`` tilted draws at ``length`` (validation and test sets, Appendix E.1.3)."""
+        return self._as_set(self.sample_tilted_chain(n, alpha, length, rng))
+
+
+def bayes_ceiling(train: SequenceSet) -> torch.Tensor:
+    """Per-sequence indicator that a deterministic predictor *can* get it right.
+
+    The target is random given the input, so sequences sharing an input can
+    disagree on the target. The best any model can do on the training set is
+    to predict, for each input, its most frequent target there; this marks the
+    sequences that choice gets right (ties: the smallest token). Averaged over
+    a group it gives that group's highest reachable training accuracy.
+    """
+    inputs = [tuple(r) for r in train.inputs.tolist()]
+    counts: dict[tuple, dict[int, int]] = {}
+    for inp, y in zip(inputs, train.targets.tolist()):
+        counts.setdefault(inp, {}).setdefault(y, 0)
+        counts[inp][y] += 1
+    best = {inp: max(sorted(c), key=lambda y: c[y]) for inp, c in counts.items()}
+    return torch.tensor([best[inp] == y for inp, y in zip(inputs, train.targets.tolist())])

@@ -1,0 +1,256 @@
+"""The sample-level study of Section 4.1 (Observation 1; Figures 3a, 3b).
+
+Trains Single-Attn and Looped-Attn on one Markov language over several seeds
+(the seed drives initialisation and batch order; the language and training
+set are fixed by ``data.seed``) and writes a run folder::
+
+    OUT/config.yaml                   the resolved configuration
+    OUT/data.json                     transition matrices, IC statistics, Bayes ceilings
+    OUT/runs/<model>/seed<k>/         metrics.jsonl, checkpoints/, model.safetensors
+    OUT/figures/fig3a_ic_distribution.png, fig3b_accuracy.png
+    OUT/summary.md, OUT/summary.json  table beside the paper's numbers, verdict
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from loopscape.config import ConfigError, require, to_dict
+from loopscape.data.markov import MarkovLanguage, bayes_ceiling
+from loopscape.io import atomic_write_text, read_json, read_jsonl, write_json
+from loopscape.models.linear_attn import EMBEDDINGS, LinearAttn, LinearAttnConfig
+from loopscape.training.trainer import MarkovTask, TrainConfig, seeded, train
+
+
+@dataclass
+class MarkovDataConfig:
+    """The Markov language and its data sets (Appendix E.1.1, E.1.3)."""
+
+    vocab_size: int = 3
+    length: int = 4
+    n_train: int = 500
+    n_val: int = 500
+    alpha: float = 2.0
+    seed: int = 0
+    include_all: bool = True  # training set = every sequence once + tilted draws (E.1.1)
+    test_lengths: list[int] = field(default_factory=lambda: [8, 11, 14, 17])
+    n_test: int = 5000
+
+    def validate(self, p: str = "") -> None:
+        require(self.vocab_size >= 2, f"{p}vocab_size", "an integer >= 2", self.vocab_size)
+        require(self.length >= 2, f"{p}length", "an integer >= 2", self.length)
+        require(self.n_train >= 1, f"{p}n_train", "an integer >= 1", self.n_train)
+        require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
+        require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
+        require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
+        for L in self.test_lengths:
+            require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)
+
+
+@dataclass
+class ToyModelConfig:
+    """The toy models; Single-Attn uses ``n_loops = 1``, Looped-Attn ``n_loops``."""
+
+    embedding: str = "onehot"
+    d_model: int = 16
+    max_len: int = 16
+    init_scale: float = 1.0
+    n_loops: int = 3
+
+    def validate(self, p: str = "") -> None:
+        require(self.embedding in EMBEDDINGS, f"{p}embedding", f"one of {list(EMBEDDINGS)}", self.embedding)
+        require(self.d_model >= 1, f"{p}d_model", "an integer >= 1", self.d_model)
+        require(self.max_len >= 1, f"{p}max_len", "an integer >= 1", self.max_len)
+        require(self.init_scale > 0, f"{p}init_scale", "a number > 0", self.init_scale)
+        require(self.n_loops >= 1, f"{p}n_loops", "an integer >= 1 (T)", self.n_loops)
+
+    def build(self, vocab_size: int, n_loops: int) -> LinearAttn:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return LinearAttn(LinearAttnConfig(vocab_size=vocab_size, **{**fields, "n_loops": n_loops}))
+
+
+def _validate_train(self: TrainConfig, p: str = "") -> None:
+    require(self.epochs >= 1, f"{p}epochs", "an integer >= 1", self.epochs)
+    require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
+    require(self.batch_size >= 1, f"{p}batch_size", "an integer >= 1", self.batch_size)
+    require(self.checkpoint_every >= 1, f"{p}checkpoint_every", "an integer >= 1", self.checkpoint_every)
+
+
+TrainConfig.validate = _validate_train  # the trainer stays free of config plumbing
+
+
+@dataclass
+class MarkovStudyConfig:
+    data: MarkovDataConfig = field(default_factory=MarkovDataConfig)
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    workers: int = 0  # 0: one per core, at most one per run
+
+    def validate(self, p: str = "") -> None:
+        require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
+        require(len(set(self.seeds)) == len(self.seeds), f"{p}seeds", "distinct integers", self.seeds)
+        require(self.workers >= 0, f"{p}workers", "an integer >= 0", self.workers)
+        longest = max([self.data.length, *self.data.test_lengths]) - 1
+        require(
+            self.model.max_len >= longest,
+            f"{p}model.max_len",
+            f"an integer >= {longest} (the longest input, data length or test length minus one)",
+            self.model.max_len,
+        )
+
+    @property
+    def models(self) -> dict[str, int]:
+        """Model name -> loop count T."""
+        return {"single_attn": 1, "looped_attn": self.model.n_loops}
+
+
+def build_task(data: MarkovDataConfig) -> tuple[MarkovLanguage, MarkovTask]:
+    """The language, its training set (with IC groups) and a validation set.
+
+    The validation set is ``n_val`` fresh tilted draws at the training length,
+    from the same generator after the training set (the paper does not say
+    what it validates on; SCP in Section 5 needs a validation loss).
+    """
+    lang = MarkovLanguage(data.vocab_size, data.length, seed=data.seed)
+    rng = np.random.default_rng(data.seed)
+    train_set = lang.training_set(data.n_train, data.alpha, rng, include_all=data.include_all)
+    val_set = lang.sample_set(data.n_val, data.alpha, data.length, rng)
+    low, high = train_set.ic_groups()
+    return lang, MarkovTask(train_set, val_set, low, high)
+
+
+def data_summary(lang: MarkovLanguage, task: MarkovTask) -> dict:
+    ic = task.train.ic
+    ok = bayes_ceiling(task.train).float()
+    return {
+        "transitions": lang.transitions.tolist(),
+        "ic_unit": "bits",
+        "n_train": len(task.train),
+        "ic_max": ic.max().item(),
+        "ic_low_max": ic[task.low].max().item(),
+        "ic_high_min": ic[task.high].min().item(),
+        "ic_train": ic.tolist(),
+        "bayes_ceiling": {"all": ok.mean().item(), "low": ok[task.low].mean().item(), "high": ok[task.high].mean().item()},
+    }
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume: bool, progress_q=None) -> str:
+    """Train one (model, seed); top-level so worker processes can run it."""
+    if progress_q is not None:
+        torch.set_num_threads(1)  # one core per worker: tiny matrices gain nothing from threads
+    _, task = build_task(cfg.data)
+    with seeded(seed):
+        model = cfg.model.build(cfg.data.vocab_size, cfg.models[name])
+    last = [0]
+
+    def on_epoch(epoch: int) -> None:
+        if progress_q is not None:
+            progress_q.put(epoch - last[0])
+        last[0] = epoch
+
+    if resume and (Path(run_dir) / "checkpoints" / "latest.json").exists():
+        last[0] = read_json(Path(run_dir) / "checkpoints" / "latest.json")["epoch"]
+    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch)
+    write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
+    return run_dir
+
+
+def run_dir_of(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / name / f"seed{seed}"
+
+
+def prepare_output(out: Path, cfg: MarkovStudyConfig, resume: bool) -> None:
+    """Create ``out``; refuse to touch an existing folder unless resuming the same config."""
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.exists():
+            raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
+        if yaml.safe_load(saved.read_text()) != to_dict(cfg):
+            raise ConfigError(f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
+    """Train every (model, seed) not yet done, in parallel worker processes."""
+    jobs = [
+        (name, seed, str(run_dir_of(out, name, seed)))
+        for name in cfg.models
+        for seed in cfg.seeds
+        if not (run_dir_of(out, name, seed) / "done.json").exists()
+    ]
+    if not jobs:
+        return
+    workers = cfg.workers or min(os.cpu_count() or 1, len(jobs))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show_progress) as bar:
+        total = len(jobs) * cfg.train.epochs
+        task_id = bar.add_task(f"training {len(jobs)} runs (epochs)", total=total)
+        if workers == 1:
+            for name, seed, rd in jobs:
+                _run_one(cfg, name, seed, rd, resume, None)
+                bar.update(task_id, advance=cfg.train.epochs)
+            return
+        ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            q = manager.Queue()
+            futures = [pool.submit(_run_one, cfg, name, seed, rd, resume, q) for name, seed, rd in jobs]
+            while not all(f.done() for f in futures):
+                time.sleep(0.2)
+                while not q.empty():
+                    bar.update(task_id, advance=q.get())
+            for f in futures:
+                f.result()  # re-raise a worker's error here
+            bar.update(task_id, completed=total)
+
+
+def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.ndarray]]:
+    """``{model: {metric: array (seeds, epochs + 1)}}`` from the run folder."""
+    result = {}
+    for name in cfg.models:
+        rows = [read_jsonl(run_dir_of(out, name, s) / "metrics.jsonl") for s in cfg.seeds]
+        keys = [k for k in rows[0][0] if k != "epoch"]
+        result[name] = {k: np.array([[r[k] for r in rs] for rs in rows]) for k in keys}
+    return result
+
+
+def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """The whole study: data, training, figures, summary. Returns the summary dict."""
+    from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_distribution
+    from loopscape.reporting.summary import summarise_markov
+
+    out = Path(out)
+    prepare_output(out, cfg, resume)
+    lang, task = build_task(cfg.data)
+    data = data_summary(lang, task)
+    write_json(out / "data.json", data)
+    t0 = time.perf_counter()
+    train_all(cfg, out, resume=resume, show_progress=show_progress)
+    wall = time.perf_counter() - t0
+    metrics = load_metrics(out, cfg)
+    plot_ic_distribution(task, out / "figures" / "fig3a_ic_distribution.png")
+    plot_accuracy_curves(metrics, out / "figures" / "fig3b_accuracy.png", ceiling=data["bayes_ceiling"])
+    summary = summarise_markov(metrics, data, cfg)
+    summary["training_wall_s"] = wall
+    write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", summary.pop("markdown"))
+    return summary

@@ -1,0 +1,153 @@
+"""Single-Attn and Looped-Attn: the one-layer linear-attention toys of
+Section 3 and Appendix D.
+
+With the input embedding ``E_0 in R^{d x n}`` and query ``z_0`` its last column,
+
+    f(E, z) = W_V E E^T W_K^T W_Q z,        f(E) = W_V E E^T W_K^T W_Q E,
+
+    Single-Attn:  z_1 = z_0 + f(E_0, z_0)
+    Looped-Attn:  z_t = z_{t-1} + f(E_{t-1}, z_{t-1}),
+                  E_t = E_{t-1} + f(E_{t-1}),            t = 1..T
+    logits:       y_hat = W_h z_T.
+
+Single-Attn is Looped-Attn with ``T = 1``. The embedding ``g`` is fixed (not
+trainable, Appendix D). Code stores ``E`` row-major, ``(batch, n, d)``, i.e.
+the paper's ``E^T``; the equations below are written in the paper's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EMBEDDINGS = ("onehot", "token", "random")
+
+
+@dataclass
+class LinearAttnConfig:
+    """Configuration of the toy model.
+
+    Attributes:
+        vocab_size: number of tokens ``V``.
+        n_loops: ``T``; 1 is Single-Attn.
+        embedding: the fixed map ``g``. ``"onehot"``: token one-hot concatenated
+            with position one-hot, ``d = V + max_len``. ``"token"``: token
+            one-hot alone, ``d = V`` (no position information). ``"random"``: fixed
+            Gaussian token and position vectors of width ``d_model``, entries
+            ``N(0, 1/d_model)``, summed (as a transformer's token + position
+            embedding).
+        d_model: width ``d`` for ``"random"``; ignored by ``"onehot"``.
+        max_len: longest input the position code covers.
+        init_scale: ``W ~ U(-s/sqrt(d), s/sqrt(d))`` with ``s = init_scale``;
+            1.0 is PyTorch's ``nn.Linear`` default.
+        embedding_seed: seed of the ``"random"`` embedding.
+    """
+
+    vocab_size: int = 3
+    n_loops: int = 1
+    embedding: str = "onehot"
+    d_model: int = 16
+    max_len: int = 16
+    init_scale: float = 1.0
+    embedding_seed: int = 0
+
+    @property
+    def d(self) -> int:
+        return {"onehot": self.vocab_size + self.max_len, "token": self.vocab_size}.get(self.embedding, self.d_model)
+
+
+class FixedEmbedding(nn.Module):
+    """The fixed embedding ``g: V^n -> R^{d x n}``: token code plus position code.
+
+    Both codes are buffers, so they travel with ``.to(device)`` but never
+    receive gradients or optimiser updates.
+    """
+
+    def __init__(self, config: LinearAttnConfig):
+        super().__init__()
+        V, L, d = config.vocab_size, config.max_len, config.d
+        if config.embedding == "onehot":
+            token = torch.cat([torch.eye(V), torch.zeros(V, L)], dim=1)
+            position = torch.cat([torch.zeros(L, V), torch.eye(L)], dim=1)
+        elif config.embedding == "token":
+            token, position = torch.eye(V), torch.zeros(L, V)
+        elif config.embedding == "random":
+            g = torch.Generator().manual_seed(config.embedding_seed)
+            token = torch.randn(V, d, generator=g) / math.sqrt(d)
+            position = torch.randn(L, d, generator=g) / math.sqrt(d)
+        else:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS} (got {config.embedding!r})")
+        self.register_buffer("token", token)
+        self.register_buffer("position", position)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n > self.position.shape[0]:
+            raise ValueError(f"input length {n} exceeds the embedding's max_len {self.position.shape[0]}")
+        return self.token[x] + self.position[:n]
+
+
+class LinearAttn(nn.Module):
+    """Single-Attn (``n_loops = 1``) or Looped-Attn (``n_loops = T > 1``)."""
+
+    def __init__(self, config: LinearAttnConfig):
+        super().__init__()
+        if config.n_loops < 1:
+            raise ValueError(f"n_loops must be >= 1 (got {config.n_loops})")
+        self.config = config
+        d, V = config.d, config.vocab_size
+        self.embed = FixedEmbedding(config)
+        self.W_V = nn.Parameter(torch.empty(d, d))
+        self.W_K = nn.Parameter(torch.empty(d, d))
+        self.W_Q = nn.Parameter(torch.empty(d, d))
+        self.W_h = nn.Parameter(torch.empty(V, d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.config.init_scale / math.sqrt(self.config.d)
+        for w in (self.W_V, self.W_K, self.W_Q, self.W_h):
+            nn.init.uniform_(w, -bound, bound)
+
+    @property
+    def n_loops(self) -> int:
+        return self.config.n_loops
+
+    @n_loops.setter
+    def n_loops(self, value: int) -> None:
+        # SHIFT raises the loop count of a trained model in place (Section 5).
+        if value < 1:
+            raise ValueError(f"n_loops must be >= 1 (got {value})")
+        self.config.n_loops = value
+
+    def attn(self, E: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+        """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z``.
+
+        ``E`` is ``(B, n, d)`` and ``Z`` is ``(B, m, d)`` (rows are the paper's
+        columns); ``f(E, z)`` is ``m = 1`` and ``f(E)`` is ``Z = E``.
+        """
+        scores = (Z @ self.W_Q.T @ self.W_K) @ E.transpose(1, 2)  # z^T W_Q^T W_K E  -> (B, m, n)
+        return scores @ E @ self.W_V.T  # (W_V E E^T W_K^T W_Q z)^T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``W_h z_T`` for token ids ``x`` of shape ``(B, n)``."""
+        E = self.embed(x)  # E_0
+        z = E[:, -1:, :]  # z_0: the last token's embedding
+        for t in range(1, self.n_loops + 1):
+            z_next = z + self.attn(E, z)
+            if t < self.n_loops:  # E_T itself is never read: skip the last update
+                E = E + self.attn(E, E)
+            z = z_next
+        return z[:, 0, :] @ self.W_h.T
+
+
+def single_attn(**config) -> LinearAttn:
+    """Single-Attn: ``z_1 = z_0 + f(E_0, z_0)``."""
+    return LinearAttn(LinearAttnConfig(**{**config, "n_loops": 1}))
+
+
+def looped_attn(n_loops: int = 3, **config) -> LinearAttn:
+    """Looped-Attn with ``T = n_loops`` (3 in the paper)."""
+    return LinearAttn(LinearAttnConfig(**{**config, "n_loops": n_loops}))

@@ -1,0 +1,63 @@
+"""Figures of the Markov study, as PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from loopscape.io import atomic_write_bytes  # noqa: E402
+from loopscape.training.trainer import MarkovTask  # noqa: E402
+
+LABELS = {"single_attn": "Single-Attn", "looped_attn": "Looped-Attn"}
+GROUPS = {"acc_low": ("low IC", "tab:green"), "acc_high": ("high IC", "tab:red"), "acc_all": ("all", "tab:blue")}
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_ic_distribution(task: MarkovTask, path: str | Path) -> None:
+    """Figure 3a: the long-tailed IC distribution of the training set, IC groups marked."""
+    ic = task.train.ic.numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bins = np.linspace(ic.min(), ic.max(), 30)
+    for mask, label, color in ((task.low, "low IC (40%)", "tab:green"), (task.high, "high IC (40%)", "tab:red")):
+        ax.hist(ic[mask.numpy()], bins=bins, color=color, alpha=0.6, label=label)
+    mid = ~(task.low | task.high)
+    ax.hist(ic[mid.numpy()], bins=bins, color="grey", alpha=0.5, label="middle (20%)")
+    ax.set_xlabel("information content IC(X) = -log2 P(X)  [bits]")
+    ax.set_ylabel("training sequences")
+    ax.set_title(f"Training set: N = {len(ic)}, max IC = {ic.max():.2f} bits")
+    ax.legend()
+    _save(fig, Path(path))
+
+
+def plot_accuracy_curves(metrics: dict[str, dict[str, np.ndarray]], path: str | Path, ceiling: dict | None = None) -> None:
+    """Figure 3b: training accuracy on low / high / all IC per epoch, mean and min-max band over seeds."""
+    names = list(metrics)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        for key, (label, color) in GROUPS.items():
+            a = 100 * metrics[name][key]
+            x = np.arange(a.shape[1])
+            ax.plot(x, a.mean(0), color=color, label=label, lw=1.4)
+            ax.fill_between(x, a.min(0), a.max(0), color=color, alpha=0.2, lw=0)
+            if ceiling is not None:
+                ax.axhline(100 * ceiling[key[4:]], color=color, ls=":", lw=1)
+        ax.axvline(150, color="k", ls="--", lw=0.8)
+        ax.set_title(f"{LABELS.get(name, name)} ({a.shape[0]} seeds)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("training accuracy [%]")
+    np.atleast_1d(axes)[0].legend(loc="lower right", title="dotted: Bayes ceiling")
+    _save(fig, Path(path))

@@ -1,0 +1,121 @@
+"""Checkpoints: weights and optimiser tensors as safetensors, the rest as JSON.
+
+Layout of a checkpoint folder::
+
+    checkpoints/
+      latest.json            {"epoch": 150, "dir": "epoch-00150"}
+      epoch-00150/
+        model.safetensors    parameters and buffers (the model's state_dict)
+        optimizer.safetensors  per-parameter optimiser state, keyed "<param>.<field>"
+        state.json           epoch, optimiser hyper-parameters, RNG state, extras
+
+A checkpoint is written into a temporary folder, renamed into place, and only
+then named by ``latest.json`` (itself written atomically): a crash at any
+point leaves ``latest.json`` naming a complete checkpoint. Loading never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loopscape.io import read_json, write_json
+
+
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, scalars = {}, {}
+    for p, state in optimizer.state.items():
+        for field, value in state.items():
+            key = f"{names[id(p)]}.{field}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().contiguous().cpu()
+            else:
+                scalars[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        group.update(saved)
+    optimizer.state.clear()
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        name, field = key.rsplit(".", 1)
+        p = params[name]
+        if torch.is_tensor(value) and field != "step":  # Adam keeps `step` on the CPU
+            value = value.to(p.device)
+        optimizer.state[p][field] = value
+
+
+def save_checkpoint(
+    directory: str | Path,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None = None,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 1,
+) -> Path:
+    """Write a checkpoint for ``epoch`` and point ``latest.json`` at it."""
+    directory = Path(directory)
+    final = directory / f"epoch-{epoch:05d}"
+    tmp = directory / f".epoch-{epoch:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    state = {"epoch": epoch, "optimizer": opt_meta, "extra": extra or {}}
+    if generator is not None:
+        state["generator"] = base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+    write_json(tmp / "state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_json(directory / "latest.json", {"epoch": epoch, "dir": final.name})
+    old = sorted(p for p in directory.glob("epoch-*") if p.is_dir() and p != final)
+    for p in old[: max(0, len(old) - (keep_last - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    pointer = Path(directory) / "latest.json"
+    if not pointer.exists():
+        return None
+    return Path(directory) / read_json(pointer)["dir"]
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns its ``state.json`` content."""
+    path = Path(path)
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    state = read_json(path / "state.json")
+    if optimizer is not None:
+        _load_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if generator is not None and "generator" in state:
+        raw = bytearray(base64.b64decode(state["generator"]))
+        generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+    return state
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Final weights only, as one safetensors file (written atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
