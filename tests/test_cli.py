@@ -1,0 +1,61 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loopscape.cli import app
+from loopscape.config import ConfigError, load_config
+from loopscape.experiments.markov import MarkovStudyConfig
+
+runner = CliRunner()
+TINY = ["--epochs", "3", "--seeds", "0,1", "--set", "data.n_train=100", "--set", "data.n_val=50", "--set", "workers=1", "-q"]
+
+
+def test_markov_writes_run_folder_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["markov", "-o", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    for f in ["config.yaml", "data.json", "summary.md", "summary.json", "figures/fig3a_ic_distribution.png", "figures/fig3b_accuracy.png"]:
+        assert (out / f).exists(), f
+    for model in ("single_attn", "looped_attn"):
+        for seed in (0, 1):
+            assert len((out / "runs" / model / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["observation1"]["verdict"] in {"reproduced", "partly reproduced", "not reproduced"}
+    before = (out / "summary.json").read_bytes()
+    r = runner.invoke(app, ["markov", "-o", str(out), *TINY])
+    assert r.exit_code == 2 and "already exists" in r.output
+    assert (out / "summary.json").read_bytes() == before
+    r = runner.invoke(app, ["markov", "-o", str(out), "--resume", *TINY])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("data.n_train=0", "data.n_train"),
+        ("data.alpha=0", "data.alpha"),
+        ("model.n_loops=0", "model.n_loops"),
+        ("model.embedding=learned", "model.embedding"),
+        ("data.test_lengths=[3]", "data.test_lengths"),
+        ("train.lr=fast", "train.lr"),
+        ("train.batchsize=3", "train.batchsize"),
+    ],
+)
+def test_invalid_values_fail_with_one_clear_line(tmp_path, override, field):
+    r = runner.invoke(app, ["markov", "-o", str(tmp_path / "x"), "--set", override, "-q"])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and field in lines[0], r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_file_and_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text("seeds = [3, 4]\n[train]\nepochs = 7\n")
+    (tmp_path / "c.yaml").write_text("model:\n  embedding: random\n  d_model: 8\n")
+    cfg = load_config(MarkovStudyConfig, tmp_path / "c.toml", {"train.batch_size": 50})
+    assert cfg.seeds == [3, 4] and cfg.train.epochs == 7 and cfg.train.batch_size == 50
+    cfg = load_config(MarkovStudyConfig, tmp_path / "c.yaml")
+    assert cfg.model.embedding == "random" and cfg.model.d_model == 8
+    with pytest.raises(ConfigError, match="model.max_len"):
+        load_config(MarkovStudyConfig, None, {"data.test_lengths": [40]})

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig, looped_attn, single_attn
+
+
+def hand_model(n_loops: int) -> LinearAttn:
+    # V = 2, token one-hot embedding (d = 2): x = [0, 1] gives E_0 = I, z_0 = e_1.
+    m = LinearAttn(LinearAttnConfig(vocab_size=2, n_loops=n_loops, embedding="token"))
+    with torch.no_grad():
+        m.W_Q.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+        m.W_K.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        m.W_V.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        m.W_h.copy_(torch.eye(2))
+    return m
+
+
+def test_single_attn_forward_by_hand():
+    # W_Q z0 = (2,1); W_K^T (2,1) = (3,1); E E^T = I; W_V (3,1) = (1,3); z1 = (0,1) + (1,3) = (1,4).
+    logits = hand_model(1)(torch.tensor([[0, 1]]))
+    assert torch.equal(logits, torch.tensor([[1.0, 4.0]]))
+
+
+def test_looped_attn_forward_by_hand():
+    # E_1 = I + W_V W_K^T W_Q = [[1,1],[1,4]]; z_1 = (1,4);
+    # E_1 E_1^T = [[2,5],[5,17]]; W_K^T W_Q z_1 = (13,4); E_1 E_1^T (13,4) = (46,133);
+    # W_V (46,133) = (133,46); z_2 = (1,4) + (133,46) = (134,50).
+    logits = hand_model(2)(torch.tensor([[0, 1]]))
+    assert torch.equal(logits, torch.tensor([[134.0, 50.0]]))
+
+
+@pytest.mark.parametrize("embedding", ["onehot", "token", "random"])
+def test_single_attn_is_looped_attn_with_one_loop(embedding):
+    torch.manual_seed(0)
+    a = single_attn(embedding=embedding)
+    b = looped_attn(n_loops=1, embedding=embedding)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 3, (64, 3))
+    assert torch.equal(a(x), b(x))
+
+
+def test_query_state_is_last_column_of_embedding_state():
+    # z_t and the last column of E_t follow the same update (Appendix D), so a
+    # looped model's z_T equals the last row of E_T computed with all T updates.
+    torch.manual_seed(1)
+    m = looped_attn(n_loops=3, embedding="random", d_model=8)
+    x = torch.randint(0, 3, (5, 6))
+    E = m.embed(x)
+    for _ in range(3):
+        E = E + m.attn(E, E)
+    torch.testing.assert_close(m(x), E[:, -1] @ m.W_h.T)
+
+
+def test_embedding_is_fixed_and_any_length_works():
+    m = looped_attn(n_loops=3)
+    assert {n for n, p in m.named_parameters()} == {"W_V", "W_K", "W_Q", "W_h"}
+    assert m(torch.randint(0, 3, (2, 16))).shape == (2, 3)
+    with pytest.raises(ValueError, match="max_len"):
+        m(torch.randint(0, 3, (2, 17)))
+
+
+def test_invalid_model_settings():
+    with pytest.raises(ValueError, match="n_loops"):
+        LinearAttn(LinearAttnConfig(n_loops=0))
+    with pytest.raises(ValueError, match="embedding"):
+        LinearAttn(LinearAttnConfig(embedding="learned"))
