@@ -59,3 +59,21 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.model.embedding == "random" and cfg.model.d_model == 8
     with pytest.raises(ConfigError, match="model.max_len"):
         load_config(MarkovStudyConfig, None, {"data.test_lengths": [40]})
+
+
+def test_shipped_config_is_the_default():
+    from pathlib import Path
+
+    from loopscape.config import to_dict
+
+    shipped = load_config(MarkovStudyConfig, Path(__file__).parents[1] / "configs" / "markov.yaml")
+    assert to_dict(shipped) == to_dict(MarkovStudyConfig())
+
+
+def test_sweep_collects_a_verdict_per_cell(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model.embedding: [token, 'random:4']\n")
+    r = runner.invoke(app, ["sweep", "-o", str(tmp_path / "sw"), "--grid", str(grid), *TINY])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
+    assert [row["cell"] for row in rows] == ["embeddingtoken", "random4"]

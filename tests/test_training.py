@@ -65,3 +65,14 @@ def test_gradient_norm_matches_autograd(tmp_path):
     m.zero_grad(set_to_none=True)
     assert evaluate(m, TASK)["grad_norm"] == pytest.approx(expected, rel=1e-5)
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_training_accuracy_never_exceeds_bayes_ceiling(tmp_path):
+    # No predictor of x_L from x_<L can beat the per-input majority on the whole
+    # training set. (Per IC group it is no bound: a model may trade low-IC for high-IC.)
+    from loopscape.data.markov import bayes_ceiling
+
+    ok = bayes_ceiling(TASK.train).float()
+    rows = train(fresh_model(), TASK, TrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0)
+    for r in rows:
+        assert r["acc_all"] <= ok.mean().item() + 1e-9

@@ -185,8 +185,10 @@ def bayes_ceiling(train: SequenceSet) -> torch.Tensor:
     The target is random given the input, so sequences sharing an input can
     disagree on the target. The best any model can do on the training set is
     to predict, for each input, its most frequent target there; this marks the
-    sequences that choice gets right (ties: the smallest token). Averaged over
-    a group it gives that group's highest reachable training accuracy.
+    sequences that choice gets right (ties: the smallest token). Its mean is
+    the highest training accuracy any model can reach; its mean over an IC
+    group is the Bayes-optimal predictor's accuracy there (not a bound for the
+    group alone: a model may trade low-IC accuracy for high-IC accuracy).
     """
     inputs = [tuple(r) for r in train.inputs.tolist()]
     counts: dict[tuple, dict[int, int]] = {}

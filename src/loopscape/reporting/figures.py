@@ -31,10 +31,9 @@ def plot_ic_distribution(task: MarkovTask, path: str | Path) -> None:
     ic = task.train.ic.numpy()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     bins = np.linspace(ic.min(), ic.max(), 30)
-    for mask, label, color in ((task.low, "low IC (40%)", "tab:green"), (task.high, "high IC (40%)", "tab:red")):
-        ax.hist(ic[mask.numpy()], bins=bins, color=color, alpha=0.6, label=label)
     mid = ~(task.low | task.high)
-    ax.hist(ic[mid.numpy()], bins=bins, color="grey", alpha=0.5, label="middle (20%)")
+    groups = [(task.low, "low IC (lowest 40%)", "tab:green"), (mid, "middle 20%", "grey"), (task.high, "high IC (highest 40%)", "tab:red")]
+    ax.hist([ic[m.numpy()] for m, _, _ in groups], bins=bins, stacked=True, color=[c for *_, c in groups], label=[l for _, l, _ in groups])
     ax.set_xlabel("information content IC(X) = -log2 P(X)  [bits]")
     ax.set_ylabel("training sequences")
     ax.set_title(f"Training set: N = {len(ic)}, max IC = {ic.max():.2f} bits")
@@ -59,5 +58,5 @@ def plot_accuracy_curves(metrics: dict[str, dict[str, np.ndarray]], path: str | 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("training accuracy [%]")
-    np.atleast_1d(axes)[0].legend(loc="lower right", title="dotted: Bayes ceiling")
+    np.atleast_1d(axes)[0].legend(loc="lower right", title="dotted: Bayes-optimal predictor")
     _save(fig, Path(path))

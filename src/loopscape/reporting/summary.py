@@ -103,8 +103,9 @@ def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg)
             lines.append(f"| {LABELS[m]} | {key} | {_fmt(values)} | {'' if paper is None else f'{paper:.2f}'} |")
     lines += [
         "",
-        f"Bayes ceiling of this training set (the best any predictor of x_L from x_<L can do on it): "
-        f"all {100 * ceiling['all']:.2f}%, low IC {100 * ceiling['low']:.2f}%, high IC {100 * ceiling['high']:.2f}%.",
+        f"Bayes ceiling of this training set (the best training accuracy any predictor of x_L from x_<L can reach): "
+        f"{100 * ceiling['all']:.2f}%. The Bayes-optimal predictor scores {100 * ceiling['low']:.2f}% on low-IC and "
+        f"{100 * ceiling['high']:.2f}% on high-IC sequences.",
         "",
         f"## Verdict on Observation 1: **{verdict['verdict']}**",
         "",

@@ -1,0 +1,101 @@
+"""Sweep the toy settings the paper leaves open and report which reproduce Observation 1.
+
+Each cell of the grid is a full sample-level study (``run_markov_study``) in
+``OUT/cells/<name>/``; ``OUT/sweep.md`` and ``OUT/sweep.json`` collect each
+cell's verdict, Looped-Attn minus Single-Attn gain, and final accuracies.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
+from loopscape.io import atomic_write_text, read_json, write_json
+
+# Embedding kind with its widths, batch size and init scale: the four choices the paper leaves open.
+DEFAULT_GRID: dict[str, list] = {
+    "model.embedding": ["onehot", "token", "random:4", "random:16"],
+    "train.batch_size": [32, 500],
+    "model.init_scale": [1.0, 0.1],
+}
+
+
+def load_grid(path: str | Path) -> dict[str, list]:
+    grid = yaml.safe_load(Path(path).read_text())
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"--grid must map each setting to a non-empty list of values (got {grid!r})")
+    return grid
+
+
+def _apply(base_dict: dict, key: str, value) -> str:
+    """Set ``key`` (``random:16`` sets the embedding and its width); return the cell label part."""
+    if key == "model.embedding" and isinstance(value, str) and ":" in value:
+        kind, width = value.split(":")
+        base_dict["model"]["embedding"], base_dict["model"]["d_model"] = kind, int(width)
+        return f"{kind}{width}"
+    node = base_dict
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return f"{leaf}{value}"
+
+
+def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False, show_progress: bool = True) -> str:
+    from loopscape.experiments.markov import run_markov_study
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    rows = []
+    for values in itertools.product(*grid.values()):
+        d = copy.deepcopy(to_dict(base))
+        name = "-".join(_apply(d, k, v) for k, v in zip(grid, values))
+        cfg = from_dict(type(base), d)
+        validate_tree(cfg)
+        cell = out / "cells" / name
+        if (cell / "summary.json").exists():
+            summary = read_json(cell / "summary.json")
+        else:
+            if show_progress:
+                print(f"[sweep] {name}")
+            summary = run_markov_study(cfg, cell, resume=(cell / "config.yaml").exists(), show_progress=show_progress)
+        v, t = summary["observation1"], summary["table"]
+        rows.append(
+            {
+                "cell": name,
+                "settings": dict(zip(grid, values)),
+                "verdict": v["verdict"],
+                "delta_mean_pts": v["delta_mean_pts"],
+                "delta_std_pts": v["delta_std_pts"],
+                "share_delta_positive": v["share_delta_positive"],
+                "acc_high_final": {m: float(np.mean(t[m]["acc_high@final"])) for m in t},
+                "acc_all_final": {m: float(np.mean(t[m]["acc_all@final"])) for m in t},
+                "bayes_ceiling_all": 100 * summary["bayes_ceiling"]["all"],
+            }
+        )
+    lines = [
+        "# Sweep: which toy settings reproduce Observation 1",
+        "",
+        f"Base: {len(base.seeds)} seeds {base.seeds}, {base.train.epochs} epochs, data seed {base.data.seed}. "
+        "delta = Looped-Attn's minus Single-Attn's rise in high-IC training accuracy after the split epoch (points, mean ± std over seeds).",
+        "",
+        "| cell | verdict | delta (pts) | delta > 0 | high-IC final S / L (%) | all final S / L (%) | ceiling all (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hs, hl = r["acc_high_final"]["single_attn"], r["acc_high_final"]["looped_attn"]
+        a_s, a_l = r["acc_all_final"]["single_attn"], r["acc_all_final"]["looped_attn"]
+        lines.append(
+            f"| {r['cell']} | {r['verdict']} | {r['delta_mean_pts']:+.2f} ± {r['delta_std_pts']:.2f} | "
+            f"{r['share_delta_positive']:.0%} | {hs:.1f} / {hl:.1f} | {a_s:.1f} / {a_l:.1f} | {r['bayes_ceiling_all']:.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    write_json(out / "sweep.json", {"grid": grid, "rows": rows})
+    atomic_write_text(out / "sweep.md", table)
+    return table
