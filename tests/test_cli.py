@@ -58,7 +58,7 @@ def test_config_file_and_overrides(tmp_path):
     cfg = load_config(MarkovStudyConfig, tmp_path / "c.yaml")
     assert cfg.model.embedding == "random" and cfg.model.d_model == 8
     with pytest.raises(ConfigError, match="model.max_len"):
-        load_config(MarkovStudyConfig, None, {"data.test_lengths": [40]})
+        load_config(MarkovStudyConfig, None, {"data.length": 6})
 
 
 def test_shipped_config_is_the_default():

@@ -63,7 +63,7 @@ class ToyModelConfig:
 
     embedding: str = "onehot"
     d_model: int = 16
-    max_len: int = 16
+    max_len: int = 3  # the training input length: no position slot that training never reaches
     init_scale: float = 1.0
     n_loops: int = 3
 
@@ -101,11 +101,10 @@ class MarkovStudyConfig:
         require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
         require(len(set(self.seeds)) == len(self.seeds), f"{p}seeds", "distinct integers", self.seeds)
         require(self.workers >= 0, f"{p}workers", "an integer >= 0", self.workers)
-        longest = max([self.data.length, *self.data.test_lengths]) - 1
         require(
-            self.model.max_len >= longest,
+            self.model.max_len >= self.data.length - 1,
             f"{p}model.max_len",
-            f"an integer >= {longest} (the longest input, data length or test length minus one)",
+            f"an integer >= {self.data.length - 1} (the training input length, data.length - 1)",
             self.model.max_len,
         )
 

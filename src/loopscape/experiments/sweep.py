@@ -18,8 +18,9 @@ from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
 from loopscape.io import atomic_write_text, read_json, write_json
 
 # Embedding kind with its widths, batch size and init scale: the four choices the paper leaves open.
+# "onehot:16" is the one-hot code with 16 position slots (d = 19), "random:16" the random code of width 16.
 DEFAULT_GRID: dict[str, list] = {
-    "model.embedding": ["onehot", "token", "random:4", "random:16"],
+    "model.embedding": ["onehot", "onehot:16", "token", "random:4", "random:16"],
     "train.batch_size": [32, 500],
     "model.init_scale": [1.0, 0.1],
 }
@@ -33,11 +34,13 @@ def load_grid(path: str | Path) -> dict[str, list]:
 
 
 def _apply(base_dict: dict, key: str, value) -> str:
-    """Set ``key`` (``random:16`` sets the embedding and its width); return the cell label part."""
+    """Set ``key`` and return the cell's label part. ``random:W`` is the random
+    embedding of width W; ``onehot:M`` the one-hot embedding with M position slots."""
     if key == "model.embedding" and isinstance(value, str) and ":" in value:
-        kind, width = value.split(":")
-        base_dict["model"]["embedding"], base_dict["model"]["d_model"] = kind, int(width)
-        return f"{kind}{width}"
+        kind, size = value.split(":")
+        base_dict["model"]["embedding"] = kind
+        base_dict["model"]["max_len" if kind == "onehot" else "d_model"] = int(size)
+        return f"{kind}{size}"
     node = base_dict
     *parents, leaf = key.split(".")
     for p in parents:
@@ -59,6 +62,9 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         cfg = from_dict(type(base), d)
         validate_tree(cfg)
         cell = out / "cells" / name
+        saved = cell / "config.yaml"
+        if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+            raise ConfigError(f"sweep cell {str(cell)!r} was run with other settings; use a new --output")
         if (cell / "summary.json").exists():
             summary = read_json(cell / "summary.json")
         else:
