@@ -1,0 +1,172 @@
+"""The Hessian of a model's loss over a fixed dataset, as a linear operator.
+
+``HessianOperator(model, batches)`` represents ``H = d^2 L / d theta^2`` with
+
+    L(theta) = sum_b sum_i w_bi * loss(model(x_bi; theta), y_bi),   sum w = 1,
+
+through Hessian-vector products (forward-over-reverse, ``torch.func.jvp`` of
+``torch.func.grad``) and batched products (``torch.func.vmap``). Algorithms
+(``loopscape.landscape.linalg``) see only ``shape``, ``dtype``, ``matvec`` and
+``matmat``, never the model.
+
+The functional core (``torch.func.functional_call``) works on a detached copy
+of the parameters: it never reads or writes ``.grad``, leaves
+``model.training`` and the global RNG state as it found them, and runs
+scaled-dot-product attention on its math kernel (the fused kernels have no
+double backward). A Hessian of a stochastic loss is noise, so the operator
+evaluates the loss twice at construction and refuses (``StochasticLossError``)
+if the two differ, as with active dropout or train-mode BatchNorm, unless
+``allow_stochastic=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
+
+
+class StochasticLossError(RuntimeError):
+    """The loss differs between two evaluations at the same parameters."""
+
+
+def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def weighted_batches(
+    inputs: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None, dedupe: bool = False
+) -> list[Batch]:
+    """Split a dataset into batches with weights ``1/N`` per sample, so the
+    operator's loss is the dataset mean whatever the batch sizes.
+
+    With ``dedupe=True``, repeated ``(input, target)`` pairs become one sample
+    weighted by its count: the same loss and Hessian (up to rounding), fewer
+    products. The Markov training set has 500 sequences but at most
+    ``V^L = 81`` distinct ones.
+    """
+    n = inputs.shape[0]
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if dedupe:
+        flat = torch.cat([inputs.reshape(n, -1), targets.reshape(n, -1)], dim=1)
+        uniq, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+        first = torch.full((len(uniq),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
+        inputs, targets, weights = inputs[first], targets[first], counts.double() / n
+    size = batch_size or inputs.shape[0]
+    return [(x, y, w) for x, y, w in zip(inputs.split(size), targets.split(size), weights.split(size))]
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class HessianOperator:
+    """``H`` of ``model``'s loss over ``batches`` at the model's current parameters.
+
+    Args:
+        model: any ``nn.Module``; its parameters with ``requires_grad`` are the variables.
+        batches: ``(inputs, targets, weights)`` triples, e.g. from :func:`weighted_batches`;
+            the weights of all batches sum to 1.
+        loss_fn: per-sample loss ``(outputs, targets) -> (B,)``; cross-entropy by default.
+        dtype: compute in this floating type (``torch.float64`` for exact spectra);
+            ``None`` keeps the model's.
+        allow_stochastic: skip the determinism check.
+        chunk_size: columns per ``vmap`` call in :meth:`matmat` (memory bound).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_sample,
+        dtype: torch.dtype | None = None,
+        allow_stochastic: bool = False,
+        chunk_size: int | None = 256,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        first = named[0][1]
+        self.dtype = dtype or first.dtype
+        self.device = first.device
+        cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+        self.theta = torch.cat([cast(p).reshape(-1) for _, p in named])
+        self.buffers = {n: cast(b) for n, b in model.named_buffers()}
+        self.frozen = {n: cast(p) for n, p in model.named_parameters() if not p.requires_grad}
+        self.batches = [tuple(cast(t).to(self.device) for t in b) for b in batches]
+        self.shape = (self.theta.numel(), self.theta.numel())
+        if not allow_stochastic:
+            with self._guard():  # one guard: the second pass draws fresh random numbers
+                a, b = (sum(self._batch_loss(self.theta, *bt) for bt in self.batches) for _ in range(2))
+            if not torch.equal(a, b):
+                raise StochasticLossError(
+                    f"the loss differs between two evaluations ({a.item():.6g} vs {b.item():.6g}): "
+                    "dropout or train-mode BatchNorm is active; call model.eval() or pass allow_stochastic=True"
+                )
+
+    # -- functional core ----------------------------------------------------------------
+    def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = [t.view(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
+        return {**self.buffers, **self.frozen, **dict(zip(self.names, parts))}
+
+    def _batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, self._params(theta), (x,))
+        return (self.loss_fn(out, y) * w).sum()
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        training = self.model.training
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), _math_attention():
+            try:
+                yield
+            finally:
+                self.model.train(training)
+
+    def loss(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        theta = self.theta if theta is None else theta
+        with self._guard():
+            return sum(self._batch_loss(theta, *b) for b in self.batches)
+
+    def gradient(self) -> torch.Tensor:
+        with self._guard():
+            return sum(grad(self._batch_loss)(self.theta, *b) for b in self.batches)
+
+    def _hvp(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(self.theta)
+        for b in self.batches:
+            g = lambda th: grad(self._batch_loss)(th, *b)
+            out = out + jvp(g, (self.theta,), (v,))[1]
+        return out
+
+    # -- linear-operator interface ------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a vector of length ``P`` (any float dtype; returned in the operator's)."""
+        with self._guard():
+            return self._hvp(v.to(self.theta))
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V`` of shape ``(P, k)``, by batched products (``vmap``) in chunks."""
+        V = V.to(self.theta)
+        with self._guard():
+            cols = V.T.split(self.chunk_size or V.shape[1])
+            return torch.cat([vmap(self._hvp)(c) for c in cols]).T
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)

@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.landscape.hessian import HessianOperator, StochasticLossError, weighted_batches
+from loopscape.landscape.linalg import DenseOperator, dense_matrix, exact_spectrum, hutchpp_trace, lanczos, slq_density
+from loopscape.models.linear_attn import looped_attn, single_attn
+from loopscape.training.trainer import seeded
+
+torch.set_default_dtype(torch.float32)
+
+
+def mse_per_sample(out, y):
+    return (out.squeeze(-1) - y) ** 2
+
+
+def test_linear_regression_closed_form():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    model = nn.Linear(5, 1, bias=False).double()
+    op = HessianOperator(model, weighted_batches(X, y, batch_size=7), loss_fn=mse_per_sample)
+    torch.testing.assert_close(dense_matrix(op), 2 * X.T @ X / 40, rtol=1e-12, atol=1e-12)
+
+
+def test_logistic_regression_closed_form():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    y = (torch.rand(60, generator=g) < 0.5).double()
+    model = nn.Linear(4, 1, bias=False).double()
+    bce = lambda out, t: F.binary_cross_entropy_with_logits(out.squeeze(-1), t, reduction="none")
+    op = HessianOperator(model, weighted_batches(X, y, batch_size=16), loss_fn=bce)
+    p = torch.sigmoid(X @ model.weight.detach().T).squeeze(-1)
+    torch.testing.assert_close(dense_matrix(op), X.T @ torch.diag(p * (1 - p)) @ X / 60, rtol=1e-12, atol=1e-12)
+
+
+def toy_setup(n_loops):
+    _, task = build_task(MarkovDataConfig(n_train=120, n_val=10))
+    with seeded(0):
+        model = looped_attn(n_loops=n_loops, embedding="random", d_model=4) if n_loops > 1 else single_attn(embedding="random", d_model=4)
+    return model, task
+
+
+def reference_hessian(model, x, y):
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    buffers = {n: b.double() for n, b in model.named_buffers()}
+    names = list(params)
+
+    def loss(flat):
+        parts, i = {}, 0
+        for n in names:
+            k = params[n].numel()
+            parts[n] = flat[i : i + k].view(params[n].shape)
+            i += k
+        return F.cross_entropy(functional_call(model, {**buffers, **parts}, (x,)), y)
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    return hessian(loss)(flat), loss, flat
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_toy_hessian_matches_torch_func_and_finite_differences(n_loops):
+    model, task = toy_setup(n_loops)
+    x, y = task.train.inputs, task.train.targets
+    op = HessianOperator(model, weighted_batches(x, y, batch_size=50, dedupe=True), dtype=torch.float64)
+    H = dense_matrix(op)
+    H_ref, loss, flat = reference_hessian(model, x, y)
+    torch.testing.assert_close(H, H_ref, rtol=1e-9, atol=1e-11)
+    # central finite differences of the gradient along a random direction
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
+    grad_at = lambda th: torch.autograd.grad(loss(th.requires_grad_()), th)[0]
+    eps = 1e-5
+    fd = (grad_at(flat + eps * v) - grad_at(flat - eps * v)) / (2 * eps)
+    torch.testing.assert_close(op.matvec(v), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_operator_leaves_model_untouched_and_refuses_dropout():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    model.train()
+    with pytest.raises(StochasticLossError, match="dropout"):
+        HessianOperator(model, weighted_batches(x, y))
+    model.eval()
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    state = torch.random.get_rng_state()
+    op = HessianOperator(model, weighted_batches(x, y))
+    op.matvec(v)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    model.train()
+    HessianOperator(model, weighted_batches(x, y), allow_stochastic=True).matvec(torch.ones(op.shape[0]))
+    assert model.training
+
+
+def test_dedupe_keeps_the_loss_and_hessian():
+    model, task = toy_setup(3)
+    x, y = task.train.inputs, task.train.targets
+    a = HessianOperator(model, weighted_batches(x, y), dtype=torch.float64)
+    b = HessianOperator(model, weighted_batches(x, y, dedupe=True), dtype=torch.float64)
+    assert sum(len(bb[0]) for bb in b.batches) <= 81
+    torch.testing.assert_close(a.loss(), b.loss(), rtol=1e-12, atol=0)
+    v = torch.randn(a.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(a.matvec(v), b.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+def spiked(P=300, seed=0):
+    """Well-separated outliers over a bulk, with a random eigenbasis."""
+    g = torch.Generator().manual_seed(seed)
+    eig = torch.cat([torch.tensor([100.0, 50.0, 25.0, -30.0]), torch.rand(P - 4, generator=g, dtype=torch.float64)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    return (Q * eig) @ Q.T, eig
+
+
+def test_lanczos_matches_eigh_largest_and_smallest():
+    A, eig = spiked()
+    op = DenseOperator(A)
+    exact = torch.sort(eig, descending=True).values
+    top = lanczos(op, k=5, which="LA")
+    assert top.converged
+    torch.testing.assert_close(top.eigenvalues, exact[:5], rtol=1e-8, atol=0)
+    bottom = lanczos(op, k=3, which="SA")
+    torch.testing.assert_close(bottom.eigenvalues, torch.sort(eig).values[:3], rtol=1e-8, atol=1e-10)
+
+
+def test_lanczos_without_reorthogonalisation_shows_ghosts():
+    A, eig = spiked()
+    op = DenseOperator(A)
+    ghosts = lanczos(op, k=6, which="LA", max_iter=200, reorth=False)
+    # the converged outlier 100 reappears: two Ritz values near 100, where the matrix has one
+    assert (ghosts.eigenvalues - 100).abs().lt(1e-6).sum() >= 2
+    clean = lanczos(op, k=6, which="LA", max_iter=200, reorth=True)
+    assert (clean.eigenvalues - 100).abs().lt(1e-6).sum() == 1
+    torch.testing.assert_close(clean.eigenvalues, torch.sort(eig, descending=True).values[:6], rtol=1e-8, atol=0)
+
+
+def wasserstein1(x, wx, y, wy):
+    grid = np.sort(np.concatenate([x, y]))
+    cx = np.array([wx[x <= t].sum() for t in grid])
+    cy = np.array([wy[y <= t].sum() for t in grid])
+    return float((np.abs(cx - cy)[:-1] * np.diff(grid)).sum())
+
+
+def test_slq_density_matches_exact_spectrum():
+    A, eig = spiked(P=200)
+    sd = slq_density(DenseOperator(A), n_probes=10, n_steps=80, seed=0)
+    nodes, masses = sd.measure()
+    assert masses.sum() == pytest.approx(1.0)
+    e = eig.numpy()
+    w1 = wasserstein1(nodes, masses, e, np.full(e.size, 1 / e.size))
+    assert w1 < 0.02 * (e.max() - e.min())  # stated bound: 2% of the spectral range
+    grid = np.linspace(e.min() - 5, e.max() + 5, 4000)
+    assert np.trapezoid(sd.density(grid), grid) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hutchpp_trace():
+    A, eig = spiked(P=200)
+    est = hutchpp_trace(DenseOperator(A), n_matvecs=90, seed=0)
+    assert abs(est.trace - eig.sum().item()) < 4 * est.stderr + 1e-8
+    assert est.stderr < 0.05 * abs(eig.sum().item())
+
+
+def test_exact_spectrum_reports_asymmetry():
+    A, eig = spiked(P=50)
+    s = exact_spectrum(DenseOperator(A))
+    torch.testing.assert_close(s.eigenvalues, torch.sort(eig).values, rtol=1e-10, atol=1e-10)
+    assert s.asymmetry < 1e-14
+    B = A.clone()
+    B[0, 1] += 1.0
+    assert exact_spectrum(DenseOperator(B)).asymmetry > 1e-4
