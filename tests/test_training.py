@@ -76,3 +76,22 @@ def test_training_accuracy_never_exceeds_bayes_ceiling(tmp_path):
     rows = train(fresh_model(), TASK, TrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0)
     for r in rows:
         assert r["acc_all"] <= ok.mean().item() + 1e-9
+
+
+def test_hessian_tracker_resumes_with_the_run(tmp_path):
+    from loopscape.io import read_jsonl
+    from loopscape.landscape.tracking import HessianTracker
+
+    tracker = lambda: [HessianTracker(TASK.train.inputs, TASK.train.targets, every=2)]
+    train(fresh_model(), TASK, CFG, tmp_path / "full", seed=0, trackers=tracker())
+
+    def crash_at_7(epoch):
+        if epoch == 7:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, on_epoch=crash_at_7, trackers=tracker())
+    train(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, resume=True, trackers=tracker())
+    full, cut = read_jsonl(tmp_path / "full" / "spectra.jsonl"), read_jsonl(tmp_path / "cut" / "spectra.jsonl")
+    assert [r["epoch"] for r in full] == [0, 2, 4, 6, 8]
+    assert full == cut

@@ -28,6 +28,7 @@ import yaml
 from loopscape.config import ConfigError, require, to_dict
 from loopscape.data.markov import MarkovLanguage, bayes_ceiling
 from loopscape.io import atomic_write_text, read_json, read_jsonl, write_json
+from loopscape.landscape.tracking import HessianTracker, load_spectra
 from loopscape.models.linear_attn import EMBEDDINGS, LinearAttn, LinearAttnConfig
 from loopscape.training.trainer import MarkovTask, TrainConfig, seeded, train
 
@@ -90,10 +91,26 @@ TrainConfig.validate = _validate_train  # the trainer stays free of config plumb
 
 
 @dataclass
+class HessianStudyConfig:
+    """Hessian tracking (Observation 2): exact spectra every ``every`` epochs for the first ``n_seeds`` seeds."""
+
+    enabled: bool = True
+    every: int = 1
+    n_seeds: int = 1
+    n_bins: int = 50
+
+    def validate(self, p: str = "") -> None:
+        require(self.every >= 1, f"{p}every", "an integer >= 1", self.every)
+        require(self.n_seeds >= 1, f"{p}n_seeds", "an integer >= 1", self.n_seeds)
+        require(self.n_bins >= 2, f"{p}n_bins", "an integer >= 2", self.n_bins)
+
+
+@dataclass
 class MarkovStudyConfig:
     data: MarkovDataConfig = field(default_factory=MarkovDataConfig)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hessian: HessianStudyConfig = field(default_factory=HessianStudyConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 0  # 0: one per core, at most one per run
 
@@ -107,6 +124,10 @@ class MarkovStudyConfig:
             f"an integer >= {self.data.length - 1} (the training input length, data.length - 1)",
             self.model.max_len,
         )
+
+    @property
+    def hessian_seeds(self) -> list[int]:
+        return self.seeds[: self.hessian.n_seeds] if self.hessian.enabled else []
 
     @property
     def models(self) -> dict[str, int]:
@@ -163,7 +184,8 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
 
     if resume and (Path(run_dir) / "checkpoints" / "latest.json").exists():
         last[0] = read_json(Path(run_dir) / "checkpoints" / "latest.json")["epoch"]
-    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch)
+    trackers = [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
+    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
     write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
     return run_dir
 
@@ -250,6 +272,28 @@ def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = Fal
     plot_accuracy_curves(metrics, out / "figures" / "fig3b_accuracy.png", ceiling=data["bayes_ceiling"])
     summary = summarise_markov(metrics, data, cfg)
     summary["training_wall_s"] = wall
-    write_json(out / "summary.json", summary)
+    if cfg.hessian_seeds:
+        summary.update(hessian_study(out, cfg))
+        summary["markdown"] += "\n" + summary.pop("hessian_markdown")
     atomic_write_text(out / "summary.md", summary.pop("markdown"))
+    write_json(out / "summary.json", summary)
     return summary
+
+
+def hessian_study(out: Path, cfg: MarkovStudyConfig) -> dict:
+    """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
+    from loopscape.reporting import hessian as rep
+
+    spectra = {m: [load_spectra(run_dir_of(out, m, s) / "spectra.jsonl") for s in cfg.hessian_seeds] for m in cfg.models}
+    traj = rep.trajectories(spectra, cfg.hessian.n_bins)
+    rep.plot_metrics(traj, out / "figures" / "fig3cd_entropy_mutual_information.png")
+    rep.plot_snapshots(spectra, out / "figures" / "fig9bc_eigenspectra.png")
+    verdict = rep.observation2_verdict(traj, cfg.hessian.n_bins)
+    epochs = sorted({e for e in (150, cfg.train.epochs) if e <= cfg.train.epochs})
+    land = rep.landscape_table(spectra, epochs)
+    return {
+        "observation2": verdict,
+        "landscape": land,
+        "hessian_curves": {m: {k: v.tolist() for k, v in t.items()} for m, t in traj.items()},
+        "hessian_markdown": rep.hessian_markdown(verdict, land, cfg.hessian.n_bins),
+    }

@@ -14,7 +14,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +83,15 @@ def train(
     seed: int,
     resume: bool = False,
     on_epoch: Callable[[int], None] | None = None,
+    trackers: Sequence = (),
 ) -> list[dict]:
     """Train ``model`` in place, logging to ``run_dir``; returns every metrics row.
 
     ``seed`` drives the mini-batch order. With ``resume=True`` the run continues
     from its latest checkpoint (rows logged after it are dropped and redone),
-    and ends with the same numbers as an uninterrupted run.
+    and ends with the same numbers as an uninterrupted run. ``trackers`` are
+    callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)`` and
+    ``close()`` (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -100,9 +103,13 @@ def train(
         start = load_checkpoint(ckpt, model, optimizer, generator)["epoch"]
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
+    for t in trackers:
+        t.open(run_dir, start)
     with JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["epoch"] <= start) as log:
         if start == 0:
             log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0})
+            for t in trackers:
+                t.update(0, model)
         for epoch in range(start + 1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
@@ -114,9 +121,13 @@ def train(
             elapsed = time.perf_counter() - t0
             model.eval()
             log.append({"epoch": epoch, **evaluate(model, task), "time_s": elapsed})
+            for t in trackers:
+                t.update(epoch, model)
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
                 save_checkpoint(ckpt_dir, epoch, model, optimizer, generator)
             if on_epoch is not None:
                 on_epoch(epoch)
+    for t in trackers:
+        t.close()
     save_weights(run_dir / "model.safetensors", model)
     return read_jsonl(run_dir / "metrics.jsonl")
