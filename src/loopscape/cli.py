@@ -87,7 +87,8 @@ def sweep(
     from loopscape.experiments.sweep import DEFAULT_GRID, load_grid, run_sweep
 
     try:
-        overrides = {"seeds": [0, 1, 2], **_overrides(set_, seeds, epochs)}
+        # the sweep judges Observation 1 only: Hessian tracking is off unless asked for
+        overrides = {"seeds": [0, 1, 2], "hessian.enabled": False, **_overrides(set_, seeds, epochs)}
         base = load_config(MarkovStudyConfig, config, overrides)
         table = run_sweep(base, load_grid(grid) if grid else DEFAULT_GRID, output or _default_output("sweep"), resume=resume, show_progress=not quiet)
     except ConfigError as err:
