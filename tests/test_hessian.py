@@ -65,7 +65,7 @@ def reference_hessian(model, x, y):
 def test_toy_hessian_matches_torch_func_and_finite_differences(n_loops):
     model, task = toy_setup(n_loops)
     x, y = task.train.inputs, task.train.targets
-    op = HessianOperator(model, weighted_batches(x, y, batch_size=50, dedupe=True), dtype=torch.float64)
+    op = HessianOperator(model, weighted_batches(x, y, batch_size=50, dedupe="inputs"), dtype=torch.float64)
     H = dense_matrix(op)
     H_ref, loss, flat = reference_hessian(model, x, y)
     torch.testing.assert_close(H, H_ref, rtol=1e-9, atol=1e-11)
@@ -97,15 +97,21 @@ def test_operator_leaves_model_untouched_and_refuses_dropout():
     assert model.training
 
 
-def test_dedupe_keeps_the_loss_and_hessian():
+@pytest.mark.parametrize("mode, most", [("pairs", 81), ("inputs", 27)])
+def test_dedupe_keeps_the_loss_and_hessian(mode, most):
     model, task = toy_setup(3)
     x, y = task.train.inputs, task.train.targets
     a = HessianOperator(model, weighted_batches(x, y), dtype=torch.float64)
-    b = HessianOperator(model, weighted_batches(x, y, dedupe=True), dtype=torch.float64)
-    assert sum(len(bb[0]) for bb in b.batches) <= 81
+    b = HessianOperator(model, weighted_batches(x, y, dedupe=mode), dtype=torch.float64)
+    assert sum(len(bb[0]) for bb in b.batches) <= most
     torch.testing.assert_close(a.loss(), b.loss(), rtol=1e-12, atol=0)
     v = torch.randn(a.shape[0], dtype=torch.float64)
     torch.testing.assert_close(a.matvec(v), b.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+def test_dedupe_inputs_needs_class_targets():
+    with pytest.raises(ValueError, match="class-index"):
+        weighted_batches(torch.zeros(4, 2), torch.zeros(4), dedupe="inputs")
 
 
 def spiked(P=300, seed=0):

@@ -41,23 +41,44 @@ def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def weighted_batches(
-    inputs: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None, dedupe: bool = False
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int | None = None,
+    dedupe: str | None = None,
+    num_classes: int | None = None,
 ) -> list[Batch]:
     """Split a dataset into batches with weights ``1/N`` per sample, so the
     operator's loss is the dataset mean whatever the batch sizes.
 
-    With ``dedupe=True``, repeated ``(input, target)`` pairs become one sample
-    weighted by its count: the same loss and Hessian (up to rounding), fewer
-    products. The Markov training set has 500 sequences but at most
-    ``V^L = 81`` distinct ones.
+    ``dedupe`` merges repeated samples into one, weighted by its count (the
+    same loss and Hessian up to rounding, from fewer products):
+
+    * ``"pairs"``: repeated ``(input, target)`` pairs; right for any loss.
+    * ``"inputs"``: repeated inputs, their class-index targets replaced by the
+      class frequencies among them (soft labels). Right for cross-entropy,
+      which is linear in the target distribution; ``F.cross_entropy`` takes
+      such targets as they are. The Markov training set has 500 sequences,
+      at most 81 distinct ones and 27 distinct inputs.
     """
     n = inputs.shape[0]
     weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if dedupe not in (None, "pairs", "inputs"):
+        raise ValueError(f"dedupe must be None, 'pairs' or 'inputs' (got {dedupe!r})")
+    if dedupe == "inputs" and (targets.is_floating_point() or targets.dim() != 1):
+        raise ValueError("dedupe='inputs' needs class-index targets of shape (N,)")
     if dedupe:
-        flat = torch.cat([inputs.reshape(n, -1), targets.reshape(n, -1)], dim=1)
-        uniq, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+        key = inputs.reshape(n, -1)
+        if dedupe == "pairs":
+            key = torch.cat([key, targets.reshape(n, -1).to(key.dtype)], dim=1)
+        uniq, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
         first = torch.full((len(uniq),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
-        inputs, targets, weights = inputs[first], targets[first], counts.double() / n
+        if dedupe == "inputs":
+            k = num_classes or int(targets.max()) + 1
+            freq = torch.zeros(len(uniq), k, dtype=torch.float64).index_put_((inverse, targets), torch.ones(n, dtype=torch.float64), accumulate=True)
+            targets = freq / counts[:, None]
+        else:
+            targets = targets[first]
+        inputs, weights = inputs[first], counts.double() / n
     size = batch_size or inputs.shape[0]
     return [(x, y, w) for x, y, w in zip(inputs.split(size), targets.split(size), weights.split(size))]
 

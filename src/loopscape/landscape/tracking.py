@@ -22,8 +22,8 @@ from loopscape.landscape.linalg import exact_spectrum
 
 class HessianTracker:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, every: int = 1, filename: str = "spectra.jsonl"):
-        # duplicates weigh by their count: the same Hessian from fewer products
-        self.batches = weighted_batches(inputs, targets, dedupe=True)
+        # repeated inputs merge into one with soft labels: the same Hessian from fewer products
+        self.batches = weighted_batches(inputs, targets, dedupe="inputs")
         self.every = every
         self.filename = filename
         self.log: JsonlLog | None = None
