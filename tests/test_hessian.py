@@ -178,3 +178,13 @@ def test_exact_spectrum_reports_asymmetry():
     B = A.clone()
     B[0, 1] += 1.0
     assert exact_spectrum(DenseOperator(B)).asymmetry > 1e-4
+
+
+def test_cached_graph_products_equal_recomputed_ones():
+    model, task = toy_setup(3)
+    batches = weighted_batches(task.train.inputs, task.train.targets, batch_size=40)
+    a = HessianOperator(model, batches, dtype=torch.float64)
+    b = HessianOperator(model, batches, dtype=torch.float64, cache_graph=True)
+    v = torch.randn(a.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(a.matvec(v), b.matvec(v), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.matvec(v), b.matvec(v), rtol=0, atol=0)  # the graph survives reuse

@@ -106,6 +106,11 @@ class HessianOperator:
             ``None`` keeps the model's.
         allow_stochastic: skip the determinism check.
         chunk_size: columns per ``vmap`` call in :meth:`matmat` (memory bound).
+        cache_graph: keep the gradient's autograd graph (all batches' activations)
+            and answer :meth:`matvec` with one backward through it
+            (reverse-over-reverse) instead of a fresh forward-over-reverse pass:
+            about 2-3x faster per product, at the memory of one training step
+            over the whole dataset. Off by default.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         allow_stochastic: bool = False,
         chunk_size: int | None = 256,
+        cache_graph: bool = False,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -141,6 +147,12 @@ class HessianOperator:
                     f"the loss differs between two evaluations ({a.item():.6g} vs {b.item():.6g}): "
                     "dropout or train-mode BatchNorm is active; call model.eval() or pass allow_stochastic=True"
                 )
+        self._graph = None
+        if cache_graph:
+            leaf = self.theta.clone().requires_grad_(True)
+            with self._guard(), torch.enable_grad():
+                loss = sum(self._batch_loss(leaf, *b) for b in self.batches)
+                self._graph = (leaf, torch.autograd.grad(loss, leaf, create_graph=True)[0])
 
     # -- functional core ----------------------------------------------------------------
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,6 +191,9 @@ class HessianOperator:
     # -- linear-operator interface ------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a vector of length ``P`` (any float dtype; returned in the operator's)."""
+        if self._graph is not None:
+            leaf, g = self._graph
+            return torch.autograd.grad(g, leaf, v.to(self.theta), retain_graph=True)[0].detach()
         with self._guard():
             return self._hvp(v.to(self.theta))
 

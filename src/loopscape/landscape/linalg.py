@@ -69,27 +69,51 @@ class LanczosResult:
     converged: bool
 
 
-def _lanczos_tridiag(op, v0: torch.Tensor, steps: int, reorth: bool, tol_break: float = 1e-12):
-    """``steps`` Lanczos steps from ``v0``; returns (alpha, beta, Q), Q with the basis as columns."""
-    P = v0.numel()
-    Q = torch.zeros(P, steps + 1, dtype=torch.float64)
-    alpha = torch.zeros(steps, dtype=torch.float64)
-    beta = torch.zeros(steps, dtype=torch.float64)
-    Q[:, 0] = v0 / torch.linalg.vector_norm(v0)
-    m = steps
-    for j in range(steps):
-        w = op.matvec(Q[:, j]).double()
-        alpha[j] = w @ Q[:, j]
-        w = w - alpha[j] * Q[:, j] - (beta[j - 1] * Q[:, j - 1] if j > 0 else 0)
-        if reorth:  # twice is enough (Kahan-Parlett): full re-orthogonalisation against the basis
+class _Lanczos:
+    """Lanczos recurrence, one step at a time, float64, optional full re-orthogonalisation."""
+
+    def __init__(self, op, v0: torch.Tensor, max_steps: int, reorth: bool):
+        self.op, self.reorth = op, reorth
+        # the basis grows by doubling: max_steps may be P, far more than a run needs
+        self.Q = torch.zeros(v0.numel(), min(max_steps, 32) + 1, dtype=torch.float64)
+        self.alpha = torch.zeros(max_steps, dtype=torch.float64)
+        self.beta = torch.zeros(max_steps, dtype=torch.float64)
+        self.Q[:, 0] = v0 / torch.linalg.vector_norm(v0)
+        self.m = 0  # steps taken
+        self.breakdown = False  # an invariant subspace was found: the Ritz values are exact
+
+    def step(self) -> None:
+        j = self.m
+        if j + 1 >= self.Q.shape[1]:
+            grown = min(2 * (self.Q.shape[1] - 1), self.alpha.numel()) + 1
+            self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], grown - self.Q.shape[1])], dim=1)
+        Q = self.Q
+        w = self.op.matvec(Q[:, j]).double()
+        self.alpha[j] = w @ Q[:, j]
+        w = w - self.alpha[j] * Q[:, j] - (self.beta[j - 1] * Q[:, j - 1] if j > 0 else 0)
+        if self.reorth:  # twice is enough (Kahan-Parlett)
             for _ in range(2):
                 w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        beta[j] = torch.linalg.vector_norm(w)
-        if beta[j] <= tol_break * max(1.0, abs(alpha[j].item())):
-            m = j + 1
-            break
-        Q[:, j + 1] = w / beta[j]
-    return alpha[:m], beta[:m], Q[:, : m + 1]
+        self.beta[j] = torch.linalg.vector_norm(w)
+        self.m += 1
+        if self.beta[j] <= 1e-12 * max(1.0, abs(self.alpha[j].item())):
+            self.breakdown = True
+        else:
+            Q[:, j + 1] = w / self.beta[j]
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of the tridiagonal matrix T_m."""
+        m = self.m
+        T = torch.diag(self.alpha[:m]) + torch.diag(self.beta[: m - 1], 1) + torch.diag(self.beta[: m - 1], -1)
+        return torch.linalg.eigh(T)
+
+
+def _lanczos_tridiag(op, v0: torch.Tensor, steps: int, reorth: bool):
+    """``steps`` Lanczos steps (fewer on breakdown); returns the Ritz pairs of T."""
+    lz = _Lanczos(op, v0, steps, reorth)
+    while lz.m < steps and not lz.breakdown:
+        lz.step()
+    return lz.ritz()
 
 
 def lanczos(
@@ -101,15 +125,17 @@ def lanczos(
     reorth: bool = True,
     seed: int = 0,
     return_vectors: bool = False,
+    check_every: int = 5,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator by Lanczos.
 
     Args:
         k: how many eigenvalues.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic.
-        max_iter: Krylov dimension limit (default ``min(P, max(4k, 60))``, grown
-            until convergence up to ``P``).
-        tol: stop when each wanted Ritz pair has residual ``<= tol * max(|theta|, |theta_max|)``.
+        max_iter: Krylov dimension limit (default ``P``).
+        tol: stop when every wanted Ritz pair has residual
+            ``|beta_m s_{m,i}| = ||H y_i - theta_i y_i|| <= tol * max_i |theta_i|``,
+            checked every ``check_every`` steps.
         reorth: full re-orthogonalisation (default). Without it, rounding lets
             converged eigenvalues reappear as spurious copies ("ghosts").
     """
@@ -117,23 +143,22 @@ def lanczos(
         raise ValueError(f"which must be 'LA' or 'SA' (got {which!r})")
     P = op.shape[0]
     k = min(k, P)
+    limit = min(P, max_iter or P)
     g = torch.Generator().manual_seed(seed)
-    v0 = torch.randn(P, generator=g, dtype=torch.float64)
-    steps = min(P, max_iter or max(4 * k, 60))
+    lz = _Lanczos(op, torch.randn(P, generator=g, dtype=torch.float64), limit, reorth)
     while True:
-        alpha, beta, Q = _lanczos_tridiag(op, v0, steps, reorth)
-        m = alpha.numel()
-        T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-        theta, S = torch.linalg.eigh(T)
+        lz.step()
+        done = lz.breakdown or lz.m >= limit
+        if not done and (lz.m < k + 1 or lz.m % check_every):
+            continue
+        theta, S = lz.ritz()
         order = torch.argsort(theta, descending=(which == "LA"))[:k]
         theta, S = theta[order], S[:, order]
-        res = (beta[m - 1] * S[m - 1, :]).abs() if m < P and beta[m - 1] > 0 else torch.zeros(len(order))
-        scale = max(theta.abs().max().item(), 1e-300)
-        converged = bool((res <= tol * scale).all()) or m >= P or m < steps
-        if converged or steps >= P or (max_iter is not None and steps >= max_iter):
-            vecs = Q[:, :m] @ S if return_vectors else None
-            return LanczosResult(theta, vecs, res, m, converged)
-        steps = min(P, 2 * steps)
+        res = (lz.beta[lz.m - 1] * S[-1, :]).abs() if not lz.breakdown else torch.zeros(len(order))
+        converged = lz.breakdown or bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
+        if converged or done:
+            vecs = lz.Q[:, : lz.m] @ S if return_vectors else None
+            return LanczosResult(theta, vecs, res, lz.m, converged or lz.m >= P)
 
 
 # -- spectral density (SLQ) -----------------------------------------------------------------------------
@@ -174,11 +199,8 @@ def slq_density(op, n_probes: int = 10, n_steps: int = 96, seed: int = 0, sigma:
     nodes, weights = [], []
     for _ in range(n_probes):
         v = torch.randint(0, 2, (P,), generator=g).double() * 2 - 1
-        alpha, beta, _ = _lanczos_tridiag(op, v, steps, reorth=True)
-        m = alpha.numel()
-        T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-        theta, S = torch.linalg.eigh(T)
-        pad = steps - m  # an early breakdown gives fewer nodes: pad with zero weight
+        theta, S = _lanczos_tridiag(op, v, steps, reorth=True)
+        pad = steps - theta.numel()  # an early breakdown gives fewer nodes: pad with zero weight
         nodes.append(torch.cat([theta, theta.new_full((pad,), theta[-1].item())]))
         weights.append(torch.cat([S[0, :] ** 2, theta.new_zeros(pad)]))
     nodes_t, weights_t = torch.stack(nodes), torch.stack(weights)

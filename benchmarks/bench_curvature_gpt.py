@@ -1,0 +1,139 @@
+"""Benchmark: top-5 Hessian eigenvalues and spectral density of a small GPT block,
+ours (Lanczos / SLQ on HessianOperator) vs PyHessian (PyPI ``pyhessian``).
+
+Needs the benchmark extra: ``pip install -c constraints.txt -e '.[bench]'``.
+
+The reference eigenvalues come from SciPy's ARPACK (``eigsh``, an independent
+implicitly restarted Lanczos) on the same Hessian-vector products, to 1e-10.
+Both methods see the same model, batch and loss; times are wall seconds in
+one process, side by side.
+
+    python benchmarks/bench_curvature_gpt.py [--d 64] [--layers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+
+from loopscape.landscape.hessian import HessianOperator, weighted_batches
+from loopscape.landscape.linalg import lanczos, slq_density
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm GPT-2 block, causal attention through scaled_dot_product_attention."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.view(B, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, n, d)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """Next-token logits at the last position (no positional encoding, as the looped GPTs of Appendix E.2)."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, x):
+        return self.head(self.ln(self.blocks(self.embed(x))))[:, -1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--probes", type=int, default=5, help="SLQ probes for the density comparison (both methods)")
+    ap.add_argument("--steps", type=int, default=48, help="SLQ Lanczos steps for the density comparison (both methods)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    vocab, n = 16, 12
+    model = TinyGPT(vocab, args.d, args.layers, heads=4).eval()
+    x = torch.randint(0, vocab, (args.batch, n))
+    y = (x.sum(1) % vocab)  # a learnable target: sum modulo vocab
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(100):  # move off initialisation so the spectrum has structure
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    P = sum(p.numel() for p in model.parameters())
+    op = HessianOperator(model, weighted_batches(x, y), cache_graph=True)
+    # reference: ARPACK on the same products, float64 arithmetic on its side
+    lin = LinearOperator((P, P), matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).double().numpy(), dtype=np.float64)
+    t0 = time.perf_counter()
+    ref = np.sort(eigsh(lin, k=5, which="LA", tol=1e-10, return_eigenvectors=False))[::-1]
+    t_ref = time.perf_counter() - t0
+    rel = lambda e: float(np.max(np.abs(np.asarray(e) - ref) / np.abs(ref)))
+    out = {"params": P, "d": args.d, "layers": args.layers, "batch": args.batch, "reference_top5": ref.tolist(), "arpack_s": round(t_ref, 2)}
+
+    t0 = time.perf_counter()
+    res = lanczos(op, k=5, which="LA", tol=1e-6)
+    out["ours"] = {"s": round(time.perf_counter() - t0, 2), "matvecs": res.iterations, "max_rel_err": rel(res.eigenvalues.numpy())}
+
+    from pyhessian import hessian as PyHessian
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:  # as a user would call it
+        PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=1, maxIter=2)
+    except Exception as err:
+        out["pyhessian_as_is_error"] = f"{type(err).__name__}: {err}"
+    ev = None
+    with sdpa_kernel(SDPBackend.MATH):  # what it needs on current PyTorch: attention on the math kernel
+        t0 = time.perf_counter()
+        ph = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        top, _ = ph.eigenvalues(top_n=5, maxIter=100, tol=1e-3)
+        t_ph = time.perf_counter() - t0
+        out["pyhessian_math_kernel"] = {"s": round(t_ph, 2), "max_rel_err": rel(np.sort(top)[::-1])}
+        out["speedup_ours_vs_pyhessian"] = round(t_ph / out["ours"]["s"], 1)
+        t0 = time.perf_counter()
+        try:
+            ev, w = ph.density(iter=args.steps, n_v=args.probes)
+        except Exception as err:  # say which PyHessian function fails on this torch, compare what runs
+            out["pyhessian_density_error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        t_phd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sd = slq_density(op, n_probes=args.probes, n_steps=args.steps)
+    t_sd = time.perf_counter() - t0
+    nodes, masses = sd.measure()
+    out["density"] = {
+        "ours_s": round(t_sd, 2),
+        "ours_support": [float(nodes.min()), float(nodes.max())],
+        "ours_top_node_rel_err": abs(float(nodes.max()) - ref[0]) / ref[0],
+        "sigma": sd.sigma,
+    }
+    if ev is not None:
+        pn, pw = np.asarray(ev).ravel(), np.asarray(w).ravel() / len(ev)
+        grid = np.sort(np.concatenate([nodes, pn]))
+        cdf = lambda pts, ms: np.array([ms[pts <= t].sum() for t in grid])
+        out["density"].update(
+            pyhessian_s=round(t_phd, 2),
+            pyhessian_support=[float(pn.min()), float(pn.max())],
+            wasserstein1_between=float((np.abs(cdf(nodes, masses) - cdf(pn, pw))[:-1] * np.diff(grid)).sum()),
+        )
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
