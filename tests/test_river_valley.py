@@ -23,3 +23,19 @@ def test_assumption1_by_hand():
     assert dim_only["dimension"] and dim_only["dominance"]
     fails = assumption1(single, [0.0, 0.31, 0.5, 3.0], eps=0.01)
     assert fails["m_looped"] == 2 and not fails["dimension"] and not fails["dominance"]
+
+
+def test_cumulative_force_by_hand():
+    import torch
+
+    from loopscape.landscape.river_valley import cumulative_force
+
+    # reference H = diag(2, 4, 0): valley e1, e2 (eigenvalues 2, 4), river e3.
+    H_ref = torch.diag(torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64))
+    H_later = H_ref.clone()
+    H_later[2, 0] = H_later[0, 2] = 0.3  # coupling river-valley appears later
+    f = cumulative_force(H_ref, [H_later], torch.tensor([1.0, 2.0, 5.0]), torch.tensor([0.0, 0.0, 7.0]))
+    assert f["d_valley"] == 2
+    assert f["h_bar"] == pytest.approx(0.3)
+    assert f["alpha_bar"] == pytest.approx(5 ** 0.5)
+    assert f["C"] == pytest.approx(2 ** 0.5 * 0.3 * 5 ** 0.5 * (1 / 2 + 1 / 4))

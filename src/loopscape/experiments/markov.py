@@ -280,6 +280,27 @@ def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = Fal
     return summary
 
 
+def measured_force(out: Path, cfg: MarkovStudyConfig, ref: int) -> dict:
+    """Theorem 1's C per model (first tracked seed): river/valley basis fixed at epoch ``ref``,
+    coupling measured at every 50th tracked epoch after it."""
+    from loopscape.landscape.river_valley import cumulative_force
+    from loopscape.landscape.tracking import hessian_at, load_thetas
+
+    _, task = build_task(cfg.data)
+    x, y = task.train.inputs, task.train.targets
+    result = {"reference_epoch": ref}
+    for name, T in cfg.models.items():
+        thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
+        if ref not in thetas:
+            continue
+        model = cfg.model.build(cfg.data.vocab_size, T)
+        final = max(thetas)
+        later = [e for e in thetas if e > ref and (e - ref) % 50 == 0] or [final]
+        H_ref = hessian_at(model, thetas[ref], x, y)
+        result[name] = {**cumulative_force(H_ref, [hessian_at(model, thetas[e], x, y) for e in later], thetas[ref], thetas[final]), "epochs": later}
+    return result
+
+
 def hessian_study(out: Path, cfg: MarkovStudyConfig) -> dict:
     """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
     from loopscape.reporting import hessian as rep
@@ -291,6 +312,7 @@ def hessian_study(out: Path, cfg: MarkovStudyConfig) -> dict:
     verdict = rep.observation2_verdict(traj, cfg.hessian.n_bins)
     epochs = sorted({e for e in (150, cfg.train.epochs) if e <= cfg.train.epochs})
     land = rep.landscape_table(spectra, epochs)
+    land["cumulative_force"] = measured_force(out, cfg, ref=epochs[0])
     return {
         "observation2": verdict,
         "landscape": land,

@@ -8,9 +8,13 @@
   paper), Looped-Attn (2) against Single-Attn (1) has (a) ``m_2 > m_1`` and
   (b) component-wise smaller sorted low-curvature eigenvalues,
   ``lambda~_j^(2) < lambda~_j^(1)`` for ``j <= m_1``.
-* Theorem 1's bound ``C = sqrt(d_V) h_bar alpha_bar sum_i 1/|lambda_i|``: the
-  spectral factor ``sqrt(d_V) sum 1/|lambda_i|`` is reported here; ``h_bar``
-  and ``alpha_bar`` need the coupling measured in a fixed basis.
+* Theorem 1's bound ``C = sqrt(d_V) h_bar alpha_bar sum_i 1/|lambda_i|`` with
+  ``h_bar >= ||H_RV||`` and ``alpha_bar >= ||theta_V,0||`` (Setting 1). In a
+  Hessian's own eigenbasis ``H_RV = 0``, so :func:`cumulative_force` fixes the
+  river/valley basis at a reference checkpoint and measures
+  ``H_RV(t) = R^T H_t V`` at later ones; ``h_bar`` is the largest spectral norm
+  seen, and ``alpha_bar = ||V^T (theta_ref - theta_final)||``, the valley
+  displacement still ahead of the run at the reference point (our reading).
 
 ``eps`` is not given by the paper; the default is relative,
 ``eps = 1e-3 * max |lambda|``, so the split does not depend on the loss scale.
@@ -81,3 +85,20 @@ def assumption1(eigs_single, eigs_looped, eps: float | None = None, tau: float =
     m1, m2 = int(low1.size), int(low2.size)
     dominance = m2 >= m1 and bool(np.all(low2[:m1] < low1))
     return {"tau": tau, "m_single": m1, "m_looped": m2, "dimension": m2 > m1, "dominance": dominance, "holds": m2 > m1 and dominance}
+
+
+def cumulative_force(
+    H_ref: torch.Tensor, H_later: list[torch.Tensor], theta_ref: torch.Tensor, theta_final: torch.Tensor, eps: float | None = None
+) -> dict:
+    """Theorem 1's ``C`` from measured quantities, basis fixed at the reference Hessian ``H_ref``."""
+    lam, U = torch.linalg.eigh(H_ref.double())
+    eps = EPS_REL * lam.abs().max().item() if eps is None else eps
+    valley = lam > eps
+    V, R = U[:, valley], U[:, ~valley]
+    d_V = int(valley.sum())
+    if d_V == 0 or R.shape[1] == 0:
+        return {"eps": eps, "d_valley": d_V, "h_bar": None, "alpha_bar": None, "C": None}
+    h_bar = max(torch.linalg.matrix_norm(R.T @ H.double() @ V, ord=2).item() for H in [H_ref, *H_later])
+    alpha_bar = torch.linalg.vector_norm(V.T @ (theta_ref - theta_final).double()).item()
+    inv = (1.0 / lam[valley].abs()).sum().item()
+    return {"eps": eps, "d_valley": d_V, "h_bar": h_bar, "alpha_bar": alpha_bar, "sum_inv_lambda": inv, "C": math.sqrt(d_V) * h_bar * alpha_bar * inv}

@@ -2,8 +2,9 @@
 
 :class:`HessianTracker` is a trainer callback: every ``every`` epochs (and at
 initialisation) it computes the exact spectrum of the training-loss Hessian
-in float64 and appends ``{"epoch", "eigenvalues", "asymmetry", "loss"}`` to
-``<run>/spectra.jsonl``. On resume it drops rows past the checkpoint, so the
+in float64 and appends ``{"epoch", "eigenvalues", "asymmetry", "loss", "theta"}``
+to ``<run>/spectra.jsonl`` (``theta``: the flat parameters, so any tracked
+Hessian can be rebuilt later, e.g. to measure the river-valley coupling). On resume it drops rows past the checkpoint, so the
 log matches an uninterrupted run.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from loopscape.io import JsonlLog, read_jsonl
 from loopscape.landscape.hessian import HessianOperator, weighted_batches
-from loopscape.landscape.linalg import exact_spectrum
+from loopscape.landscape.linalg import dense_matrix, exact_spectrum
 
 
 class HessianTracker:
@@ -42,6 +43,7 @@ class HessianTracker:
                 "loss": op.loss().item(),
                 "asymmetry": spec.asymmetry,
                 "eigenvalues": [float(np.float32(x)) for x in spec.eigenvalues],
+                "theta": op.theta.tolist(),
             }
         )
 
@@ -54,3 +56,19 @@ def load_spectra(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(epochs, eigenvalues (epochs x P))`` from a ``spectra.jsonl``."""
     rows = read_jsonl(path)
     return np.array([r["epoch"] for r in rows]), np.array([r["eigenvalues"] for r in rows])
+
+
+def load_thetas(path: str | Path) -> dict[int, torch.Tensor]:
+    """``{epoch: flat parameters (float64)}`` from a ``spectra.jsonl``."""
+    return {r["epoch"]: torch.tensor(r["theta"], dtype=torch.float64) for r in read_jsonl(path)}
+
+
+def hessian_at(model: nn.Module, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The dense float64 training-loss Hessian of ``model`` with its parameters set to ``theta``."""
+    from torch.nn.utils import vector_to_parameters
+
+    with torch.no_grad():
+        vector_to_parameters(theta.to(next(model.parameters()).dtype), model.parameters())
+    op = HessianOperator(model, weighted_batches(inputs, targets, dedupe="inputs"), dtype=torch.float64)
+    H = dense_matrix(op)
+    return (H + H.T) / 2

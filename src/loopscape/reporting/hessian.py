@@ -155,6 +155,27 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
             lines.append(
                 f"| {LABELS[model]} | {e} | {d['n_river']} | {d['d_valley']} | {d['kappa']:.3g} | {d['shape']} | {d['m_tau']} | {d['spectral_force']:.3g} |"
             )
+    force = land.get("cumulative_force", {})
+    if any(m in force for m in LABELS):
+        lines += [
+            "",
+            f"Theorem 1's cumulative force C = sqrt(d_V) h_bar alpha_bar sum 1/|lambda_i|, measured: river/valley basis fixed at epoch "
+            f"{force['reference_epoch']}, h_bar = largest ||R^T H_t V|| at every 50th epoch after it, alpha_bar = ||V^T (theta_ref - theta_final)||.",
+            "",
+            "| model | d_V | h_bar | alpha_bar | sum 1/lambda | C |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in LABELS:
+            f = force.get(m)
+            if f and f["C"] is not None:
+                lines.append(f"| {LABELS[m]} | {f['d_valley']} | {f['h_bar']:.3g} | {f['alpha_bar']:.3g} | {f['sum_inv_lambda']:.3g} | {f['C']:.3g} |")
+        if all(force.get(m) and force[m]["C"] for m in LABELS):
+            ratio = force["looped_attn"]["C"] / force["single_attn"]["C"]
+            status = "holds" if ratio >= 10 else "direction only" if ratio > 1 else "fails"
+            lines.append(
+                f"\nCorollary 1 (C of Looped-Attn >> C of Single-Attn): ratio {ratio:.3g}: **{status}** "
+                "(rule: holds at >= 10x, 'direction only' between 1x and 10x, fails below 1x)."
+            )
     lines += ["", "| epoch | m_single | m_looped | (a) m_looped > m_single | (b) dominance | Assumption 1 |", "|---|---|---|---|---|---|"]
     for e, a in land["assumption1"].items():
         lines.append(f"| {e} | {a['m_single']} | {a['m_looped']} | {a['dimension']} | {a['dominance']} | {'holds' if a['holds'] else 'fails'} |")
