@@ -1,7 +1,8 @@
 """Sweep the toy settings the paper leaves open and report which reproduce Observation 1.
 
 Each cell of the grid is a full sample-level study (``run_markov_study``) in
-``OUT/cells/<name>/``; ``OUT/sweep.md`` and ``OUT/sweep.json`` collect each
+``OUT/cells/<name>/``; with ``--resume`` finished cells are not retrained but
+re-summarised from their metrics; ``OUT/sweep.md`` and ``OUT/sweep.json`` collect each
 cell's verdict, Looped-Attn minus Single-Attn gain, and final accuracies.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import yaml
 
 from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
-from loopscape.io import atomic_write_text, read_json, write_json
+from loopscape.io import atomic_write_text, write_json
 
 # Embedding kind with its widths, batch size and init scale: the four choices the paper leaves open.
 # "onehot:16" is the one-hot code with 16 position slots (d = 19), "random:16" the random code of width 16.
@@ -65,12 +66,10 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         saved = cell / "config.yaml"
         if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
             raise ConfigError(f"sweep cell {str(cell)!r} was run with other settings; use a new --output")
-        if (cell / "summary.json").exists():
-            summary = read_json(cell / "summary.json")
-        else:
-            if show_progress:
-                print(f"[sweep] {name}")
-            summary = run_markov_study(cfg, cell, resume=(cell / "config.yaml").exists(), show_progress=show_progress)
+        if show_progress:
+            print(f"[sweep] {name}")
+        # a finished cell is only re-summarised (its runs are done), so verdict rules apply to old cells too
+        summary = run_markov_study(cfg, cell, resume=saved.exists(), show_progress=show_progress)
         v, t = summary["observation1"], summary["table"]
         rows.append(
             {

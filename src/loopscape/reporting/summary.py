@@ -11,8 +11,9 @@ The verdict rule, stated once here and printed in every report:
 
 **Reproduced** if mean ``delta`` >= 5 points (half the paper's 10.07),
 Looped-Attn's mean gain >= 5 points, and ``delta > 0`` on at least 80% of
-seeds. **Partly** if mean ``delta`` > 0 and ``delta > 0`` on at least half of
-the seeds. **Not reproduced** otherwise.
+seeds. **Partly** if mean ``delta`` exceeds its standard error
+(``std / sqrt(seeds)``, so noise alone does not count) and ``delta > 0`` on
+at least half of the seeds. **Not reproduced** otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ RULE = (
     "W(e) = mean over epochs e-9..e; gain = W_high(final) - W_high(split) per seed, split = epoch 150 "
     "(epochs // 2 for runs of <= 150 epochs); delta = gain(Looped-Attn) - gain(Single-Attn). "
     f"Reproduced if mean delta >= {MIN_GAIN} pts, mean Looped-Attn gain >= {MIN_GAIN} pts and delta > 0 on "
-    f">= {MIN_SHARE:.0%} of seeds; partly if mean delta > 0 and delta > 0 on >= 50% of seeds; else not reproduced."
+    f">= {MIN_SHARE:.0%} of seeds; partly if mean delta > its standard error and delta > 0 on >= 50% of seeds; "
+    "else not reproduced."
 )
 
 
@@ -50,7 +52,7 @@ def observation1_verdict(metrics: dict[str, dict[str, np.ndarray]]) -> dict:
     share = float((delta > 0).mean())
     if delta.mean() >= MIN_GAIN and gain["looped_attn"].mean() >= MIN_GAIN and share >= MIN_SHARE:
         verdict = "reproduced"
-    elif delta.mean() > 0 and share >= 0.5:
+    elif delta.mean() > 0 and share >= 0.5 and (len(delta) == 1 or delta.mean() > delta.std(ddof=1) / np.sqrt(len(delta))):
         verdict = "partly reproduced"
     else:
         verdict = "not reproduced"
