@@ -96,6 +96,34 @@ def sweep(
     typer.echo(table)
 
 
+@app.command()
+def theory(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/theory-<time>)."),
+    config: Optional[Path] = ConfigOpt,
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of the Theorem 3 alignment runs, e.g. 0,1,2."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of Single-Attn's trajectory for Theorem 3."),
+    set_: Optional[List[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
+    from loopscape.experiments.theory import TheoryConfig, run_theory
+
+    try:
+        pairs = dict(parse_override(s) for s in set_ or [])
+        if seeds is not None:
+            pairs["alignment_seeds"] = _overrides(None, seeds, None)["seeds"]
+        if epochs is not None:
+            pairs["alignment_epochs"] = epochs
+        cfg = load_config(TheoryConfig, config, pairs)
+        out = output or _default_output("theory")
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; choose another --output")
+        run_theory(cfg, out, show_progress=not quiet)
+    except ConfigError as err:
+        _fail(err)
+    typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
