@@ -77,3 +77,13 @@ def test_sweep_collects_a_verdict_per_cell(tmp_path):
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
     assert [row["cell"] for row in rows] == ["embeddingtoken", "random4"]
+
+
+def test_theory_adds_a_section_to_a_run_report(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["markov", "-o", str(out), *TINY]).exit_code == 0
+    r = runner.invoke(app, ["theory", "--report", str(out), "--set", "instances=5", "--set", "steps=20", "--seeds", "0", "--epochs", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    text = (out / "summary.md").read_text()
+    assert "## Theory" in text and "Theorem 1 (Setting 1)" in text
+    assert (out / "theory" / "figures" / "river_u_v_valleys.png").exists()

@@ -103,6 +103,7 @@ def theory(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of the Theorem 3 alignment runs, e.g. 0,1,2."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of Single-Attn's trajectory for Theorem 3."),
     set_: Optional[List[str]] = SetOpt,
+    report: Optional[Path] = typer.Option(None, "--report", help="A `loopscape markov` run folder: write into RUN/theory and add a Theory section to its summary.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
@@ -115,10 +116,18 @@ def theory(
         if epochs is not None:
             pairs["alignment_epochs"] = epochs
         cfg = load_config(TheoryConfig, config, pairs)
-        out = output or _default_output("theory")
+        if report is not None and not (report / "summary.md").exists():
+            raise ConfigError(f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})")
+        out = report / "theory" if report is not None else output or _default_output("theory")
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; choose another --output")
         run_theory(cfg, out, show_progress=not quiet)
+        if report is not None:
+            from loopscape.io import atomic_write_text
+
+            body = (out / "theory.md").read_text().split("\n", 1)[1].replace("### ", "### Theory: ")
+            summary = (report / "summary.md").read_text()
+            atomic_write_text(report / "summary.md", summary.rstrip() + "\n\n## Theory (`loopscape theory`, figures in theory/figures)\n" + body)
     except ConfigError as err:
         _fail(err)
     typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
