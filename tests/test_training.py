@@ -16,7 +16,7 @@ def numbers(rows):
 
 def fresh_model(seed=0):
     with seeded(seed):
-        return looped_attn(n_loops=3)
+        return looped_attn(n_loops=3, max_len=3)
 
 
 def test_metrics_rows_and_content(tmp_path):

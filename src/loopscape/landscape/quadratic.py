@@ -177,12 +177,16 @@ class QuarticValley(RiverValley):
 
     beta: float = 1.0
 
+    def __post_init__(self) -> None:
+        self._lam, self._Q = torch.linalg.eigh(self.H_V)  # H^B's eigenpairs, used at every step
+
     def loss(self, theta_V: Tensor, theta_R: Tensor) -> Tensor:
-        lam, Q = torch.linalg.eigh(self.H_V)
-        u = Q.T @ theta_V
-        return (0.5 * lam * u**2 + 0.25 * self.beta * u**4).sum() - self.h_R @ theta_R + theta_R @ self.H_RV @ theta_V
+        u = self._Q.T @ theta_V
+        return (0.5 * self._lam * u**2 + 0.25 * self.beta * u**4).sum() - self.h_R @ theta_R + theta_R @ self.H_RV @ theta_V
+
+    def valley_hessian_eigenvalues(self, theta_V: Tensor) -> Tensor:
+        """Eigenvalues of ``H_V(theta) = Q diag(lambda^B + 3 beta u^2) Q^T`` (unsorted)."""
+        return self._lam + 3 * self.beta * (self._Q.T @ theta_V) ** 2
 
     def valley_hessian(self, theta_V: Tensor) -> Tensor:
-        lam, Q = torch.linalg.eigh(self.H_V)
-        u = Q.T @ theta_V
-        return (Q * (lam + 3 * self.beta * u**2)) @ Q.T
+        return (self._Q * self.valley_hessian_eigenvalues(theta_V)) @ self._Q.T
