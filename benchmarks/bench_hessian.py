@@ -63,7 +63,7 @@ def timed(fn, repeat: int = 3):
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as in the study's worker processes; tiny matrices gain nothing from threads
     cfg = MarkovStudyConfig()
     _, task = build_task(cfg.data)
     x, y = task.train.inputs, task.train.targets

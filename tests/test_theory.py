@@ -75,3 +75,11 @@ def test_alignment_matches_finite_differences():
         inner = (fd_grad(s, name) * fd_grad(l, name)).sum().item()
         assert got[name]["inner"] == pytest.approx(inner, rel=1e-6, abs=1e-10)
         assert -1 <= got[name]["cosine"] <= 1
+
+
+def test_meets_assumption4_by_hand():
+    from loopscape.landscape.alignment import meets_assumption4
+
+    assert meets_assumption4(torch.diag(torch.tensor([1.0, 2.0])) + 0.1)
+    assert not meets_assumption4(torch.diag(torch.tensor([1.0, -2.0])))
+    assert not meets_assumption4(torch.ones(3, 3))  # ||eps|| = 2 > 0.5 * 1

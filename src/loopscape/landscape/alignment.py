@@ -42,3 +42,14 @@ def gradient_alignment(
         denom = (a.norm() * b.norm()).item()
         out[n] = {"inner": inner, "cosine": inner / denom if denom > 0 else 0.0}
     return out
+
+
+def meets_assumption4(W: torch.Tensor, ratio: float = 0.5) -> bool:
+    """Assumption 4 (Appendix G.1.1), read as: ``W = D + eps`` with a non-negative
+    diagonal ``D`` and ``||eps||_2 <= ratio * ||D||_2`` ("significantly smaller";
+    the paper gives no number, 0.5 is ours)."""
+    D = torch.diagonal(W)
+    if (D < 0).any():
+        return False
+    eps = W - torch.diag(D)
+    return torch.linalg.matrix_norm(eps, ord=2).item() <= ratio * D.abs().max().item()
