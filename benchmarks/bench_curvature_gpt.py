@@ -88,9 +88,10 @@ def main() -> None:
     rel = lambda e: float(np.max(np.abs(np.asarray(e) - ref) / np.abs(ref)))
     out = {"params": P, "d": args.d, "layers": args.layers, "batch": args.batch, "reference_top5": ref.tolist(), "arpack_s": round(t_ref, 2)}
 
-    t0 = time.perf_counter()
-    res = lanczos(op, k=5, which="LA", tol=1e-6)
-    out["ours"] = {"s": round(time.perf_counter() - t0, 2), "matvecs": res.iterations, "max_rel_err": rel(res.eigenvalues.numpy())}
+    for tol in (1e-6, 1e-3):
+        t0 = time.perf_counter()
+        res = lanczos(op, k=5, which="LA", tol=tol)
+        out[f"ours_tol{tol:g}"] = {"s": round(time.perf_counter() - t0, 3), "matvecs": res.iterations, "max_rel_err": rel(res.eigenvalues.numpy())}
 
     from pyhessian import hessian as PyHessian
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -101,12 +102,14 @@ def main() -> None:
         out["pyhessian_as_is_error"] = f"{type(err).__name__}: {err}"
     ev = None
     with sdpa_kernel(SDPBackend.MATH):  # what it needs on current PyTorch: attention on the math kernel
-        t0 = time.perf_counter()
-        ph = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-        top, _ = ph.eigenvalues(top_n=5, maxIter=100, tol=1e-3)
-        t_ph = time.perf_counter() - t0
-        out["pyhessian_math_kernel"] = {"s": round(t_ph, 2), "max_rel_err": rel(np.sort(top)[::-1])}
-        out["speedup_ours_vs_pyhessian"] = round(t_ph / out["ours"]["s"], 1)
+        for tol in (1e-3, 1e-6):  # PyHessian's default, and one near our accuracy
+            t0 = time.perf_counter()
+            ph = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            top, _ = ph.eigenvalues(top_n=5, maxIter=1000, tol=tol)
+            out[f"pyhessian_math_kernel_tol{tol:g}"] = {"s": round(time.perf_counter() - t0, 3), "max_rel_err": rel(np.sort(top)[::-1])}
+        # equal-or-better accuracy: our loose run against PyHessian's default; our tight run against its tight one
+        out["speedup_at_pyhessian_default_accuracy"] = round(out["pyhessian_math_kernel_tol0.001"]["s"] / out["ours_tol0.001"]["s"], 1)
+        out["speedup_at_tight_accuracy"] = round(out["pyhessian_math_kernel_tol1e-06"]["s"] / out["ours_tol1e-06"]["s"], 1)
         t0 = time.perf_counter()
         try:
             ev, w = ph.density(iter=args.steps, n_v=args.probes)
