@@ -55,7 +55,7 @@ def markov(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Section 4.1 sample-level study: Single-Attn vs Looped-Attn on the Markov language (Figure 3a, 3b, Observation 1)."""
+    """Section 4.1: Single-Attn vs Looped-Attn on the Markov language; accuracy per IC group and Hessian spectra (Figures 3a-3d, 9b, 9c; Observations 1-2)."""
     from loopscape.experiments.markov import MarkovStudyConfig, run_markov_study
 
     try:
@@ -79,7 +79,7 @@ def sweep(
     epochs: Optional[int] = EpochsOpt,
     set_: Optional[List[str]] = SetOpt,
     grid: Optional[Path] = typer.Option(None, "--grid", help="YAML file mapping setting -> list of values (default: docs/markov.md grid)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip cells already finished in --output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report which reproduce Observation 1."""
