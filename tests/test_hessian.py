@@ -188,3 +188,4 @@ def test_cached_graph_products_equal_recomputed_ones():
     v = torch.randn(a.shape[0], dtype=torch.float64)
     torch.testing.assert_close(a.matvec(v), b.matvec(v), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.matvec(v), b.matvec(v), rtol=0, atol=0)  # the graph survives reuse
+    torch.testing.assert_close(dense_matrix(a), dense_matrix(b), rtol=1e-12, atol=1e-14)

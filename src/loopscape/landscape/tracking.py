@@ -35,7 +35,7 @@ class HessianTracker:
     def update(self, epoch: int, model: nn.Module) -> None:
         if epoch % self.every:
             return
-        op = HessianOperator(model, self.batches, dtype=torch.float64)
+        op = HessianOperator(model, self.batches, dtype=torch.float64, cache_graph=True)
         spec = exact_spectrum(op)
         self.log.append(
             {
