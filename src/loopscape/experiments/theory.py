@@ -123,12 +123,21 @@ def _quartic_path_ok(land: QuarticValley, theta0: torch.Tensor, eta: float, step
     return True
 
 
-def corollaries(cfg: TheoryConfig) -> dict:
-    """U valley vs V valleys of growing kappa; C, measured force, river progress and loss."""
+def corollaries(cfg: TheoryConfig, quartic_beta: float | None = None) -> dict:
+    """U valley vs V valleys of growing kappa; C, measured force, river progress and loss.
+
+    With ``quartic_beta`` the same comparison in Setting 2: each valley becomes a
+    :class:`QuarticValley` with ``H^B`` = its Hessian (Theorem 2, part (b)).
+    """
     runs = {}
     for kappa in cfg.kappas:
         u, v, theta0 = u_and_v_valleys(kappa_v=kappa, seed=cfg.seed)
-        eta = 1.0 / v.valley_eigenvalues.max().item()  # same step for both; eta * lambda <= 1 in both
+        if quartic_beta is not None:
+            u, v = (QuarticValley(x.H_V, x.H_RV, x.h_R, beta=quartic_beta) for x in (u, v))
+            top = max(x.valley_hessian_eigenvalues(theta0).max().item() for x in (u, v))
+        else:
+            top = v.valley_eigenvalues.max().item()
+        eta = 1.0 / top  # same step for both; eta * lambda <= 1 in both (along the path: |u| only shrinks)
         for name, land in (("U", u), (f"V (kappa={kappa:g})", v)):
             if name in runs:
                 continue
@@ -228,6 +237,7 @@ def run_theory(cfg: TheoryConfig, out: str | Path, show_progress: bool = True) -
         ("Theorem 1", lambda: check_bound(False, cfg)),
         ("Theorem 2", lambda: check_bound(True, cfg)),
         ("Corollaries 1-2", lambda: corollaries(cfg)),
+        ("Theorem 2 (b)", lambda: corollaries(cfg, quartic_beta=0.5)),
         ("Theorem 3", lambda: theorem3(cfg)),
     ]
     results = {}
@@ -236,6 +246,7 @@ def run_theory(cfg: TheoryConfig, out: str | Path, show_progress: bool = True) -
             print(f"[theory] {name}")
         results[name] = fn()
     rep.plot_corollaries(results["Corollaries 1-2"], out / "figures" / "corollaries_river_progress.png")
+    rep.plot_corollaries(results["Theorem 2 (b)"], out / "figures" / "theorem2_river_progress.png")
     rep.plot_valley_pictures(out / "figures" / "river_u_v_valleys.png")
     rep.plot_alignment(results["Theorem 3"], out / "figures" / "theorem3_cosines.png")
     md = rep.theory_markdown(results, cfg)
