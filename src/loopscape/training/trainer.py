@@ -84,6 +84,7 @@ def train(
     resume: bool = False,
     on_epoch: Callable[[int], None] | None = None,
     trackers: Sequence = (),
+    controller=None,
 ) -> list[dict]:
     """Train ``model`` in place, logging to ``run_dir``; returns every metrics row.
 
@@ -92,6 +93,9 @@ def train(
     and ends with the same numbers as an uninterrupted run. ``trackers`` are
     callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)`` and
     ``close()`` (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
+    A ``controller`` (e.g. :class:`~loopscape.shift.training.ShiftController`)
+    may change the model after each epoch's evaluation; its state is saved in
+    every checkpoint, and rows then record the loop count ``n_loops``.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -100,14 +104,20 @@ def train(
     start = 0
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, generator)["epoch"]
+        state = load_checkpoint(ckpt, model, optimizer, generator)
+        start = state["epoch"]
+        if controller is not None:
+            controller.load_state_dict(state["extra"]["controller"], model)
+    elif controller is not None:
+        controller.begin(model)
+    loops = (lambda: {"n_loops": model.n_loops}) if controller is not None else dict
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
     for t in trackers:
         t.open(run_dir, start)
     with JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["epoch"] <= start) as log:
         if start == 0:
-            log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0})
+            log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0, **loops()})
             for t in trackers:
                 t.update(0, model)
         for epoch in range(start + 1, config.epochs + 1):
@@ -120,11 +130,15 @@ def train(
                 optimizer.step()
             elapsed = time.perf_counter() - t0
             model.eval()
-            log.append({"epoch": epoch, **evaluate(model, task), "time_s": elapsed})
+            row = {"epoch": epoch, **evaluate(model, task), "time_s": elapsed, **loops()}
+            log.append(row)
             for t in trackers:
                 t.update(epoch, model)
+            if controller is not None:
+                controller.after_epoch(epoch, row, model, optimizer)
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-                save_checkpoint(ckpt_dir, epoch, model, optimizer, generator)
+                extra = {"controller": controller.state_dict()} if controller is not None else None
+                save_checkpoint(ckpt_dir, epoch, model, optimizer, generator, extra=extra)
             if on_epoch is not None:
                 on_epoch(epoch)
     for t in trackers:

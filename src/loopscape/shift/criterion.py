@@ -1,0 +1,94 @@
+"""The SHIFT criterion with patience, SCP (Section 5, Appendix E.1.4).
+
+SCP watches one evaluation at a time, ``(validation loss, gradient norm)``,
+and says when to switch from Single-Attn to Looped-Attn:
+
+1. **Plateau.** An evaluation *improves* if its validation loss is below the
+   best so far by more than ``min_delta`` (delta_1). After ``patience`` (P)
+   consecutive evaluations without improvement, the plateau is reached at
+   that evaluation: ``E_plateau``.
+2. **Gradient stabilisation wait.** The paper writes ``E_shift = E_plateau + W``
+   and asks the gradient norm to settle within delta_2; it does not say what
+   happens if it has not. Our definition: the shift is the first evaluation
+   ``e >= E_plateau + wait`` at which the last ``wait`` (W) gradient norms have
+   a relative spread ``(max - min) / median <= grad_tol`` (delta_2). With a
+   settled gradient that is exactly ``E_plateau + W``; otherwise SCP waits
+   until it settles, or until ``max_wait`` evaluations after the plateau if
+   that is set (then it shifts regardless, and says so in ``forced``).
+
+Evaluations are counted from 1. The object is framework-free and its state is
+a JSON-able dict (``state_dict`` / ``load_state_dict``) so a run can resume.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ShiftCriterion:
+    """SCP. Defaults: P = 10 evaluations, delta_1 = 1e-3, W = 10 evaluations, delta_2 = 0.1."""
+
+    patience: int = 10
+    min_delta: float = 1e-3
+    wait: int = 10
+    grad_tol: float = 0.1
+    max_wait: int | None = None
+    # state
+    evaluations: int = 0
+    best: float = math.inf
+    since_best: int = 0
+    plateau_at: int | None = None
+    shift_at: int | None = None
+    forced: bool = False
+    grad_norms: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name, ok, allowed in (
+            ("patience", self.patience >= 1, "an integer >= 1"),
+            ("min_delta", self.min_delta >= 0, "a number >= 0"),
+            ("wait", self.wait >= 1, "an integer >= 1"),
+            ("grad_tol", self.grad_tol >= 0, "a number >= 0"),
+            ("max_wait", self.max_wait is None or self.max_wait >= self.wait, "None or an integer >= wait"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {allowed} (got {getattr(self, name)!r})")
+
+    @property
+    def shifted(self) -> bool:
+        return self.shift_at is not None
+
+    def update(self, val_loss: float, grad_norm: float) -> bool:
+        """Feed one evaluation; returns True at the evaluation where SCP says "shift" (once)."""
+        if not (math.isfinite(val_loss) and math.isfinite(grad_norm)):
+            raise ValueError(f"SCP got a non-finite evaluation (val_loss={val_loss}, grad_norm={grad_norm}); refusing to decide")
+        if self.shifted:
+            return False
+        self.evaluations += 1
+        e = self.evaluations
+        self.grad_norms = (self.grad_norms + [float(grad_norm)])[-self.wait :]
+        if self.plateau_at is None:
+            if val_loss < self.best - self.min_delta:
+                self.best, self.since_best = float(val_loss), 0
+            else:
+                self.since_best += 1
+                if self.since_best >= self.patience:
+                    self.plateau_at = e
+            return False
+        if e < self.plateau_at + self.wait:
+            return False
+        med = statistics.median(self.grad_norms)
+        spread = (max(self.grad_norms) - min(self.grad_norms)) / med if med > 0 else 0.0
+        if spread <= self.grad_tol or (self.max_wait is not None and e >= self.plateau_at + self.max_wait):
+            self.shift_at, self.forced = e, spread > self.grad_tol
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+import pytest
+
+from loopscape.shift.criterion import ShiftCriterion
+
+
+def feed(scp, losses, grads):
+    for e, (l, g) in enumerate(zip(losses, grads), start=1):
+        if scp.update(l, g):
+            return e
+    return None
+
+
+def test_noisy_plateau_then_settled_gradient():
+    rng = np.random.default_rng(0)
+    # decreasing until evaluation 40, then flat with noise below delta_1
+    losses = [1.0 / (1 + 0.1 * e) if e <= 40 else 1 / 5 + 1e-4 * rng.standard_normal() for e in range(1, 200)]
+    grads = [1.0 + 1e-3 * rng.standard_normal() for _ in losses]
+    scp = ShiftCriterion(patience=10, min_delta=1e-3, wait=10, grad_tol=0.1)
+    e = feed(scp, losses, grads)
+    # the decrease per evaluation falls below 1e-3 before 40; the plateau comes 10 evaluations after the last improvement
+    assert scp.plateau_at is not None and 20 < scp.plateau_at <= 51
+    assert e == scp.plateau_at + 10 and not scp.forced  # settled gradient: E_shift = E_plateau + W exactly
+
+
+def test_no_plateau_ever():
+    scp = ShiftCriterion(patience=5, min_delta=1e-3)
+    assert feed(scp, [1.0 - 0.01 * e for e in range(90)], [1.0] * 90) is None
+    assert scp.plateau_at is None and not scp.shifted
+
+
+def test_plateau_at_once():
+    scp = ShiftCriterion(patience=3, wait=2, grad_tol=0.1)
+    assert feed(scp, [0.5] * 10, [1.0] * 10) == 6  # best set at 1; 2, 3, 4 do not improve -> plateau at 4; shift at 4 + 2
+    assert scp.plateau_at == 4
+
+
+def test_unsettled_gradient_waits_and_max_wait_forces():
+    grads = [1.0, 3.0] * 50  # oscillating: spread 2/median never <= 0.1
+    scp = ShiftCriterion(patience=3, wait=4, grad_tol=0.1)
+    assert feed(scp, [0.5] * 100, grads) is None and scp.plateau_at == 4
+    forced = ShiftCriterion(patience=3, wait=4, grad_tol=0.1, max_wait=10)
+    assert feed(forced, [0.5] * 100, grads) == 14 and forced.forced
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_values_are_an_error_not_a_switch(bad):
+    scp = ShiftCriterion()
+    with pytest.raises(ValueError, match="non-finite"):
+        scp.update(bad, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        scp.update(1.0, bad)
+    assert not scp.shifted
+
+
+def test_state_round_trip_resumes_identically():
+    rng = np.random.default_rng(1)
+    losses = list(np.maximum(1 - 0.02 * np.arange(100), 0.3) + 1e-4 * rng.standard_normal(100))
+    grads = list(1 + 0.01 * rng.standard_normal(100))
+    full = ShiftCriterion(patience=5, wait=5)
+    e_full = feed(full, losses, grads)
+    part = ShiftCriterion(patience=5, wait=5)
+    feed(part, losses[:30], grads[:30])
+    resumed = ShiftCriterion(patience=5, wait=5)
+    resumed.load_state_dict(part.state_dict())
+    e_rest = feed(resumed, losses[30:], grads[30:])
+    assert e_full is not None and e_rest is not None and 30 + e_rest == e_full
+
+
+def test_invalid_settings():
+    with pytest.raises(ValueError, match="patience"):
+        ShiftCriterion(patience=0)
+    with pytest.raises(ValueError, match="max_wait"):
+        ShiftCriterion(wait=10, max_wait=5)
