@@ -80,16 +80,6 @@ class ToyModelConfig:
         return LinearAttn(LinearAttnConfig(vocab_size=vocab_size, **{**fields, "n_loops": n_loops}))
 
 
-def _validate_train(self: TrainConfig, p: str = "") -> None:
-    require(self.epochs >= 1, f"{p}epochs", "an integer >= 1", self.epochs)
-    require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
-    require(self.batch_size >= 1, f"{p}batch_size", "an integer >= 1", self.batch_size)
-    require(self.checkpoint_every >= 1, f"{p}checkpoint_every", "an integer >= 1", self.checkpoint_every)
-
-
-TrainConfig.validate = _validate_train  # the trainer stays free of config plumbing
-
-
 @dataclass
 class HessianStudyConfig:
     """Hessian tracking (Observation 2): exact spectra every ``every`` epochs for the first ``n_seeds`` seeds."""

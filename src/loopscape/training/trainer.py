@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopscape.config import require
 from loopscape.data.markov import SequenceSet
 from loopscape.io import JsonlLog, read_jsonl
 from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
@@ -33,6 +34,12 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     checkpoint_every: int = 50
+
+    def validate(self, p: str = "") -> None:
+        require(self.epochs >= 1, f"{p}epochs", "an integer >= 1", self.epochs)
+        require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
+        require(self.batch_size >= 1, f"{p}batch_size", "an integer >= 1", self.batch_size)
+        require(self.checkpoint_every >= 1, f"{p}checkpoint_every", "an integer >= 1", self.checkpoint_every)
 
 
 @dataclass
