@@ -83,3 +83,15 @@ def test_meets_assumption4_by_hand():
     assert meets_assumption4(torch.diag(torch.tensor([1.0, 2.0])) + 0.1)
     assert not meets_assumption4(torch.diag(torch.tensor([1.0, -2.0])))
     assert not meets_assumption4(torch.ones(3, 3))  # ||eps|| = 2 > 0.5 * 1
+
+
+@pytest.mark.parametrize("quartic", [False, True])
+def test_closed_form_valley_gradient_matches_autograd(quartic):
+    from loopscape.experiments.theory import _random_instance
+
+    land, theta0, _, _ = _random_instance(torch.Generator().manual_seed(3), quartic)
+    t = theta0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(land.loss(t, torch.zeros(land.H_RV.shape[0], dtype=t.dtype)), t)
+    torch.testing.assert_close(land.valley_gradient(theta0), g, rtol=1e-12, atol=1e-12)
+    # and the cumulative force agrees with the step-by-step run of the proofs' dynamics
+    torch.testing.assert_close(valley_force(land, theta0, 0.01, 50), decoupled_run(land, theta0, 0.01, 50).river_force, rtol=1e-10, atol=1e-12)

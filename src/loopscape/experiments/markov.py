@@ -29,7 +29,7 @@ from loopscape.config import ConfigError, require, to_dict
 from loopscape.data.markov import MarkovLanguage, bayes_ceiling
 from loopscape.io import atomic_write_text, read_json, read_jsonl, write_json
 from loopscape.landscape.tracking import HessianTracker, load_spectra
-from loopscape.models.linear_attn import EMBEDDINGS, LinearAttn, LinearAttnConfig
+from loopscape.models.linear_attn import EMBEDDINGS, POSITIONS, LinearAttn, LinearAttnConfig
 from loopscape.training.trainer import MarkovTask, TrainConfig, seeded, train
 
 
@@ -65,6 +65,7 @@ class ToyModelConfig:
     embedding: str = "onehot"
     d_model: int = 16
     max_len: int = 3  # the training input length: no position slot that training never reaches
+    positions: str = "cyclic"  # longer test inputs reuse the codes with the transitions' period (Appendix E.1.3)
     init_scale: float = 1.0
     n_loops: int = 3
 
@@ -72,6 +73,7 @@ class ToyModelConfig:
         require(self.embedding in EMBEDDINGS, f"{p}embedding", f"one of {list(EMBEDDINGS)}", self.embedding)
         require(self.d_model >= 1, f"{p}d_model", "an integer >= 1", self.d_model)
         require(self.max_len >= 1, f"{p}max_len", "an integer >= 1", self.max_len)
+        require(self.positions in POSITIONS, f"{p}positions", f"one of {list(POSITIONS)}", self.positions)
         require(self.init_scale > 0, f"{p}init_scale", "a number > 0", self.init_scale)
         require(self.n_loops >= 1, f"{p}n_loops", "an integer >= 1 (T)", self.n_loops)
 

@@ -55,6 +55,10 @@ class RiverValley:
     def loss(self, theta_V: Tensor, theta_R: Tensor) -> Tensor:
         return 0.5 * theta_V @ self.H_V @ theta_V - self.h_R @ theta_R + theta_R @ self.H_RV @ theta_V
 
+    def valley_gradient(self, theta_V: Tensor) -> Tensor:
+        """Gradient of the valley loss alone (``theta_R = 0``), in closed form."""
+        return self.H_V @ theta_V
+
     def force_bound(self, theta_V0: Tensor) -> float:
         """Theorem 1's ``C`` with the tightest constants: ``h_bar = ||H_RV||_2``, ``alpha_bar = ||theta_V0||``."""
         lam = self.valley_eigenvalues
@@ -136,9 +140,18 @@ def run(
     return Trajectory(torch.stack(Vs), torch.stack(Rs), torch.stack(Ls), torch.stack(force))
 
 
+def valley_path(landscape, theta_V0: Tensor, eta: float, steps: int) -> Tensor:
+    """``theta_V,k`` for ``k = 0..steps-1`` (rows): gradient descent on the valley loss alone."""
+    theta, path = theta_V0.clone(), []
+    for _ in range(steps):
+        path.append(theta)
+        theta = theta - eta * landscape.valley_gradient(theta)
+    return torch.stack(path)
+
+
 def valley_force(landscape, theta_V0: Tensor, eta: float, steps: int) -> Tensor:
     """The theorems' cumulative force ``C_K = eta sum_{k<K} H_RV theta_V,k`` for ``K = 1..steps`` (rows)."""
-    return decoupled_run(landscape, theta_V0, eta, steps).river_force
+    return eta * torch.cumsum(valley_path(landscape, theta_V0, eta, steps) @ landscape.H_RV.T, dim=0)
 
 
 def decoupled_run(landscape, theta_V0: Tensor, eta: float, steps: int) -> Trajectory:
@@ -183,6 +196,10 @@ class QuarticValley(RiverValley):
     def loss(self, theta_V: Tensor, theta_R: Tensor) -> Tensor:
         u = self._Q.T @ theta_V
         return (0.5 * self._lam * u**2 + 0.25 * self.beta * u**4).sum() - self.h_R @ theta_R + theta_R @ self.H_RV @ theta_V
+
+    def valley_gradient(self, theta_V: Tensor) -> Tensor:
+        u = self._Q.T @ theta_V
+        return self._Q @ (self._lam * u + self.beta * u**3)
 
     def valley_hessian_eigenvalues(self, theta_V: Tensor) -> Tensor:
         """Eigenvalues of ``H_V(theta) = Q diag(lambda^B + 3 beta u^2) Q^T`` (unsorted)."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 EMBEDDINGS = ("onehot", "token", "random")
+POSITIONS = ("absolute", "cyclic")
 
 
 @dataclass
@@ -40,7 +41,11 @@ class LinearAttnConfig:
             ``N(0, 1/d_model)``, summed (as a transformer's token + position
             embedding).
         d_model: width ``d`` for ``"random"``; ignored by ``"onehot"``.
-        max_len: longest input the position code covers.
+        max_len: number of position codes.
+        positions: ``"absolute"``: input position ``i`` gets code ``i``, and an
+            input longer than ``max_len`` is an error. ``"cyclic"``: code
+            ``i mod max_len``, so any length can be read (the Markov language's
+            transitions cycle the same way at test lengths, Appendix E.1.3).
         init_scale: ``W ~ U(-s/sqrt(d), s/sqrt(d))`` with ``s = init_scale``;
             1.0 is PyTorch's ``nn.Linear`` default.
         embedding_seed: seed of the ``"random"`` embedding.
@@ -51,6 +56,7 @@ class LinearAttnConfig:
     embedding: str = "onehot"
     d_model: int = 16
     max_len: int = 16
+    positions: str = "absolute"
     init_scale: float = 1.0
     embedding_seed: int = 0
 
@@ -80,13 +86,18 @@ class FixedEmbedding(nn.Module):
             position = torch.randn(L, d, generator=g) / math.sqrt(d)
         else:
             raise ValueError(f"embedding must be one of {EMBEDDINGS} (got {config.embedding!r})")
+        if config.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS} (got {config.positions!r})")
+        self.cyclic = config.positions == "cyclic"
         self.register_buffer("token", token)
         self.register_buffer("position", position)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-1]
-        if n > self.position.shape[0]:
-            raise ValueError(f"input length {n} exceeds the embedding's max_len {self.position.shape[0]}")
+        n, slots = x.shape[-1], self.position.shape[0]
+        if self.cyclic:
+            return self.token[x] + self.position[torch.arange(n, device=x.device) % slots]
+        if n > slots:
+            raise ValueError(f"input length {n} exceeds the embedding's max_len {slots} (positions='absolute'; 'cyclic' reads any length)")
         return self.token[x] + self.position[:n]
 
 
@@ -125,22 +136,41 @@ class LinearAttn(nn.Module):
     def attn(self, E: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z``.
 
-        ``E`` is ``(B, n, d)`` and ``Z`` is ``(B, m, d)`` (rows are the paper's
-        columns); ``f(E, z)`` is ``m = 1`` and ``f(E)`` is ``Z = E``.
+        ``E`` is ``(..., n, d)`` and ``Z`` is ``(..., m, d)`` (rows are the paper's
+        columns); ``f(E, z)`` is ``m = 1`` and ``f(E)`` is ``Z = E``. Leading axes
+        broadcast against the weights', so stacked weights ``(S, 1, d, d)`` run
+        ``S`` models at once (:mod:`loopscape.training.population`).
         """
-        scores = (Z @ self.W_Q.T @ self.W_K) @ E.transpose(1, 2)  # z^T W_Q^T W_K E  -> (B, m, n)
-        return scores @ E @ self.W_V.T  # (W_V E E^T W_K^T W_Q z)^T
+        scores = _times(Z, self.W_Q.mT @ self.W_K) @ E.mT  # z^T W_Q^T W_K E  -> (..., m, n)
+        return _times(scores @ E, self.W_V.mT)  # (W_V E E^T W_K^T W_Q z)^T
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``W_h z_T`` for token ids ``x`` of shape ``(B, n)``."""
+    def forward(self, x: torch.Tensor, all_steps: bool = False) -> torch.Tensor:
+        """Logits ``W_h z_T`` for token ids ``x`` of shape ``(B, n)``: ``(B, V)``.
+
+        With ``all_steps=True``, the logits ``W_h z_t`` of every loop ``t = 1..T``,
+        ``(B, T, V)``: step ``t`` is exactly the model with ``n_loops = t``.
+        """
         E = self.embed(x)  # E_0
-        z = E[:, -1:, :]  # z_0: the last token's embedding
+        z = E[..., -1:, :]  # z_0: the last token's embedding
+        steps = []
         for t in range(1, self.n_loops + 1):
             z_next = z + self.attn(E, z)
             if t < self.n_loops:  # E_T itself is never read: skip the last update
                 E = E + self.attn(E, E)
             z = z_next
-        return z[:, 0, :] @ self.W_h.T
+            steps.append(z)
+        if all_steps:
+            return _times(torch.cat(steps, dim=-2), self.W_h.mT)
+        return _times(z, self.W_h.mT).squeeze(-2)
+
+
+def _times(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``X @ W`` for activations ``(..., k, d)`` and a weight ``(d, e)`` or stacked ``(S, 1, d, e)``.
+
+    For stacked weights ``einsum`` makes ``S`` large products, where ``@`` would
+    broadcast them into one tiny product per sample; for one weight ``@`` is faster.
+    """
+    return X @ W if W.dim() == 2 else torch.einsum("...kd,...de->...ke", X, W)
 
 
 def single_attn(**config) -> LinearAttn:

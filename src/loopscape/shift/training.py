@@ -43,14 +43,24 @@ class ShiftController:
         if optimizer is not None and self.optimizer == "reset":
             optimizer.state.clear()
 
-    def after_epoch(self, epoch: int, row: dict, model: nn.Module, optimizer) -> None:
+    def decide(self, epoch: int, row: dict) -> bool:
+        """Feed one epoch's metrics row; True once, at the epoch after which Stage II begins.
+
+        The decision alone, for trainers that apply the switch themselves
+        (:mod:`loopscape.training.population`); it records ``shift_epoch``.
+        """
         if self.shift_epoch is not None:
-            return
+            return False
         if self.criterion is not None:
             decide = self.criterion.update(row["val_loss"], row["grad_norm"])
         else:
             decide = epoch >= self.at_epoch
         if decide:
+            self.shift_epoch = epoch
+        return decide
+
+    def after_epoch(self, epoch: int, row: dict, model: nn.Module, optimizer) -> None:
+        if self.decide(epoch, row):
             self._switch(epoch, model, optimizer)
 
     def state_dict(self) -> dict:

@@ -76,7 +76,7 @@ def save_checkpoint(
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     state = {"epoch": epoch, "optimizer": opt_meta, "extra": extra or {}}
     if generator is not None:
-        state["generator"] = base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+        state["generator"] = generator_state(generator)
     write_json(tmp / "state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -108,9 +108,18 @@ def load_checkpoint(
     if optimizer is not None:
         _load_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     if generator is not None and "generator" in state:
-        raw = bytearray(base64.b64decode(state["generator"]))
-        generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+        set_generator_state(generator, state["generator"])
     return state
+
+
+def generator_state(generator: torch.Generator) -> str:
+    """A generator's state as text, for JSON."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def set_generator_state(generator: torch.Generator, text: str) -> None:
+    raw = bytearray(base64.b64decode(text))
+    generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
 
 def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:

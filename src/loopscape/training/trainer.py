@@ -60,26 +60,33 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def scores(logits: torch.Tensor, val_logits: torch.Tensor, task: MarkovTask) -> dict[str, torch.Tensor]:
+    """Losses and accuracies from logits ``(..., N, V)``; leading (member) axes are kept."""
+
+    def nll(lg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -torch.log_softmax(lg, -1).gather(-1, y.expand(lg.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    correct = (logits.argmax(-1) == task.train.targets).to(logits.dtype)
+    return {
+        "train_loss": nll(logits, task.train.targets).mean(-1),
+        "val_loss": nll(val_logits, task.val.targets).mean(-1),
+        "acc_all": correct.mean(-1),
+        "acc_low": correct[..., task.low].mean(-1),
+        "acc_high": correct[..., task.high].mean(-1),
+        "val_acc": (val_logits.argmax(-1) == task.val.targets).to(logits.dtype).mean(-1),
+    }
+
+
 def evaluate(model: nn.Module, task: MarkovTask) -> dict[str, float]:
     """Full-batch metrics of the current model; touches no ``.grad``."""
     params = [p for p in model.parameters() if p.requires_grad]
     logits = model(task.train.inputs)
-    loss = F.cross_entropy(logits, task.train.targets)
-    grads = torch.autograd.grad(loss, params)
-    correct = (logits.argmax(-1) == task.train.targets).float()
     with torch.no_grad():
         val_logits = model(task.val.inputs)
-        val_loss = F.cross_entropy(val_logits, task.val.targets)
-        val_acc = (val_logits.argmax(-1) == task.val.targets).float().mean()
-    return {
-        "train_loss": loss.item(),
-        "val_loss": val_loss.item(),
-        "acc_all": correct.mean().item(),
-        "acc_low": correct[task.low].mean().item(),
-        "acc_high": correct[task.high].mean().item(),
-        "val_acc": val_acc.item(),
-        "grad_norm": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item(),
-    }
+    row = scores(logits, val_logits, task)
+    grads = torch.autograd.grad(row["train_loss"], params)
+    row["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return {k: v.item() for k, v in row.items()}
 
 
 def train(

@@ -1,0 +1,216 @@
+"""Many toy runs at once: one vmapped model, one Adam with a step count per member.
+
+The SHIFT study (Figure 4) trains dozens of runs of the same tiny model that
+differ only in their seed and their loop schedule. One step of one run is a
+few microseconds of arithmetic under a millisecond of Python and dispatch, so
+running them one by one measures overhead. Here they train together:
+
+* parameters are stacked along a leading *member* axis
+  (``torch.func.stack_module_state``) and the model's own ``forward``, which
+  broadcasts over leading axes, runs all members in one pass, every member reading its own mini-batch in its own seeded
+  order (the order :func:`~loopscape.training.trainer.train` uses);
+* every member runs ``T_max`` loops and reads its logits at its own loop count
+  (``forward(all_steps=True)``: step ``t`` is exactly the model with ``t`` loops);
+* the summed loss gives each member the gradient of its own mean loss, and
+  Adam is elementwise, so :class:`MemberAdam` updates each member as its own
+  Adam would; it keeps one step count per member so that a member may reset its
+  moments at its shift while the others keep theirs.
+
+A member therefore follows the run that :func:`~loopscape.training.trainer.train`
+with a :class:`~loopscape.shift.training.ShiftController` gives for the same
+seed, up to float rounding (tested). Per-member wall time cannot be measured
+here; compute is accounted per epoch from the architecture in use
+(:mod:`loopscape.shift.compute`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from loopscape.io import JsonlLog, read_jsonl
+from loopscape.shift.training import ShiftController
+from loopscape.training.checkpoint import (
+    generator_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    set_generator_state,
+)
+from loopscape.training.trainer import MarkovTask, TrainConfig, scores
+
+
+class MemberAdam(torch.optim.Optimizer):
+    """``torch.optim.Adam``'s update (no weight decay, no amsgrad) on parameters
+    whose first axis indexes members, with a step count per member."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(p.shape[0], dtype=torch.float64)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                # bias corrections in float64 as torch.optim.Adam computes them in Python floats
+                step_size = (group["lr"] / (1 - b1 ** state["step"])).to(p).view(shape)
+                bc2_sqrt = (1 - b2 ** state["step"]).sqrt().to(p).view(shape)
+                state["exp_avg"].lerp_(p.grad, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
+                p.sub_(step_size * state["exp_avg"] / denom)
+
+    def reset(self, member: int) -> None:
+        """Forget one member's moments and step count (SHIFT's ``optimizer="reset"``)."""
+        for state in self.state.values():
+            for value in state.values():
+                value[member] = 0
+
+
+class Population(nn.Module):
+    """``S`` models of one architecture with stacked parameters.
+
+    ``template`` supplies the architecture and its (shared, fixed) buffers; it
+    should have the largest loop count any member will use.
+    """
+
+    def __init__(self, template: nn.Module, members: Sequence[nn.Module]):
+        super().__init__()
+        params, _ = stack_module_state(list(members))
+        self.names = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[k].detach().clone()) for k in self.names])
+        self.template = template.requires_grad_(False)
+
+    def __len__(self) -> int:
+        return self.stacked[0].shape[0]
+
+    def forward(self, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Logits ``(S, B, V)``; ``x`` is ``(S, B, n)`` (one batch per member) or
+        ``(B, n)`` (shared); ``steps`` ``(S,)`` holds each member's loop count.
+
+        The template's forward broadcasts over leading axes, so weights
+        ``(S, 1, ...)`` against inputs ``(S, B, ...)`` run every member in one
+        pass (``torch.func.vmap`` gives the same numbers at several times the
+        dispatch cost on models this small).
+        """
+        params = {k: p.unsqueeze(1) for k, p in zip(self.names, self.stacked)}
+        if x.dim() == 2:
+            x = x.expand(len(self), *x.shape)
+        logits = functional_call(self.template, params, (x,), {"all_steps": True})  # (S, B, T_max, V)
+        return logits[torch.arange(len(self), device=x.device), :, steps - 1]
+
+    def member(self, k: int, n_loops: int) -> nn.Module:
+        """Member ``k`` as a stand-alone model (a copy) with ``n_loops`` loops."""
+        import copy
+
+        model = copy.deepcopy(self.template).requires_grad_(True)
+        model.load_state_dict({n: p[k].detach().clone() for n, p in zip(self.names, self.stacked)}, strict=False)
+        model.n_loops = n_loops
+        return model
+
+
+def _evaluate(pop: Population, steps: torch.Tensor, task: MarkovTask) -> dict[str, list[float]]:
+    logits = pop(task.train.inputs, steps)
+    with torch.no_grad():
+        val_logits = pop(task.val.inputs, steps)
+    row = scores(logits, val_logits, task)
+    grads = torch.autograd.grad(row["train_loss"].sum(), list(pop.stacked))
+    row["grad_norm"] = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    return {k: v.tolist() for k, v in row.items()}
+
+
+def train_population(
+    models: Sequence[nn.Module],
+    seeds: Sequence[int],
+    controllers: Sequence[ShiftController],
+    task: MarkovTask,
+    config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_epoch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Train member ``k`` = (``models[k]``, batch order of ``seeds[k]``, loop schedule
+    ``controllers[k]``) for ``config.epochs`` epochs, all at once.
+
+    ``metrics.jsonl`` has one row per epoch whose values are lists over members
+    (the keys of :func:`~loopscape.training.trainer.evaluate`, plus ``n_loops``);
+    ``time_s`` is the whole population's epoch. Checkpoints every
+    ``config.checkpoint_every`` epochs; ``resume=True`` continues from the latest
+    and ends with the same numbers. Each controller's ``shift_epoch`` is set
+    when it decides. Returns every row.
+    """
+    if not (len(models) == len(seeds) == len(controllers)) or not models:
+        raise ValueError("models, seeds and controllers must be non-empty and of one length")
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    import copy
+
+    template = copy.deepcopy(models[0])
+    template.n_loops = max(c.n_loops for c in controllers)
+    pop = Population(template, models)
+    optimizer = MemberAdam(pop.stacked.parameters(), lr=config.lr)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, pop, optimizer)
+        start = state["epoch"]
+        for g, text in zip(generators, state["extra"]["generators"]):
+            set_generator_state(g, text)
+        for c, m, cs in zip(controllers, models, state["extra"]["controllers"]):
+            c.load_state_dict(cs, m)
+    else:
+        for c, m in zip(controllers, models):
+            c.begin(m)
+    loops = torch.tensor([c.n_loops if c.shift_epoch is not None else 1 for c in controllers])
+    n = len(task.train)
+    inputs, targets = task.train.inputs, task.train.targets
+    with JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["epoch"] <= start) as log:
+        if start == 0:
+            log.append({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
+        for epoch in range(start + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
+            for idx in order.split(config.batch_size, dim=1):
+                logits = pop(inputs[idx], loops)
+                nll = -torch.log_softmax(logits, -1).gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)
+                optimizer.zero_grad(set_to_none=True)
+                nll.mean(1).sum().backward()  # member k's slice gets the gradient of its own mean loss
+                optimizer.step()
+            elapsed = time.perf_counter() - t0
+            row = {"epoch": epoch, **_evaluate(pop, loops, task), "time_s": elapsed, "n_loops": loops.tolist()}
+            log.append(row)
+            for k, c in enumerate(controllers):
+                if c.decide(epoch, {key: v[k] for key, v in row.items() if isinstance(v, list)}):
+                    loops[k] = c.n_loops
+                    if c.optimizer == "reset":
+                        optimizer.reset(k)
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                extra = {"generators": [generator_state(g) for g in generators], "controllers": [c.state_dict() for c in controllers]}
+                save_checkpoint(ckpt_dir, epoch, pop, optimizer, extra=extra)
+            if on_epoch is not None:
+                on_epoch(epoch)
+    save_weights(run_dir / "model.safetensors", pop)
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def member_curves(rows: list[dict]) -> dict[str, np.ndarray]:
+    """``{metric: array (members, epochs + 1)}`` from population rows."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, list)]
+    return {k: np.array([r[k] for r in rows]).T for k in keys}
