@@ -1,3 +1,4 @@
+import html
 import json
 
 import pytest
@@ -87,3 +88,32 @@ def test_theory_adds_a_section_to_a_run_report(tmp_path):
     text = (out / "summary.md").read_text()
     assert "## Theory" in text and "Theorem 1 (Setting 1)" in text
     assert (out / "theory" / "figures" / "river_u_v_valleys.png").exists()
+
+
+def test_reproduce_quick_writes_one_html_report_and_its_numbers(tmp_path):
+    out = tmp_path / "rep"
+    r = runner.invoke(app, ["reproduce", "--quick", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert page.count("data:image/png;base64,") >= 9  # figures embedded, no external files
+    assert 'src="figures' not in page and "<table>" in page
+    claims = [v["claim"] for v in report["verdicts"]]
+    assert any(c.startswith("Observation 1") for c in claims) and any(c.startswith("SCP") for c in claims)
+    for v in report["verdicts"]:
+        assert v["verdict"].split(" (")[0] in {"reproduced", "partly reproduced", "not reproduced", "holds", "fails"}
+        assert html.escape(v["claim"]) in page
+    length = report["length_generalisation"]
+    assert set(length) == {"4", "8", "11", "14", "17"}
+    for row in length.values():  # no model beats the Bayes-optimal predictor by more than sampling noise
+        assert row["looped_attn"]["all"]["mean"] <= 100 * row["bayes_all"] + 5
+    assert report["shift"]["checks"]["population_vs_single_model_trainer_max_abs_diff_acc_all"] <= 0.01
+    # a second run with --resume rebuilds the report from what is there
+    r = runner.invoke(app, ["reproduce", "--quick", "-o", str(out), "--resume", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["verdicts"] == report["verdicts"]
+
+
+def test_reproduce_rejects_bad_settings_by_name(tmp_path):
+    r = runner.invoke(app, ["reproduce", "--quick", "-o", str(tmp_path / "x"), "--set", "shift.optimizer=sgd"])
+    assert r.exit_code == 2 and "shift.optimizer" in r.output and "keep" in r.output

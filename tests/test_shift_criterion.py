@@ -38,8 +38,8 @@ def test_plateau_at_once():
 
 
 def test_unsettled_gradient_waits_and_max_wait_forces():
-    grads = [1.0, 3.0] * 50  # oscillating: spread 2/median never <= 0.1
-    scp = ShiftCriterion(patience=3, wait=4, grad_tol=0.1)
+    grads = [1.0, 3.0] * 50  # oscillating: coefficient of variation 0.5, never <= 0.1
+    scp = ShiftCriterion(patience=3, wait=4, grad_tol=0.1, max_wait=None)
     assert feed(scp, [0.5] * 100, grads) is None and scp.plateau_at == 4
     forced = ShiftCriterion(patience=3, wait=4, grad_tol=0.1, max_wait=10)
     assert feed(forced, [0.5] * 100, grads) == 14 and forced.forced
@@ -74,3 +74,8 @@ def test_invalid_settings():
         ShiftCriterion(patience=0)
     with pytest.raises(ValueError, match="max_wait"):
         ShiftCriterion(wait=10, max_wait=5)
+
+
+def test_spread_is_the_coefficient_of_variation():
+    assert ShiftCriterion.spread([1.0, 3.0]) == pytest.approx(0.5)  # std 1 / mean 2, worked by hand
+    assert ShiftCriterion.spread([2.0] * 5) == 0.0 and ShiftCriterion.spread([0.0, 0.0]) == 0.0

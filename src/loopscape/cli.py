@@ -1,4 +1,4 @@
-"""Command-line interface: ``loopscape markov``, ``loopscape sweep``.
+"""Command-line interface: ``loopscape reproduce``, ``markov``, ``sweep``, ``theory``.
 
 Every run command takes ``--output DIR``, ``--seeds``, ``--epochs``, a config
 file (YAML or TOML) and ``--set key.sub=value`` overrides. Bad settings stop
@@ -41,8 +41,39 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _default_output(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _output(kind: str, output: Optional[Path], resume: bool) -> Path:
+    """The run folder: ``--output``, or ``runs/<kind>-<time>`` (``--resume`` needs ``--output``)."""
+    if resume and output is None:
+        raise ConfigError("--resume needs --output naming the run folder to continue")
+    return output or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def reproduce(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/reproduce-<time>)."),
+    config: Optional[Path] = ConfigOpt,
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds of the Markov and SHIFT studies (overrides `markov.seeds`)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set markov.train.epochs=300 or --set shift.optimizer=reset (repeatable)."),
+    quick: bool = typer.Option(False, "--quick", help="Everything on a small scale (under a minute; for CI and a first look). Numbers are not comparable to the paper's."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4), length generalisation (Table 1), as one HTML report."""
+    from loopscape.experiments.reproduce import QUICK, ReproduceConfig, run_reproduce
+
+    try:
+        pairs = dict(QUICK) if quick else {}
+        pairs.update(parse_override(s) for s in set_ or [])
+        if seeds is not None:
+            pairs["markov.seeds"] = _overrides(None, seeds, None)["seeds"]
+        cfg = load_config(ReproduceConfig, config, pairs)
+        out = _output("reproduce", output, resume)
+        report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
+    except ConfigError as err:
+        _fail(err)
+    for v in report["verdicts"]:
+        typer.echo(f"{v['verdict']:>18}  {v['claim']}")
+    typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'report.json'}")
 
 
 @app.command()
@@ -60,9 +91,7 @@ def markov(
 
     try:
         cfg = load_config(MarkovStudyConfig, config, _overrides(set_, seeds, epochs))
-        if resume and output is None:
-            raise ConfigError("--resume needs --output naming the run folder to continue")
-        out = output or _default_output("markov")
+        out = _output("markov", output, resume)
         summary = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
     except ConfigError as err:
         _fail(err)
@@ -90,7 +119,7 @@ def sweep(
         # the sweep judges Observation 1 only: Hessian tracking is off unless asked for
         overrides = {"seeds": [0, 1, 2], "hessian.enabled": False, **_overrides(set_, seeds, epochs)}
         base = load_config(MarkovStudyConfig, config, overrides)
-        table = run_sweep(base, load_grid(grid) if grid else DEFAULT_GRID, output or _default_output("sweep"), resume=resume, show_progress=not quiet)
+        table = run_sweep(base, load_grid(grid) if grid else DEFAULT_GRID, _output("sweep", output, resume), resume=resume, show_progress=not quiet)
     except ConfigError as err:
         _fail(err)
     typer.echo(table)
@@ -118,7 +147,7 @@ def theory(
         cfg = load_config(TheoryConfig, config, pairs)
         if report is not None and not (report / "summary.md").exists():
             raise ConfigError(f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})")
-        out = report / "theory" if report is not None else output or _default_output("theory")
+        out = report / "theory" if report is not None else _output("theory", output, False)
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; choose another --output")
         run_theory(cfg, out, show_progress=not quiet)

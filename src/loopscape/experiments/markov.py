@@ -14,10 +14,7 @@ set are fixed by ``data.seed``) and writes a run folder::
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import yaml
 
 from loopscape.config import ConfigError, require, to_dict
 from loopscape.data.markov import MarkovLanguage, bayes_ceiling
+from loopscape.experiments.parallel import run_jobs
 from loopscape.io import atomic_write_text, read_json, read_jsonl, write_json
 from loopscape.landscape.tracking import HessianTracker, load_spectra
 from loopscape.models.linear_attn import EMBEDDINGS, POSITIONS, LinearAttn, LinearAttnConfig
@@ -204,36 +202,12 @@ def prepare_output(out: Path, cfg: MarkovStudyConfig, resume: bool) -> None:
 def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
     """Train every (model, seed) not yet done, in parallel worker processes."""
     jobs = [
-        (name, seed, str(run_dir_of(out, name, seed)))
+        (cfg, name, seed, str(run_dir_of(out, name, seed)), resume)
         for name in cfg.models
         for seed in cfg.seeds
         if not (run_dir_of(out, name, seed) / "done.json").exists()
     ]
-    if not jobs:
-        return
-    workers = cfg.workers or min(os.cpu_count() or 1, len(jobs))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not show_progress) as bar:
-        total = len(jobs) * cfg.train.epochs
-        task_id = bar.add_task(f"training {len(jobs)} runs (epochs)", total=total)
-        if workers == 1:
-            for name, seed, rd in jobs:
-                _run_one(cfg, name, seed, rd, resume, None)
-                bar.update(task_id, advance=cfg.train.epochs)
-            return
-        ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
-        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            q = manager.Queue()
-            futures = [pool.submit(_run_one, cfg, name, seed, rd, resume, q) for name, seed, rd in jobs]
-            while not all(f.done() for f in futures):
-                time.sleep(0.2)
-                while not q.empty():
-                    bar.update(task_id, advance=q.get())
-            for f in futures:
-                f.result()  # re-raise a worker's error here
-            bar.update(task_id, completed=total)
+    run_jobs(_run_one, jobs, [cfg.train.epochs] * len(jobs), f"training {len(jobs)} runs (epochs)", cfg.workers, show_progress)
 
 
 def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.ndarray]]:

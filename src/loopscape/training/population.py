@@ -25,6 +25,7 @@ here; compute is accounted per epoch from the architecture in use
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -94,11 +95,16 @@ class Population(nn.Module):
         super().__init__()
         params, _ = stack_module_state(list(members))
         self.names = list(params)
-        self.stacked = nn.ParameterList([nn.Parameter(params[k].detach().clone()) for k in self.names])
+        # keys as in the model ('.' is not allowed in a ParameterDict key)
+        self.stacked = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in params.items()})
         self.template = template.requires_grad_(False)
 
+    def params(self) -> dict[str, nn.Parameter]:
+        """The stacked parameters under the model's own names."""
+        return {n: self.stacked[n.replace(".", "__")] for n in self.names}
+
     def __len__(self) -> int:
-        return self.stacked[0].shape[0]
+        return next(iter(self.stacked.values())).shape[0]
 
     def forward(self, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Logits ``(S, B, V)``; ``x`` is ``(S, B, n)`` (one batch per member) or
@@ -109,7 +115,7 @@ class Population(nn.Module):
         pass (``torch.func.vmap`` gives the same numbers at several times the
         dispatch cost on models this small).
         """
-        params = {k: p.unsqueeze(1) for k, p in zip(self.names, self.stacked)}
+        params = {k: p.unsqueeze(1) for k, p in self.params().items()}
         if x.dim() == 2:
             x = x.expand(len(self), *x.shape)
         logits = functional_call(self.template, params, (x,), {"all_steps": True})  # (S, B, T_max, V)
@@ -117,12 +123,23 @@ class Population(nn.Module):
 
     def member(self, k: int, n_loops: int) -> nn.Module:
         """Member ``k`` as a stand-alone model (a copy) with ``n_loops`` loops."""
-        import copy
+        return member_model(self.template, {n: p[k] for n, p in self.params().items()}, n_loops)
 
-        model = copy.deepcopy(self.template).requires_grad_(True)
-        model.load_state_dict({n: p[k].detach().clone() for n, p in zip(self.names, self.stacked)}, strict=False)
-        model.n_loops = n_loops
-        return model
+
+def member_model(template: nn.Module, params: dict[str, torch.Tensor], n_loops: int) -> nn.Module:
+    model = copy.deepcopy(template).requires_grad_(True)
+    model.load_state_dict({n: p.detach().clone() for n, p in params.items()}, strict=False)
+    model.n_loops = n_loops
+    return model
+
+
+def load_member(path: str | Path, template: nn.Module, k: int, n_loops: int) -> nn.Module:
+    """Member ``k`` of a population saved by :func:`train_population` (``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    prefix = "stacked."
+    return member_model(template, {n[len(prefix) :].replace("__", "."): v[k] for n, v in saved.items() if n.startswith(prefix)}, n_loops)
 
 
 def _evaluate(pop: Population, steps: torch.Tensor, task: MarkovTask) -> dict[str, list[float]]:
@@ -130,7 +147,7 @@ def _evaluate(pop: Population, steps: torch.Tensor, task: MarkovTask) -> dict[st
     with torch.no_grad():
         val_logits = pop(task.val.inputs, steps)
     row = scores(logits, val_logits, task)
-    grads = torch.autograd.grad(row["train_loss"].sum(), list(pop.stacked))
+    grads = torch.autograd.grad(row["train_loss"].sum(), list(pop.stacked.values()))
     row["grad_norm"] = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     return {k: v.tolist() for k, v in row.items()}
 
@@ -159,8 +176,6 @@ def train_population(
         raise ValueError("models, seeds and controllers must be non-empty and of one length")
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    import copy
-
     template = copy.deepcopy(models[0])
     template.n_loops = max(c.n_loops for c in controllers)
     pop = Population(template, models)

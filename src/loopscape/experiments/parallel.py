@@ -1,0 +1,43 @@
+"""Independent training jobs on worker processes, with one progress bar."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Sequence
+
+
+def run_jobs(fn: Callable, jobs: Sequence[tuple], units: Sequence[int], description: str, workers: int = 0, show_progress: bool = True) -> list:
+    """``[fn(*job, progress_q) for job in jobs]``, on ``workers`` processes (0: one per core).
+
+    ``fn`` is a top-level function; it reports progress by putting increments
+    (e.g. epochs done) on ``progress_q`` (``None`` when run in this process).
+    ``units`` is each job's total, for the bar. A worker's error is re-raised here.
+    """
+    if not jobs:
+        return []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    workers = workers or min(os.cpu_count() or 1, len(jobs))
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show_progress) as bar:
+        task_id = bar.add_task(description, total=sum(units))
+        if workers == 1:
+            results = []
+            for job, n in zip(jobs, units):
+                results.append(fn(*job, None))
+                bar.update(task_id, advance=n)
+            return results
+        ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            q = manager.Queue()
+            futures = [pool.submit(fn, *job, q) for job in jobs]
+            while not all(f.done() for f in futures):
+                time.sleep(0.2)
+                while not q.empty():
+                    bar.update(task_id, advance=q.get())
+            results = [f.result() for f in futures]
+            bar.update(task_id, completed=sum(units))
+            return results

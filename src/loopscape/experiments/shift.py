@@ -1,0 +1,288 @@
+"""SHIFT on the Markov language (Section 5, Figure 4) and length generalisation
+(Section 4.4, Appendix E.1.3, Figure 9, Table 1).
+
+The shift-point study trains, for every seed of the Markov study, SHIFT with
+each fixed shift epoch (0 is Looped-Attn from the start) and with SCP's own
+choice, plus a few policies again with Adam's moments reset at the switch (the
+experiment behind the ``optimizer`` default). All members train together
+(:mod:`loopscape.training.population`), split over worker processes by seed.
+One SCP run is also trained end to end with the single-model trainer, so the
+wall-time accounting can be checked against a measured SHIFT run.
+
+Writes into ``OUT``::
+
+    population/part<k>/        metrics.jsonl (lists over members), checkpoints/, members.json
+    measured_scp/              the end-to-end SCP run (metrics.jsonl)
+    shift.json                 every number; figures under figures/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loopscape.config import ConfigError, require
+from loopscape.data.markov import MarkovLanguage, SequenceSet
+from loopscape.experiments.markov import MarkovStudyConfig, build_task, run_dir_of
+from loopscape.experiments.parallel import run_jobs
+from loopscape.io import read_json, read_jsonl, write_json
+from loopscape.shift import compute
+from loopscape.shift.criterion import ShiftCriterion
+from loopscape.shift.training import OPTIMIZER_AT_SHIFT, ShiftController
+from loopscape.training.population import member_curves, train_population
+from loopscape.training.trainer import seeded, train
+
+SCP = "scp"
+
+
+@dataclass
+class SCPConfig:
+    """SCP's settings (see :class:`~loopscape.shift.criterion.ShiftCriterion`); one evaluation per epoch."""
+
+    patience: int = 10
+    min_delta: float = 1e-3
+    wait: int = 10
+    grad_tol: float = 0.5
+    max_wait: int | None = 50
+
+    def validate(self, p: str = "") -> None:
+        try:
+            self.build()
+        except ValueError as e:
+            raise ConfigError(f"{p}{e}") from None
+
+    def build(self) -> ShiftCriterion:
+        return ShiftCriterion(**dataclasses.asdict(self))
+
+
+@dataclass
+class ShiftStudyConfig:
+    """The shift-point study. Policies are shift epochs as text, or ``"scp"``."""
+
+    shift_epochs: list[int] = field(default_factory=lambda: [0, 50, 100, 120, 150, 200, 300, 400])
+    scp: SCPConfig = field(default_factory=SCPConfig)
+    optimizer: str = "keep"  # Adam's moments at the switch; see docs/shift.md for the experiment
+    compare_optimizer: list[str] = field(default_factory=lambda: ["100", "150", "200", SCP])
+    tolerance: float = 0.005  # target = Looped-Attn's final accuracy minus this
+    measure_wall: bool = True
+
+    def validate(self, p: str = "") -> None:
+        require(all(s >= 0 for s in self.shift_epochs), f"{p}shift_epochs", "integers >= 0", self.shift_epochs)
+        require(0 in self.shift_epochs, f"{p}shift_epochs", "a list that includes 0 (the Looped-Attn baseline)", self.shift_epochs)
+        require(self.optimizer in OPTIMIZER_AT_SHIFT, f"{p}optimizer", f"one of {list(OPTIMIZER_AT_SHIFT)}", self.optimizer)
+        allowed = [str(s) for s in self.shift_epochs] + [SCP]
+        for c in self.compare_optimizer:
+            require(c in allowed, f"{p}compare_optimizer", f"entries among {allowed}", c)
+        require(0 <= self.tolerance < 1, f"{p}tolerance", "a number in [0, 1) (accuracy, not percent)", self.tolerance)
+
+    @property
+    def other_optimizer(self) -> str:
+        return next(o for o in OPTIMIZER_AT_SHIFT if o != self.optimizer)
+
+    def policies(self) -> list[tuple[str, str]]:
+        """``(policy, optimizer)`` pairs, the default optimizer first."""
+        main = [(str(s), self.optimizer) for s in self.shift_epochs] + [(SCP, self.optimizer)]
+        return main + [(c, self.other_optimizer) for c in self.compare_optimizer]
+
+
+def _controller(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> ShiftController:
+    if policy == SCP:
+        return ShiftController(n_loops, criterion=scp.build(), optimizer=optimizer)
+    return ShiftController(n_loops, at_epoch=int(policy), optimizer=optimizer)
+
+
+def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int], run_dir: str, resume: bool, progress_q=None) -> str:
+    """Train the members of ``seeds`` (every policy) as one population; top-level for workers."""
+    torch.set_num_threads(1)
+    _, task = build_task(cfg.data)
+    members = [(seed, policy, opt) for seed in seeds for policy, opt in shift.policies()]
+    models = []
+    for seed, _, _ in members:
+        with seeded(seed):
+            models.append(cfg.model.build(cfg.data.vocab_size, 1))
+    controllers = [_controller(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
+    last = [read_json(Path(run_dir) / "checkpoints" / "latest.json")["epoch"] if resume and (Path(run_dir) / "checkpoints" / "latest.json").exists() else 0]
+
+    def on_epoch(epoch: int) -> None:
+        if progress_q is not None:
+            progress_q.put(epoch - last[0])
+        last[0] = epoch
+
+    train_population(models, [m[0] for m in members], controllers, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch)
+    info = [
+        {"seed": s, "policy": p, "optimizer": o, "shift_epoch": c.shift_epoch, **({"plateau_at": c.criterion.plateau_at, "forced": c.criterion.forced} if c.criterion else {})}
+        for (s, p, o), c in zip(members, controllers)
+    ]
+    write_json(Path(run_dir) / "members.json", info)
+    return run_dir
+
+
+def _train_measured(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, run_dir: str, resume: bool, progress_q=None) -> str:
+    """One SCP SHIFT run with the single-model trainer, for a measured wall time."""
+    torch.set_num_threads(1)
+    _, task = build_task(cfg.data)
+    with seeded(seed):
+        model = cfg.model.build(cfg.data.vocab_size, 1)
+    controller = _controller(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
+    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=(lambda e: progress_q.put(1)) if progress_q else None, controller=controller)
+    write_json(Path(run_dir) / "done.json", {"shift_epoch": controller.shift_epoch})
+    return run_dir
+
+
+def train_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
+    """Train what is not done yet: one population per group of seeds, and the measured SCP run."""
+    workers = cfg.workers or min(2, len(cfg.seeds))
+    jobs = []
+    for k, seeds in enumerate(np.array_split(np.array(cfg.seeds), min(workers, len(cfg.seeds)))):
+        rd = out / "population" / f"part{k}"
+        if not (rd / "members.json").exists():
+            jobs.append(("part", (cfg, shift, [int(s) for s in seeds], str(rd), resume)))
+    if shift.measure_wall and not (out / "measured_scp" / "done.json").exists():
+        jobs.append(("measured", (cfg, shift, cfg.seeds[0], str(out / "measured_scp"), resume)))
+    run_jobs(_dispatch, jobs, [cfg.train.epochs] * len(jobs), f"SHIFT study: {len(jobs)} jobs (epochs)", workers, show_progress)
+
+
+def _dispatch(kind: str, job: tuple, progress_q=None) -> str:
+    return {"part": _train_part, "measured": _train_measured}[kind](*job, progress_q)
+
+
+# -- analysis --------------------------------------------------------------------------
+
+
+def load_members(out: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Every member's description and its curves ``{metric: (members, epochs + 1)}``."""
+    info, curves = [], []
+    for part in sorted((out / "population").glob("part*")):
+        info += read_json(part / "members.json")
+        curves.append(member_curves(read_jsonl(part / "metrics.jsonl")))
+    return info, {k: np.concatenate([c[k] for c in curves]) for k in curves[0]}
+
+
+def epoch_wall_times(markov_out: Path, cfg: MarkovStudyConfig) -> dict[int, float]:
+    """Median training time of one epoch, per loop count, from the Markov study's runs."""
+    result = {}
+    for name, T in cfg.models.items():
+        times = [r["time_s"] for s in cfg.seeds for r in read_jsonl(run_dir_of(markov_out, name, s) / "metrics.jsonl")[1:]]
+        result[T] = float(np.median(times))
+    return result
+
+
+def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov_out: Path) -> dict:
+    info, curves = load_members(out)
+    E = cfg.train.epochs
+    d = cfg.model.build(cfg.data.vocab_size, 1).config.d
+    n_in = cfg.data.length - 1
+    flops = {T: compute.epoch_flops(cfg.data.n_train, cfg.train.batch_size, n_in, d, cfg.data.vocab_size, T) for T in (1, cfg.model.n_loops)}
+    wall = epoch_wall_times(markov_out, cfg)
+    loops = curves["n_loops"]
+    cum = {"flops": compute.cumulative(loops, flops), "wall_s": compute.cumulative(loops, wall)}
+    acc = curves["acc_all"]
+    key = [(m["policy"], m["optimizer"]) for m in info]
+    seeds = [m["seed"] for m in info]
+    baseline = {s: i for i, (k, s) in enumerate(zip(key, seeds)) if k == ("0", shift.optimizer)}
+    target = float(np.mean([acc[i, -1] for i in baseline.values()])) - shift.tolerance
+
+    per_member = []
+    for i, m in enumerate(info):
+        b = baseline[m["seed"]]
+        row = {**m, "final": {g: float(curves[g][i, -1]) for g in ("acc_all", "acc_low", "acc_high", "val_loss")}}
+        for clock, c in cum.items():
+            e_hit, cost = compute.time_to_target(acc[i], c[i], target)
+            e_base, cost_base = compute.time_to_target(acc[b], c[b], target)
+            row[clock] = {
+                "total": float(c[i, -1]),
+                "speedup_total": float(c[b, -1] / c[i, -1]),
+                "epoch_to_target": e_hit,
+                "to_target": cost,
+                "speedup_to_target": float(cost_base / cost) if e_hit is not None and e_base is not None and cost > 0 else None,
+            }
+        per_member.append(row)
+
+    policies = {}
+    for policy, opt in shift.policies():
+        rows = [r for r in per_member if (r["policy"], r["optimizer"]) == (policy, opt)]
+        base = {r["seed"]: r for r in per_member if (r["policy"], r["optimizer"]) == ("0", shift.optimizer)}
+        entry = {"shift_epochs": [r["shift_epoch"] for r in rows]}
+        for clock in cum:
+            for k in ("speedup_total", "speedup_to_target"):
+                vals = [r[clock][k] for r in rows if r[clock][k] is not None]
+                entry[f"{clock}_{k}"] = _stats(vals) | {"reached": len(vals)}
+        for g in ("acc_all", "acc_low", "acc_high"):
+            entry[g] = _stats([100 * r["final"][g] for r in rows])
+            entry[f"{g}_minus_looped"] = _stats([100 * (r["final"][g] - base[r["seed"]]["final"][g]) for r in rows])
+        policies[f"{policy}/{opt}"] = entry
+
+    checks = {}
+    looped_runs = {s: read_jsonl(run_dir_of(markov_out, "looped_attn", s) / "metrics.jsonl") for s in cfg.seeds}
+    checks["population_vs_single_model_trainer_max_abs_diff_acc_all"] = float(
+        max(abs(looped_runs[s][e]["acc_all"] - acc[baseline[s], e]) for s in cfg.seeds for e in range(E + 1))
+    )
+    measured = out / "measured_scp"
+    if (measured / "done.json").exists():
+        rows = read_jsonl(measured / "metrics.jsonl")
+        sched = np.array([r["n_loops"] for r in rows])
+        predicted = float(compute.cumulative(sched, wall)[-1])
+        checks["measured_scp_run"] = {
+            "seed": cfg.seeds[0],
+            "shift_epoch": read_json(measured / "done.json")["shift_epoch"],
+            "measured_wall_s": float(sum(r["time_s"] for r in rows)),
+            "predicted_wall_s": predicted,
+        }
+    return {
+        "target_acc_all": target,
+        "tolerance": shift.tolerance,
+        "epoch_flops": {str(k): v for k, v in flops.items()},
+        "epoch_wall_s": {str(k): v for k, v in wall.items()},
+        "policies": policies,
+        "members": per_member,
+        "checks": checks,
+        "curves": {"acc_all": acc.tolist(), "acc_high": curves["acc_high"].tolist(), "val_loss": curves["val_loss"].tolist(), "grad_norm": curves["grad_norm"].tolist()},
+        "cumulative": {k: v.tolist() for k, v in cum.items()},
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+# -- length generalisation ------------------------------------------------------------
+
+
+def test_sets(lang: MarkovLanguage, cfg: MarkovStudyConfig) -> dict[int, SequenceSet]:
+    """``N_test`` tilted draws at every test length, each from its own fixed seed."""
+    return {L: lang.sample_set(cfg.data.n_test, cfg.data.alpha, L, np.random.default_rng([cfg.data.seed, L])) for L in cfg.data.test_lengths}
+
+
+def bayes_prediction(lang: MarkovLanguage, inputs: torch.Tensor) -> torch.Tensor:
+    """The Bayes-optimal next token at any length: ``argmax_y T_k[x_last, y]`` for the
+    transition ``k`` that produces the target (the tilt does not move an argmax)."""
+    k = inputs.shape[1]  # the target is token k (0-based), made by transition k
+    return torch.from_numpy(lang.transition(k).argmax(axis=1))[inputs[:, -1]]
+
+
+def length_generalisation(cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float) -> dict:
+    """Table 1 and Figure 9: total accuracy and accuracy on 'simple' sequences
+    (IC <= ``ic_threshold``, the largest training IC) at every test length."""
+    lang, task = build_task(cfg.data)
+    sets = {cfg.data.length: task.train, **test_sets(lang, cfg)}
+    result = {}
+    for L, s in sets.items():
+        simple = s.ic <= ic_threshold
+        bayes = (bayes_prediction(lang, s.inputs) == s.targets).float()
+        row = {"n": len(s), "simple_share": float(simple.float().mean()), "bayes_all": float(bayes.mean()), "bayes_simple": float(bayes[simple].mean()) if simple.any() else None}
+        for name, ms in models.items():
+            with torch.no_grad():
+                correct = torch.stack([(m(s.inputs).argmax(-1) == s.targets).float() for m in ms])  # (seeds, n)
+            row[name] = {
+                "all": _stats((100 * correct.mean(1)).tolist()),
+                "simple": _stats((100 * correct[:, simple].mean(1)).tolist()) if simple.any() else None,
+            }
+        result[str(L)] = row
+    return result

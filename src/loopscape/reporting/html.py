@@ -1,0 +1,77 @@
+"""One self-contained HTML report: Markdown sections rendered to HTML, figures
+embedded as PNG data, a verdict table on top, configuration and versions below."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+
+CSS = """
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1f2328;
+       max-width: 1150px; margin: 0 auto; padding: 24px 32px 64px; }
+h1 { border-bottom: 2px solid #d0d7de; padding-bottom: 6px; margin-top: 40px; }
+h2 { margin-top: 28px; } h3 { margin-top: 22px; }
+table { border-collapse: collapse; margin: 12px 0; font-size: 13px; display: block; overflow-x: auto; }
+th, td { border: 1px solid #d0d7de; padding: 4px 9px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; } tr:nth-child(even) td { background: #fbfcfd; }
+code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; background: #f6f8fa; }
+pre { padding: 10px 12px; overflow-x: auto; border-radius: 6px; }
+figure { margin: 16px 0; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
+figcaption { font-size: 13px; color: #57606a; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; white-space: nowrap; }
+.reproduced { background: #dafbe1; color: #116329; } .partly { background: #fff8c5; color: #7d4e00; }
+.not { background: #ffebe9; color: #a40e26; } .info { background: #ddf4ff; color: #0550ae; }
+nav a { margin-right: 14px; } .lead { color: #57606a; }
+"""
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    markdown: str
+    figures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def badge(verdict: str) -> str:
+    cls = "reproduced" if verdict in ("reproduced", "holds") else "partly" if verdict.startswith(("partly", "direction")) else "not" if verdict.startswith(("not", "fails")) else "info"
+    return f'<span class="badge {cls}">{html.escape(verdict)}</span>'
+
+
+def _figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def render_report(title: str, lead: str, verdicts: list[dict], sections: list[Section], config_yaml: str, versions: dict[str, str]) -> str:
+    """``verdicts``: rows with ``claim``, ``source``, ``ours``, ``paper``, ``verdict``."""
+    md = MarkdownIt("commonmark").enable("table")
+    rows = "".join(
+        f"<tr><td>{html.escape(v['claim'])}</td><td>{html.escape(v['source'])}</td><td>{html.escape(v['ours'])}</td>"
+        f"<td>{html.escape(v['paper'])}</td><td>{badge(v['verdict'])}</td></tr>"
+        for v in verdicts
+    )
+    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="lead">{html.escape(lead)}</p>',
+        f"<nav>{nav}<a href='#config'>Configuration</a></nav>",
+        "<h2>Verdicts</h2>",
+        f"<table><tr><th>claim</th><th>paper</th><th>ours</th><th>paper's number</th><th>verdict</th></tr>{rows}</table>",
+    ]
+    for s in sections:
+        body.append(f'<section id="{s.anchor}">')
+        body.append(md.render(s.markdown))
+        body += [_figure(p, c) for p, c in s.figures if Path(p).exists()]
+        body.append("</section>")
+    vers = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in versions.items())
+    body += [
+        '<h1 id="config">Configuration and versions</h1>',
+        f"<pre>{html.escape(config_yaml)}</pre>",
+        f"<table>{vers}</table>",
+    ]
+    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{"".join(body)}</body></html>'

@@ -1,0 +1,87 @@
+"""The population trainer against the single-model trainer, its Adam, and resume."""
+
+import pytest
+import torch
+
+from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.models.linear_attn import single_attn
+from loopscape.shift.criterion import ShiftCriterion
+from loopscape.shift.training import ShiftController
+from loopscape.training.population import MemberAdam, Population, load_member, train_population
+from loopscape.training.trainer import TrainConfig, seeded, train
+
+TASK = build_task(MarkovDataConfig(n_train=120, n_val=60))[1]
+CFG = TrainConfig(epochs=8, batch_size=16, checkpoint_every=3)
+
+
+def fresh(seed):
+    with seeded(seed):
+        return single_attn(max_len=3)
+
+
+def scp():
+    return ShiftCriterion(patience=1, min_delta=10.0, wait=1, grad_tol=10.0)  # plateau at 1, shift at 2
+
+
+SPECS = [(0, lambda: ShiftController(3, at_epoch=0)), (1, lambda: ShiftController(3, at_epoch=4)), (1, lambda: ShiftController(3, at_epoch=4, optimizer="reset")), (2, lambda: ShiftController(3, criterion=scp()))]
+
+
+def test_every_member_follows_its_single_model_run(tmp_path):
+    rows = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "pop")
+    for k, (seed, make) in enumerate(SPECS):
+        ref = train(fresh(seed), TASK, CFG, tmp_path / f"ref{k}", seed=seed, controller=make())
+        assert [r["n_loops"] for r in ref] == [r["n_loops"][k] for r in rows]
+        for key in ("train_loss", "val_loss", "grad_norm", "acc_all", "acc_high"):
+            got = torch.tensor([r[key][k] for r in rows])
+            want = torch.tensor([r[key] for r in ref])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_member_adam_is_adam_per_member_and_resets_one_member():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, 5)
+    grads = [torch.randn(3, 4, 5) for _ in range(6)]
+    stacked = torch.nn.Parameter(w.clone())
+    ours = MemberAdam([stacked], lr=0.01)
+    singles = [torch.nn.Parameter(w[k].clone()) for k in range(3)]
+    refs = [torch.optim.Adam([p], lr=0.01) for p in singles]
+    for i, g in enumerate(grads):
+        if i == 3:
+            ours.reset(1)
+            refs[1].state.clear()
+        stacked.grad = g.clone()
+        ours.step()
+        for k in range(3):
+            singles[k].grad = g[k].clone()
+            refs[k].step()
+    for k in range(3):
+        torch.testing.assert_close(stacked.data[k], singles[k].data, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "full")
+
+    def crash(epoch):
+        if epoch == 5:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "cut", on_epoch=crash)
+    resumed = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "cut", resume=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+
+def test_saved_member_is_the_members_model(tmp_path):
+    controllers = [c() for _, c in SPECS]
+    train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], controllers, TASK, CFG, tmp_path / "pop")
+    template = fresh(0)
+    template.n_loops = 3
+    pop = Population(template, [fresh(s) for s, _ in SPECS])
+    from safetensors.torch import load_file
+
+    pop.load_state_dict(load_file(str(tmp_path / "pop" / "model.safetensors")))
+    loops = torch.tensor([3 if c.shift_epoch is not None else 1 for c in controllers])
+    for k in range(len(SPECS)):
+        m = load_member(tmp_path / "pop" / "model.safetensors", template, k, int(loops[k]))
+        torch.testing.assert_close(m(TASK.val.inputs), pop(TASK.val.inputs, loops)[k], rtol=1e-5, atol=1e-6)
