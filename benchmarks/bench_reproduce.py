@@ -47,6 +47,7 @@ def population_vs_one_by_one(epochs: int = 30) -> dict:
                 out.append(cfg.model.build(cfg.data.vocab_size, 1))
         return out
 
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimiser imports torch._dynamo (~2 s): not either side's cost
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         train_population(models(), [0] * len(policies), [_controller(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop")

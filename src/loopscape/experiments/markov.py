@@ -24,8 +24,8 @@ import yaml
 
 from loopscape.config import ConfigError, require, to_dict
 from loopscape.data.markov import MarkovLanguage, bayes_ceiling
-from loopscape.experiments.parallel import run_jobs
-from loopscape.io import atomic_write_text, read_json, read_jsonl, write_json
+from loopscape.experiments.parallel import epoch_progress, run_jobs
+from loopscape.io import atomic_write_text, read_jsonl, write_json
 from loopscape.landscape.tracking import HessianTracker, load_spectra
 from loopscape.models.linear_attn import EMBEDDINGS, POSITIONS, LinearAttn, LinearAttnConfig
 from loopscape.training.trainer import MarkovTask, TrainConfig, seeded, train
@@ -165,17 +165,8 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
     _, task = build_task(cfg.data)
     with seeded(seed):
         model = cfg.model.build(cfg.data.vocab_size, cfg.models[name])
-    last = [0]
-
-    def on_epoch(epoch: int) -> None:
-        if progress_q is not None:
-            progress_q.put(epoch - last[0])
-        last[0] = epoch
-
-    if resume and (Path(run_dir) / "checkpoints" / "latest.json").exists():
-        last[0] = read_json(Path(run_dir) / "checkpoints" / "latest.json")["epoch"]
     trackers = [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
-    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
+    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q), trackers=trackers)
     write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
     return run_dir
 

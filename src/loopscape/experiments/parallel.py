@@ -6,7 +6,25 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Callable, Sequence
+
+from loopscape.io import read_json
+
+
+def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[int], None] | None:
+    """An ``on_epoch`` callback that puts the epochs done since the last call on
+    ``progress_q``, starting from the checkpoint a resumed run continues from."""
+    if progress_q is None:
+        return None
+    pointer = Path(run_dir) / "checkpoints" / "latest.json"
+    last = [read_json(pointer)["epoch"] if resume and pointer.exists() else 0]
+
+    def on_epoch(epoch: int) -> None:
+        progress_q.put(epoch - last[0])
+        last[0] = epoch
+
+    return on_epoch
 
 
 def run_jobs(fn: Callable, jobs: Sequence[tuple], units: Sequence[int], description: str, workers: int = 0, show_progress: bool = True) -> list:

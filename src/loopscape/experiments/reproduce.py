@@ -204,7 +204,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
         "versions": vers,
         "timings_s": timings,
         "markov": {k: v for k, v in markov.items() if k != "hessian_curves"},
-        "theory": _strip_paths(theory),
+        "theory": _without_long_lists(theory),
         "shift": {k: v for k, v in shift.items() if k not in ("curves", "cumulative")},
         "shift_verdicts": shift_verdicts,
         "length_generalisation": length,
@@ -213,7 +213,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
     return report
 
 
-def _strip_paths(theory: dict) -> dict:
+def _without_long_lists(theory: dict) -> dict:
     """Theory results without the per-step curves (they are in theory/theory.json)."""
 
     def strip(x):

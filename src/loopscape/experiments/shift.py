@@ -27,8 +27,8 @@ import torch
 
 from loopscape.config import ConfigError, require
 from loopscape.data.markov import MarkovLanguage, SequenceSet
-from loopscape.experiments.markov import MarkovStudyConfig, build_task, run_dir_of
-from loopscape.experiments.parallel import run_jobs
+from loopscape.experiments.markov import MarkovStudyConfig, build_task, load_metrics
+from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import read_json, read_jsonl, write_json
 from loopscape.shift import compute
 from loopscape.shift.criterion import ShiftCriterion
@@ -43,11 +43,11 @@ SCP = "scp"
 class SCPConfig:
     """SCP's settings (see :class:`~loopscape.shift.criterion.ShiftCriterion`); one evaluation per epoch."""
 
-    patience: int = 10
-    min_delta: float = 1e-3
-    wait: int = 10
-    grad_tol: float = 0.5
-    max_wait: int | None = 50
+    patience: int = ShiftCriterion.patience
+    min_delta: float = ShiftCriterion.min_delta
+    wait: int = ShiftCriterion.wait
+    grad_tol: float = ShiftCriterion.grad_tol
+    max_wait: int | None = ShiftCriterion.max_wait
 
     def validate(self, p: str = "") -> None:
         try:
@@ -105,14 +105,7 @@ def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int
         with seeded(seed):
             models.append(cfg.model.build(cfg.data.vocab_size, 1))
     controllers = [_controller(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
-    last = [read_json(Path(run_dir) / "checkpoints" / "latest.json")["epoch"] if resume and (Path(run_dir) / "checkpoints" / "latest.json").exists() else 0]
-
-    def on_epoch(epoch: int) -> None:
-        if progress_q is not None:
-            progress_q.put(epoch - last[0])
-        last[0] = epoch
-
-    train_population(models, [m[0] for m in members], controllers, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch)
+    train_population(models, [m[0] for m in members], controllers, task, cfg.train, run_dir, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q))
     info = [
         {"seed": s, "policy": p, "optimizer": o, "shift_epoch": c.shift_epoch, **({"plateau_at": c.criterion.plateau_at, "forced": c.criterion.forced} if c.criterion else {})}
         for (s, p, o), c in zip(members, controllers)
@@ -128,7 +121,7 @@ def _train_measured(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, 
     with seeded(seed):
         model = cfg.model.build(cfg.data.vocab_size, 1)
     controller = _controller(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
-    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=(lambda e: progress_q.put(1)) if progress_q else None, controller=controller)
+    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q), controller=controller)
     write_json(Path(run_dir) / "done.json", {"shift_epoch": controller.shift_epoch})
     return run_dir
 
@@ -162,22 +155,18 @@ def load_members(out: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
     return info, {k: np.concatenate([c[k] for c in curves]) for k in curves[0]}
 
 
-def epoch_wall_times(markov_out: Path, cfg: MarkovStudyConfig) -> dict[int, float]:
+def epoch_wall_times(metrics: dict[str, dict[str, np.ndarray]], cfg: MarkovStudyConfig) -> dict[int, float]:
     """Median training time of one epoch, per loop count, from the Markov study's runs."""
-    result = {}
-    for name, T in cfg.models.items():
-        times = [r["time_s"] for s in cfg.seeds for r in read_jsonl(run_dir_of(markov_out, name, s) / "metrics.jsonl")[1:]]
-        result[T] = float(np.median(times))
-    return result
+    return {T: float(np.median(metrics[name]["time_s"][:, 1:])) for name, T in cfg.models.items()}
 
 
 def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov_out: Path) -> dict:
     info, curves = load_members(out)
-    E = cfg.train.epochs
     d = cfg.model.build(cfg.data.vocab_size, 1).config.d
     n_in = cfg.data.length - 1
     flops = {T: compute.epoch_flops(cfg.data.n_train, cfg.train.batch_size, n_in, d, cfg.data.vocab_size, T) for T in (1, cfg.model.n_loops)}
-    wall = epoch_wall_times(markov_out, cfg)
+    markov = load_metrics(markov_out, cfg)
+    wall = epoch_wall_times(markov, cfg)
     loops = curves["n_loops"]
     cum = {"flops": compute.cumulative(loops, flops), "wall_s": compute.cumulative(loops, wall)}
     acc = curves["acc_all"]
@@ -203,9 +192,9 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
         per_member.append(row)
 
     policies = {}
+    base = {s: per_member[i] for s, i in baseline.items()}
     for policy, opt in shift.policies():
         rows = [r for r in per_member if (r["policy"], r["optimizer"]) == (policy, opt)]
-        base = {r["seed"]: r for r in per_member if (r["policy"], r["optimizer"]) == ("0", shift.optimizer)}
         entry = {"shift_epochs": [r["shift_epoch"] for r in rows]}
         for clock in cum:
             for k in ("speedup_total", "speedup_to_target"):
@@ -217,9 +206,9 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
         policies[f"{policy}/{opt}"] = entry
 
     checks = {}
-    looped_runs = {s: read_jsonl(run_dir_of(markov_out, "looped_attn", s) / "metrics.jsonl") for s in cfg.seeds}
+    looped = markov["looped_attn"]["acc_all"]  # (seeds, epochs + 1), seeds in cfg.seeds order
     checks["population_vs_single_model_trainer_max_abs_diff_acc_all"] = float(
-        max(abs(looped_runs[s][e]["acc_all"] - acc[baseline[s], e]) for s in cfg.seeds for e in range(E + 1))
+        np.abs(looped - acc[[baseline[s] for s in cfg.seeds]]).max()
     )
     measured = out / "measured_scp"
     if (measured / "done.json").exists():
