@@ -117,3 +117,45 @@ def test_reproduce_quick_writes_one_html_report_and_its_numbers(tmp_path):
 def test_reproduce_rejects_bad_settings_by_name(tmp_path):
     r = runner.invoke(app, ["reproduce", "--quick", "-o", str(tmp_path / "x"), "--set", "shift.optimizer=sgd"])
     assert r.exit_code == 2 and "shift.optimizer" in r.output and "keep" in r.output
+
+
+ALGO_TINY = ["--steps", "12", "-q", "--set", "model.d_model=16", "--set", "train.eval_every=4", "--set", "train.curriculum_interval=2",
+             "--set", "train_max_len=4", "--set", "test_lengths=[1,4,6]", "--set", "test_size=16", "--set", "workers=1"]
+
+
+def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
+    out = tmp_path / "alg"
+    r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), "--set", "train.shift_at=6", *ALGO_TINY])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["paradigms"]) == {"single", "looped", "shift"}
+    assert set(results["paradigms"]["looped"]["length_accuracy"]) == {"adaptive", "adaptive_per_sample", "oracle", "chosen_steps"}
+    assert results["paradigms"]["single"]["params"] == results["paradigms"]["looped"]["params"]  # equal parameter count
+    assert results["shift_saving"]["shift_step"] == 6 and "SHIFT switched at step 6" in r.output
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Figure 11" in page and "Figure 14" in page
+    r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), *ALGO_TINY])
+    assert r.exit_code == 2 and "--resume" in r.output  # an existing run is never overwritten
+    r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), "--resume", "--set", "train.shift_at=6", *ALGO_TINY])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--task", "sorting"], "task"),
+    (["--preset", "huge"], "preset"),
+    (["--paradigm", "single,recurrent"], "paradigms"),
+    (["--set", "train.precision=fp8"], "train.precision"),
+    (["--set", "model.n_heads=5"], "model.n_heads"),
+])
+def test_algorithmic_rejects_bad_settings_by_name(tmp_path, args, field):
+    r = runner.invoke(app, ["algorithmic", "-o", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2 and field in r.output, r.output
+
+
+def test_reproduce_can_add_algorithmic_sections(tmp_path):
+    out = tmp_path / "rep"
+    r = runner.invoke(app, ["reproduce", "--quick", "-o", str(out), "-q", "--set", "algorithmic.tasks=[parity]", "--set", "algorithmic.steps=10"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert any(v["claim"].startswith("parity: Looped-Attn generalises") for v in report["verdicts"])
+    assert 'id="algorithmic-parity"' in (out / "report.html").read_text()

@@ -189,3 +189,29 @@ def test_cached_graph_products_equal_recomputed_ones():
     torch.testing.assert_close(a.matvec(v), b.matvec(v), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.matvec(v), b.matvec(v), rtol=0, atol=0)  # the graph survives reuse
     torch.testing.assert_close(dense_matrix(a), dense_matrix(b), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_stacked_hessians_equal_one_at_a_time(n_loops):
+    """dense_at over several parameter vectors gives each one's Hessian, loss and spectrum."""
+    from loopscape.landscape.linalg import dense_spectrum
+
+    _, task = build_task(MarkovDataConfig(n_train=60, n_test=10))
+    batches = weighted_batches(task.train.inputs, task.train.targets, dedupe="inputs")
+    with seeded(0):
+        model = looped_attn(n_loops=n_loops) if n_loops > 1 else single_attn()
+    op = HessianOperator(model, batches, dtype=torch.float64)
+    thetas = op.theta + 0.1 * torch.randn(4, op.theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H, losses = op.dense_at(thetas)
+    spectra = dense_spectrum(H)
+    for i, th in enumerate(thetas):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(th.float(), model.parameters())
+        one = HessianOperator(model, batches, dtype=torch.float64)
+        one.theta = th  # exact float64 parameters, not their float32 copy in the model
+        ref = dense_matrix(one)
+        scale = ref.abs().max()
+        assert (H[i] - ref).abs().max() <= 1e-12 * scale  # float64 rounding of two orders of differentiation
+        assert losses[i].item() == pytest.approx(one.loss().item(), rel=1e-12)
+        assert (spectra.eigenvalues[i] - exact_spectrum(one).eigenvalues).abs().max() <= 1e-12 * scale
+    assert len(spectra.asymmetry) == 4 and max(spectra.asymmetry) < 1e-12

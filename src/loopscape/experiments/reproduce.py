@@ -17,14 +17,13 @@ continue from their checkpoints, and the report is rebuilt.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from loopscape.config import to_dict
+from loopscape.config import from_dict, require, to_dict
 from loopscape.experiments import shift as sh
 from loopscape.experiments.markov import MarkovStudyConfig, prepare_output, run_dir_of, run_markov_study
 from loopscape.experiments.theory import TheoryConfig, run_theory
@@ -48,22 +47,29 @@ QUICK = {
 
 
 @dataclass
+class AlgorithmicPart:
+    """Appendix E.2 inside the report: one ``loopscape algorithmic`` run per task
+    (all three paradigms). Off by default: a task takes minutes on 2 cores."""
+
+    tasks: list[str] = field(default_factory=list)
+    preset: str = "cpu-small"
+    steps: int | None = None  # overrides the preset's training steps
+
+    def validate(self, p: str = "") -> None:
+        from loopscape.data.algorithmic import TASKS
+        from loopscape.experiments.algorithmic import PRESETS
+
+        require(all(t in TASKS for t in self.tasks), f"{p}tasks", f"a list from {TASKS}", self.tasks)
+        require(self.preset in PRESETS, f"{p}preset", f"one of {PRESETS}", self.preset)
+        require(self.steps is None or self.steps >= 1, f"{p}steps", "null or an integer >= 1", self.steps)
+
+
+@dataclass
 class ReproduceConfig:
     markov: MarkovStudyConfig = field(default_factory=MarkovStudyConfig)
     shift: sh.ShiftStudyConfig = field(default_factory=sh.ShiftStudyConfig)
     theory: TheoryConfig = field(default_factory=TheoryConfig)
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("loopscape", "torch", "numpy", "scipy", "matplotlib", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    algorithmic: AlgorithmicPart = field(default_factory=AlgorithmicPart)
 
 
 def length_models(cfg: MarkovStudyConfig, shift_cfg: sh.ShiftStudyConfig, markov_out: Path, shift_out: Path) -> dict:
@@ -109,7 +115,7 @@ def _theory_verdicts(t: dict) -> list[dict]:
 
 def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     from loopscape.reporting import shift as rep
-    from loopscape.reporting.html import Section, render_report
+    from loopscape.reporting.html import Section, render_report, versions
 
     out = Path(out)
     prepare_output(out, cfg, resume)
@@ -168,6 +174,21 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
         {"claim": "Looped-Attn generalises to longer sequences better than Single-Attn", "source": "Section 4.4, Figure 9, Table 1",
          "ours": ", ".join(f"L={L}: {w['diff_pts']:+.1f} pts" for L, w in sv["length_generalisation"]["per_length"].items()), "paper": "Looped-Attn above at every length", "verdict": sv["length_generalisation"]["verdict"]},
     ]
+    algo_sections = []
+    for task in cfg.algorithmic.tasks:
+        from loopscape.experiments.algorithmic import AlgorithmicConfig, preset, run_algorithmic
+        from loopscape.reporting.algorithmic import algorithmic_section
+
+        t0 = time.perf_counter()
+        folder = out / "algorithmic" / task
+        settings = preset(cfg.algorithmic.preset, task)
+        if cfg.algorithmic.steps is not None:
+            settings["train"]["steps"] = cfg.algorithmic.steps
+        results = run_algorithmic(from_dict(AlgorithmicConfig, settings), folder, resume=resume and folder.exists(), show_progress=show_progress)
+        section, rows = algorithmic_section(folder, results, anchor=f"algorithmic-{task}")
+        algo_sections.append(section)
+        verdicts += rows
+        timings[f"algorithmic_{task}_s"] = time.perf_counter() - t0
     theory_md = (out / "theory" / "theory.md").read_text()
     mf, tf = out / "markov" / "figures", out / "theory" / "figures"
     sections = [
@@ -188,6 +209,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
             (figs / "shift_compute_curves.png", "Accuracy against cumulative compute"),
             (figs / "fig9_length_generalisation.png", "Figure 9: total accuracy against sequence length"),
         ]),
+        *algo_sections,
     ]
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     vers = versions()

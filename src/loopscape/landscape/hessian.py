@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
 
@@ -190,6 +190,18 @@ class HessianOperator:
             g = lambda th: grad(self._batch_loss)(th, *b)
             out = out + jvp(g, (self.theta,), (v,))[1]
         return out
+
+    def dense_at(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H(theta_e), L(theta_e))`` for a stack of ``E`` parameter vectors ``(E, P)``:
+        dense Hessians ``(E, P, P)`` and losses ``(E,)``, in one vectorised call
+        (``vmap`` of ``jacrev(jacrev(L))``). For a small model, where each product
+        is dominated by per-operation overhead, ten Hessians cost little more than
+        one; :class:`~loopscape.landscape.tracking.HessianTracker` stacks epochs this way.
+        """
+        loss = lambda th: sum(self._batch_loss(th, *b) for b in self.batches)
+        with self._guard():
+            thetas = thetas.to(self.theta)
+            return vmap(jacrev(jacrev(loss)))(thetas), vmap(loss)(thetas)
 
     # -- linear-operator interface ------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,16 @@ def dense_matrix(op, chunk: int | None = None) -> torch.Tensor:
 
 def exact_spectrum(op, chunk: int | None = None) -> ExactSpectrum:
     """All eigenvalues: assemble, symmetrise, ``eigvalsh`` in float64; the asymmetry is reported."""
-    H = dense_matrix(op, chunk)
-    norm = torch.linalg.matrix_norm(H).item()
-    asym = torch.linalg.matrix_norm(H - H.T).item() / norm if norm > 0 else 0.0
-    return ExactSpectrum(torch.linalg.eigvalsh((H + H.T) / 2), asym)
+    return dense_spectrum(dense_matrix(op, chunk))
+
+
+def dense_spectrum(H: torch.Tensor) -> ExactSpectrum:
+    """:func:`exact_spectrum` of an assembled ``H``; a stack ``(E, P, P)`` gives
+    eigenvalues ``(E, P)`` and the asymmetries as a list."""
+    H = H.double()
+    norm = torch.linalg.matrix_norm(H)
+    asym = torch.where(norm > 0, torch.linalg.matrix_norm(H - H.mT) / norm.clamp(min=1e-300), 0.0)
+    return ExactSpectrum(torch.linalg.eigvalsh((H + H.mT) / 2), asym.item() if asym.dim() == 0 else asym.tolist())
 
 
 # -- Lanczos ------------------------------------------------------------------------------------

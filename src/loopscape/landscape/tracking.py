@@ -2,7 +2,8 @@
 
 :class:`HessianTracker` is a trainer callback: every ``every`` epochs (and at
 initialisation) it computes the exact spectrum of the training-loss Hessian
-in float64 and appends ``{"epoch", "eigenvalues", "asymmetry", "loss", "theta"}``
+in float64 (ten epochs at a time by default) and appends
+``{"epoch", "eigenvalues", "asymmetry", "loss", "theta"}``
 to ``<run>/spectra.jsonl`` (``theta``: the flat parameters, so any tracked
 Hessian can be rebuilt later, e.g. to measure the river-valley coupling). On resume it drops rows past the checkpoint, so the
 log matches an uninterrupted run.
@@ -18,37 +19,66 @@ from torch import nn
 
 from loopscape.io import JsonlLog, read_jsonl
 from loopscape.landscape.hessian import HessianOperator, weighted_batches
-from loopscape.landscape.linalg import dense_matrix, exact_spectrum
+from loopscape.landscape.linalg import dense_matrix, dense_spectrum
 
 
 class HessianTracker:
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, every: int = 1, filename: str = "spectra.jsonl"):
+    """Trainer callback: the exact training-loss spectrum every ``every`` epochs.
+
+    Epochs are computed ``stack`` at a time (:meth:`HessianOperator.dense_at`):
+    on the toy models a Hessian costs mostly per-operation overhead, which a
+    stack of ten shares. Parameters wait in memory until then; the trainer
+    calls :meth:`flush` before every checkpoint, so a resumed run loses none.
+    ``stack=1`` computes each epoch at once.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, every: int = 1, filename: str = "spectra.jsonl", stack: int = 10):
         # repeated inputs merge into one with soft labels: the same Hessian from fewer products
         self.batches = weighted_batches(inputs, targets, dedupe="inputs")
         self.every = every
+        self.stack = stack
         self.filename = filename
         self.log: JsonlLog | None = None
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._model: nn.Module | None = None
 
     def open(self, run_dir: str | Path, start_epoch: int) -> None:
         self.log = JsonlLog(Path(run_dir) / self.filename, keep=lambda r: start_epoch > 0 and r["epoch"] <= start_epoch)
+        self._pending = []
 
     def update(self, epoch: int, model: nn.Module) -> None:
         if epoch % self.every:
             return
-        op = HessianOperator(model, self.batches, dtype=torch.float64, cache_graph=True)
-        spec = exact_spectrum(op)
-        self.log.append(
-            {
-                "epoch": epoch,
-                "loss": op.loss().item(),
-                "asymmetry": spec.asymmetry,
-                "eigenvalues": [float(np.float32(x)) for x in spec.eigenvalues],
-                "theta": op.theta.tolist(),
-            }
-        )
+        self._model = model
+        theta = torch.cat([p.detach().reshape(-1).double() for p in model.parameters() if p.requires_grad])
+        self._pending.append((epoch, theta))
+        if len(self._pending) >= self.stack:
+            self.flush()
+
+    def flush(self) -> None:
+        """Compute and log the spectra of every epoch still waiting."""
+        if not self._pending:
+            return
+        # built at the current parameters: its determinism check covers the model as it is now
+        op = HessianOperator(self._model, self.batches, dtype=torch.float64)
+        epochs, thetas = zip(*self._pending)
+        H, losses = op.dense_at(torch.stack(thetas))
+        spec = dense_spectrum(H)
+        for i, epoch in enumerate(epochs):
+            self.log.append(
+                {
+                    "epoch": epoch,
+                    "loss": losses[i].item(),
+                    "asymmetry": spec.asymmetry[i],
+                    "eigenvalues": [float(np.float32(x)) for x in spec.eigenvalues[i]],
+                    "theta": thetas[i].tolist(),
+                }
+            )
+        self._pending = []
 
     def close(self) -> None:
         if self.log is not None:
+            self.flush()
             self.log.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,3 +76,16 @@ def render_report(title: str, lead: str, verdicts: list[dict], sections: list[Se
         f"<table>{vers}</table>",
     ]
     return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{"".join(body)}</body></html>'
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the versions of the packages behind a report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("loopscape", "torch", "numpy", "scipy", "matplotlib", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

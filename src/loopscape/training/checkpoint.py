@@ -128,3 +128,9 @@ def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load weights written by :func:`save_weights` onto the model's device."""
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(path), device=str(device)))

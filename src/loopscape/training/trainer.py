@@ -151,6 +151,8 @@ def train(
             if controller is not None:
                 controller.after_epoch(epoch, row, model, optimizer)
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                for t in trackers:  # what a tracker still holds is written before the run can resume past it
+                    getattr(t, "flush", lambda: None)()
                 extra = {"controller": controller.state_dict()} if controller is not None else None
                 save_checkpoint(ckpt_dir, epoch, model, optimizer, generator, extra=extra)
             if on_epoch is not None:

@@ -1,0 +1,217 @@
+"""GPT-2 blocks looped with input injection: Single-Attn and Looped-Attn of
+Appendix E.2 ("FOP-Loop-Adaptive", after Fan et al., 2024).
+
+With read-in ``E(x)`` (a token embedding, no positional encoding: NoPE) and a
+block ``B`` of ``n_layers`` pre-LayerNorm GPT-2 layers and a final LayerNorm,
+
+    h_0 = 0,    h_t = B(h_{t-1} + E(x))      (input injection)
+    logits_t = W_out h_t                     (read-out shared by all steps)
+
+Looped-Attn supervises sample ``i`` at its own step ``T(n_i)``; Single-Attn is
+the same block applied once (``steps = 1``). At inference the number of steps
+is chosen by :func:`adaptive_decode` (the model's confidence in its own greedy
+decode) or given (the oracle ``T(n)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LoopedGPTConfig:
+    """Attributes:
+    vocab_size: tokens (the task's vocabulary, pad included).
+    d_model: width (256 in the paper).
+    n_heads: attention heads; must divide ``d_model``.
+    n_layers: GPT-2 layers inside the looped block.
+    mlp_ratio: MLP hidden width / ``d_model`` (4 in GPT-2).
+    input_injection: add ``E(x)`` before every step (else ``h_0 = E(x)``, ``h_t = B(h_{t-1})``).
+    init_std: normal init of linear and embedding weights (GPT-2: 0.02).
+    """
+
+    vocab_size: int
+    d_model: int = 256
+    n_heads: int = 8
+    n_layers: int = 1
+    mlp_ratio: int = 4
+    input_injection: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads must divide d_model (got d_model={self.d_model}, n_heads={self.n_heads})")
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (got {getattr(self, name)})")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LoopedGPTConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, W, d = x.shape
+        q, k, v = self.qkv(x).view(B, W, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, W, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LoopedGPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
+        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Layer(nn.Module):
+    """One pre-LayerNorm GPT-2 layer: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, config: LoopedGPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class LoopedGPT(nn.Module):
+    """The looped block with read-in and read-out. ``model(x, steps)``."""
+
+    def __init__(self, config: LoopedGPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def block(self, h: torch.Tensor) -> torch.Tensor:
+        """``B(h)``: the looped block, final LayerNorm included."""
+        for layer in self.layers:
+            h = layer(h)
+        return self.ln_f(h)
+
+    def step(self, h: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
+        """``h_t`` from ``h_{t-1}`` (``None`` for ``h_0``) and the read-in ``e = E(x)``."""
+        if h is None:
+            return self.block(e)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
+        return self.block(h + e if self.config.input_injection else h)
+
+    def forward(self, x: torch.Tensor, steps: int | torch.Tensor = 1) -> torch.Tensor:
+        """Logits ``(B, W, V)`` of each sample after its own number of steps.
+
+        ``steps``: an int for the whole batch, or ``(B,)`` per sample (each
+        >= 1). Samples are sorted by steps, so at step ``t`` the block runs
+        only on the samples still going (a contiguous prefix: no gather), and
+        a sample's compute is ``T(n_i)`` steps, not the batch's largest.
+        """
+        e = self.embed(x)
+        if isinstance(steps, int) or steps.dim() == 0:
+            h = None
+            for _ in range(int(steps)):
+                h = self.step(h, e)
+            return self.head(h)
+        if int(steps.min()) < 1:
+            raise ValueError("steps must be >= 1 for every sample")
+        order = torch.argsort(steps, descending=True, stable=True)
+        counts = torch.bincount(steps, minlength=int(steps.max()) + 2).tolist()  # one host sync per batch
+        active = len(steps)  # samples with steps >= t
+        e, h, done = e[order], None, []
+        for t in range(1, len(counts) - 1):
+            h = self.step(h, e[:active])
+            finished = counts[t]  # samples whose last step is t sit at the end of the prefix
+            if finished:
+                done.append(h[active - finished :])
+                active -= finished
+                h = h[:active]
+            if active == 0:
+                break
+        out = torch.cat(done[::-1])  # back to descending-steps order
+        return self.head(out)[torch.argsort(order)]
+
+    def all_steps(self, x: torch.Tensor, max_steps: int) -> torch.Tensor:
+        """Logits after every step ``t = 1..max_steps``: ``(max_steps, B, W, V)``."""
+        e, h, logits = self.embed(x), None, []
+        for _ in range(max_steps):
+            h = self.step(h, e)
+            logits.append(self.head(h))
+        return torch.stack(logits)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def looped_gpt(vocab_size: int, **config) -> LoopedGPT:
+    return LoopedGPT(LoopedGPTConfig(vocab_size=vocab_size, **config))
+
+
+# -- inference: adaptive stopping and the oracle --------------------------------------------------
+
+
+@torch.no_grad()
+def adaptive_decode(model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, max_steps: int, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode with adaptive stopping (Fan et al., 2024; spec "Adaptive stopping").
+
+    At each step ``t <= max_steps`` the greedy decode ``y_t = argmax logits_t``
+    is scored by the cross-entropy of ``logits_t`` against ``y_t`` over the
+    answer positions (``mask``): the model's confidence in its own output. The
+    step with the lowest such loss is chosen, one per batch (the authors'
+    rule; test batches hold one length) or, with ``per_sample``, one per sample.
+
+    Returns ``(predictions (B, W), chosen steps (B,))``.
+    """
+    return adaptive_choice(model.all_steps(inputs, max_steps), mask, per_sample)
+
+
+def adaptive_choice(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adaptive_decode` from given all-step logits ``(S, B, W, V)``."""
+    pred = logits.argmax(-1)
+    nll = F.cross_entropy(logits.flatten(0, 2), pred.flatten(), reduction="none").view(pred.shape)
+    m = mask.to(nll.dtype)
+    per_row = (nll * m).sum(-1) / m.sum(-1).clamp(min=1)  # (S, B)
+    if per_sample:
+        best = per_row.argmin(0)
+    else:
+        best = per_row.mean(1).argmin().expand(pred.shape[1])
+    chosen = pred.gather(0, best[None, :, None].expand(1, *pred.shape[1:]))[0]
+    return chosen, best + 1
+
+
+@torch.no_grad()
+def oracle_decode(model: LoopedGPT, inputs: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Greedy decode read after exactly ``T(n)`` steps per sample."""
+    return model(inputs, steps).argmax(-1)
+
+
+def exact_match(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row: every scored position right. ``(B,)`` bool."""
+    return ((pred == targets) | ~mask).all(-1)
+
+
+def flops_per_token_step(config: LoopedGPTConfig, width: int) -> float:
+    """Forward multiply-adds x 2 of one block step per token at row width ``width``
+    (linear layers, plus the causal attention's ``q k^T`` and ``a v`` halves)."""
+    d = config.d_model
+    linear = 2 * (3 * d * d + d * d + 2 * config.mlp_ratio * d * d)
+    attention = 2 * 2 * d * (width + 1) / 2  # causal: on average half the row is attended
+    return config.n_layers * (linear + attention)

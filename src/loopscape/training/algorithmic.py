@@ -1,0 +1,271 @@
+"""Training the looped GPT on an algorithmic task (Appendix E.2): Single-Attn,
+Looped-Attn and SHIFT, on one process or data-parallel (DDP under ``torchrun``).
+
+Every step draws a fresh batch from the length curriculum. Single-Attn reads
+every sample after one step; Looped-Attn after its own ``T(n)`` steps, with
+the loss at that step only and gradients through every step. SHIFT trains
+Single-Attn and switches to Looped-Attn at a fixed step or when SCP
+(:class:`~loopscape.shift.criterion.ShiftCriterion`) fires on the periodic
+validation; the optimiser state is kept.
+
+AdamW, constant learning rate until the curriculum ends, then cosine decay to
+0; gradient clipping at norm 1.0 (spec). Every ``eval_every`` steps one row is
+appended to ``metrics.jsonl``: training loss and exact-match accuracy (mean
+over the steps since the last row), validation loss and accuracy on a fixed
+set drawn from the full training distribution (read at the paradigm's own
+steps), gradient norm, learning rate, loop steps per sample, cumulative FLOPs
+and wall time.
+
+Data parallelism: every rank draws the same global batch from the same
+generator and trains on its shard; each shard's loss is divided by the
+*global* count of scored positions, so the averaged gradient is exactly the
+one-process gradient of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from loopscape.config import require
+from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask, Curriculum
+from loopscape.io import JsonlLog, read_jsonl
+from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
+from loopscape.shift.criterion import ShiftCriterion
+from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+
+PARADIGMS = ("single", "looped", "shift")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class AlgoTrainConfig:
+    """Optimisation and run settings (defaults: the paper's, Appendix E.2 and spec)."""
+
+    steps: int = 50_001
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # open: PyTorch's AdamW default
+    grad_clip: float = 1.0
+    curriculum_interval: int = 1000
+    eval_every: int = 500
+    eval_size: int = 512
+    checkpoint_every: int = 2000
+    shift_at: int | None = None  # SHIFT at a fixed step; None: SCP decides
+    scp: dict = field(default_factory=dict)  # ShiftCriterion settings, in evaluations
+    precision: str = "fp32"
+    compile: bool = False
+    device: str = "auto"
+
+    def validate(self, p: str = "") -> None:
+        for name in ("steps", "batch_size", "curriculum_interval", "eval_every", "eval_size", "checkpoint_every"):
+            require(getattr(self, name) >= 1, f"{p}{name}", "an integer >= 1", getattr(self, name))
+        require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
+        require(self.weight_decay >= 0, f"{p}weight_decay", "a number >= 0", self.weight_decay)
+        require(self.grad_clip > 0, f"{p}grad_clip", "a number > 0", self.grad_clip)
+        require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
+        require(self.precision in PRECISIONS, f"{p}precision", f"one of {PRECISIONS}", self.precision)
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}device", "auto, cpu, cuda or cuda:<index>", self.device)
+        try:
+            ShiftCriterion(**self.scp)
+        except (TypeError, ValueError) as err:
+            require(False, f"{p}scp", "ShiftCriterion settings (patience, min_delta, wait, grad_tol, max_wait)", f"{self.scp} ({err})")
+
+
+def lr_at(step: int, config: AlgoTrainConfig, curriculum_end: int) -> float:
+    """Constant until the curriculum ends, then cosine decay to 0 at the last step."""
+    if step < curriculum_end or config.steps <= curriculum_end:
+        return config.lr
+    progress = (step - curriculum_end) / max(1, config.steps - curriculum_end)
+    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def masked_loss(logits: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of scored cross-entropies, per-row exact match)``."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+    return (nll * batch.mask).sum(), exact_match(logits.argmax(-1), batch.targets, batch.mask)
+
+
+def step_flops(config, batch: AlgoBatch, steps: torch.Tensor) -> float:
+    """Training FLOPs of one batch: forward (``steps_i`` block steps per row, read-out)
+    and backward counted as twice the forward."""
+    width = batch.inputs.shape[1]
+    block = flops_per_token_step(config, width) * width * float(steps.sum())
+    head = 2 * config.d_model * config.vocab_size * width * len(steps)
+    return 3 * (block + head)
+
+
+class _Phase:
+    """Which paradigm runs now: SHIFT's state machine (single -> looped), resumable."""
+
+    def __init__(self, paradigm: str, config: AlgoTrainConfig):
+        self.paradigm = paradigm
+        self.shift_at = config.shift_at
+        self.criterion = ShiftCriterion(**config.scp) if paradigm == "shift" and config.shift_at is None else None
+        self.shifted_at: int | None = None
+
+    @property
+    def looped(self) -> bool:
+        return self.paradigm == "looped" or self.shifted_at is not None
+
+    def steps(self, batch: AlgoBatch) -> torch.Tensor:
+        return batch.steps if self.looped else torch.ones_like(batch.steps)
+
+    def before_step(self, step: int) -> None:
+        if self.paradigm == "shift" and self.shifted_at is None and self.shift_at is not None and step >= self.shift_at:
+            self.shifted_at = step
+
+    def after_eval(self, step: int, val_loss: float, grad_norm: float) -> None:
+        if self.criterion is not None and self.shifted_at is None and self.criterion.update(val_loss, grad_norm):
+            self.shifted_at = step
+
+    def state_dict(self) -> dict:
+        return {"shifted_at": self.shifted_at, "criterion": self.criterion.state_dict() if self.criterion else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shifted_at = state["shifted_at"]
+        if self.criterion is not None:
+            self.criterion.load_state_dict(state["criterion"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA if available. A bare ``cuda`` becomes the current device (set per rank under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, steps: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
+    """``(mean scored cross-entropy, exact-match accuracy)`` read at ``steps``."""
+    with _autocast(batch.inputs.device, precision):
+        logits = model(batch.inputs, steps)
+    loss, correct = masked_loss(logits, batch)
+    return (loss / batch.mask.sum()).item(), correct.float().mean().item()
+
+
+def train_algorithmic(
+    model: LoopedGPT,
+    task: AlgorithmicTask,
+    paradigm: str,
+    config: AlgoTrainConfig,
+    curriculum: Curriculum,
+    run_dir: str | Path,
+    seed: int = 0,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place; returns the metrics rows (rank 0 writes ``run_dir``).
+    ``on_step(step)`` is called at every evaluation.
+
+    Under ``torchrun`` (an initialised process group) the model is wrapped in
+    DistributedDataParallel and each rank trains on its shard of the global batch.
+    """
+    if paradigm not in PARADIGMS:
+        raise ValueError(f"paradigm must be one of {PARADIGMS} (got {paradigm!r})")
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = next(model.parameters()).device
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    val_gen = torch.Generator(device=device).manual_seed(10_000 + seed)  # a fixed set from the full training distribution
+    val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
+    phase = _Phase(paradigm, config)
+    start, totals = 0, {"flops": 0.0, "time_s": 0.0}
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, generator)
+        start, totals = state["epoch"], state["extra"]["totals"]
+        phase.load_state_dict(state["extra"]["phase"])
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:  # layer by layer: the loop over steps stays in Python, shapes vary per step
+        for layer in model.layers:
+            layer.compile(dynamic=True)
+    log = JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["step"] <= start) if rank == 0 else None
+    window = {"loss": 0.0, "correct": 0.0, "rows": 0, "grad": 0.0, "n": 0, "loops": 0.0}
+    try:
+        for step in range(start + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            phase.before_step(step)
+            lr = lr_at(step, config, curriculum.end_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
+            steps = phase.steps(batch)
+            shard, shard_steps = batch.split(world, rank), steps.tensor_split(world)[rank]
+            model.train()
+            with _autocast(device, config.precision):
+                logits = net(shard.inputs, shard_steps)
+            loss_sum, correct = masked_loss(logits, shard)
+            loss = loss_sum * world / batch.mask.sum()  # DDP averages over ranks: the global mean
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+            optimizer.step()
+            totals["flops"] += step_flops(model.config, batch, steps)
+            totals["time_s"] += time.perf_counter() - t0
+            stats = torch.stack([loss_sum.detach().float(), correct.float().sum()])
+            if distributed:
+                dist.all_reduce(stats)
+            window["loss"] += stats[0].item() / batch.mask.sum().item()
+            window["correct"] += stats[1].item()
+            window["rows"] += len(batch.steps)
+            window["grad"] += grad_norm
+            window["n"] += 1
+            window["loops"] += steps.float().mean().item()
+            if step % config.eval_every == 0 or step == config.steps:
+                model.eval()
+                val_loss, val_acc = evaluate_batch(model, val, phase.steps(val), config.precision)
+                row = {
+                    "step": step,
+                    "paradigm": "looped" if phase.looped else "single",
+                    "train_loss": window["loss"] / window["n"],
+                    "train_acc": window["correct"] / window["rows"],
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "grad_norm": window["grad"] / window["n"],
+                    "lr": lr,
+                    "max_len": curriculum.current_max(step) - 1,
+                    "loops_per_sample": window["loops"] / window["n"],
+                    "flops": totals["flops"],
+                    "time_s": totals["time_s"],
+                }
+                phase.after_eval(step, val_loss, row["grad_norm"])
+                if phase.shifted_at is not None:
+                    row["shifted_at"] = phase.shifted_at
+                window = dict.fromkeys(window, 0.0)
+                if log is not None:
+                    log.append(row)
+            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
+                extra = {"totals": totals, "phase": phase.state_dict(), "paradigm": paradigm}
+                save_checkpoint(ckpt_dir, step, model, optimizer, generator, extra=extra)
+            if on_step is not None and (step % config.eval_every == 0 or step == config.steps):
+                on_step(step)
+    finally:
+        if log is not None:
+            log.close()
+    if rank == 0:
+        save_weights(run_dir / "model.safetensors", model, metadata={"paradigm": paradigm, "task": task.name})
+    return read_jsonl(run_dir / "metrics.jsonl") if rank == 0 else []

@@ -1,0 +1,110 @@
+"""Training on the algorithmic tasks: resume, SHIFT's switch, the schedule, and DDP under torchrun."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
+from loopscape.models.looped_gpt import looped_gpt
+from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, train_algorithmic
+
+SMALL = dict(d_model=16, n_heads=2, n_layers=1)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(s):
+        if s == step:
+            raise Crash
+
+    return on_step
+
+
+def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
+    torch.manual_seed(0)
+    task = AlgorithmicTask("parity")
+    model = looped_gpt(task.vocab_size, **SMALL)
+    config = AlgoTrainConfig(steps=steps, eval_every=5, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
+    rows = train_algorithmic(model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step)
+    return model, rows
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    full, rows_full = _run(tmp_path / "a", "looped", 30)
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", "looped", 30, on_step=_crash_at(25))  # last checkpoint: step 20
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "partial": tru')  # a torn line from the crash
+    resumed, rows = _run(tmp_path / "b", "looped", 30, resume=True)
+    for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+    assert strip(rows) == strip(rows_full)
+
+
+def test_single_reads_one_step_looped_reads_T_n(tmp_path):
+    _, single = _run(tmp_path / "s", "single", 10)
+    _, looped = _run(tmp_path / "l", "looped", 10)
+    assert all(r["loops_per_sample"] == 1.0 for r in single)
+    assert looped[-1]["loops_per_sample"] > 1.5  # lengths 1..k, T(n) = n
+    assert looped[-1]["flops"] > single[-1]["flops"]
+
+
+def test_shift_at_a_fixed_step_switches_and_keeps_going(tmp_path):
+    _, rows = _run(tmp_path / "x", "shift", 20, shift_at=11)
+    assert [r["paradigm"] for r in rows] == ["single", "single", "looped", "looped"]
+    assert rows[-1]["shifted_at"] == 11
+
+
+def test_shift_by_scp_records_its_step(tmp_path):
+    _, rows = _run(tmp_path / "x", "shift", 40, scp={"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1})
+    shifted = rows[-1]["shifted_at"]
+    assert shifted is not None and all(r["paradigm"] == ("single" if r["step"] <= shifted else "looped") for r in rows)
+
+
+def test_schedule_constant_then_cosine_to_zero():
+    c = AlgoTrainConfig(steps=100, lr=1.0)
+    assert lr_at(10, c, 50) == 1.0 and lr_at(50, c, 50) == 1.0
+    assert lr_at(75, c, 50) == pytest.approx(0.5) and lr_at(100, c, 50) == pytest.approx(0.0)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    """torchrun, gloo, 2 processes x 8 rows = one process x 16 rows: same weights to 1e-5."""
+    args = ["algorithmic", "--task", "parity", "-p", "looped", "--steps", "12", "-q",
+            "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "train.batch_size=16", "--set", "train.eval_every=6",
+            "--set", "train.curriculum_interval=3", "--set", "train_max_len=5", "--set", "test_lengths=[1,2]", "--set", "test_size=8",
+            "--set", "train.device=cpu", "--set", "workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "loopscape.cli", *args, "-o", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "loopscape.cli", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one/looped/model.safetensors")), load_file(str(tmp_path / "two/looped/model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    ra = json.loads((tmp_path / "one/looped/metrics.jsonl").read_text().splitlines()[-1])
+    rb = json.loads((tmp_path / "two/looped/metrics.jsonl").read_text().splitlines()[-1])
+    assert ra["train_acc"] == rb["train_acc"] and ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+
+
+def test_bf16_autocast_trains_and_logs_finite_numbers(tmp_path):
+    _, rows = _run(tmp_path / "bf", "looped", 10, precision="bf16")
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager(tmp_path):
+    eager, _ = _run(tmp_path / "e", "looped", 5)
+    compiled, _ = _run(tmp_path / "c", "looped", 5, compile=True)
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)
