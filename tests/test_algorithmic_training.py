@@ -33,7 +33,8 @@ def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
     torch.manual_seed(0)
     task = AlgorithmicTask("parity")
     model = looped_gpt(task.vocab_size, **SMALL)
-    config = AlgoTrainConfig(steps=steps, eval_every=5, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
+    cfg = {"eval_every": 5, **cfg}
+    config = AlgoTrainConfig(steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
     rows = train_algorithmic(model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step)
     return model, rows
 
@@ -47,6 +48,16 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     resumed, rows = _run(tmp_path / "b", "looped", 30, resume=True)
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+    assert strip(rows) == strip(rows_full)
+
+
+def test_resume_from_a_checkpoint_between_evaluations(tmp_path):
+    """Checkpoints every 10 steps, evaluations every 5 and 15: the running means survive the crash."""
+    _, rows_full = _run(tmp_path / "a", "single", 30, eval_every=15)
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", "single", 30, eval_every=15, on_step=_crash_at(15))  # checkpoint at 10, mid-window
+    _, rows = _run(tmp_path / "b", "single", 30, eval_every=15, resume=True)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
     assert strip(rows) == strip(rows_full)
 

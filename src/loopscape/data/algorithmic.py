@@ -41,7 +41,7 @@ class AlgoBatch:
         return AlgoBatch(*(t.to(device) for t in (self.inputs, self.targets, self.mask, self.steps, self.lengths)))
 
     def split(self, parts: int, index: int) -> "AlgoBatch":
-        """Rows ``index::parts``-style contiguous shard ``index`` of ``parts`` (data parallelism)."""
+        """The ``index``-th of ``parts`` contiguous shards of the rows (data parallelism)."""
         chunk = lambda t: t.tensor_split(parts)[index]
         return AlgoBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.steps, self.lengths)))
 
@@ -123,17 +123,16 @@ class AlgorithmicTask:
         if self.name == "addition" and n_max > 61 or self.name == "multiplication" and n_max + int(n1.max()) > 62:
             raise ValueError(f"{self.name}: operands longer than 61 bits are not supported (got n = {n_max})")
 
-        if self.name == "unique_set":
-            x = torch.randint(0, UNIQUE_SET_VALUES, (B, n_max), generator=generator, device=device)
-        elif self.name in ("addition", "multiplication"):
+        # the query as segments (tokens, lengths); bits past a sample's length are zeroed, so sums see only the sample
+        if self.name in ("addition", "multiplication"):
             a_len = n1 if self.name == "multiplication" else lengths
             a_max = int(a_len.max())
             a = rand_bits(a_max) * (torch.arange(a_max, device=device) < a_len[:, None])
             query = [(a, a_len), one(self.op), (rand_bits(n_max) * live, lengths)]
+        elif self.name == "unique_set":
+            query = [(torch.randint(0, UNIQUE_SET_VALUES, (B, n_max), generator=generator, device=device), lengths)]
         else:
-            x = rand_bits(n_max) * live  # zeros past each length, so sums see only the sample
-        if self.name not in ("addition", "multiplication"):
-            query = [(x, lengths)]
+            query = [(rand_bits(n_max) * live, lengths)]
 
         answer, a_len = self._answer(query, lengths, n1)
         full = _pack(query + [one(self.sep), (answer, a_len), one(self.pad)], self.pad)

@@ -190,10 +190,11 @@ def train_algorithmic(
     val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
     phase = _Phase(paradigm, config)
     start, totals = 0, {"flops": 0.0, "time_s": 0.0}
+    window = {"loss": 0.0, "correct": 0.0, "rows": 0, "grad": 0.0, "n": 0, "loops": 0.0}  # running means between evaluations
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, generator)
-        start, totals = state["epoch"], state["extra"]["totals"]
+        start, totals, window = state["epoch"], state["extra"]["totals"], state["extra"]["window"]
         phase.load_state_dict(state["extra"]["phase"])
     net = model
     if distributed:
@@ -204,7 +205,6 @@ def train_algorithmic(
         for layer in model.layers:
             layer.compile(dynamic=True)
     log = JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["step"] <= start) if rank == 0 else None
-    window = {"loss": 0.0, "correct": 0.0, "rows": 0, "grad": 0.0, "n": 0, "loops": 0.0}
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def train_algorithmic(
                 if log is not None:
                     log.append(row)
             if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-                extra = {"totals": totals, "phase": phase.state_dict(), "paradigm": paradigm}
+                extra = {"totals": totals, "window": window, "phase": phase.state_dict(), "paradigm": paradigm}
                 save_checkpoint(ckpt_dir, step, model, optimizer, generator, extra=extra)
             if on_step is not None and (step % config.eval_every == 0 or step == config.steps):
                 on_step(step)
