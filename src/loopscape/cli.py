@@ -199,7 +199,9 @@ def algorithmic(
     from loopscape.reporting.algorithmic import NAMES, beyond
 
     for p, e in results["paradigms"].items():
-        typer.echo(f"{NAMES[p]:>12}: val acc {100 * e['final']['val_acc']:5.1f}%   past the training length {beyond(results, p):5.1f}%")
+        past = beyond(results, p)
+        past_text = f"{past:5.1f}%" if past == past else "  n/a (no test length beyond it)"
+        typer.echo(f"{NAMES[p]:>12}: val acc {100 * e['final']['val_acc']:5.1f}%   past the training length {past_text}")
     if results.get("shift_saving"):
         s = results["shift_saving"]
         if s["shift_step"] is None:
