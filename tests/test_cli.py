@@ -159,3 +159,10 @@ def test_reproduce_can_add_algorithmic_sections(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert any(v["claim"].startswith("parity: Looped-Attn generalises") for v in report["verdicts"])
     assert 'id="algorithmic-parity"' in (out / "report.html").read_text()
+
+
+def test_algorithmic_resume_refuses_other_settings(tmp_path):
+    out = tmp_path / "alg"
+    assert runner.invoke(app, ["algorithmic", "--task", "parity", "-p", "single", "-o", str(out), *ALGO_TINY]).exit_code == 0
+    r = runner.invoke(app, ["algorithmic", "--task", "parity", "-p", "single", "-o", str(out), "--resume", *ALGO_TINY, "--set", "train.lr=0.5"])
+    assert r.exit_code == 2 and "configuration differs" in r.output

@@ -24,6 +24,7 @@ import torch
 
 from loopscape.config import ConfigError, from_dict, require, to_dict, validate_tree
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
+from loopscape.experiments.markov import prepare_output
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import read_jsonl, write_json
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
@@ -175,14 +176,17 @@ def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = F
     """Train, score and report; returns ``results.json``'s content (rank 0) or ``{}`` (other ranks)."""
     validate_tree(config)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"output folder {str(out)!r} exists and is not empty; pass --resume to continue it or choose another")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    jobs = [(to_dict(config), p, str(out / p), resume) for p in config.paradigms]
-    if world > 1:  # under torchrun: every rank trains each paradigm in turn, data-parallel
+    rank = 0
+    if world > 1:
         from loopscape.training.distributed import init_distributed
 
         rank = init_distributed(config.train.device)
+    if rank == 0:
+        prepare_output(out, config, resume)  # config.yaml; an existing folder only with --resume and the same settings
+    jobs = [(to_dict(config), p, str(out / p), resume) for p in config.paradigms]
+    if world > 1:  # under torchrun: every rank trains each paradigm in turn, data-parallel
+        torch.distributed.barrier()
         for job in jobs:
             _train_job(*job, None)
         torch.distributed.destroy_process_group()

@@ -175,8 +175,9 @@ def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed{seed}"
 
 
-def prepare_output(out: Path, cfg: MarkovStudyConfig, resume: bool) -> None:
-    """Create ``out``; refuse to touch an existing folder unless resuming the same config."""
+def prepare_output(out: Path, cfg, resume: bool) -> None:
+    """Create ``out`` with the run's ``config.yaml`` (any config dataclass); refuse to
+    touch an existing folder unless resuming the same config."""
     saved = out / "config.yaml"
     if resume:
         if not saved.exists():
