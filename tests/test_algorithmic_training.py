@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import looped_gpt
-from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, train_algorithmic
+from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, step_flops, train_algorithmic
 
 SMALL = dict(d_model=16, n_heads=2, n_layers=1)
 
@@ -80,6 +80,23 @@ def test_shift_by_scp_records_its_step(tmp_path):
     _, rows = _run(tmp_path / "x", "shift", 40, scp={"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1})
     shifted = rows[-1]["shifted_at"]
     assert shifted is not None and all(r["paradigm"] == ("single" if r["step"] <= shifted else "looped") for r in rows)
+
+
+def test_flops_match_torch_flop_counter():
+    """Training FLOPs / 3 = the forward that FlopCounterMode counts (math attention kernel, whose
+    matmuls it sees), less the masked half of causal attention that our count leaves out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    task = AlgorithmicTask("copy")
+    torch.manual_seed(0)
+    model = looped_gpt(task.vocab_size, d_model=16, n_heads=2, n_layers=2)
+    batch = task.batch(torch.tensor([3, 1, 2, 3]), torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch.inputs, batch.steps)  # per-sample steps: rows stop at their own T(n)
+    W, d = batch.inputs.shape[1], 16
+    masked = int(batch.steps.sum()) * 2 * (4 * d * W * W - 2 * d * W * (W + 1))  # full - causal, per row-step, 2 layers
+    assert step_flops(model.config, batch, batch.steps) / 3 == counter.get_total_flops() - masked
 
 
 def test_schedule_constant_then_cosine_to_zero():

@@ -214,7 +214,7 @@ def algorithmic(
 def _flatten(tree: dict, prefix: str, out: dict) -> None:
     """Nested settings to dotted overrides (a preset under --config and --set)."""
     for k, v in tree.items():
-        if isinstance(v, dict) and k != "scp":
+        if isinstance(v, dict):
             _flatten(v, f"{prefix}{k}.", out)
         else:
             out[f"{prefix}{k}"] = v

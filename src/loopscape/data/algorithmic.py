@@ -37,9 +37,6 @@ class AlgoBatch:
     steps: torch.Tensor  # T(n): loop steps at which this sample is supervised
     lengths: torch.Tensor  # n (for Multiplication the second operand's length n2)
 
-    def to(self, device: torch.device | str) -> "AlgoBatch":
-        return AlgoBatch(*(t.to(device) for t in (self.inputs, self.targets, self.mask, self.steps, self.lengths)))
-
     def split(self, parts: int, index: int) -> "AlgoBatch":
         """The ``index``-th of ``parts`` contiguous shards of the rows (data parallelism)."""
         chunk = lambda t: t.tensor_split(parts)[index]

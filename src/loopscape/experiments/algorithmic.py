@@ -86,8 +86,8 @@ def preset(name: str, task: str) -> dict:
         raise ConfigError(f"preset must be one of {PRESETS} (got {name!r})")
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS} (got {task!r})")
-    layers, heads = PAPER_BLOCKS[task]
     if name == "paper":
+        layers, heads = PAPER_BLOCKS[task]
         n = PAPER_TRAIN_MAX[task]
         interval = 1000 if task != "multiplication" else 1600  # open: inside the authors' 500-1,600
         return {

@@ -195,8 +195,10 @@ class HessianOperator:
         """``(H(theta_e), L(theta_e))`` for a stack of ``E`` parameter vectors ``(E, P)``:
         dense Hessians ``(E, P, P)`` and losses ``(E,)``, in one vectorised call
         (``vmap`` of ``jacrev(jacrev(L))``). For a small model, where each product
-        is dominated by per-operation overhead, ten Hessians cost little more than
-        one; :class:`~loopscape.landscape.tracking.HessianTracker` stacks epochs this way.
+        is dominated by per-operation overhead, the stack shares that overhead
+        (Single-Attn: 1.6x cheaper per Hessian at ten than one at a time,
+        ``benchmarks/bench_hessian.py``); :class:`~loopscape.landscape.tracking.HessianTracker`
+        stacks epochs this way.
         """
         loss = lambda th: sum(self._batch_loss(th, *b) for b in self.batches)
         with self._guard():

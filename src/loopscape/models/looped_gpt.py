@@ -134,18 +134,16 @@ class LoopedGPT(nn.Module):
         if int(steps.min()) < 1:
             raise ValueError("steps must be >= 1 for every sample")
         order = torch.argsort(steps, descending=True, stable=True)
-        counts = torch.bincount(steps, minlength=int(steps.max()) + 2).tolist()  # one host sync per batch
+        counts = torch.bincount(steps).tolist()  # counts[t]: samples whose last step is t (one host sync)
         active = len(steps)  # samples with steps >= t
         e, h, done = e[order], None, []
-        for t in range(1, len(counts) - 1):
+        for t in range(1, len(counts)):
             h = self.step(h, e[:active])
-            finished = counts[t]  # samples whose last step is t sit at the end of the prefix
+            finished = counts[t]  # they sit at the end of the prefix
             if finished:
                 done.append(h[active - finished :])
                 active -= finished
                 h = h[:active]
-            if active == 0:
-                break
         out = torch.cat(done[::-1])  # back to descending-steps order
         return self.head(out)[torch.argsort(order)]
 

@@ -105,8 +105,9 @@ def train(
     ``seed`` drives the mini-batch order. With ``resume=True`` the run continues
     from its latest checkpoint (rows logged after it are dropped and redone),
     and ends with the same numbers as an uninterrupted run. ``trackers`` are
-    callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)`` and
-    ``close()`` (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
+    callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)``,
+    ``close()`` and optionally ``flush()``, called before every checkpoint
+    (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
     A ``controller`` (e.g. :class:`~loopscape.shift.training.ShiftController`)
     may change the model after each epoch's evaluation; its state is saved in
     every checkpoint, and rows then record the loop count ``n_loops``.
