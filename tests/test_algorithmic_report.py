@@ -28,5 +28,8 @@ def test_verdict_rules():
     assert v["Looped-Attn generalises past the training length, Single-Attn does not"] == "partly reproduced"  # +5 pts
     assert v["SHIFT ends comparable to Looped-Attn"] == "not reproduced"  # 35 pts below
     assert v["SHIFT trains faster than Looped-Attn"] == "not reproduced"  # SCP never fired
+    v = by_claim(results([1, 1, 0.0, 0.0], [1, 1, 0.02, 0.0], [1, 1, 0.0, 0.0]))  # +1 pt: noise, and nothing for SHIFT to match
+    assert v["Looped-Attn generalises past the training length, Single-Attn does not"] == "not reproduced"
+    assert v["SHIFT ends comparable to Looped-Attn"] == "inconclusive"
     v = by_claim(results([1, 1], [1, 1], [1, 1], test_lengths=(1, 2)))
     assert v["length generalisation"] == "not tested" and "SHIFT trains faster than Looped-Attn" in v

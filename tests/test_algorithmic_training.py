@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import looped_gpt
-from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, step_flops, train_algorithmic
+from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, make_optimizer, step_flops, train_algorithmic, train_step
 
 SMALL = dict(d_model=16, n_heads=2, n_layers=1)
 
@@ -37,6 +37,30 @@ def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
     config = AlgoTrainConfig(steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
     rows = train_algorithmic(model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step)
     return model, rows
+
+
+def test_train_step_is_one_plain_adamw_step_on_the_masked_mean_loss():
+    """The trainer's step (fused AdamW where torch has it) against the step written out:
+    mean cross-entropy over scored positions, backward, clip to norm 1, torch's reference AdamW."""
+    task = AlgorithmicTask("parity")
+    batch = task.batch(torch.tensor([1, 3, 5, 2, 4]), torch.Generator().manual_seed(0))
+    config = AlgoTrainConfig(lr=1e-2, grad_clip=1e-3)  # the clip binds
+    torch.manual_seed(0)
+    ours, ref = looped_gpt(task.vocab_size, **SMALL), looped_gpt(task.vocab_size, **SMALL)
+    ref.load_state_dict(ours.state_dict())
+    loss_sum, correct, grad_norm = train_step(ours, make_optimizer(ours, config), batch, batch.steps, config)
+
+    logits = ref(batch.inputs, batch.steps)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+    (nll * batch.mask).sum().div(batch.mask.sum()).backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), config.grad_clip)
+    torch.optim.AdamW(ref.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False).step()
+
+    assert loss_sum.item() == pytest.approx((nll * batch.mask).sum().item(), rel=1e-6)
+    assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-6) and norm.item() > config.grad_clip
+    assert correct.shape == (5,)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):

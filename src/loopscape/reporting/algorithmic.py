@@ -18,7 +18,7 @@ NAMES = {"single": "Single-Attn", "looped": "Looped-Attn", "shift": "SHIFT"}
 COLOURS = {"single": "tab:blue", "looped": "tab:red", "shift": "tab:green"}
 # verdict rules (stated in the report)
 GAP_PTS = 20.0  # Looped-Attn beats Single-Attn past the training length by at least this (mean accuracy, points)
-COMPARABLE_PTS = 5.0  # SHIFT's accuracy past the training length within this of Looped-Attn's
+COMPARABLE_PTS = 5.0  # differences below this are noise: SHIFT "comparable"; Looped-Attn's edge must exceed it to count
 
 
 def headline(entry: dict, paradigm: str) -> list[float]:
@@ -47,15 +47,17 @@ def verdicts(results: dict) -> list[dict]:
                     "paper": "-", "verdict": "not tested"})
     if tested and "single" in par and "looped" in par:
         s, lp = beyond(results, "single"), beyond(results, "looped")
-        v = "reproduced" if lp - s >= GAP_PTS else "partly reproduced" if lp > s else "not reproduced"
+        v = "reproduced" if lp - s >= GAP_PTS else "partly reproduced" if lp - s >= COMPARABLE_PTS else "not reproduced"
         out.append({"claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not", "source": "Fig. 14 (c)",
                     "ours": f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)",
                     "paper": "near 100% vs low", "verdict": v})
     if tested and "shift" in par and "looped" in par:
         sh, lp = beyond(results, "shift"), beyond(results, "looped")
         v = "reproduced" if abs(sh - lp) <= COMPARABLE_PTS or sh > lp else "not reproduced"
-        out.append({"claim": f"{task}: SHIFT ends comparable to Looped-Attn", "source": "Fig. 14", "ours": f"{sh:.1f}% vs {lp:.1f}% past the training length",
-                    "paper": "comparable", "verdict": v})
+        ours = f"{sh:.1f}% vs {lp:.1f}% past the training length"
+        if "single" in par and lp - beyond(results, "single") < COMPARABLE_PTS:  # matching a Looped-Attn that does not generalise says nothing
+            v, ours = "inconclusive", ours + " (Looped-Attn does not generalise here: nothing to match)"
+        out.append({"claim": f"{task}: SHIFT ends comparable to Looped-Attn", "source": "Fig. 14", "ours": ours, "paper": "comparable", "verdict": v})
     saving = results.get("shift_saving") or {}
     if saving and saving["shift_step"] is None:
         out.append({"claim": f"{task}: SHIFT trains faster than Looped-Attn", "source": "Fig. 11", "ours": "SCP never fired: no switch, no SHIFT run to time",
@@ -148,7 +150,8 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
         lines += ["", f"SHIFT switched at step {saving['shift_step']}; over the whole run Looped-Attn cost {saving['flops_ratio']:.2f}x SHIFT's FLOPs "
                   f"and {saving['time_ratio']:.2f}x its wall time."]
     lines += ["", f"Verdict rules: Looped-Attn 'generalises' if its mean accuracy past the training length beats Single-Attn's by >= {GAP_PTS:.0f} points "
-              f"(partly: by less); SHIFT is 'comparable' within {COMPARABLE_PTS:.0f} points of Looped-Attn; SHIFT 'trains faster' if Looped-Attn's wall time is larger. "
+              f"(partly: by {COMPARABLE_PTS:.0f} to {GAP_PTS:.0f}; less is noise); SHIFT is 'comparable' within {COMPARABLE_PTS:.0f} points of Looped-Attn "
+              "(inconclusive where Looped-Attn itself does not generalise); SHIFT 'trains faster' if Looped-Attn's wall time is larger. "
               "Looped models are read by adaptive stopping (one stop per test batch); the oracle T(n) is drawn dashed."]
     section = Section(anchor, f"Algorithmic: {task}", "\n".join(lines), [
         (figs / "fig14ab_training.png", "Figure 14 (a, b): training and validation accuracy (dotted: SHIFT's switch)"),

@@ -160,6 +160,38 @@ def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, steps: torch.Tensor, prec
     return (loss / batch.mask.sum()).item(), correct.float().mean().item()
 
 
+def make_optimizer(model: torch.nn.Module, config: AlgoTrainConfig) -> torch.optim.AdamW:
+    """AdamW (spec), with torch's fused kernel where this build has one for the
+    parameters' device (CPU from torch 2.4, CUDA): one kernel per step instead of
+    several per parameter tensor, which is 3-5% of a ``cpu-small`` step."""
+    params = list(model.parameters())
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch build
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, steps: torch.Tensor, config: AlgoTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on this rank's shard of ``batch``, each row read at ``steps``.
+
+    ``net``: the model, or its DistributedDataParallel wrapper. The shard's summed
+    loss is divided by the *global* count of scored positions (times ``world``,
+    since DDP averages gradients over ranks), so every world size takes the
+    one-process step. Returns ``(summed scored cross-entropy of the shard, per-row
+    exact match of the shard, gradient norm before clipping)``, as tensors: no host sync.
+    """
+    shard, shard_steps = batch.split(world, rank), steps.tensor_split(world)[rank]
+    net.train()
+    with _autocast(batch.inputs.device, config.precision):
+        logits = net(shard.inputs, shard_steps)
+    loss_sum, correct = masked_loss(logits, shard)
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum * world / batch.mask.sum()).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss_sum.detach(), correct, grad_norm
+
+
 def train_algorithmic(
     model: LoopedGPT,
     task: AlgorithmicTask,
@@ -184,7 +216,7 @@ def train_algorithmic(
     device = next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(seed)
     val_gen = torch.Generator(device=device).manual_seed(10_000 + seed)  # a fixed set from the full training distribution
     val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
@@ -214,27 +246,20 @@ def train_algorithmic(
                 group["lr"] = lr
             batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
             steps = phase.steps(batch)
-            shard, shard_steps = batch.split(world, rank), steps.tensor_split(world)[rank]
-            model.train()
-            with _autocast(device, config.precision):
-                logits = net(shard.inputs, shard_steps)
-            loss_sum, correct = masked_loss(logits, shard)
-            loss = loss_sum * world / batch.mask.sum()  # DDP averages over ranks: the global mean
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
-            optimizer.step()
+            loss_sum, correct, grad_norm = train_step(net, optimizer, batch, steps, config, world, rank)
             totals["flops"] += step_flops(model.config, batch, steps)
             totals["time_s"] += time.perf_counter() - t0
-            stats = torch.stack([loss_sum.detach().float(), correct.float().sum()])
+            shard_stats = torch.stack([loss_sum.float(), correct.float().sum()])
             if distributed:
-                dist.all_reduce(stats)
-            window["loss"] += stats[0].item() / batch.mask.sum().item()
-            window["correct"] += stats[1].item()
+                dist.all_reduce(shard_stats)
+            # one host sync per step for the logged numbers (each .item() would wait for the device)
+            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat([shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), steps.float().mean()])]).tolist()
+            window["loss"] += loss_v / mask_v
+            window["correct"] += correct_v
             window["rows"] += len(batch.steps)
-            window["grad"] += grad_norm
+            window["grad"] += grad_v
             window["n"] += 1
-            window["loops"] += steps.float().mean().item()
+            window["loops"] += loops_v
             if step % config.eval_every == 0 or step == config.steps:
                 model.eval()
                 val_loss, val_acc = evaluate_batch(model, val, phase.steps(val), config.precision)
