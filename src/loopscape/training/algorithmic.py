@@ -178,7 +178,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Al
     loss is divided by the *global* count of scored positions (times ``world``,
     since DDP averages gradients over ranks), so every world size takes the
     one-process step. Returns ``(summed scored cross-entropy of the shard, per-row
-    exact match of the shard, gradient norm before clipping)``, as tensors: no host sync.
+    exact match of the shard, gradient norm before clipping)``, as tensors, so the step adds no host sync beyond the one the per-sample forward makes to size its loop.
     """
     shard, shard_steps = batch.split(world, rank), steps.tensor_split(world)[rank]
     net.train()
