@@ -26,7 +26,7 @@ timed blocks and of the rounds, against machine noise; the speed-up of every
 round is printed too); activation memory (every tensor storage autograd keeps for the backward
 of a step, counted once, mean over 5 steps: the part of memory that the loop
 changes); on CUDA the peak of ``max_memory_allocated``; and the training FLOPs
-of a step (forward + 2x for the backward, :func:`flops_per_token_step`), so the
+of a step (forward + 2x for the backward, :func:`step_flops`), so the
 ``work ratio`` says how much of a speed-up skipping finished rows can give at
 all, and ``speedup / work ratio`` how fast each FLOP runs. Goal: >= 2x samples/s on CPU.
 
@@ -87,8 +87,8 @@ def eager_forward(model, x: torch.Tensor, steps: torch.Tensor, horizon: int) -> 
 
 
 def _worker(side: str, args: dict, queue) -> None:
-    from loopscape.data.algorithmic import AlgorithmicTask
-    from loopscape.models.looped_gpt import flops_per_token_step, looped_gpt
+    from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask
+    from loopscape.models.looped_gpt import looped_gpt
     from loopscape.training.algorithmic import AlgoTrainConfig, make_optimizer, step_flops, train_step
 
     torch.set_num_threads(args["threads"])
@@ -112,8 +112,8 @@ def _worker(side: str, args: dict, queue) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        W = x.shape[1]
-        flops.append(3 * len(st) * horizon * W * (flops_per_token_step(model.config, W) + 2 * model.config.d_model * model.config.vocab_size))
+        # every row runs `horizon` block steps with a read-out after each: horizon one-step batches
+        flops.append(horizon * step_flops(model.config, AlgoBatch(x, y, m, st, st), torch.ones_like(st)))
 
     def ours_step() -> None:
         b = task.batch(torch.randint(1, args["n"] + 1, (args["batch"],), generator=gen, device=device), gen)

@@ -197,17 +197,17 @@ def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = F
         run_jobs(_train_job, jobs, [config.train.steps] * len(jobs), f"{config.task}: training {', '.join(config.paradigms)}", workers=workers, show_progress=show_progress)
     device = resolve_device(config.train.device)
     results = {"task": config.task, "config": to_dict(config), "paradigms": {}}
+    metrics = {p: read_jsonl(out / p / "metrics.jsonl") for p in config.paradigms}
     for p in config.paradigms:
         task, model = build(config, device)
         load_weights(out / p / "model.safetensors", model)
-        rows = read_jsonl(out / p / "metrics.jsonl")
         results["paradigms"][p] = {
             "params": model.num_params(),
-            "final": rows[-1],
+            "final": metrics[p][-1],
             "length_accuracy": length_accuracy(model, task, p, config.test_lengths, config.test_size, config.seed),
         }
     if "shift" in config.paradigms and "looped" in config.paradigms:
-        results["shift_saving"] = shift_saving(read_jsonl(out / "shift" / "metrics.jsonl"), read_jsonl(out / "looped" / "metrics.jsonl"))
+        results["shift_saving"] = shift_saving(metrics["shift"], metrics["looped"])
     results["test_lengths"] = config.test_lengths
     write_json(out / "results.json", results)
     from loopscape.reporting.algorithmic import write_algorithmic_report

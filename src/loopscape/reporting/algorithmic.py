@@ -70,11 +70,10 @@ def verdicts(results: dict) -> list[dict]:
     return out
 
 
-def plot_training(out: Path, results: dict, path: Path) -> None:
-    """Figure 14 (a, b): training and validation exact-match accuracy against step."""
+def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
+    """Figure 14 (a, b): training and validation exact-match accuracy against step (``metrics``: rows per paradigm)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for p in results["paradigms"]:
-        rows = read_jsonl(out / p / "metrics.jsonl")
+    for p, rows in metrics.items():
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes, ("train_acc", "val_acc")):
             ax.plot(steps, [100 * r[key] for r in rows], color=COLOURS[p], label=NAMES[p])
@@ -104,11 +103,10 @@ def plot_length(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_compute(out: Path, results: dict, path: Path) -> None:
-    """Figure 11: cumulative training compute (FLOPs and wall time) against step."""
+def plot_compute(metrics: dict[str, list[dict]], path: Path) -> None:
+    """Figure 11: cumulative training compute (FLOPs and wall time) against step (``metrics``: rows per paradigm)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for p in results["paradigms"]:
-        rows = read_jsonl(out / p / "metrics.jsonl")
+    for p, rows in metrics.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["flops"] for r in rows], color=COLOURS[p], label=NAMES[p])
         axes[1].plot(steps, [r["time_s"] for r in rows], color=COLOURS[p], label=NAMES[p])
@@ -121,9 +119,10 @@ def plot_compute(out: Path, results: dict, path: Path) -> None:
 def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -> tuple[Section, list[dict]]:
     """The report section (Markdown + figures) and its verdict rows; writes the figures under ``out/figures``."""
     figs = out / "figures"
-    plot_training(out, results, figs / "fig14ab_training.png")
+    metrics = {p: read_jsonl(out / p / "metrics.jsonl") for p in results["paradigms"]}
+    plot_training(metrics, figs / "fig14ab_training.png")
     plot_length(results, figs / "fig14c_length.png")
-    plot_compute(out, results, figs / "fig11_compute.png")
+    plot_compute(metrics, figs / "fig11_compute.png")
     cfg, task = results["config"], results["task"]
     lines = [
         f"## Algorithmic task: {task}",

@@ -163,7 +163,7 @@ def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, steps: torch.Tensor, prec
 def make_optimizer(model: torch.nn.Module, config: AlgoTrainConfig) -> torch.optim.AdamW:
     """AdamW (spec), with torch's fused kernel where this build has one for the
     parameters' device (CPU from torch 2.4, CUDA): one kernel per step instead of
-    several per parameter tensor, which is 3-5% of a ``cpu-small`` step."""
+    several per parameter tensor (0.9 ms of a 32 ms ``cpu-small`` step)."""
     params = list(model.parameters())
     try:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -260,7 +260,8 @@ def train_algorithmic(
             window["grad"] += grad_v
             window["n"] += 1
             window["loops"] += loops_v
-            if step % config.eval_every == 0 or step == config.steps:
+            evaluating = step % config.eval_every == 0 or step == config.steps
+            if evaluating:
                 model.eval()
                 val_loss, val_acc = evaluate_batch(model, val, phase.steps(val), config.precision)
                 row = {
@@ -286,7 +287,7 @@ def train_algorithmic(
             if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
                 extra = {"totals": totals, "window": window, "phase": phase.state_dict(), "paradigm": paradigm}
                 save_checkpoint(ckpt_dir, step, model, optimizer, generator, extra=extra)
-            if on_step is not None and (step % config.eval_every == 0 or step == config.steps):
+            if on_step is not None and evaluating:
                 on_step(step)
     finally:
         if log is not None:
