@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import random
 import time
 
 import torch
 import torch.nn.functional as F
+from bench_attention import written_out
 
 
 def eager_batch(rng: random.Random, batch: int, n_max: int, vocab: dict[str, int]):
@@ -76,9 +76,7 @@ def eager_forward(model, x: torch.Tensor, steps: torch.Tensor, horizon: int) -> 
             nh = layer.attn.n_heads
             q, k, v = layer.attn.qkv(a).split(d, dim=-1)
             q, k, v = (t.view(B, W, nh, d // nh).transpose(1, 2) for t in (q, k, v))
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(d // nh)
-            att = att.masked_fill(torch.ones(W, W, dtype=torch.bool).triu(1).to(att.device), float("-inf")).softmax(-1)
-            z = z + layer.attn.proj((att @ v).transpose(1, 2).reshape(B, W, d))
+            z = z + layer.attn.proj(written_out(q, k, v).transpose(1, 2).reshape(B, W, d))
             z = z + layer.mlp(layer.ln_2(z))
         h = model.ln_f(z)
         outs.append(model.head(h))
