@@ -1,6 +1,8 @@
 """The algorithmic report's verdict rules on hand-made results."""
 
-from loopscape.reporting.algorithmic import beyond, verdicts
+import pytest
+
+from loopscape.reporting.algorithmic import beyond, seeds_markdown, seeds_summary, seeds_verdicts, verdicts
 
 
 def results(single, looped, shift, test_lengths=(1, 2, 3, 4), saving=None):
@@ -33,3 +35,24 @@ def test_verdict_rules():
     assert v["SHIFT ends comparable to Looped-Attn"] == "inconclusive"
     v = by_claim(results([1, 1], [1, 1], [1, 1], test_lengths=(1, 2)))
     assert v["length generalisation"] == "not tested" and "SHIFT trains faster than Looped-Attn" in v
+
+
+def test_summary_over_seeds_by_hand():
+    runs = {
+        0: results([1, 1, 0.5, 0.1], [1, 1, 0.9, 0.7], [1, 1, 0.8, 0.7]),  # single 30, looped 80: edge +50
+        1: results([1, 1, 0.5, 0.5], [1, 1, 0.6, 0.5], [1, 1, 0.5, 0.5]),  # 50 vs 55: +5
+        2: results([1, 1, 1, 1], [1, 1, 0.5, 0.5], [1, 1, 1, 1], saving={"shift_step": None}),  # 100 vs 50: -50; SCP never fired
+    }
+    s = seeds_summary(runs)
+    assert [r["seed"] for r in s["seeds"]] == [0, 1, 2] and [r["verdict"] for r in s["seeds"]] == ["reproduced", "partly reproduced", "not reproduced"]
+    over = s["over_seeds"]
+    assert over["single"]["mean"] == pytest.approx(60.0) and over["looped_oracle"]["mean"] == 100.0 and over["looped_oracle"]["sd"] == 0.0
+    assert over["edge"]["mean"] == pytest.approx(5 / 3) and over["edge"]["sd"] == pytest.approx((5016.6667 / 2) ** 0.5)
+    assert over["edge"]["se"] == pytest.approx(over["edge"]["sd"] / 3**0.5)
+    assert "time_ratio" not in over  # one seed never switched: no ratio for it, so no mean
+    assert s["edge_verdict"] == "not reproduced" and s["seeds_with_edge"] == 2 and s["seeds_shift_faster"] == 2
+    v = {x["claim"]: x["verdict"] for x in seeds_verdicts(s)}
+    assert v == {"parity: Looped-Attn generalises past the training length, Single-Attn does not (3 seeds)": "not reproduced",
+                 "parity: SHIFT trains faster than Looped-Attn (3 seeds)": "partly reproduced"}
+    table = seeds_markdown(s).splitlines()
+    assert len(table) == 2 + 3 + 1 and "| 2 |" in table[4] and "never" in table[4] and table[-1].startswith("| mean (sd) | 60.0% (36.1) | 61.7% (16.1) | 100.0% (0.0)")  # sd of 30, 50, 100: sqrt(2600 / 2)

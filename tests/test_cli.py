@@ -140,6 +140,25 @@ def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_algorithmic_over_seeds_runs_each_seed_and_reports_over_them(tmp_path):
+    out = tmp_path / "seeds"
+    args = ["algorithmic", "--task", "parity", "-p", "single,looped", "-o", str(out), "--seeds", "0,1", *ALGO_TINY]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "seeds.json").read_text())
+    assert [row["seed"] for row in summary["seeds"]] == [0, 1] and "Looped-Attn generalises" in r.output
+    for k in (0, 1):  # each seed is the run `--seed k` gives
+        assert json.loads((out / f"seed-{k}" / "results.json").read_text())["config"]["seed"] == k
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+    assert runner.invoke(app, args).exit_code == 2  # never overwritten
+    r = runner.invoke(app, [*args, "--resume"])  # finished seeds are read back
+    assert r.exit_code == 0 and json.loads((out / "seeds.json").read_text()) == summary, r.output
+    r = runner.invoke(app, ["algorithmic", "-o", str(tmp_path / "x"), "--seed", "0", "--seeds", "0,1"])
+    assert r.exit_code == 2 and "--seeds" in r.output
+    r = runner.invoke(app, ["algorithmic", "-o", str(tmp_path / "y"), "--seeds", "0,0"])
+    assert r.exit_code == 2 and "seeds" in r.output
+
+
 @pytest.mark.parametrize("args, field", [
     (["--task", "sorting"], "task"),
     (["--preset", "huge"], "preset"),

@@ -170,13 +170,14 @@ def algorithmic(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/algorithmic-<task>-<time>)."),
     config: Optional[Path] = ConfigOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the models and the data."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: one run each (in <output>/seed-<k>) and a report over seeds."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides `train.steps`)."),
     set_: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Appendix E.2: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Figures 11, 14). Data-parallel under torchrun."""
-    from loopscape.experiments.algorithmic import AlgorithmicConfig, preset as preset_settings, run_algorithmic
+    from loopscape.experiments.algorithmic import AlgorithmicConfig, preset as preset_settings, run_algorithmic, run_algorithmic_seeds
 
     try:
         pairs = {"paradigms": [p.strip() for p in paradigm.split(",") if p.strip()]}
@@ -191,9 +192,22 @@ def algorithmic(
             _flatten(read_config_file(config), "", flat)
         cfg = load_config(AlgorithmicConfig, None, {**flat, **pairs})
         out = _output(f"algorithmic-{task}", output, resume)
-        results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
+        if seeds is not None:
+            if seed is not None:
+                raise ConfigError("give --seed or --seeds, not both")
+            summary = run_algorithmic_seeds(cfg, _overrides(None, seeds, None)["seeds"], out, resume=resume, show_progress=not quiet)
+        else:
+            results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
     except (ConfigError, ValueError) as err:
         _fail(err)
+    if seeds is not None:
+        from loopscape.reporting.algorithmic import seeds_markdown, seeds_verdicts
+
+        typer.echo(seeds_markdown(summary))
+        for v in seeds_verdicts(summary):
+            typer.echo(f"{v['verdict']}: {v['claim']}: {v['ours']}")
+        typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'seeds.json'}")
+        return
     if not results:  # a non-zero rank under torchrun
         return
     from loopscape.reporting.algorithmic import NAMES, beyond

@@ -16,8 +16,9 @@ look, not the paper's numbers.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -214,3 +215,30 @@ def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = F
 
     write_algorithmic_report(out, results)
     return results
+
+
+def run_algorithmic_seeds(config: AlgorithmicConfig, seeds: list[int], out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """:func:`run_algorithmic` once per seed, in ``out/seed-<k>/``, then the summary over
+    seeds (``seeds.json``, ``report.html``). With ``resume``, finished seeds are read
+    back, an interrupted one continues and the rest start."""
+    require(len(seeds) == len(set(seeds)) and len(seeds) >= 1, "seeds", "distinct integers, at least one", seeds)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another")
+    out = Path(out)
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    runs = {}
+    for s in seeds:
+        run_dir = out / f"seed-{s}"
+        if resume and (run_dir / "results.json").exists():
+            runs[s] = json.loads((run_dir / "results.json").read_text())
+            if runs[s]["config"] != to_dict(replace(config, seed=s)):
+                raise ConfigError(f"--resume: the configuration differs from the one in {str(run_dir / 'results.json')!r}; resume with the same settings")
+        else:
+            runs[s] = run_algorithmic(replace(config, seed=s), run_dir, resume=resume and (run_dir / "config.yaml").exists(), show_progress=show_progress)
+    from loopscape.reporting.algorithmic import seeds_summary, write_seeds_report
+
+    summary = seeds_summary(runs)
+    write_json(out / "seeds.json", summary)
+    write_seeds_report(out, runs, summary)
+    return summary

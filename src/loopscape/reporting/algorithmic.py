@@ -37,6 +37,11 @@ def beyond(results: dict, paradigm: str, reading: str | None = None) -> float:
     return 100 * float(np.mean([a for _, a in pairs])) if pairs else float("nan")
 
 
+def generalisation_verdict(edge_pts: float) -> str:
+    """Looped-Attn's edge over Single-Attn past the training length (points) judged by the stated rule."""
+    return "reproduced" if edge_pts >= GAP_PTS else "partly reproduced" if edge_pts >= COMPARABLE_PTS else "not reproduced"
+
+
 def verdicts(results: dict) -> list[dict]:
     task, par = results["task"], results["paradigms"]
     n = results["config"]["train_max_len"]
@@ -47,7 +52,7 @@ def verdicts(results: dict) -> list[dict]:
                     "paper": "-", "verdict": "not tested"})
     if tested and "single" in par and "looped" in par:
         s, lp = beyond(results, "single"), beyond(results, "looped")
-        v = "reproduced" if lp - s >= GAP_PTS else "partly reproduced" if lp - s >= COMPARABLE_PTS else "not reproduced"
+        v = generalisation_verdict(lp - s)
         out.append({"claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not", "source": "Fig. 14 (c)",
                     "ours": f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)",
                     "paper": "near 100% vs low", "verdict": v})
@@ -166,3 +171,121 @@ def write_algorithmic_report(out: Path, results: dict) -> None:
             "and SHIFT on an algorithmic task. One seed; numbers are not averaged.")
     page = render_report(f"loopscape: {results['task']}", lead, rows, [section], yaml.safe_dump(results["config"], sort_keys=False), versions())
     atomic_write_text(out / "report.html", page)
+
+
+# -- over seeds -----------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict:
+    """Mean, sample standard deviation and standard error of the mean (``None`` below two values)."""
+    n = len(values)
+    sd = float(np.std(values, ddof=1)) if n > 1 else None
+    return {"mean": float(np.mean(values)), "sd": sd, "se": None if sd is None else sd / n**0.5, "n": n}
+
+
+def seeds_summary(runs: dict[int, dict]) -> dict:
+    """One task over several seeds (``runs``: each seed's ``results.json`` content).
+
+    Per seed: mean accuracy past the training length of each paradigm (looped
+    ones also at the oracle ``T(n)``), SHIFT's step and saving, and the
+    per-seed generalisation verdict. Over seeds: mean, sd and standard error of
+    each column, Looped-Attn's paired edge over Single-Attn with the same
+    verdict rule applied to its mean, and on how many seeds SHIFT was faster.
+    """
+    rows = []
+    for seed, r in sorted(runs.items()):
+        row = {"seed": seed}
+        for p in r["paradigms"]:
+            row[p] = beyond(r, p)
+            if p != "single":
+                row[f"{p}_oracle"] = beyond(r, p, "oracle")
+        saving = r.get("shift_saving")
+        if saving:
+            row["shift_step"] = saving["shift_step"]
+            row.update({k: saving[k] for k in ("time_ratio", "flops_ratio")} if saving["shift_step"] is not None else {})
+        if "single" in r["paradigms"] and "looped" in r["paradigms"]:
+            row["edge"] = row["looped"] - row["single"]
+            row["verdict"] = generalisation_verdict(row["edge"])
+        rows.append(row)
+    columns = [c for c in ("single", "looped", "looped_oracle", "shift", "shift_oracle", "edge", "time_ratio", "flops_ratio") if all(c in r for r in rows)]
+    first = runs[min(runs)]
+    out = {"task": first["task"], "train_max_len": first["config"]["train_max_len"], "seeds": rows,
+           "over_seeds": {c: _stats([r[c] for r in rows]) for c in columns}}
+    if "edge" in columns:
+        out["edge_verdict"] = generalisation_verdict(out["over_seeds"]["edge"]["mean"])
+        out["seeds_with_edge"] = sum(r["edge"] >= COMPARABLE_PTS for r in rows)
+    if any("shift_step" in r for r in rows):
+        out["seeds_shift_faster"] = sum(r.get("time_ratio", 0) > 1 for r in rows)
+    return out
+
+
+def plot_length_seeds(runs: dict[int, dict], path: Path) -> None:
+    """Figure 14 (c) over seeds: mean exact match against test length, the band from the lowest to the highest seed
+    (dashed: looped models read at the oracle ``T(n)``, mean)."""
+    first = runs[min(runs)]
+    L = first["test_lengths"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for p in first["paradigms"]:
+        acc = 100 * np.array([headline(r["paradigms"][p], p) for r in runs.values()])
+        ax.plot(L, acc.mean(0), marker="o", ms=3, color=COLOURS[p], label=NAMES[p] + ("" if p == "single" else " (adaptive)"))
+        ax.fill_between(L, acc.min(0), acc.max(0), color=COLOURS[p], alpha=0.15, lw=0)
+        if p != "single":
+            oracle = 100 * np.array([r["paradigms"][p]["length_accuracy"]["oracle"] for r in runs.values()])
+            ax.plot(L, oracle.mean(0), ls="--", lw=1, color=COLOURS[p], label=NAMES[p] + " (oracle T(n))")
+    ax.axvline(first["config"]["train_max_len"] + 0.5, color="grey", ls=":", lw=1)
+    ax.set(xlabel="test length n", ylabel="exact match (%)", title=f"{first['task']}: length generalisation, {len(runs)} seeds", ylim=(-3, 103))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def seeds_markdown(summary: dict) -> str:
+    """The per-seed table with mean (sd) over seeds, and the verdict over seeds."""
+    head = {"single": "Single-Attn", "looped": "Looped-Attn", "looped_oracle": "Looped-Attn, oracle T(n)", "shift": "SHIFT",
+            "shift_oracle": "SHIFT, oracle T(n)", "edge": "Looped - Single (pts)", "time_ratio": "Looped / SHIFT time", "flops_ratio": "Looped / SHIFT FLOPs"}
+    cols = list(summary["over_seeds"])
+    has_step, has_verdict = any("shift_step" in r for r in summary["seeds"]), "edge_verdict" in summary
+    cell = lambda c, x: "-" if x is None else f"{x:.2f}x" if c.endswith("ratio") else f"{x:+.1f}" if c == "edge" else f"{x:.1f}%"
+    names = ["seed", *(head[c] for c in cols), *(["SCP step"] if has_step else []), *(["verdict"] if has_verdict else [])]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in summary["seeds"]:
+        step = [] if not has_step else ["never" if r.get("shift_step") is None else f"{r['shift_step']:,}"]
+        lines.append("| " + " | ".join([str(r["seed"]), *(cell(c, r.get(c)) for c in cols), *step, *([r["verdict"]] if has_verdict else [])]) + " |")
+    stat = summary["over_seeds"]
+    sd = lambda c: "" if stat[c]["sd"] is None else f" ({stat[c]['sd']:.1f})" if not c.endswith("ratio") else f" ({stat[c]['sd']:.2f})"
+    lines.append("| mean (sd) | " + " | ".join(cell(c, stat[c]["mean"]) + sd(c) for c in cols) + " |" + " |" * (has_step + has_verdict))
+    return "\n".join(lines)
+
+
+def seeds_verdicts(summary: dict) -> list[dict]:
+    task, n, k = summary["task"], summary["train_max_len"], len(summary["seeds"])
+    out = []
+    if "edge_verdict" in summary:
+        e = summary["over_seeds"]["edge"]
+        se = "" if e["se"] is None else f" (standard error {e['se']:.1f})"
+        out.append({"claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not ({k} seeds)", "source": "Fig. 14 (c)",
+                    "ours": f"Looped-Attn minus Single-Attn past length {n}: {e['mean']:+.1f} points, mean over seeds{se}; "
+                            f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds",
+                    "paper": "near 100% vs low", "verdict": summary["edge_verdict"]})
+    if "seeds_shift_faster" in summary:
+        f = summary["seeds_shift_faster"]
+        v = "reproduced" if f == k else "partly reproduced" if f else "not reproduced"
+        out.append({"claim": f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)", "source": "Fig. 11",
+                    "ours": f"faster on {f} of {k} seeds", "paper": "shorter training time", "verdict": v})
+    return out
+
+
+def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
+    """``out/report.html``: the table over seeds, its verdicts and Figure 14 (c) over seeds; each seed's own report is in ``seed-<k>/``."""
+    plot_length_seeds(runs, out / "figures" / "fig14c_length_seeds.png")
+    links = ", ".join(f"[seed {s}](seed-{s}/report.html)" for s in sorted(runs))
+    md = "\n".join([
+        f"## {summary['task']} over {len(runs)} seeds", "",
+        f"Mean exact match past the training length (test lengths above {summary['train_max_len']}); looped models read by adaptive stopping, "
+        "the oracle T(n) beside it. The verdict over seeds applies the per-seed rule to the mean edge.", "",
+        seeds_markdown(summary), "", f"Each seed's own report: {links}.",
+    ])
+    section = Section("seeds", f"{summary['task']}: over seeds", md, [(out / "figures" / "fig14c_length_seeds.png", "Figure 14 (c) over seeds: mean, and the band from the lowest to the highest seed (dashed: oracle T(n))")])
+    lead = f"Appendix E.2 on {summary['task']}, the same settings trained with {len(runs)} seeds."
+    config = yaml.safe_dump({"seeds": sorted(runs), **{k: v for k, v in runs[min(runs)]["config"].items() if k != "seed"}}, sort_keys=False)
+    atomic_write_text(out / "report.html", render_report(f"loopscape: {summary['task']}, {len(runs)} seeds", lead, seeds_verdicts(summary), [section], config, versions()))
