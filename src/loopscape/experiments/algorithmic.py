@@ -5,7 +5,8 @@
 lengths (Figure 14 c-panels: Looped-Attn read by adaptive stopping, per batch
 and per sample, and by the oracle ``T(n)``; Single-Attn after its one step),
 accounts SHIFT's compute against Looped-Attn's (Figure 11), and writes
-``results.json``, figures and ``report.html``.
+``results.json``, figures and ``report.html``. ``run_algorithmic_seeds`` does so
+once per seed and reports over the seeds.
 
 Presets (``PRESETS``): ``paper`` is Appendix E.2 on a GPU (d = 256, the
 authors' heads and layers per task, 50,001 steps, lr 1e-4, batch 64);
@@ -25,7 +26,7 @@ import torch
 
 from loopscape.config import ConfigError, from_dict, require, to_dict, validate_tree
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
-from loopscape.experiments.markov import prepare_output
+from loopscape.experiments.markov import prepare_output, refuse_to_overwrite
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import read_jsonl, write_json
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
@@ -225,8 +226,8 @@ def run_algorithmic_seeds(config: AlgorithmicConfig, seeds: list[int], out: str 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another")
     out = Path(out)
-    if not resume and out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    if not resume:
+        refuse_to_overwrite(out)
     runs = {}
     for s in seeds:
         run_dir = out / f"seed-{s}"

@@ -175,6 +175,12 @@ def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed{seed}"
 
 
+def refuse_to_overwrite(out: Path) -> None:
+    """A run never writes into a non-empty folder unless it resumes it."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+
+
 def prepare_output(out: Path, cfg, resume: bool) -> None:
     """Create ``out`` with the run's ``config.yaml`` (any config dataclass); refuse to
     touch an existing folder unless resuming the same config."""
@@ -185,8 +191,7 @@ def prepare_output(out: Path, cfg, resume: bool) -> None:
         if yaml.safe_load(saved.read_text()) != to_dict(cfg):
             raise ConfigError(f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings")
         return
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    refuse_to_overwrite(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
