@@ -32,6 +32,7 @@ all, and ``speedup / work ratio`` how fast each FLOP runs. Goal: >= 2x samples/s
 
     python benchmarks/bench_algorithmic.py                 # cpu-small Parity block (d = 32)
     python benchmarks/bench_algorithmic.py --preset paper  # d = 256, 1 layer, 64 heads (GPU: run there)
+    python benchmarks/bench_algorithmic.py --fixed-cost    # our step at 1-128 rows: cost per block step, fixed and per row
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import multiprocessing as mp
 import random
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_attention import written_out
@@ -84,10 +86,11 @@ def eager_forward(model, x: torch.Tensor, steps: torch.Tensor, horizon: int) -> 
     return every[torch.arange(len(steps)), steps - 1]
 
 
-def _worker(side: str, args: dict, queue) -> None:
-    from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask
+def _setup(side: str, args: dict):
+    """Parity, the model (one initialisation for every side) and the side's optimiser."""
+    from loopscape.data.algorithmic import AlgorithmicTask
     from loopscape.models.looped_gpt import looped_gpt
-    from loopscape.training.algorithmic import AlgoTrainConfig, make_optimizer, step_flops, train_step
+    from loopscape.training.algorithmic import AlgoTrainConfig, make_optimizer
 
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
@@ -96,6 +99,51 @@ def _worker(side: str, args: dict, queue) -> None:
     model = looped_gpt(task.vocab_size, d_model=args["d_model"], n_heads=args["n_heads"], n_layers=args["n_layers"]).to(device)
     config = AlgoTrainConfig(lr=1e-4)
     opt = make_optimizer(model, config) if side == "ours" else torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return task, model, config, opt, device
+
+
+def _time_steps(one_step, args: dict, device: torch.device) -> float:
+    """Seconds per step: the fastest of ``repeats`` blocks of ``steps`` steps (warm up first)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(args["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args["steps"]):
+            one_step()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best / args["steps"]
+
+
+def fixed_cost(args: dict, rows=(1, 4, 16, 64, 128)) -> dict:
+    """Our step on batches of ``rows`` rows, all at the longest length n (n block steps
+    each): the line through (rows, time per step) splits a block step's cost into a
+    part paid whatever the rows (intercept / n; optimiser and loss included) and a
+    part per row (slope / n)."""
+    from loopscape.training.algorithmic import train_step
+
+    task, model, config, opt, device = _setup("ours", args)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def ms_at(B: int) -> float:
+        b = task.batch(torch.full((B,), args["n"], device=device), gen)
+        one_step = lambda: train_step(model, opt, b, b.steps, config)
+        for _ in range(args["warmup"]):
+            one_step()
+        return 1e3 * _time_steps(one_step, args, device)
+
+    ms = [ms_at(B) for B in rows]
+    slope, intercept = np.polyfit(rows, ms, 1)
+    return {"rows": list(rows), "ms_per_step": [round(t, 2) for t in ms], "block_steps": args["n"],
+            "fixed_ms_per_block_step": round(intercept / args["n"], 3), "ms_per_row_block_step": round(slope / args["n"], 4)}
+
+
+def _worker(side: str, args: dict, queue) -> None:
+    from loopscape.data.algorithmic import AlgoBatch
+    from loopscape.training.algorithmic import step_flops, train_step
+
+    task, model, config, opt, device = _setup(side, args)
     vocab = {s: i for i, s in enumerate(task.vocab)}
     rng, gen = random.Random(0), torch.Generator(device=device).manual_seed(0)
     flops: list[float] = []
@@ -133,19 +181,11 @@ def _worker(side: str, args: dict, queue) -> None:
 
     for _ in range(args["warmup"]):
         one_step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    best = float("inf")
     flops.clear()
-    for _ in range(args["repeats"]):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args["steps"]):
-            one_step()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    out = {"samples_per_s": args["steps"] * args["batch"] / best, "s_per_step": best / args["steps"], "gflop_per_step": sum(flops) / len(flops) / 1e9}
+    s_per_step = _time_steps(one_step, args, device)
+    out = {"samples_per_s": args["batch"] / s_per_step, "s_per_step": s_per_step, "gflop_per_step": sum(flops) / len(flops) / 1e9}
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     out["activations_mib"] = sum(activation_mib() for _ in range(5)) / 5
@@ -173,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="fresh processes per side, interleaved; each side's fastest counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fixed-cost", action="store_true", help="only our step at 1-128 rows of the longest length: the cost of a block step paid whatever the rows, and per row")
     a = ap.parse_args()
     if a.preset == "paper":
         args = {"d_model": 256, "n_heads": 64, "n_layers": 1, "n": 20, "steps": a.steps or 10, "repeats": a.repeats or 2}
@@ -181,6 +222,9 @@ def main() -> None:
         args = {"d_model": 32, "n_heads": 4, "n_layers": 1, "n": 10, "steps": a.steps or 40, "repeats": a.repeats or 3}
         a.rounds = a.rounds or 3
     args.update(batch=64, warmup=3, device=a.device, threads=a.threads)
+    if a.fixed_cost:
+        print(json.dumps({"torch": torch.__version__, "config": args, **fixed_cost(args)}, indent=2))
+        return
     rounds = [{side: run_side(side, args) for side in SIDES} for _ in range(a.rounds)]  # sides interleaved: drift hits all
     res = {side: max((r[side] for r in rounds), key=lambda out: out["samples_per_s"]) for side in SIDES}
     ours = res["ours"]

@@ -93,16 +93,24 @@ def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_length(results: dict, path: Path) -> None:
-    """Figure 14 (c): exact-match accuracy against test length."""
+def plot_length(runs: list[dict], path: Path) -> None:
+    """Figure 14 (c): exact-match accuracy against test length, of one run or the mean
+    over several seeds' (``runs``: ``results.json`` contents) with the band from the
+    lowest to the highest seed; looped models read at the oracle ``T(n)`` dashed."""
+    first = runs[0]
+    L = first["test_lengths"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    L = results["test_lengths"]
-    for p, entry in results["paradigms"].items():
-        ax.plot(L, [100 * a for a in headline(entry, p)], marker="o", ms=3, color=COLOURS[p], label=NAMES[p] + ("" if p == "single" else " (adaptive)"))
+    for p in first["paradigms"]:
+        acc = 100 * np.array([headline(r["paradigms"][p], p) for r in runs])
+        ax.plot(L, acc.mean(0), marker="o", ms=3, color=COLOURS[p], label=NAMES[p] + ("" if p == "single" else " (adaptive)"))
+        if len(runs) > 1:
+            ax.fill_between(L, acc.min(0), acc.max(0), color=COLOURS[p], alpha=0.15, lw=0)
         if p != "single":
-            ax.plot(L, [100 * a for a in entry["length_accuracy"]["oracle"]], ls="--", lw=1, color=COLOURS[p], label=NAMES[p] + " (oracle T(n))")
-    ax.axvline(results["config"]["train_max_len"] + 0.5, color="grey", ls=":", lw=1)
-    ax.set(xlabel="test length n", ylabel="exact match (%)", title=f"{results['task']}: length generalisation", ylim=(-3, 103))
+            oracle = 100 * np.array([r["paradigms"][p]["length_accuracy"]["oracle"] for r in runs])
+            ax.plot(L, oracle.mean(0), ls="--", lw=1, color=COLOURS[p], label=NAMES[p] + " (oracle T(n))")
+    ax.axvline(first["config"]["train_max_len"] + 0.5, color="grey", ls=":", lw=1)
+    title = f"{first['task']}: length generalisation" + (f", {len(runs)} seeds" if len(runs) > 1 else "")
+    ax.set(xlabel="test length n", ylabel="exact match (%)", title=title, ylim=(-3, 103))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -126,7 +134,7 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
     figs = out / "figures"
     metrics = {p: read_jsonl(out / p / "metrics.jsonl") for p in results["paradigms"]}
     plot_training(metrics, figs / "fig14ab_training.png")
-    plot_length(results, figs / "fig14c_length.png")
+    plot_length([results], figs / "fig14c_length.png")
     plot_compute(metrics, figs / "fig11_compute.png")
     cfg, task = results["config"], results["task"]
     lines = [
@@ -202,7 +210,8 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
         saving = r.get("shift_saving")
         if saving:
             row["shift_step"] = saving["shift_step"]
-            row.update({k: saving[k] for k in ("time_ratio", "flops_ratio")} if saving["shift_step"] is not None else {})
+            if saving["shift_step"] is not None:  # no switch, no SHIFT run to time
+                row["time_ratio"], row["flops_ratio"] = saving["time_ratio"], saving["flops_ratio"]
         if "single" in r["paradigms"] and "looped" in r["paradigms"]:
             row["edge"] = row["looped"] - row["single"]
             row["verdict"] = generalisation_verdict(row["edge"])
@@ -219,26 +228,6 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
     return out
 
 
-def plot_length_seeds(runs: dict[int, dict], path: Path) -> None:
-    """Figure 14 (c) over seeds: mean exact match against test length, the band from the lowest to the highest seed
-    (dashed: looped models read at the oracle ``T(n)``, mean)."""
-    first = runs[min(runs)]
-    L = first["test_lengths"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for p in first["paradigms"]:
-        acc = 100 * np.array([headline(r["paradigms"][p], p) for r in runs.values()])
-        ax.plot(L, acc.mean(0), marker="o", ms=3, color=COLOURS[p], label=NAMES[p] + ("" if p == "single" else " (adaptive)"))
-        ax.fill_between(L, acc.min(0), acc.max(0), color=COLOURS[p], alpha=0.15, lw=0)
-        if p != "single":
-            oracle = 100 * np.array([r["paradigms"][p]["length_accuracy"]["oracle"] for r in runs.values()])
-            ax.plot(L, oracle.mean(0), ls="--", lw=1, color=COLOURS[p], label=NAMES[p] + " (oracle T(n))")
-    ax.axvline(first["config"]["train_max_len"] + 0.5, color="grey", ls=":", lw=1)
-    ax.set(xlabel="test length n", ylabel="exact match (%)", title=f"{first['task']}: length generalisation, {len(runs)} seeds", ylim=(-3, 103))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
 def seeds_markdown(summary: dict) -> str:
     """The per-seed table with mean (sd) over seeds, and the verdict over seeds."""
     head = {"single": "Single-Attn", "looped": "Looped-Attn", "looped_oracle": "Looped-Attn, oracle T(n)", "shift": "SHIFT",
@@ -252,7 +241,7 @@ def seeds_markdown(summary: dict) -> str:
         step = [] if not has_step else ["never" if r.get("shift_step") is None else f"{r['shift_step']:,}"]
         lines.append("| " + " | ".join([str(r["seed"]), *(cell(c, r.get(c)) for c in cols), *step, *([r["verdict"]] if has_verdict else [])]) + " |")
     stat = summary["over_seeds"]
-    sd = lambda c: "" if stat[c]["sd"] is None else f" ({stat[c]['sd']:.1f})" if not c.endswith("ratio") else f" ({stat[c]['sd']:.2f})"
+    sd = lambda c: "" if stat[c]["sd"] is None else f" ({stat[c]['sd']:.{2 if c.endswith('ratio') else 1}f})"
     lines.append("| mean (sd) | " + " | ".join(cell(c, stat[c]["mean"]) + sd(c) for c in cols) + " |" + " |" * (has_step + has_verdict))
     return "\n".join(lines)
 
@@ -277,7 +266,7 @@ def seeds_verdicts(summary: dict) -> list[dict]:
 
 def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
     """``out/report.html``: the table over seeds, its verdicts and Figure 14 (c) over seeds; each seed's own report is in ``seed-<k>/``."""
-    plot_length_seeds(runs, out / "figures" / "fig14c_length_seeds.png")
+    plot_length([runs[s] for s in sorted(runs)], out / "figures" / "fig14c_length_seeds.png")
     links = ", ".join(f"[seed {s}](seed-{s}/report.html)" for s in sorted(runs))
     md = "\n".join([
         f"## {summary['task']} over {len(runs)} seeds", "",
