@@ -90,14 +90,14 @@ def _setup(side: str, args: dict):
     """Parity, the model (one initialisation for every side) and the side's optimiser."""
     from loopscape.data.algorithmic import AlgorithmicTask
     from loopscape.models.looped_gpt import looped_gpt
-    from loopscape.training.algorithmic import AlgoTrainConfig, make_optimizer
+    from loopscape.training.algorithmic import AlgorithmicTrainConfig, make_optimizer
 
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
     task = AlgorithmicTask("parity")
     torch.manual_seed(0)
     model = looped_gpt(task.vocab_size, d_model=args["d_model"], n_heads=args["n_heads"], n_layers=args["n_layers"]).to(device)
-    config = AlgoTrainConfig(lr=1e-4)
+    config = AlgorithmicTrainConfig(lr=1e-4)
     opt = make_optimizer(model, config) if side == "ours" else torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return task, model, config, opt, device
 

@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from loopscape.experiments.markov import MarkovStudyConfig, build_task
+from loopscape.data.markov import build_task
+from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.landscape.hessian import HessianOperator, weighted_batches
 from loopscape.landscape.linalg import dense_spectrum, exact_spectrum
-from loopscape.training.trainer import TrainConfig, seeded, train
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
 
 
 def baseline_spectrum(model, x, y) -> torch.Tensor:
@@ -78,7 +80,7 @@ def trajectory(model, task, epochs: range) -> list[torch.Tensor]:
     thetas = []
     with tempfile.TemporaryDirectory() as d:
         for e in epochs:
-            train(model, task, TrainConfig(epochs=1, checkpoint_every=10**9), f"{d}/{e}", seed=e)
+            train_markov(model, task, MarkovTrainConfig(epochs=1, checkpoint_every=10**9), f"{d}/{e}", seed=e)
             thetas.append(parameters_to_vector(model.parameters()).detach().clone())
     return thetas
 
@@ -92,7 +94,7 @@ def main() -> None:
     results = {}
     for name, T in cfg.models.items():
         with seeded(0):
-            model = cfg.model.build(cfg.data.vocab_size, T)
+            model = cfg.build_model(T)
         for stage, epochs in (("epochs1-10", range(1, 11)), ("epochs41-50", range(41, 51))):
             if stage == "epochs41-50":
                 trajectory(model, task, range(11, 41))

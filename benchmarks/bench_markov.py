@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.data.markov import MarkovDataConfig, build_task
 from loopscape.models.linear_attn import looped_attn, single_attn
-from loopscape.training.trainer import TrainConfig, train
+from loopscape.training.markov import MarkovTrainConfig, train_markov
 
 
 def per_epoch_seconds(model, epochs: int = 20) -> float:
     torch.set_num_threads(1)
     _, task = build_task(MarkovDataConfig())
     with tempfile.TemporaryDirectory() as d:
-        rows = train(model, task, TrainConfig(epochs=epochs, checkpoint_every=10**9), d, seed=0)
+        rows = train_markov(model, task, MarkovTrainConfig(epochs=epochs, checkpoint_every=10**9), d, seed=0)
     return sum(r["time_s"] for r in rows[1:]) / epochs
 
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from loopscape.experiments.markov import MarkovStudyConfig, build_task
-from loopscape.experiments.shift import SCP, ShiftStudyConfig, _controller
+from loopscape.data.markov import build_task
+from loopscape.experiments.markov import MarkovStudyConfig
+from loopscape.experiments.shift import SCP, ShiftStudyConfig, schedule_of
 from loopscape.training.population import train_population
-from loopscape.training.trainer import TrainConfig, seeded, train
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
 
 
 def run(args: list[str]) -> tuple[float, dict]:
@@ -37,24 +39,24 @@ def population_vs_one_by_one(epochs: int = 30) -> dict:
     torch.set_num_threads(1)
     cfg, shift = MarkovStudyConfig(), ShiftStudyConfig()
     _, task = build_task(cfg.data)
-    tc = TrainConfig(epochs=epochs, checkpoint_every=10**9)
+    tc = MarkovTrainConfig(epochs=epochs, checkpoint_every=10**9)
     policies = shift.policies()
 
     def models():
         out = []
         for _ in policies:
             with seeded(0):
-                out.append(cfg.model.build(cfg.data.vocab_size, 1))
+                out.append(cfg.build_model(1))
         return out
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimiser imports torch._dynamo (~2 s): not either side's cost
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        train_population(models(), [0] * len(policies), [_controller(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop")
+        train_population(models(), [0] * len(policies), [schedule_of(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop")
         together = time.perf_counter() - t0
         t0 = time.perf_counter()
         for k, (m, (p, o)) in enumerate(zip(models(), policies)):
-            train(m, task, tc, f"{d}/m{k}", seed=0, controller=_controller(p, o, 3, shift.scp))
+            train_markov(m, task, tc, f"{d}/m{k}", seed=0, schedule=schedule_of(p, o, 3, shift.scp))
         alone = time.perf_counter() - t0
     return {"members": len(policies), "epochs": epochs, "together_s": together, "one_by_one_s": alone, "ratio": alone / together}
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import looped_gpt
-from loopscape.training.algorithmic import AlgoTrainConfig, lr_at, make_optimizer, step_flops, train_algorithmic, train_step
+from loopscape.shift.criterion import SCPConfig
+from loopscape.training.algorithmic import AlgorithmicTrainConfig, lr_at, make_optimizer, step_flops, train_algorithmic, train_step
 
 SMALL = dict(d_model=16, n_heads=2, n_layers=1)
 
@@ -34,7 +35,7 @@ def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
     task = AlgorithmicTask("parity")
     model = looped_gpt(task.vocab_size, **SMALL)
     cfg = {"eval_every": 5, **cfg}
-    config = AlgoTrainConfig(steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
+    config = AlgorithmicTrainConfig(steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
     rows = train_algorithmic(model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step)
     return model, rows
 
@@ -44,7 +45,7 @@ def test_train_step_is_one_plain_adamw_step_on_the_masked_mean_loss():
     mean cross-entropy over scored positions, backward, clip to norm 1, torch's reference AdamW."""
     task = AlgorithmicTask("parity")
     batch = task.batch(torch.tensor([1, 3, 5, 2, 4]), torch.Generator().manual_seed(0))
-    config = AlgoTrainConfig(lr=1e-2, grad_clip=1e-3)  # the clip binds
+    config = AlgorithmicTrainConfig(lr=1e-2, grad_clip=1e-3)  # the clip binds
     torch.manual_seed(0)
     ours, ref = looped_gpt(task.vocab_size, **SMALL), looped_gpt(task.vocab_size, **SMALL)
     ref.load_state_dict(ours.state_dict())
@@ -101,7 +102,7 @@ def test_shift_at_a_fixed_step_switches_and_keeps_going(tmp_path):
 
 
 def test_shift_by_scp_records_its_step(tmp_path):
-    _, rows = _run(tmp_path / "x", "shift", 40, scp={"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1})
+    _, rows = _run(tmp_path / "x", "shift", 40, scp=SCPConfig(patience=1, min_delta=10.0, wait=1, max_wait=1))
     shifted = rows[-1]["shifted_at"]
     assert shifted is not None and all(r["paradigm"] == ("single" if r["step"] <= shifted else "looped") for r in rows)
 
@@ -124,7 +125,7 @@ def test_flops_match_torch_flop_counter():
 
 
 def test_schedule_constant_then_cosine_to_zero():
-    c = AlgoTrainConfig(steps=100, lr=1.0)
+    c = AlgorithmicTrainConfig(steps=100, lr=1.0)
     assert lr_at(10, c, 50) == 1.0 and lr_at(50, c, 50) == 1.0
     assert lr_at(75, c, 50) == pytest.approx(0.5) and lr_at(100, c, 50) == pytest.approx(0.0)
 

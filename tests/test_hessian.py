@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
-from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.data.markov import MarkovDataConfig, build_task
 from loopscape.landscape.hessian import HessianOperator, StochasticLossError, weighted_batches
 from loopscape.landscape.linalg import DenseOperator, dense_matrix, exact_spectrum, hutchpp_trace, lanczos, slq_density
 from loopscape.models.linear_attn import looped_attn, single_attn
-from loopscape.training.trainer import seeded
+from loopscape.training.run import seeded
 
 torch.set_default_dtype(torch.float32)
 

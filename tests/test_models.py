@@ -61,6 +61,8 @@ def test_embedding_is_fixed_and_any_length_works():
 
 def test_invalid_model_settings():
     with pytest.raises(ValueError, match="n_loops"):
-        LinearAttn(LinearAttnConfig(n_loops=0))
+        LinearAttn(LinearAttnConfig(vocab_size=3, n_loops=0))
     with pytest.raises(ValueError, match="embedding"):
-        LinearAttn(LinearAttnConfig(embedding="learned"))
+        LinearAttn(LinearAttnConfig(vocab_size=3, embedding="learned"))
+    with pytest.raises(ValueError, match="vocab_size must be set"):  # a study's section until the data fills it in
+        LinearAttn(LinearAttnConfig())

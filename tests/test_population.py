@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.data.markov import MarkovDataConfig, build_task
 from loopscape.models.linear_attn import single_attn
 from loopscape.shift.criterion import ShiftCriterion
-from loopscape.shift.training import ShiftController
+from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.population import MemberAdam, Population, load_member, train_population
-from loopscape.training.trainer import TrainConfig, seeded, train
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
 
 TASK = build_task(MarkovDataConfig(n_train=120, n_val=60))[1]
-CFG = TrainConfig(epochs=8, batch_size=16, checkpoint_every=3)
+CFG = MarkovTrainConfig(epochs=8, batch_size=16, checkpoint_every=3)
 
 
 def fresh(seed):
@@ -23,13 +24,13 @@ def scp():
     return ShiftCriterion(patience=1, min_delta=10.0, wait=1, grad_tol=10.0)  # plateau at 1, shift at 2
 
 
-SPECS = [(0, lambda: ShiftController(3, at_epoch=0)), (1, lambda: ShiftController(3, at_epoch=4)), (1, lambda: ShiftController(3, at_epoch=4, optimizer="reset")), (2, lambda: ShiftController(3, criterion=scp()))]
+SPECS = [(0, lambda: ShiftSchedule.fixed(3, at=0)), (1, lambda: ShiftSchedule.fixed(3, at=4)), (1, lambda: ShiftSchedule.fixed(3, at=4, optimizer="reset")), (2, lambda: ShiftSchedule.scp(3, scp()))]
 
 
 def test_every_member_follows_its_single_model_run(tmp_path):
     rows = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "pop")
     for k, (seed, make) in enumerate(SPECS):
-        ref = train(fresh(seed), TASK, CFG, tmp_path / f"ref{k}", seed=seed, controller=make())
+        ref = train_markov(fresh(seed), TASK, CFG, tmp_path / f"ref{k}", seed=seed, schedule=make())
         assert [r["n_loops"] for r in ref] == [r["n_loops"][k] for r in rows]
         for key in ("train_loss", "val_loss", "grad_norm", "acc_all", "acc_high"):
             got = torch.tensor([r[key][k] for r in rows])
@@ -81,7 +82,7 @@ def test_saved_member_is_the_members_model(tmp_path):
     from safetensors.torch import load_file
 
     pop.load_state_dict(load_file(str(tmp_path / "pop" / "model.safetensors")))
-    loops = torch.tensor([3 if c.shift_epoch is not None else 1 for c in controllers])
+    loops = torch.tensor([3 if c.shift_step is not None else 1 for c in controllers])
     for k in range(len(SPECS)):
         m = load_member(tmp_path / "pop" / "model.safetensors", template, k, int(loops[k]))
         torch.testing.assert_close(m(TASK.val.inputs), pop(TASK.val.inputs, loops)[k], rtol=1e-5, atol=1e-6)

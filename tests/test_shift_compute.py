@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopscape.data.markov import MarkovLanguage
-from loopscape.experiments.shift import bayes_prediction
+from loopscape.experiments.length import bayes_prediction
 from loopscape.models.linear_attn import looped_attn
 from loopscape.shift import compute
 

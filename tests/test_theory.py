@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from loopscape.experiments.theory import TheoryConfig, check_bound
+from loopscape.experiments.theory import TheoryStudyConfig, check_bound
 from loopscape.landscape.alignment import gradient_alignment
 from loopscape.landscape.quadratic import RiverValley, decoupled_run, run, u_and_v_valleys, valley_force
 from loopscape.landscape.river_valley import assumption1
@@ -47,7 +47,7 @@ def test_u_and_v_valleys_meet_their_definitions():
 
 @pytest.mark.parametrize("quartic", [False, True])
 def test_theorems_1_and_2_bounds_on_random_instances(quartic):
-    r = check_bound(quartic, TheoryConfig(instances=30, steps=200, seed=3))
+    r = check_bound(quartic, TheoryStudyConfig(instances=30, steps=200, seed=3))
     assert r["meeting_assumptions"] >= 10
     assert r["fraction_held"] == 1.0 and not r["counterexamples"]
 

@@ -2,12 +2,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loopscape.experiments.markov import MarkovDataConfig, build_task
+from loopscape.data.markov import MarkovDataConfig, build_task
 from loopscape.models.linear_attn import looped_attn
-from loopscape.training.trainer import TrainConfig, seeded, train
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
 
 TASK = build_task(MarkovDataConfig(n_train=120, n_val=60))[1]
-CFG = TrainConfig(epochs=8, batch_size=16, checkpoint_every=3)
+CFG = MarkovTrainConfig(epochs=8, batch_size=16, checkpoint_every=3)
 
 
 def numbers(rows):
@@ -20,7 +21,7 @@ def fresh_model(seed=0):
 
 
 def test_metrics_rows_and_content(tmp_path):
-    rows = train(fresh_model(), TASK, CFG, tmp_path, seed=0)
+    rows = train_markov(fresh_model(), TASK, CFG, tmp_path, seed=0)
     assert [r["epoch"] for r in rows] == list(range(9))
     assert set(rows[0]) >= {"train_loss", "val_loss", "acc_all", "acc_low", "acc_high", "val_acc", "grad_norm"}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -28,15 +29,15 @@ def test_metrics_rows_and_content(tmp_path):
 
 
 def test_same_seed_same_numbers(tmp_path):
-    a = train(fresh_model(), TASK, CFG, tmp_path / "a", seed=0)
-    b = train(fresh_model(), TASK, CFG, tmp_path / "b", seed=0)
-    c = train(fresh_model(), TASK, CFG, tmp_path / "c", seed=1)
+    a = train_markov(fresh_model(), TASK, CFG, tmp_path / "a", seed=0)
+    b = train_markov(fresh_model(), TASK, CFG, tmp_path / "b", seed=0)
+    c = train_markov(fresh_model(), TASK, CFG, tmp_path / "c", seed=1)
     assert numbers(a) == numbers(b)
     assert numbers(a) != numbers(c)
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
-    full = train(fresh_model(), TASK, CFG, tmp_path / "full", seed=0)
+    full = train_markov(fresh_model(), TASK, CFG, tmp_path / "full", seed=0)
 
     class Crash(Exception):
         pass
@@ -46,8 +47,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, on_epoch=crash_at_7)
-    resumed = train(fresh_model(seed=99), TASK, CFG, tmp_path / "cut", seed=0, resume=True)
+        train_markov(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, on_epoch=crash_at_7)
+    resumed = train_markov(fresh_model(seed=99), TASK, CFG, tmp_path / "cut", seed=0, resume=True)
     assert numbers(resumed) == numbers(full)
     wa, wb = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -56,7 +57,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
 def test_gradient_norm_matches_autograd(tmp_path):
     import torch.nn.functional as F
 
-    from loopscape.training.trainer import evaluate
+    from loopscape.training.markov import evaluate
 
     m = fresh_model()
     loss = F.cross_entropy(m(TASK.train.inputs), TASK.train.targets)
@@ -73,7 +74,7 @@ def test_training_accuracy_never_exceeds_bayes_ceiling(tmp_path):
     from loopscape.data.markov import bayes_ceiling
 
     ok = bayes_ceiling(TASK.train).float()
-    rows = train(fresh_model(), TASK, TrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0)
+    rows = train_markov(fresh_model(), TASK, MarkovTrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0)
     for r in rows:
         assert r["acc_all"] <= ok.mean().item() + 1e-9
 
@@ -83,15 +84,15 @@ def test_hessian_tracker_resumes_with_the_run(tmp_path):
     from loopscape.landscape.tracking import HessianTracker
 
     tracker = lambda: [HessianTracker(TASK.train.inputs, TASK.train.targets, every=2)]
-    train(fresh_model(), TASK, CFG, tmp_path / "full", seed=0, trackers=tracker())
+    train_markov(fresh_model(), TASK, CFG, tmp_path / "full", seed=0, trackers=tracker())
 
     def crash_at_7(epoch):
         if epoch == 7:
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, on_epoch=crash_at_7, trackers=tracker())
-    train(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, resume=True, trackers=tracker())
+        train_markov(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, on_epoch=crash_at_7, trackers=tracker())
+    train_markov(fresh_model(), TASK, CFG, tmp_path / "cut", seed=0, resume=True, trackers=tracker())
     full, cut = read_jsonl(tmp_path / "full" / "spectra.jsonl"), read_jsonl(tmp_path / "cut" / "spectra.jsonl")
     assert [r["epoch"] for r in full] == [0, 2, 4, 6, 8]
     assert full == cut

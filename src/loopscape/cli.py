@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from loopscape.config import ConfigError, load_config, parse_override, read_config_file
+from loopscape.config import ConfigError, load_config, parse_override, preset_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped transformers, their loss landscapes, and SHIFT.")
 
@@ -24,15 +24,20 @@ SeedsOpt = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (overrides `train.epochs`).")
 
 
-def _overrides(sets: Optional[List[str]], seeds: Optional[str], epochs: Optional[int]) -> dict:
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers (got {text!r})") from None
+
+
+def overrides(sets: Optional[List[str]], **flags) -> dict:
+    """``--set`` pairs, then each flag given (``{"train.epochs": 40}``); seeds come as text."""
     pairs = dict(parse_override(s) for s in sets or [])
-    if seeds is not None:
-        try:
-            pairs["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
-    if epochs is not None:
-        pairs["train.epochs"] = epochs
+    for key, value in flags.items():
+        if value is not None:
+            pairs[key] = parse_seeds(value) if key.split(".")[-1].endswith("seeds") else value
     return pairs
 
 
@@ -59,14 +64,11 @@ def reproduce(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4), length generalisation (Table 1), as one HTML report."""
-    from loopscape.experiments.reproduce import QUICK, ReproduceConfig, run_reproduce
+    from loopscape.experiments.reproduce import ReproduceConfig, run_reproduce
 
     try:
-        pairs = dict(QUICK) if quick else {}
-        pairs.update(parse_override(s) for s in set_ or [])
-        if seeds is not None:
-            pairs["markov.seeds"] = _overrides(None, seeds, None)["seeds"]
-        cfg = load_config(ReproduceConfig, config, pairs)
+        files = [preset_file("reproduce-quick.yaml")] if quick else []
+        cfg = load_config(ReproduceConfig, files + ([config] if config else []), overrides(set_, **{"markov.seeds": seeds}))
         out = _output("reproduce", output, resume)
         report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
     except ConfigError as err:
@@ -90,12 +92,12 @@ def markov(
     from loopscape.experiments.markov import MarkovStudyConfig, run_markov_study
 
     try:
-        cfg = load_config(MarkovStudyConfig, config, _overrides(set_, seeds, epochs))
+        cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
         out = _output("markov", output, resume)
-        summary = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
+        study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
     except ConfigError as err:
         _fail(err)
-    v = summary["observation1"]
+    v = study.results["observation1"]
     typer.echo(f"Observation 1: {v['verdict']} (mean delta {v['delta_mean_pts']:+.2f} pts over {len(v['delta_pts'])} seeds)")
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
 
@@ -117,8 +119,8 @@ def sweep(
 
     try:
         # the sweep judges Observation 1 only: Hessian tracking is off unless asked for
-        overrides = {"seeds": [0, 1, 2], "hessian.enabled": False, **_overrides(set_, seeds, epochs)}
-        base = load_config(MarkovStudyConfig, config, overrides)
+        pairs = {"seeds": [0, 1, 2], "hessian.enabled": False, **overrides(set_, seeds=seeds, **{"train.epochs": epochs})}
+        base = load_config(MarkovStudyConfig, config, pairs)
         table = run_sweep(base, load_grid(grid) if grid else DEFAULT_GRID, _output("sweep", output, resume), resume=resume, show_progress=not quiet)
     except ConfigError as err:
         _fail(err)
@@ -136,27 +138,18 @@ def theory(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
-    from loopscape.experiments.theory import TheoryConfig, run_theory
+    from loopscape.experiments.theory import TheoryStudyConfig, add_to_markov_summary, run_theory
+    from loopscape.io import refuse_to_overwrite
 
     try:
-        pairs = dict(parse_override(s) for s in set_ or [])
-        if seeds is not None:
-            pairs["alignment_seeds"] = _overrides(None, seeds, None)["seeds"]
-        if epochs is not None:
-            pairs["alignment_epochs"] = epochs
-        cfg = load_config(TheoryConfig, config, pairs)
+        cfg = load_config(TheoryStudyConfig, config, overrides(set_, alignment_seeds=seeds, alignment_epochs=epochs))
         if report is not None and not (report / "summary.md").exists():
             raise ConfigError(f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})")
         out = report / "theory" if report is not None else _output("theory", output, False)
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; choose another --output")
-        run_theory(cfg, out, show_progress=not quiet)
+        refuse_to_overwrite(out)
+        study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
-            from loopscape.io import atomic_write_text
-
-            body = (out / "theory.md").read_text().split("\n", 1)[1].replace("### ", "### Theory: ")
-            summary = (report / "summary.md").read_text()
-            atomic_write_text(report / "summary.md", summary.rstrip() + "\n\n## Theory (`loopscape theory`, figures in theory/figures)\n" + body)
+            add_to_markov_summary(report, study, cfg)
     except ConfigError as err:
         _fail(err)
     typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
@@ -177,25 +170,19 @@ def algorithmic(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Appendix E.2: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Figures 11, 14). Data-parallel under torchrun."""
-    from loopscape.experiments.algorithmic import AlgorithmicConfig, preset as preset_settings, run_algorithmic, run_algorithmic_seeds
+    from loopscape.experiments.algorithmic import AlgorithmicStudyConfig, preset_path, run_algorithmic, run_algorithmic_seeds
 
     try:
+        # the preset, then the config file, then the flags and --set
+        files = [preset_path(preset, task)] + ([config] if config else [])
         pairs = {"paradigms": [p.strip() for p in paradigm.split(",") if p.strip()]}
-        pairs.update(parse_override(s) for s in set_ or [])
-        if seed is not None:
-            pairs["seed"] = seed
-        if steps is not None:
-            pairs["train.steps"] = steps
-        flat = {}  # the preset, then the config file, then the flags and --set
-        _flatten(preset_settings(preset, task), "", flat)
-        if config is not None:
-            _flatten(read_config_file(config), "", flat)
-        cfg = load_config(AlgorithmicConfig, None, {**flat, **pairs})
+        pairs.update(overrides(set_, seed=seed, **{"train.steps": steps}))
+        cfg = load_config(AlgorithmicStudyConfig, files, pairs)
         out = _output(f"algorithmic-{task}", output, resume)
         if seeds is not None:
             if seed is not None:
                 raise ConfigError("give --seed or --seeds, not both")
-            summary = run_algorithmic_seeds(cfg, _overrides(None, seeds, None)["seeds"], out, resume=resume, show_progress=not quiet)
+            summary = run_algorithmic_seeds(cfg, parse_seeds(seeds), out, resume=resume, show_progress=not quiet)
         else:
             results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
     except (ConfigError, ValueError) as err:
@@ -223,15 +210,6 @@ def algorithmic(
         else:
             typer.echo(f"SHIFT switched at step {s['shift_step']}: {s['time_ratio']:.2f}x faster than Looped-Attn in wall time, {s['flops_ratio']:.2f}x in FLOPs")
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'results.json'}")
-
-
-def _flatten(tree: dict, prefix: str, out: dict) -> None:
-    """Nested settings to dotted overrides (a preset under --config and --set)."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            _flatten(v, f"{prefix}{k}.", out)
-        else:
-            out[f"{prefix}{k}"] = v
 
 
 def main() -> None:  # pragma: no cover

@@ -1,10 +1,15 @@
 """Typed configuration: dataclasses, loaded from YAML or TOML, with CLI overrides.
 
-A config is a tree of dataclasses. ``load_config(cls, path, overrides)`` reads
-an optional file, applies ``key.sub=value`` overrides (values parsed as YAML,
-so ``seeds=[0,1,2]`` and ``alpha=2.5`` work), checks every value's type, and
-runs each section's ``validate()``. Any problem raises :class:`ConfigError`
-with one line naming the field and what is allowed.
+A config is a tree of dataclasses. ``load_config(cls, files, overrides)`` reads
+the files in order (a later one overrides an earlier one, setting by
+setting), applies ``key.sub=value`` overrides (values parsed as YAML, so
+``seeds=[0,1,2]`` and ``alpha=2.5`` work), checks every value's type, and runs
+each section's ``validate()``. Any problem raises :class:`ConfigError` with
+one line naming the field and what is allowed.
+
+Presets (``loopscape reproduce --quick``, ``loopscape algorithmic --preset``)
+are YAML files shipped in ``loopscape/configs/`` (:func:`preset_file`) and
+go through the same loader as a user's file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
+PRESETS_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -73,7 +79,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     for key in data:
         require(key in names, f"{prefix}{key}", f"one of {sorted(names)}", key)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a dataclass that checks itself on construction
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def to_dict(config: Any) -> dict:
@@ -119,9 +128,32 @@ def validate_tree(config: Any, prefix: str = "") -> None:
         config.validate(prefix)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """File (optional), then overrides, then type checks and validation."""
-    data = read_config_file(path) if path else {}
+def preset_file(*parts: str) -> Path:
+    """A shipped preset, e.g. ``preset_file("algorithmic", "paper", "parity.yaml")``."""
+    return PRESETS_DIR.joinpath(*parts)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (nested tables merge, values replace)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    cls: type[T],
+    files: str | Path | list[str | Path] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> T:
+    """Files (in order, optional), then overrides, then type checks and validation."""
+    if files is None:
+        files = []
+    elif isinstance(files, (str, Path)):
+        files = [files]
+    data: dict = {}
+    for path in files:
+        data = merge(data, read_config_file(path))
     for key, value in (overrides or {}).items():
         _set(data, key, value)
     config = from_dict(cls, data)

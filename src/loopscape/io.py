@@ -1,4 +1,5 @@
-"""Crash-safe files: atomic writes and append-only JSON-lines logs.
+"""Crash-safe files and run folders: atomic writes, append-only JSON-lines logs,
+and the one rule for reusing a folder.
 
 Every result file is written to a temporary sibling and moved into place with
 ``os.replace`` (atomic on POSIX and Windows), so a crash leaves either the old
@@ -13,6 +14,10 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import yaml
+
+from loopscape.config import ConfigError, to_dict
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -84,3 +89,29 @@ class JsonlLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def refuse_to_overwrite(out: Path) -> None:
+    """A run never writes into a non-empty folder unless it resumes it."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"output folder {str(out)!r} already exists and is not empty; "
+            "pass --resume to continue it or choose another --output"
+        )
+
+
+def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
+    """Create ``out`` with the run's ``config.yaml`` (any config dataclass); refuse
+    to touch an existing folder unless resuming it with the same config."""
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.exists():
+            raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
+        if yaml.safe_load(saved.read_text()) != to_dict(config):
+            raise ConfigError(
+                f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
+            )
+        return
+    refuse_to_overwrite(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -33,10 +33,12 @@ with backward messages.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from loopscape.config import require
 
 
 @dataclass(frozen=True)
@@ -197,3 +199,53 @@ def bayes_ceiling(train: SequenceSet) -> torch.Tensor:
         counts[inp][y] += 1
     best = {inp: max(sorted(c), key=lambda y: c[y]) for inp, c in counts.items()}
     return torch.tensor([best[inp] == y for inp, y in zip(inputs, train.targets.tolist())])
+
+
+@dataclass
+class MarkovDataConfig:
+    """The Markov language and its data sets (Appendix E.1.1, E.1.3)."""
+
+    vocab_size: int = 3
+    length: int = 4
+    n_train: int = 500
+    n_val: int = 500
+    alpha: float = 2.0
+    seed: int = 0
+    include_all: bool = True  # training set = every sequence once + tilted draws (E.1.1)
+    test_lengths: list[int] = field(default_factory=lambda: [8, 11, 14, 17])
+    n_test: int = 5000
+
+    def validate(self, p: str = "") -> None:
+        require(self.vocab_size >= 2, f"{p}vocab_size", "an integer >= 2", self.vocab_size)
+        require(self.length >= 2, f"{p}length", "an integer >= 2", self.length)
+        require(self.n_train >= 1, f"{p}n_train", "an integer >= 1", self.n_train)
+        require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
+        require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
+        require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
+        for L in self.test_lengths:
+            require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)
+
+
+@dataclass
+class MarkovTask:
+    """What a run trains and evaluates on: the training set with its IC groups, and a validation set."""
+
+    train: SequenceSet
+    val: SequenceSet
+    low: torch.Tensor  # bool mask over train: lowest-IC 40%
+    high: torch.Tensor  # bool mask over train: highest-IC 40%
+
+
+def build_task(data: MarkovDataConfig) -> tuple[MarkovLanguage, MarkovTask]:
+    """The language, its training set (with IC groups) and a validation set.
+
+    The validation set is ``n_val`` fresh tilted draws at the training length,
+    from the same generator after the training set (the paper does not say
+    what it validates on; SCP in Section 5 needs a validation loss).
+    """
+    lang = MarkovLanguage(data.vocab_size, data.length, seed=data.seed)
+    rng = np.random.default_rng(data.seed)
+    train_set = lang.training_set(data.n_train, data.alpha, rng, include_all=data.include_all)
+    val_set = lang.sample_set(data.n_val, data.alpha, data.length, rng)
+    low, high = train_set.ic_groups()
+    return lang, MarkovTask(train_set, val_set, low, high)

@@ -8,11 +8,10 @@ accounts SHIFT's compute against Looped-Attn's (Figure 11), and writes
 ``results.json``, figures and ``report.html``. ``run_algorithmic_seeds`` does so
 once per seed and reports over the seeds.
 
-Presets (``PRESETS``): ``paper`` is Appendix E.2 on a GPU (d = 256, the
-authors' heads and layers per task, 50,001 steps, lr 1e-4, batch 64);
-``cpu-small`` trains each paradigm in minutes on 2 CPU cores (d = 32, one
-layer, half the training lengths, 6,000 steps, lr 1e-3) and is a smoke-scale
-look, not the paper's numbers.
+Presets (``PRESETS``) are YAML files, one per task, in
+``loopscape/configs/algorithmic/<preset>/``: ``paper`` is Appendix E.2 on a
+GPU; ``cpu-small`` trains each paradigm in minutes on 2 CPU cores and is a
+smoke-scale look, not the paper's numbers.
 """
 
 from __future__ import annotations
@@ -24,46 +23,33 @@ from pathlib import Path
 
 import torch
 
-from loopscape.config import ConfigError, from_dict, require, to_dict, validate_tree
+from loopscape.config import ConfigError, from_dict, load_config, preset_file, require, to_dict, validate_tree
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
-from loopscape.experiments.markov import prepare_output, refuse_to_overwrite
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import read_jsonl, write_json
+from loopscape.io import prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
+from loopscape.reporting.algorithmic import algorithmic_section, seeds_summary, write_algorithmic_report, write_seeds_report
+from loopscape.reporting.html import StudyReport
+from loopscape.training.algorithmic import PARADIGMS, AlgorithmicTrainConfig, resolve_device, train_algorithmic
 from loopscape.training.checkpoint import load_weights
-from loopscape.training.algorithmic import PARADIGMS, AlgoTrainConfig, resolve_device, train_algorithmic
 
-# the authors' block per task (spec): (layers, heads); training lengths; test length; curriculum interval (open)
-PAPER_BLOCKS = {"parity": (1, 64), "copy": (2, 8), "addition": (3, 8), "binary_sum": (2, 16), "unique_set": (3, 8), "multiplication": (4, 8)}
-PAPER_TRAIN_MAX = {"parity": 20, "copy": 19, "addition": 19, "binary_sum": 19, "unique_set": 19, "multiplication": 11}
-PAPER_TEST_LEN = {"parity": 40, "copy": 30, "addition": 30, "binary_sum": 24, "unique_set": 30, "multiplication": 15}
 # extra steps allowed to adaptive stopping past T(n) (spec: n+20, n+30 for Unique Set, n1*n2+30 for Multiplication)
 EXTRA_STEPS = {"unique_set": 30, "multiplication": 30}
 PRESETS = ("cpu-small", "paper")
 
 
 @dataclass
-class AlgoModelSettings:
-    d_model: int = 256
-    n_heads: int = 8
-    n_layers: int = 1
-    input_injection: bool = True
+class AlgorithmicStudyConfig:
+    """One task's study. ``model`` is the looped GPT's own config; ``vocab_size`` comes from the task."""
 
-    def validate(self, p: str = "") -> None:
-        require(self.d_model >= 1 and self.n_heads >= 1 and self.d_model % self.n_heads == 0, f"{p}n_heads", f"a divisor of d_model={self.d_model}", self.n_heads)
-        require(self.n_layers >= 1, f"{p}n_layers", "an integer >= 1", self.n_layers)
-
-
-@dataclass
-class AlgorithmicConfig:
     task: str = "parity"
     paradigms: list[str] = field(default_factory=lambda: list(PARADIGMS))
     seed: int = 0
     train_max_len: int = 20
     test_lengths: list[int] = field(default_factory=lambda: list(range(1, 41)))
     test_size: int = 256
-    model: AlgoModelSettings = field(default_factory=AlgoModelSettings)
-    train: AlgoTrainConfig = field(default_factory=AlgoTrainConfig)
+    model: LoopedGPTConfig = field(default_factory=LoopedGPTConfig)
+    train: AlgorithmicTrainConfig = field(default_factory=AlgorithmicTrainConfig)
     workers: int = 0  # processes for the paradigms on CPU (0: one per core, at most one per paradigm)
 
     def validate(self, p: str = "") -> None:
@@ -72,44 +58,32 @@ class AlgorithmicConfig:
         require(self.train_max_len >= 1, f"{p}train_max_len", "an integer >= 1", self.train_max_len)
         require(bool(self.test_lengths) and min(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of integers >= 1", self.test_lengths)
         require(self.test_size >= 1, f"{p}test_size", "an integer >= 1", self.test_size)
-
-    def model_config(self, task: AlgorithmicTask) -> LoopedGPTConfig:
-        m = self.model
-        return LoopedGPTConfig(task.vocab_size, d_model=m.d_model, n_heads=m.n_heads, n_layers=m.n_layers, input_injection=m.input_injection)
+        require(self.model.vocab_size is None, f"{p}model.vocab_size", "null (the task decides it)", self.model.vocab_size)
 
     @property
     def curriculum(self) -> Curriculum:
         return Curriculum(self.train_max_len, self.train.curriculum_interval)
 
 
-def preset(name: str, task: str) -> dict:
-    """Settings of a preset for a task, as a dict for :func:`load_config` overrides."""
+def preset_path(name: str, task: str) -> Path:
+    """The YAML file of a preset for a task."""
     if name not in PRESETS:
         raise ConfigError(f"preset must be one of {PRESETS} (got {name!r})")
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS} (got {task!r})")
-    if name == "paper":
-        layers, heads = PAPER_BLOCKS[task]
-        n = PAPER_TRAIN_MAX[task]
-        interval = 1000 if task != "multiplication" else 1600  # open: inside the authors' 500-1,600
-        return {
-            "task": task, "train_max_len": n, "test_lengths": list(range(1, PAPER_TEST_LEN[task] + 1)),
-            "model": {"d_model": 256, "n_heads": heads, "n_layers": layers},
-            "train": {"steps": 50_001, "batch_size": 64, "lr": 1e-4, "curriculum_interval": interval, "eval_every": 500, "checkpoint_every": 2000},
-        }
-    n = max(2, PAPER_TRAIN_MAX[task] // 2)
-    return {
-        "task": task, "train_max_len": n, "test_lengths": list(range(1, 2 * n + 1)), "test_size": 256,
-        "model": {"d_model": 32, "n_heads": 4, "n_layers": 1},
-        "train": {"steps": 6000, "batch_size": 64, "lr": 1e-3, "curriculum_interval": 100, "eval_every": 100, "eval_size": 256, "checkpoint_every": 500,
-                  "scp": {"patience": 5, "wait": 3, "max_wait": 10}},
-    }
+    return preset_file("algorithmic", name, f"{task}.yaml")
 
 
-def build(config: AlgorithmicConfig, device: torch.device) -> tuple[AlgorithmicTask, LoopedGPT]:
+def algorithmic_preset(name: str, task: str, steps: int | None = None) -> AlgorithmicStudyConfig:
+    """A preset's config for a task (``steps`` overrides its training steps)."""
+    return load_config(AlgorithmicStudyConfig, preset_path(name, task), {"train.steps": steps} if steps else None)
+
+
+def build(config: AlgorithmicStudyConfig, device: torch.device) -> tuple[AlgorithmicTask, LoopedGPT]:
+    """The task and the model with the task's vocabulary, initialised from ``config.seed``."""
     task = AlgorithmicTask(config.task)
     torch.manual_seed(config.seed)
-    return task, LoopedGPT(config.model_config(task)).to(device)
+    return task, LoopedGPT(replace(config.model, vocab_size=task.vocab_size)).to(device)
 
 
 def max_steps(task: AlgorithmicTask, n: int) -> int:
@@ -154,7 +128,7 @@ def length_accuracy(model: LoopedGPT, task: AlgorithmicTask, paradigm: str, leng
 def _train_job(config_dict: dict, paradigm: str, run_dir: str, resume: bool, progress_q) -> str:
     if progress_q is not None:  # a worker process of its own: one thread, as the cores are shared out
         torch.set_num_threads(1)
-    config = from_dict(AlgorithmicConfig, config_dict)
+    config = from_dict(AlgorithmicStudyConfig, config_dict)
     device = resolve_device(config.train.device)
     task, model = build(config, device)
     on_step = epoch_progress(run_dir, resume, progress_q)  # checkpoints count steps as their 'epoch'
@@ -174,7 +148,7 @@ def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
     }
 
 
-def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_algorithmic(config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train, score and report; returns ``results.json``'s content (rank 0) or ``{}`` (other ranks)."""
     validate_tree(config)
     out = Path(out)
@@ -185,7 +159,7 @@ def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = F
 
         rank = init_distributed(config.train.device)
     if rank == 0:
-        prepare_output(out, config, resume)  # config.yaml; an existing folder only with --resume and the same settings
+        prepare_run_folder(out, config, resume)  # config.yaml; an existing folder only with --resume and the same settings
     jobs = [(to_dict(config), p, str(out / p), resume) for p in config.paradigms]
     if world > 1:  # under torchrun: every rank trains each paradigm in turn, data-parallel
         torch.distributed.barrier()
@@ -212,13 +186,18 @@ def run_algorithmic(config: AlgorithmicConfig, out: str | Path, resume: bool = F
         results["shift_saving"] = shift_saving(metrics["shift"], metrics["looped"])
     results["test_lengths"] = config.test_lengths
     write_json(out / "results.json", results)
-    from loopscape.reporting.algorithmic import write_algorithmic_report
-
     write_algorithmic_report(out, results)
     return results
 
 
-def run_algorithmic_seeds(config: AlgorithmicConfig, seeds: list[int], out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_algorithmic_study(config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> StudyReport:
+    """:func:`run_algorithmic` as a section of a larger report."""
+    results = run_algorithmic(config, out, resume=resume, show_progress=show_progress)
+    section, verdicts = algorithmic_section(Path(out), results, anchor=f"algorithmic-{config.task}")
+    return StudyReport(results, verdicts, section)
+
+
+def run_algorithmic_seeds(config: AlgorithmicStudyConfig, seeds: list[int], out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """:func:`run_algorithmic` once per seed, in ``out/seed-<k>/``, then the summary over
     seeds (``seeds.json``, ``report.html``). With ``resume``, finished seeds are read
     back, an interrupted one continues and the rest start."""
@@ -237,8 +216,6 @@ def run_algorithmic_seeds(config: AlgorithmicConfig, seeds: list[int], out: str 
                 raise ConfigError(f"--resume: the configuration differs from the one in {str(run_dir / 'results.json')!r}; resume with the same settings")
         else:
             runs[s] = run_algorithmic(replace(config, seed=s), run_dir, resume=resume and (run_dir / "config.yaml").exists(), show_progress=show_progress)
-    from loopscape.reporting.algorithmic import seeds_summary, write_seeds_report
-
     summary = seeds_summary(runs)
     write_json(out / "seeds.json", summary)
     write_seeds_report(out, runs, summary)

@@ -20,68 +20,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from loopscape.config import ConfigError, require, to_dict
-from loopscape.data.markov import MarkovLanguage, bayes_ceiling
+from loopscape.config import require
+from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import atomic_write_text, read_jsonl, write_json
-from loopscape.landscape.tracking import HessianTracker, load_spectra
-from loopscape.models.linear_attn import EMBEDDINGS, POSITIONS, LinearAttn, LinearAttnConfig
-from loopscape.training.trainer import MarkovTask, TrainConfig, seeded, train
+from loopscape.io import atomic_write_text, prepare_run_folder, read_jsonl, write_json
+from loopscape.landscape.river_valley import cumulative_force
+from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
+from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
+from loopscape.reporting import hessian as hessian_report
+from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_distribution
+from loopscape.reporting.html import Section, StudyReport
+from loopscape.reporting.summary import PHASE_EPOCH, observation1_row, summarise_markov
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
+
+
+# Section 4.1's toy model: T = 3; one position code per training input position (no slot that
+# training never reaches), reused cyclically at test lengths with the transitions' period (E.1.3)
+PAPER_TOY_MODEL = LinearAttnConfig(n_loops=3, max_len=3, positions="cyclic")
 
 
 @dataclass
-class MarkovDataConfig:
-    """The Markov language and its data sets (Appendix E.1.1, E.1.3)."""
-
-    vocab_size: int = 3
-    length: int = 4
-    n_train: int = 500
-    n_val: int = 500
-    alpha: float = 2.0
-    seed: int = 0
-    include_all: bool = True  # training set = every sequence once + tilted draws (E.1.1)
-    test_lengths: list[int] = field(default_factory=lambda: [8, 11, 14, 17])
-    n_test: int = 5000
-
-    def validate(self, p: str = "") -> None:
-        require(self.vocab_size >= 2, f"{p}vocab_size", "an integer >= 2", self.vocab_size)
-        require(self.length >= 2, f"{p}length", "an integer >= 2", self.length)
-        require(self.n_train >= 1, f"{p}n_train", "an integer >= 1", self.n_train)
-        require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
-        require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
-        require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
-        for L in self.test_lengths:
-            require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)
-
-
-@dataclass
-class ToyModelConfig:
-    """The toy models; Single-Attn uses ``n_loops = 1``, Looped-Attn ``n_loops``."""
-
-    embedding: str = "onehot"
-    d_model: int = 16
-    max_len: int = 3  # the training input length: no position slot that training never reaches
-    positions: str = "cyclic"  # longer test inputs reuse the codes with the transitions' period (Appendix E.1.3)
-    init_scale: float = 1.0
-    n_loops: int = 3
-
-    def validate(self, p: str = "") -> None:
-        require(self.embedding in EMBEDDINGS, f"{p}embedding", f"one of {list(EMBEDDINGS)}", self.embedding)
-        require(self.d_model >= 1, f"{p}d_model", "an integer >= 1", self.d_model)
-        require(self.max_len >= 1, f"{p}max_len", "an integer >= 1", self.max_len)
-        require(self.positions in POSITIONS, f"{p}positions", f"one of {list(POSITIONS)}", self.positions)
-        require(self.init_scale > 0, f"{p}init_scale", "a number > 0", self.init_scale)
-        require(self.n_loops >= 1, f"{p}n_loops", "an integer >= 1 (T)", self.n_loops)
-
-    def build(self, vocab_size: int, n_loops: int) -> LinearAttn:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return LinearAttn(LinearAttnConfig(vocab_size=vocab_size, **{**fields, "n_loops": n_loops}))
-
-
-@dataclass
-class HessianStudyConfig:
+class HessianTrackingConfig:
     """Hessian tracking (Observation 2): exact spectra every ``every`` epochs for the first ``n_seeds`` seeds."""
 
     enabled: bool = True
@@ -97,10 +58,13 @@ class HessianStudyConfig:
 
 @dataclass
 class MarkovStudyConfig:
+    """The sample-level study. ``model`` is the toy model's own config; its
+    ``n_loops`` is Looped-Attn's ``T`` (Single-Attn runs one loop)."""
+
     data: MarkovDataConfig = field(default_factory=MarkovDataConfig)
-    model: ToyModelConfig = field(default_factory=ToyModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    hessian: HessianStudyConfig = field(default_factory=HessianStudyConfig)
+    model: LinearAttnConfig = field(default_factory=lambda: PAPER_TOY_MODEL)
+    train: MarkovTrainConfig = field(default_factory=MarkovTrainConfig)
+    hessian: HessianTrackingConfig = field(default_factory=HessianTrackingConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 0  # 0: one per core, at most one per run
 
@@ -108,6 +72,12 @@ class MarkovStudyConfig:
         require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
         require(len(set(self.seeds)) == len(self.seeds), f"{p}seeds", "distinct integers", self.seeds)
         require(self.workers >= 0, f"{p}workers", "an integer >= 0", self.workers)
+        require(
+            self.model.vocab_size in (None, self.data.vocab_size),
+            f"{p}model.vocab_size",
+            f"null or data.vocab_size ({self.data.vocab_size})",
+            self.model.vocab_size,
+        )
         require(
             self.model.max_len >= self.data.length - 1,
             f"{p}model.max_len",
@@ -124,20 +94,9 @@ class MarkovStudyConfig:
         """Model name -> loop count T."""
         return {"single_attn": 1, "looped_attn": self.model.n_loops}
 
-
-def build_task(data: MarkovDataConfig) -> tuple[MarkovLanguage, MarkovTask]:
-    """The language, its training set (with IC groups) and a validation set.
-
-    The validation set is ``n_val`` fresh tilted draws at the training length,
-    from the same generator after the training set (the paper does not say
-    what it validates on; SCP in Section 5 needs a validation loss).
-    """
-    lang = MarkovLanguage(data.vocab_size, data.length, seed=data.seed)
-    rng = np.random.default_rng(data.seed)
-    train_set = lang.training_set(data.n_train, data.alpha, rng, include_all=data.include_all)
-    val_set = lang.sample_set(data.n_val, data.alpha, data.length, rng)
-    low, high = train_set.ic_groups()
-    return lang, MarkovTask(train_set, val_set, low, high)
+    def build_model(self, n_loops: int) -> LinearAttn:
+        """The toy model with the data's vocabulary and ``n_loops`` loops."""
+        return LinearAttn(dataclasses.replace(self.model, vocab_size=self.data.vocab_size, n_loops=n_loops))
 
 
 def data_summary(lang: MarkovLanguage, task: MarkovTask) -> dict:
@@ -164,36 +123,16 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
         torch.set_num_threads(1)  # one core per worker: tiny matrices gain nothing from threads
     _, task = build_task(cfg.data)
     with seeded(seed):
-        model = cfg.model.build(cfg.data.vocab_size, cfg.models[name])
+        model = cfg.build_model(cfg.models[name])
     trackers = [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
-    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q), trackers=trackers)
+    on_epoch = epoch_progress(run_dir, resume, progress_q)
+    train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
     write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
     return run_dir
 
 
 def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed{seed}"
-
-
-def refuse_to_overwrite(out: Path) -> None:
-    """A run never writes into a non-empty folder unless it resumes it."""
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
-
-
-def prepare_output(out: Path, cfg, resume: bool) -> None:
-    """Create ``out`` with the run's ``config.yaml`` (any config dataclass); refuse to
-    touch an existing folder unless resuming the same config."""
-    saved = out / "config.yaml"
-    if resume:
-        if not saved.exists():
-            raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
-        if yaml.safe_load(saved.read_text()) != to_dict(cfg):
-            raise ConfigError(f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings")
-        return
-    refuse_to_overwrite(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
@@ -217,13 +156,29 @@ def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.nd
     return result
 
 
-def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    """The whole study: data, training, figures, summary. Returns the summary dict."""
-    from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_distribution
-    from loopscape.reporting.summary import summarise_markov
+def final_models(out: Path, cfg: MarkovStudyConfig) -> dict[str, list[LinearAttn]]:
+    """Each model's final weights per seed, in evaluation mode."""
+    from safetensors.torch import load_file
 
+    models = {}
+    for name, T in cfg.models.items():
+        models[name] = []
+        for s in cfg.seeds:
+            m = cfg.build_model(T)
+            m.load_state_dict(load_file(str(run_dir_of(out, name, s) / "model.safetensors")))
+            models[name].append(m.eval())
+    return models
+
+
+def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> StudyReport:
+    """The whole study: data, training, figures, summary (``summary.md``, ``summary.json``).
+
+    Returns the summary, the verdicts on Observation 1 (and, with Hessian
+    tracking, Observation 2 and Assumption 1) and the report section; its
+    ``memory`` holds the data summary and the metrics arrays.
+    """
     out = Path(out)
-    prepare_output(out, cfg, resume)
+    prepare_run_folder(out, cfg, resume)
     lang, task = build_task(cfg.data)
     data = data_summary(lang, task)
     write_json(out / "data.json", data)
@@ -231,32 +186,42 @@ def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = Fal
     train_all(cfg, out, resume=resume, show_progress=show_progress)
     wall = time.perf_counter() - t0
     metrics = load_metrics(out, cfg)
-    plot_ic_distribution(task, out / "figures" / "fig3a_ic_distribution.png")
-    plot_accuracy_curves(metrics, out / "figures" / "fig3b_accuracy.png", ceiling=data["bayes_ceiling"])
+    figs = out / "figures"
+    plot_ic_distribution(task, figs / "fig3a_ic_distribution.png")
+    plot_accuracy_curves(metrics, figs / "fig3b_accuracy.png", ceiling=data["bayes_ceiling"])
     summary = summarise_markov(metrics, data, cfg)
     summary["training_wall_s"] = wall
+    markdown = summary.pop("markdown")
+    verdicts = [observation1_row(summary["observation1"])]
+    figures = [
+        (figs / "fig3a_ic_distribution.png", "Figure 3a: IC distribution of the training set"),
+        (figs / "fig3b_accuracy.png", "Figure 3b: training accuracy on low / high IC sequences"),
+    ]
     if cfg.hessian_seeds:
-        summary.update(hessian_study(out, cfg))
-        summary["markdown"] += "\n" + summary.pop("hessian_markdown")
-    atomic_write_text(out / "summary.md", summary.pop("markdown"))
+        hessian = hessian_study(out, cfg, task)
+        markdown += "\n" + hessian.pop("hessian_markdown")
+        summary.update(hessian)
+        verdicts += hessian_report.verdict_rows(summary["observation2"], summary["landscape"])
+        figures += [
+            (figs / "fig3cd_entropy_mutual_information.png", "Figures 3c, 3d: Matrix Entropy and Mutual Information of the Hessian"),
+            (figs / "fig9bc_eigenspectra.png", "Figures 9b, 9c: eigenspectrum snapshots"),
+        ]
+    atomic_write_text(out / "summary.md", markdown)
     write_json(out / "summary.json", summary)
-    return summary
+    section = Section("markov", "Sample level and Hessian", markdown, figures)
+    return StudyReport(summary, verdicts, section, memory={"data": data, "metrics": metrics})
 
 
-def measured_force(out: Path, cfg: MarkovStudyConfig, ref: int) -> dict:
+def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int) -> dict:
     """Theorem 1's C per model (first tracked seed): river/valley basis fixed at epoch ``ref``,
     coupling measured at every 50th tracked epoch after it."""
-    from loopscape.landscape.river_valley import cumulative_force
-    from loopscape.landscape.tracking import hessian_at, load_thetas
-
-    _, task = build_task(cfg.data)
     x, y = task.train.inputs, task.train.targets
     result = {"reference_epoch": ref}
     for name, T in cfg.models.items():
         thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
         if ref not in thetas:
             continue
-        model = cfg.model.build(cfg.data.vocab_size, T)
+        model = cfg.build_model(T)
         final = max(thetas)
         later = [e for e in thetas if e > ref and (e - ref) % 50 == 0] or [final]
         H_ref = hessian_at(model, thetas[ref], x, y)
@@ -264,18 +229,17 @@ def measured_force(out: Path, cfg: MarkovStudyConfig, ref: int) -> dict:
     return result
 
 
-def hessian_study(out: Path, cfg: MarkovStudyConfig) -> dict:
+def hessian_study(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> dict:
     """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
-    from loopscape.reporting import hessian as rep
-
+    rep = hessian_report
     spectra = {m: [load_spectra(run_dir_of(out, m, s) / "spectra.jsonl") for s in cfg.hessian_seeds] for m in cfg.models}
     traj = rep.trajectories(spectra, cfg.hessian.n_bins)
     rep.plot_metrics(traj, out / "figures" / "fig3cd_entropy_mutual_information.png")
     rep.plot_snapshots(spectra, out / "figures" / "fig9bc_eigenspectra.png")
     verdict = rep.observation2_verdict(traj, cfg.hessian.n_bins)
-    epochs = sorted({e for e in (150, cfg.train.epochs) if e <= cfg.train.epochs})
+    epochs = sorted({e for e in (PHASE_EPOCH, cfg.train.epochs) if e <= cfg.train.epochs})
     land = rep.landscape_table(spectra, epochs)
-    land["cumulative_force"] = measured_force(out, cfg, ref=epochs[0])
+    land["cumulative_force"] = measured_force(out, cfg, task, ref=epochs[0])
     return {
         "observation2": verdict,
         "landscape": land,

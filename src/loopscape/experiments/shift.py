@@ -1,5 +1,4 @@
-"""SHIFT on the Markov language (Section 5, Figure 4) and length generalisation
-(Section 4.4, Appendix E.1.3, Figure 9, Table 1).
+"""SHIFT on the Markov language (Section 5, Figure 4).
 
 The shift-point study trains, for every seed of the Markov study, SHIFT with
 each fixed shift epoch (0 is Looped-Attn from the start) and with SCP's own
@@ -13,50 +12,34 @@ Writes into ``OUT``::
 
     population/part<k>/        metrics.jsonl (lists over members), checkpoints/, members.json
     measured_scp/              the end-to-end SCP run (metrics.jsonl)
-    shift.json                 every number; figures under figures/
+    shift.json                 every number
+    figures/                   Figure 4 (shift points), accuracy against compute
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from loopscape.config import ConfigError, require
-from loopscape.data.markov import MarkovLanguage, SequenceSet
-from loopscape.experiments.markov import MarkovStudyConfig, build_task, load_metrics
+from loopscape.config import require
+from loopscape.data.markov import build_task
+from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import read_json, read_jsonl, write_json
+from loopscape.reporting import shift as shift_report
+from loopscape.reporting.html import Section, StudyReport
+from loopscape.reporting.stats import mean_std
 from loopscape.shift import compute
-from loopscape.shift.criterion import ShiftCriterion
-from loopscape.shift.training import OPTIMIZER_AT_SHIFT, ShiftController
-from loopscape.training.population import member_curves, train_population
-from loopscape.training.trainer import seeded, train
+from loopscape.shift.criterion import SCPConfig
+from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, ShiftSchedule
+from loopscape.training.markov import train_markov
+from loopscape.training.population import load_member, member_curves, train_population
+from loopscape.training.run import seeded
 
 SCP = "scp"
-
-
-@dataclass
-class SCPConfig:
-    """SCP's settings (see :class:`~loopscape.shift.criterion.ShiftCriterion`); one evaluation per epoch."""
-
-    patience: int = ShiftCriterion.patience
-    min_delta: float = ShiftCriterion.min_delta
-    wait: int = ShiftCriterion.wait
-    grad_tol: float = ShiftCriterion.grad_tol
-    max_wait: int | None = ShiftCriterion.max_wait
-
-    def validate(self, p: str = "") -> None:
-        try:
-            self.build()
-        except ValueError as e:
-            raise ConfigError(f"{p}{e}") from None
-
-    def build(self) -> ShiftCriterion:
-        return ShiftCriterion(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -89,10 +72,11 @@ class ShiftStudyConfig:
         return main + [(c, self.other_optimizer) for c in self.compare_optimizer]
 
 
-def _controller(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> ShiftController:
+def schedule_of(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> ShiftSchedule:
+    """A policy's schedule: SCP, or a fixed shift epoch given as text."""
     if policy == SCP:
-        return ShiftController(n_loops, criterion=scp.build(), optimizer=optimizer)
-    return ShiftController(n_loops, at_epoch=int(policy), optimizer=optimizer)
+        return ShiftSchedule.scp(n_loops, criterion=scp.build(), optimizer=optimizer)
+    return ShiftSchedule.fixed(n_loops, at=int(policy), optimizer=optimizer)
 
 
 def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int], run_dir: str, resume: bool, progress_q=None) -> str:
@@ -103,12 +87,13 @@ def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int
     models = []
     for seed, _, _ in members:
         with seeded(seed):
-            models.append(cfg.model.build(cfg.data.vocab_size, 1))
-    controllers = [_controller(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
-    train_population(models, [m[0] for m in members], controllers, task, cfg.train, run_dir, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q))
+            models.append(cfg.build_model(1))
+    schedules = [schedule_of(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
+    on_epoch = epoch_progress(run_dir, resume, progress_q)
+    train_population(models, [m[0] for m in members], schedules, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch)
     info = [
-        {"seed": s, "policy": p, "optimizer": o, "shift_epoch": c.shift_epoch, **({"plateau_at": c.criterion.plateau_at, "forced": c.criterion.forced} if c.criterion else {})}
-        for (s, p, o), c in zip(members, controllers)
+        {"seed": s, "policy": p, "optimizer": o, "shift_epoch": sc.shift_step, **({"plateau_at": sc.criterion.plateau_at, "forced": sc.criterion.forced} if sc.criterion else {})}
+        for (s, p, o), sc in zip(members, schedules)
     ]
     write_json(Path(run_dir) / "members.json", info)
     return run_dir
@@ -119,10 +104,11 @@ def _train_measured(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, 
     torch.set_num_threads(1)
     _, task = build_task(cfg.data)
     with seeded(seed):
-        model = cfg.model.build(cfg.data.vocab_size, 1)
-    controller = _controller(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
-    train(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=epoch_progress(run_dir, resume, progress_q), controller=controller)
-    write_json(Path(run_dir) / "done.json", {"shift_epoch": controller.shift_epoch})
+        model = cfg.build_model(1)
+    schedule = schedule_of(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
+    on_epoch = epoch_progress(run_dir, resume, progress_q)
+    train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, schedule=schedule)
+    write_json(Path(run_dir) / "done.json", {"shift_epoch": schedule.shift_step})
     return run_dir
 
 
@@ -160,12 +146,12 @@ def epoch_wall_times(metrics: dict[str, dict[str, np.ndarray]], cfg: MarkovStudy
     return {T: float(np.median(metrics[name]["time_s"][:, 1:])) for name, T in cfg.models.items()}
 
 
-def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov_out: Path) -> dict:
+def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Speed-ups and accuracies per policy, against the Markov study's runs (``markov``: their metrics)."""
     info, curves = load_members(out)
-    d = cfg.model.build(cfg.data.vocab_size, 1).config.d
+    d = cfg.build_model(1).config.d
     n_in = cfg.data.length - 1
     flops = {T: compute.epoch_flops(cfg.data.n_train, cfg.train.batch_size, n_in, d, cfg.data.vocab_size, T) for T in (1, cfg.model.n_loops)}
-    markov = load_metrics(markov_out, cfg)
     wall = epoch_wall_times(markov, cfg)
     loops = curves["n_loops"]
     cum = {"flops": compute.cumulative(loops, flops), "wall_s": compute.cumulative(loops, wall)}
@@ -199,10 +185,10 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
         for clock in cum:
             for k in ("speedup_total", "speedup_to_target"):
                 vals = [r[clock][k] for r in rows if r[clock][k] is not None]
-                entry[f"{clock}_{k}"] = _stats(vals) | {"reached": len(vals)}
+                entry[f"{clock}_{k}"] = mean_std(vals) | {"reached": len(vals)}
         for g in ("acc_all", "acc_low", "acc_high"):
-            entry[g] = _stats([100 * r["final"][g] for r in rows])
-            entry[f"{g}_minus_looped"] = _stats([100 * (r["final"][g] - base[r["seed"]]["final"][g]) for r in rows])
+            entry[g] = mean_std([100 * r["final"][g] for r in rows])
+            entry[f"{g}_minus_looped"] = mean_std([100 * (r["final"][g] - base[r["seed"]]["final"][g]) for r in rows])
         policies[f"{policy}/{opt}"] = entry
 
     checks = {}
@@ -234,44 +220,39 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
     }
 
 
-def _stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=float)
-    if a.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+def scp_models(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path) -> list[torch.nn.Module]:
+    """SHIFT with SCP (the default optimizer setting), one final model per seed."""
+    template = cfg.build_model(cfg.model.n_loops)
+    models = []
+    for part in sorted((out / "population").glob("part*")):
+        for k, m in enumerate(read_json(part / "members.json")):
+            if (m["policy"], m["optimizer"]) == (SCP, shift.optimizer):
+                T = cfg.model.n_loops if m["shift_epoch"] is not None else 1
+                models.append(load_member(part / "model.safetensors", template, k, T).eval())
+    return models
 
 
-# -- length generalisation ------------------------------------------------------------
-
-
-def test_sets(lang: MarkovLanguage, cfg: MarkovStudyConfig) -> dict[int, SequenceSet]:
-    """``N_test`` tilted draws at every test length, each from its own fixed seed."""
-    return {L: lang.sample_set(cfg.data.n_test, cfg.data.alpha, L, np.random.default_rng([cfg.data.seed, L])) for L in cfg.data.test_lengths}
-
-
-def bayes_prediction(lang: MarkovLanguage, inputs: torch.Tensor) -> torch.Tensor:
-    """The Bayes-optimal next token at any length: ``argmax_y T_k[x_last, y]`` for the
-    transition ``k`` that produces the target (the tilt does not move an argmax)."""
-    k = inputs.shape[1]  # the target is token k (0-based), made by transition k
-    return torch.from_numpy(lang.transition(k).argmax(axis=1))[inputs[:, -1]]
-
-
-def length_generalisation(cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float) -> dict:
-    """Table 1 and Figure 9: total accuracy and accuracy on 'simple' sequences
-    (IC <= ``ic_threshold``, the largest training IC) at every test length."""
-    lang, task = build_task(cfg.data)
-    sets = {cfg.data.length: task.train, **test_sets(lang, cfg)}
-    result = {}
-    for L, s in sets.items():
-        simple = s.ic <= ic_threshold
-        bayes = (bayes_prediction(lang, s.inputs) == s.targets).float()
-        row = {"n": len(s), "simple_share": float(simple.float().mean()), "bayes_all": float(bayes.mean()), "bayes_simple": float(bayes[simple].mean()) if simple.any() else None}
-        for name, ms in models.items():
-            with torch.no_grad():
-                correct = torch.stack([(m(s.inputs).argmax(-1) == s.targets).float() for m in ms])  # (seeds, n)
-            row[name] = {
-                "all": _stats((100 * correct.mean(1)).tolist()),
-                "simple": _stats((100 * correct[:, simple].mean(1)).tolist()) if simple.any() else None,
-            }
-        result[str(L)] = row
-    return result
+def run_shift_study(
+    cfg: MarkovStudyConfig,
+    shift: ShiftStudyConfig,
+    out: Path,
+    markov_metrics: dict[str, dict[str, np.ndarray]],
+    resume: bool = False,
+    show_progress: bool = True,
+) -> StudyReport:
+    """Train what is not done, analyse against the Markov study's metrics, draw Figure 4
+    and write ``shift.json``; its ``memory`` holds SCP's final models."""
+    train_shift(cfg, shift, out, resume=resume, show_progress=show_progress)
+    results = analyse_shift(cfg, shift, out, markov_metrics)
+    write_json(out / "shift.json", results)
+    figs = out / "figures"
+    shift_report.plot_shift_points(results, shift.optimizer, figs / "fig4_shift_points.png")
+    shift_report.plot_compute_curves(results, shift.optimizer, figs / "shift_compute_curves.png")
+    markdown, verdicts = shift_report.shift_markdown(results, shift)
+    section = Section("shift", "SHIFT", markdown, [
+        (figs / "fig4_shift_points.png", "Figure 4: speed-up and final accuracy against the shift epoch (stars: SCP)"),
+        (figs / "shift_compute_curves.png", "Accuracy against cumulative compute"),
+    ])
+    report = StudyReport(results, shift_report.verdict_rows(verdicts), section)
+    report.memory = {"verdicts": verdicts, "scp_models": scp_models(cfg, shift, out)}
+    return report

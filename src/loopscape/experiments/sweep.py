@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
-from loopscape.io import atomic_write_text, write_json
+from loopscape.experiments.markov import run_markov_study
+from loopscape.io import atomic_write_text, refuse_to_overwrite, write_json
 
 # Embedding kind with its widths, batch size and init scale: the four choices the paper leaves open.
 # "onehot:16" is the one-hot code with 16 position slots (d = 19), "random:16" the random code of width 16.
@@ -51,11 +52,9 @@ def _apply(base_dict: dict, key: str, value) -> str:
 
 
 def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False, show_progress: bool = True) -> str:
-    from loopscape.experiments.markov import run_markov_study
-
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; pass --resume to continue it or choose another --output")
+    if not resume:
+        refuse_to_overwrite(out)
     rows = []
     for values in itertools.product(*grid.values()):
         d = copy.deepcopy(to_dict(base))
@@ -69,7 +68,7 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         if show_progress:
             print(f"[sweep] {name}")
         # a finished cell is only re-summarised (its runs are done), so verdict rules apply to old cells too
-        summary = run_markov_study(cfg, cell, resume=saved.exists(), show_progress=show_progress)
+        summary = run_markov_study(cfg, cell, resume=saved.exists(), show_progress=show_progress).results
         v, t = summary["observation1"], summary["table"]
         rows.append(
             {

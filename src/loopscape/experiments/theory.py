@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +24,21 @@ import numpy as np
 import torch
 
 from loopscape.config import require
-from loopscape.io import atomic_write_text, write_json
+from loopscape.data.markov import build_task
+from loopscape.experiments.markov import MarkovStudyConfig
+from loopscape.io import atomic_write_text, read_json, write_json
 from loopscape.landscape.alignment import gradient_alignment, meets_assumption4
-from loopscape.landscape.quadratic import QuarticValley, RiverValley, _orthogonal, decoupled_run, u_and_v_valleys, valley_force, valley_path
+from loopscape.landscape.quadratic import QuarticValley, RiverValley, decoupled_run, random_orthogonal, u_and_v_valleys, valley_force, valley_path
+from loopscape.reporting import theory as theory_report
+from loopscape.reporting.html import Section, StudyReport
+from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.run import seeded
 
 TOL = 1e-9  # relative slack for floating-point comparisons with a bound
 
 
 @dataclass
-class TheoryConfig:
+class TheoryStudyConfig:
     instances: int = 200
     steps: int = 1000
     seed: int = 0
@@ -53,7 +60,7 @@ def _random_instance(g: torch.Generator, quartic: bool) -> tuple[RiverValley, to
     lam = torch.exp(torch.empty(d_V, dtype=torch.float64).uniform_(math.log(1e-3), 0.0, generator=g))
     if not quartic and torch.rand(1, generator=g) < 0.1:  # some instances with a non-positive valley eigenvalue
         lam[0] = -lam[0]
-    Q = _orthogonal(d_V, g)
+    Q = random_orthogonal(d_V, g)
     H_RV = torch.randn(d_R, d_V, generator=g, dtype=torch.float64)
     h_R = torch.randn(d_R, generator=g, dtype=torch.float64)
     theta_V0 = torch.randn(d_V, generator=g, dtype=torch.float64)
@@ -70,7 +77,7 @@ def _random_instance(g: torch.Generator, quartic: bool) -> tuple[RiverValley, to
     return land, theta_V0, eta, params
 
 
-def check_bound(quartic: bool, cfg: TheoryConfig) -> dict:
+def check_bound(quartic: bool, cfg: TheoryStudyConfig) -> dict:
     """Theorem 1 (Setting 1) or Theorem 2 (Setting 2) on ``cfg.instances`` random instances."""
     g = torch.Generator().manual_seed(cfg.seed + (1 if quartic else 0))
     held, failed, outside = 0, [], {"n": 0, "held_anyway": 0}
@@ -116,7 +123,7 @@ def _quartic_path_ok(land: QuarticValley, theta0: torch.Tensor, eta: float, step
     return eta * top.item() <= 1
 
 
-def corollaries(cfg: TheoryConfig, quartic_beta: float | None = None) -> dict:
+def corollaries(cfg: TheoryStudyConfig, quartic_beta: float | None = None) -> dict:
     """U valley vs V valleys of growing kappa; C, measured force, river progress and loss.
 
     With ``quartic_beta`` the same comparison in Setting 2: each valley becomes a
@@ -157,21 +164,16 @@ def corollaries(cfg: TheoryConfig, quartic_beta: float | None = None) -> dict:
     return {"runs": runs, "checks": checks}
 
 
-def theorem3(cfg: TheoryConfig, show_progress: bool = False) -> dict:
+def theorem3(cfg: TheoryStudyConfig, show_progress: bool = False) -> dict:
     """Gradient alignment W_K / W_Q, Single-Attn vs Looped-Attn (T = 3) on the default Markov data."""
-    import tempfile
-
-    from loopscape.experiments.markov import MarkovStudyConfig, build_task
-    from loopscape.training.trainer import TrainConfig, seeded, train
-
     study = MarkovStudyConfig()
     _, task = build_task(study.data)
     x, y = task.train.inputs, task.train.targets
     rows = []
     for seed in cfg.alignment_seeds:
         with seeded(seed):
-            single = study.model.build(study.data.vocab_size, 1)
-        looped = study.model.build(study.data.vocab_size, study.model.n_loops)
+            single = study.build_model(1)
+        looped = study.build_model(study.model.n_loops)
 
         def record(epoch: int, where: str) -> None:
             params = dict(single.named_parameters())
@@ -188,7 +190,7 @@ def theorem3(cfg: TheoryConfig, show_progress: bool = False) -> dict:
                 W.copy_(torch.diag(torch.rand(d, generator=g) + 0.5) + 0.05 * torch.randn(d, d, generator=g) / d**0.5)
         record(0, "assumption-4 initialisation")
         with seeded(seed):
-            single = study.model.build(study.data.vocab_size, 1)
+            single = study.build_model(1)
         record(0, "initialisation")
 
         class AlongTrajectory:
@@ -203,7 +205,8 @@ def theorem3(cfg: TheoryConfig, show_progress: bool = False) -> dict:
                 pass
 
         with tempfile.TemporaryDirectory() as d:
-            train(single, task, TrainConfig(epochs=cfg.alignment_epochs, checkpoint_every=10**9), d, seed=seed, trackers=[AlongTrajectory()])
+            config = MarkovTrainConfig(epochs=cfg.alignment_epochs, checkpoint_every=10**9)
+            train_markov(single, task, config, d, seed=seed, trackers=[AlongTrajectory()])
     summary = {}
     for where in ("assumption-4 initialisation", "initialisation", "trajectory"):
         for name in ("W_K", "W_Q"):
@@ -221,28 +224,49 @@ def theorem3(cfg: TheoryConfig, show_progress: bool = False) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-def run_theory(cfg: TheoryConfig, out: str | Path, show_progress: bool = True) -> dict:
-    from loopscape.reporting import theory as rep
+FIGURES = [
+    ("river_u_v_valleys.png", "River-U-Valley and River-V-Valley (illustration)"),
+    ("corollaries_river_progress.png", "Corollaries 1-2: river progress and loss, U against V valleys"),
+    ("theorem2_river_progress.png", "Theorem 2 (b): the same in Setting 2"),
+    ("theorem3_cosines.png", "Theorem 3: gradient cosines"),
+]
 
+
+def run_theory(cfg: TheoryStudyConfig, out: str | Path, show_progress: bool = True, resume: bool = False) -> StudyReport:
+    """Run every check, draw the figures, write ``theory.md`` and ``theory.json``.
+    With ``resume``, finished results (``theory.json``) are read back instead of rerun."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = [
-        ("Theorem 1", lambda: check_bound(False, cfg)),
-        ("Theorem 2", lambda: check_bound(True, cfg)),
-        ("Corollaries 1-2", lambda: corollaries(cfg)),
-        ("Theorem 2 (b)", lambda: corollaries(cfg, quartic_beta=0.5)),
-        ("Theorem 3", lambda: theorem3(cfg)),
-    ]
-    results = {}
-    for name, fn in steps:
-        if show_progress:
-            print(f"[theory] {name}")
-        results[name] = fn()
-    rep.plot_corollaries(results["Corollaries 1-2"], out / "figures" / "corollaries_river_progress.png")
-    rep.plot_corollaries(results["Theorem 2 (b)"], out / "figures" / "theorem2_river_progress.png")
-    rep.plot_valley_pictures(out / "figures" / "river_u_v_valleys.png")
-    rep.plot_alignment(results["Theorem 3"], out / "figures" / "theorem3_cosines.png")
-    md = rep.theory_markdown(results, cfg)
+    figs = out / "figures"
+    if resume and (out / "theory.json").exists():
+        results = read_json(out / "theory.json")
+    else:
+        steps = [
+            ("Theorem 1", lambda: check_bound(False, cfg)),
+            ("Theorem 2", lambda: check_bound(True, cfg)),
+            ("Corollaries 1-2", lambda: corollaries(cfg)),
+            ("Theorem 2 (b)", lambda: corollaries(cfg, quartic_beta=0.5)),
+            ("Theorem 3", lambda: theorem3(cfg)),
+        ]
+        results = {}
+        for name, fn in steps:
+            if show_progress:
+                print(f"[theory] {name}")
+            results[name] = fn()
+        theory_report.plot_corollaries(results["Corollaries 1-2"], figs / "corollaries_river_progress.png")
+        theory_report.plot_corollaries(results["Theorem 2 (b)"], figs / "theorem2_river_progress.png")
+        theory_report.plot_valley_pictures(figs / "river_u_v_valleys.png")
+        theory_report.plot_alignment(results["Theorem 3"], figs / "theorem3_cosines.png")
+        write_json(out / "theory.json", results)
+    md = theory_report.theory_markdown(results, cfg)
     atomic_write_text(out / "theory.md", md)
-    write_json(out / "theory.json", results)
-    return results
+    section = Section("theory", "Theory", md, [(figs / name, caption) for name, caption in FIGURES])
+    return StudyReport(results, theory_report.verdict_rows(results), section)
+
+
+def add_to_markov_summary(run: Path, study: StudyReport, cfg: TheoryStudyConfig) -> None:
+    """Append the theory section to a `loopscape markov` run's ``summary.md`` (``loopscape theory --report``)."""
+    title = "## Theory (`loopscape theory`, figures in theory/figures)"
+    section = theory_report.theory_markdown(study.results, cfg, title=title)
+    summary = (run / "summary.md").read_text(encoding="utf-8")
+    atomic_write_text(run / "summary.md", summary.rstrip() + "\n\n" + section)

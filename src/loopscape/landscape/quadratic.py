@@ -70,7 +70,7 @@ class RiverValley:
         return bool((lam > 0).all() and (eta * lam <= 1).all())
 
 
-def _orthogonal(d: int, g: torch.Generator) -> Tensor:
+def random_orthogonal(d: int, g: torch.Generator) -> Tensor:
     Q, R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R))
 
@@ -88,7 +88,7 @@ def u_and_v_valleys(
     and its sorted small ones lie below the U valley's.
     """
     g = torch.Generator().manual_seed(seed)
-    Q = _orthogonal(d_V, g)
+    Q = random_orthogonal(d_V, g)
     hi = tau * (1 + delta / 2)
     lo = hi / (1 + delta)  # kappa_U = 1 + delta exactly
     lam_u = torch.linspace(lo, hi, d_V, dtype=torch.float64)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loopscape.config import require
+
 EMBEDDINGS = ("onehot", "token", "random")
 POSITIONS = ("absolute", "cyclic")
 
@@ -31,8 +33,14 @@ POSITIONS = ("absolute", "cyclic")
 class LinearAttnConfig:
     """Configuration of the toy model.
 
+    A study's ``model:`` section is this dataclass (the Markov study's
+    defaults are the paper's setting: 3 cyclic position codes, ``T = 3``);
+    the study fills in ``vocab_size`` from its data and sets ``n_loops`` per
+    model (1 for Single-Attn).
+
     Attributes:
-        vocab_size: number of tokens ``V``.
+        vocab_size: number of tokens ``V``; ``None`` in a study's config, where
+            the data decides it at build time.
         n_loops: ``T``; 1 is Single-Attn.
         embedding: the fixed map ``g``. ``"onehot"``: token one-hot concatenated
             with position one-hot, ``d = V + max_len``. ``"token"``: token
@@ -51,7 +59,7 @@ class LinearAttnConfig:
         embedding_seed: seed of the ``"random"`` embedding.
     """
 
-    vocab_size: int = 3
+    vocab_size: int | None = None
     n_loops: int = 1
     embedding: str = "onehot"
     d_model: int = 16
@@ -59,6 +67,15 @@ class LinearAttnConfig:
     positions: str = "absolute"
     init_scale: float = 1.0
     embedding_seed: int = 0
+
+    def validate(self, p: str = "") -> None:
+        require(self.vocab_size is None or self.vocab_size >= 2, f"{p}vocab_size", "null (from the data) or an integer >= 2", self.vocab_size)
+        require(self.n_loops >= 1, f"{p}n_loops", "an integer >= 1 (T)", self.n_loops)
+        require(self.embedding in EMBEDDINGS, f"{p}embedding", f"one of {list(EMBEDDINGS)}", self.embedding)
+        require(self.d_model >= 1, f"{p}d_model", "an integer >= 1", self.d_model)
+        require(self.max_len >= 1, f"{p}max_len", "an integer >= 1", self.max_len)
+        require(self.positions in POSITIONS, f"{p}positions", f"one of {list(POSITIONS)}", self.positions)
+        require(self.init_scale > 0, f"{p}init_scale", "a number > 0", self.init_scale)
 
     @property
     def d(self) -> int:
@@ -106,6 +123,8 @@ class LinearAttn(nn.Module):
 
     def __init__(self, config: LinearAttnConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("vocab_size must be set to build a model (a study fills it in from its data)")
         if config.n_loops < 1:
             raise ValueError(f"n_loops must be >= 1 (got {config.n_loops})")
         self.config = config
@@ -173,11 +192,11 @@ def _times(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return X @ W if W.dim() == 2 else torch.einsum("...kd,...de->...ke", X, W)
 
 
-def single_attn(**config) -> LinearAttn:
+def single_attn(vocab_size: int = 3, **config) -> LinearAttn:
     """Single-Attn: ``z_1 = z_0 + f(E_0, z_0)``."""
-    return LinearAttn(LinearAttnConfig(**{**config, "n_loops": 1}))
+    return LinearAttn(LinearAttnConfig(vocab_size=vocab_size, **{**config, "n_loops": 1}))
 
 
-def looped_attn(n_loops: int = 3, **config) -> LinearAttn:
+def looped_attn(n_loops: int = 3, vocab_size: int = 3, **config) -> LinearAttn:
     """Looped-Attn with ``T = n_loops`` (3 in the paper)."""
-    return LinearAttn(LinearAttnConfig(**{**config, "n_loops": n_loops}))
+    return LinearAttn(LinearAttnConfig(vocab_size=vocab_size, **{**config, "n_loops": n_loops}))

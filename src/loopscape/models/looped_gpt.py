@@ -24,8 +24,11 @@ from torch import nn
 
 @dataclass
 class LoopedGPTConfig:
-    """Attributes:
-    vocab_size: tokens (the task's vocabulary, pad included).
+    """A study's ``model:`` section is this dataclass; the study fills in
+    ``vocab_size`` from its task at build time.
+
+    Attributes:
+    vocab_size: tokens (the task's vocabulary, pad included); ``None`` until built.
     d_model: width (256 in the paper).
     n_heads: attention heads; must divide ``d_model``.
     n_layers: GPT-2 layers inside the looped block.
@@ -34,7 +37,7 @@ class LoopedGPTConfig:
     init_std: normal init of linear and embedding weights (GPT-2: 0.02).
     """
 
-    vocab_size: int
+    vocab_size: int | None = None
     d_model: int = 256
     n_heads: int = 8
     n_layers: int = 1
@@ -46,7 +49,7 @@ class LoopedGPTConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads must divide d_model (got d_model={self.d_model}, n_heads={self.n_heads})")
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {getattr(self, name)})")
 
 
@@ -94,6 +97,8 @@ class LoopedGPT(nn.Module):
 
     def __init__(self, config: LoopedGPTConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("vocab_size must be set to build a model (a study fills it in from its task)")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))

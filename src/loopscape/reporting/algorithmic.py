@@ -11,8 +11,9 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 
 from loopscape.io import atomic_write_text, read_jsonl
-from loopscape.reporting.figures import _save, plt
+from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.html import Section, render_report, versions
+from loopscape.reporting.stats import mean_sd_se
 
 NAMES = {"single": "Single-Attn", "looped": "Looped-Attn", "shift": "SHIFT"}
 COLOURS = {"single": "tab:blue", "looped": "tab:red", "shift": "tab:green"}
@@ -90,7 +91,7 @@ def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
         ax.set(title=title, xlabel="step")
     axes[0].set_ylabel("exact match (%)")
     axes[0].legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_length(runs: list[dict], path: Path) -> None:
@@ -113,7 +114,7 @@ def plot_length(runs: list[dict], path: Path) -> None:
     ax.set(xlabel="test length n", ylabel="exact match (%)", title=title, ylim=(-3, 103))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_compute(metrics: dict[str, list[dict]], path: Path) -> None:
@@ -126,7 +127,7 @@ def plot_compute(metrics: dict[str, list[dict]], path: Path) -> None:
     axes[0].set(xlabel="step", ylabel="training FLOPs (cumulative)", yscale="log")
     axes[1].set(xlabel="step", ylabel="wall time (s, cumulative)")
     axes[0].legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -> tuple[Section, list[dict]]:
@@ -184,13 +185,6 @@ def write_algorithmic_report(out: Path, results: dict) -> None:
 # -- over seeds -----------------------------------------------------------------------------------
 
 
-def _stats(values: list[float]) -> dict:
-    """Mean, sample standard deviation and standard error of the mean (``None`` below two values)."""
-    n = len(values)
-    sd = float(np.std(values, ddof=1)) if n > 1 else None
-    return {"mean": float(np.mean(values)), "sd": sd, "se": None if sd is None else sd / n**0.5, "n": n}
-
-
 def seeds_summary(runs: dict[int, dict]) -> dict:
     """One task over several seeds (``runs``: each seed's ``results.json`` content).
 
@@ -219,7 +213,7 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
     columns = [c for c in ("single", "looped", "looped_oracle", "shift", "shift_oracle", "edge", "time_ratio", "flops_ratio") if all(c in r for r in rows)]
     first = runs[min(runs)]
     out = {"task": first["task"], "train_max_len": first["config"]["train_max_len"], "seeds": rows,
-           "over_seeds": {c: _stats([r[c] for r in rows]) for c in columns}}
+           "over_seeds": {c: mean_sd_se([r[c] for r in rows]) for c in columns}}
     if "edge" in columns:
         out["edge_verdict"] = generalisation_verdict(out["over_seeds"]["edge"]["mean"])
         out["seeds_with_edge"] = sum(r["edge"] >= COMPARABLE_PTS for r in rows)

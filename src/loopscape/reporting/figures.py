@@ -10,14 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from loopscape.data.markov import MarkovTask  # noqa: E402
 from loopscape.io import atomic_write_bytes  # noqa: E402
-from loopscape.training.trainer import MarkovTask  # noqa: E402
 
+PHASE_EPOCH = 150  # Section 4.1: the epoch after which the paper sees the two models part
 LABELS = {"single_attn": "Single-Attn", "looped_attn": "Looped-Attn"}
 GROUPS = {"acc_low": ("low IC", "tab:green"), "acc_high": ("high IC", "tab:red"), "acc_all": ("all", "tab:blue")}
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
@@ -38,7 +39,7 @@ def plot_ic_distribution(task: MarkovTask, path: str | Path) -> None:
     ax.set_ylabel("training sequences")
     ax.set_title(f"Training set: N = {len(ic)}, max IC = {ic.max():.2f} bits")
     ax.legend()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def plot_accuracy_curves(metrics: dict[str, dict[str, np.ndarray]], path: str | Path, ceiling: dict | None = None) -> None:
@@ -53,10 +54,10 @@ def plot_accuracy_curves(metrics: dict[str, dict[str, np.ndarray]], path: str | 
             ax.fill_between(x, a.min(0), a.max(0), color=color, alpha=0.2, lw=0)
             if ceiling is not None:
                 ax.axhline(100 * ceiling[key[4:]], color=color, ls=":", lw=1)
-        ax.axvline(150, color="k", ls="--", lw=0.8)
+        ax.axvline(PHASE_EPOCH, color="k", ls="--", lw=0.8)
         ax.set_title(f"{LABELS.get(name, name)} ({a.shape[0]} seeds)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("training accuracy [%]")
     np.atleast_1d(axes)[0].legend(loc="lower right", title="dotted: Bayes-optimal predictor")
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))

@@ -32,10 +32,24 @@ nav a { margin-right: 14px; } .lead { color: #57606a; }
 
 @dataclass
 class Section:
+    """One part of a report: Markdown, then its figures ``(path, caption)``."""
+
     anchor: str
     title: str
     markdown: str
     figures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass
+class StudyReport:
+    """What a study hands to a report: its numbers (JSON-able), its verdict rows
+    (``claim``, ``source``, ``ours``, ``paper``, ``verdict``) and its section.
+    ``memory`` holds what later studies read from this one and is not written."""
+
+    results: dict
+    verdicts: list[dict]
+    section: Section
+    memory: dict = field(default_factory=dict)
 
 
 def badge(verdict: str) -> str:

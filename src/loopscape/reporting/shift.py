@@ -1,5 +1,4 @@
-"""Figures, tables and verdicts of the SHIFT study (Figure 4) and of length
-generalisation (Figure 9, Table 1).
+"""Figures, tables and verdicts of the SHIFT study (Section 5, Figure 4).
 
 Verdict rules, stated once here and printed in the report:
 
@@ -16,10 +15,6 @@ Verdict rules, stated once here and printed in the report:
   because on this data both models reach the target within the first tens
   of epochs, before any shift, which makes it the ratio of Single-Attn's and
   Looped-Attn's early epochs rather than a property of SHIFT.
-* **Length generalisation** (paper: Looped-Attn above Single-Attn at every
-  test length, total accuracy): reproduced if Looped-Attn's mean exceeds
-  Single-Attn's by more than the standard error of the difference at every
-  test length; partly if at some; not reproduced if at none.
 """
 
 from __future__ import annotations
@@ -28,27 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from loopscape.reporting.figures import _save, plt
+from loopscape.reporting.figures import plt, save_figure
+from loopscape.reporting.stats import fmt_mean_std as _ms
+from loopscape.reporting.stats import fmt_number as _f
 
-PAPER_TABLE1 = {  # length: (# simple sequences share, Single-Attn, Looped-Attn) on simple sequences, %
-    4: (1.0, 69.25, 72.29),
-    8: (0.995, 52.83, 62.78),
-    11: (0.645, 55.57, 70.28),
-    14: (0.0, None, None),
-    17: (0.0, None, None),  # printed as L = 18 in Table 1; the text says 17
-}
 PAPER_SCP = {"shift_range": [100, 150], "speedup": 1.26}
-NAMES = {"single_attn": "Single-Attn", "looped_attn": "Looped-Attn", "shift": "SHIFT (SCP)"}
-
-
-def _f(x, digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _ms(s: dict | None, digits: int = 2) -> str:
-    if not s or s.get("mean") is None:
-        return "n/a"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if s["n"] > 1 else f"{s['mean']:.{digits}f}"
 
 
 def fixed_epochs(res: dict, optimizer: str) -> list[int]:
@@ -94,20 +73,6 @@ def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
     return {"verdict": v, "wall_speedup_total": speed, "wall_speedup_to_target": entry["wall_s_speedup_to_target"]["mean"], "acc_all_minus_looped_pts": loss}
 
 
-def length_verdict(length: dict, train_length: int) -> dict:
-    wins = {}
-    for L, row in length.items():
-        if int(L) == train_length:
-            continue
-        s, lp = row["single_attn"]["all"], row["looped_attn"]["all"]
-        diff = lp["mean"] - s["mean"]
-        se = np.sqrt((s["std"] ** 2 + lp["std"] ** 2) / max(s["n"], 1))
-        wins[L] = {"diff_pts": diff, "se_pts": float(se), "win": bool(diff > se)}
-    n = sum(w["win"] for w in wins.values())
-    v = "reproduced" if n == len(wins) else "partly reproduced" if n else "not reproduced"
-    return {"verdict": v, "per_length": wins}
-
-
 # -- figures ----------------------------------------------------------------------------
 
 
@@ -144,7 +109,7 @@ def plot_shift_points(res: dict, optimizer: str, path: Path) -> None:
             ax.plot([scp_x], [scp[g]["mean"]], "*", ms=14, color=color, mec="k")
     ax.set(xlabel="shift epoch", ylabel="final training accuracy (%)", title="Final accuracy (mean ± std over seeds)")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_compute_curves(res: dict, optimizer: str, path: Path) -> None:
@@ -163,34 +128,18 @@ def plot_compute_curves(res: dict, optimizer: str, path: Path) -> None:
         ax.axhline(100 * res["target_acc_all"], color="grey", ls=":", lw=1, label="target")
         ax.set(xlabel=label, ylabel="training accuracy, all (%)")
         ax.legend(fontsize=7)
-    _save(fig, path)
-
-
-def plot_length(length: dict, path: Path) -> None:
-    """Figure 9: total accuracy against sequence length, with the Bayes-optimal predictor."""
-    Ls = sorted(int(L) for L in length)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, color in (("single_attn", "tab:blue"), ("looped_attn", "tab:red"), ("shift", "tab:orange")):
-        if name not in length[str(Ls[0])]:
-            continue
-        m = np.array([length[str(L)][name]["all"]["mean"] for L in Ls])
-        sd = np.array([length[str(L)][name]["all"]["std"] for L in Ls])
-        ax.errorbar(Ls, m, yerr=sd, marker="o", capsize=3, color=color, label=NAMES[name])
-    ax.plot(Ls, [100 * length[str(L)]["bayes_all"] for L in Ls], "k:", label="Bayes-optimal")
-    ax.set(xlabel="sequence length L (4 = training)", ylabel="total accuracy (%)", title="Length generalisation", xticks=Ls)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # -- markdown ---------------------------------------------------------------------------
 
 
-def shift_markdown(res: dict, length: dict, shift_cfg, train_length: int) -> tuple[str, dict]:
+def shift_markdown(res: dict, shift_cfg) -> tuple[str, dict]:
+    """The section, and the verdicts on SCP's shift point and SHIFT's speed-up."""
     opt = shift_cfg.optimizer
     tol_pts = 100 * shift_cfg.tolerance
     scp_v = scp_point_verdict(scp_epochs(res, opt))
     speed_v = speedup_verdict(res["policies"][f"scp/{opt}"], tol_pts)
-    len_v = length_verdict(length, train_length)
     lines = [
         "# SHIFT (Section 5, Figure 4)",
         "",
@@ -244,33 +193,19 @@ def shift_markdown(res: dict, length: dict, shift_cfg, train_length: int) -> tup
         "(the speed-up to the target is not the measure: both models reach the target before any shift).",
         "",
     ]
-    lines += length_markdown(length, train_length, len_v)
-    return "\n".join(lines), {"scp_shift_point": scp_v, "shift_speedup": speed_v, "length_generalisation": len_v}
+    return "\n".join(lines), {"scp_shift_point": scp_v, "shift_speedup": speed_v}
 
 
-def length_markdown(length: dict, train_length: int, verdict: dict) -> list[str]:
-    lines = [
-        "# Length generalisation (Section 4.4, Appendix E.1.3, Figure 9, Table 1)",
-        "",
-        "Test sets: 5000 tilted draws (alpha = 2) per length, transitions applied cyclically; 'simple' = IC at most the largest training IC. "
-        "Positions past the training input length reuse the position codes cyclically (period 3, the transitions' period). "
-        "The paper's Table 1 prints L = 18 where its text says 17; we follow the text.",
-        "",
-        "| L | simple share (ours / paper) | Single-Attn simple (ours / paper) | Looped-Attn simple (ours / paper) | SHIFT simple | Single-Attn all | Looped-Attn all | SHIFT all | Bayes-optimal all |",
-        "|---|---|---|---|---|---|---|---|---|",
+def verdict_rows(verdicts: dict) -> list[dict]:
+    """SHIFT's rows of a report's verdict table."""
+    point, speed = verdicts["scp_shift_point"], verdicts["shift_speedup"]
+    lo, hi = PAPER_SCP["shift_range"]
+    return [
+        {"claim": f"SCP shifts at {lo}-{hi} epochs", "source": "Section 5", "ours": f"median {point['median']}",
+         "paper": f"{lo}-{hi}", "verdict": point["verdict"]},
+        {"claim": "SHIFT reaches Looped-Attn's accuracy faster, at no loss", "source": "Section 5, Figure 4",
+         "ours": f"{_f(speed['wall_speedup_total'])}x wall time, {_f(speed['acc_all_minus_looped_pts'])} pts",
+         "paper": f"about {PAPER_SCP['speedup']}x, no loss", "verdict": speed["verdict"]},
     ]
-    for L in sorted(length, key=int):
-        row = length[L]
-        share_p, s_p, l_p = PAPER_TABLE1.get(int(L), (None, None, None))
-        cells = [f"{100 * row['simple_share']:.1f}% / {'' if share_p is None else f'{100 * share_p:.1f}%'}"]
-        for name, paper in (("single_attn", s_p), ("looped_attn", l_p)):
-            cells.append(f"{_ms(row[name]['simple'])} / {_f(paper)}")
-        cells.append(_ms(row["shift"]["simple"]) if "shift" in row else "")
-        cells += [_ms(row[n]["all"]) if n in row else "" for n in ("single_attn", "looped_attn", "shift")]
-        cells.append(f"{100 * row['bayes_all']:.2f}")
-        lines.append(f"| {L}{' (training)' if int(L) == train_length else ''} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Verdict on length generalisation (Looped-Attn above Single-Attn, total accuracy): **{verdict['verdict']}**", ""]
-    for L, w in verdict["per_length"].items():
-        lines.append(f"- L = {L}: Looped-Attn minus Single-Attn {w['diff_pts']:+.2f} pts (standard error {w['se_pts']:.2f})")
-    lines += ["", "Rule: reproduced if the difference exceeds its standard error at every test length; partly if at some.", ""]
-    return lines
+
+

@@ -34,6 +34,8 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from loopscape.config import ConfigError
+
 
 @dataclass
 class ShiftCriterion:
@@ -106,3 +108,24 @@ class ShiftCriterion:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+@dataclass
+class SCPConfig:
+    """SCP's settings as a config section (one evaluation per epoch or per ``eval_every`` steps)."""
+
+    patience: int = ShiftCriterion.patience
+    min_delta: float = ShiftCriterion.min_delta
+    wait: int = ShiftCriterion.wait
+    grad_tol: float = ShiftCriterion.grad_tol
+    max_wait: int | None = ShiftCriterion.max_wait
+
+    def validate(self, p: str = "") -> None:
+        try:
+            self.build()
+        except ValueError as e:
+            raise ConfigError(f"{p}{e}") from None
+
+    def build(self) -> ShiftCriterion:
+        """A fresh criterion with these settings."""
+        return ShiftCriterion(**asdict(self))

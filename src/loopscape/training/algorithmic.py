@@ -6,7 +6,8 @@ every sample after one step; Looped-Attn after its own ``T(n)`` steps, with
 the loss at that step only and gradients through every step. SHIFT trains
 Single-Attn and switches to Looped-Attn at a fixed step or when SCP
 (:class:`~loopscape.shift.criterion.ShiftCriterion`) fires on the periodic
-validation; the optimiser state is kept.
+validation (:class:`~loopscape.shift.schedule.ShiftSchedule`: steps up to the
+switch step are Single-Attn); the optimiser state is kept.
 
 AdamW, constant learning rate until the curriculum ends, then cosine decay to
 0; gradient clipping at norm 1.0 (spec). Every ``eval_every`` steps one row is
@@ -37,17 +38,17 @@ import torch.nn.functional as F
 
 from loopscape.config import require
 from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask, Curriculum
-from loopscape.io import JsonlLog, read_jsonl
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
-from loopscape.shift.criterion import ShiftCriterion
-from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from loopscape.shift.criterion import SCPConfig
+from loopscape.shift.schedule import ShiftSchedule
+from loopscape.training.run import RunState
 
 PARADIGMS = ("single", "looped", "shift")
 PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class AlgoTrainConfig:
+class AlgorithmicTrainConfig:
     """Optimisation and run settings (defaults: the paper's, Appendix E.2 and spec)."""
 
     steps: int = 50_001
@@ -59,8 +60,8 @@ class AlgoTrainConfig:
     eval_every: int = 500
     eval_size: int = 512
     checkpoint_every: int = 2000
-    shift_at: int | None = None  # SHIFT at a fixed step; None: SCP decides
-    scp: dict = field(default_factory=dict)  # ShiftCriterion settings, in evaluations
+    shift_at: int | None = None  # SHIFT's last Single-Attn step, fixed; None: SCP decides
+    scp: SCPConfig = field(default_factory=SCPConfig)  # counted in evaluations
     precision: str = "fp32"
     compile: bool = False
     device: str = "auto"
@@ -74,13 +75,9 @@ class AlgoTrainConfig:
         require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
         require(self.precision in PRECISIONS, f"{p}precision", f"one of {PRECISIONS}", self.precision)
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}device", "auto, cpu, cuda or cuda:<index>", self.device)
-        try:
-            ShiftCriterion(**self.scp)
-        except (TypeError, ValueError) as err:
-            require(False, f"{p}scp", "ShiftCriterion settings (patience, min_delta, wait, grad_tol, max_wait)", f"{self.scp} ({err})")
 
 
-def lr_at(step: int, config: AlgoTrainConfig, curriculum_end: int) -> float:
+def lr_at(step: int, config: AlgorithmicTrainConfig, curriculum_end: int) -> float:
     """Constant until the curriculum ends, then cosine decay to 0 at the last step."""
     if step < curriculum_end or config.steps <= curriculum_end:
         return config.lr
@@ -103,37 +100,17 @@ def step_flops(config, batch: AlgoBatch, steps: torch.Tensor) -> float:
     return 3 * (block + head)
 
 
-class _Phase:
-    """Which paradigm runs now: SHIFT's state machine (single -> looped), resumable."""
+def shift_schedule(paradigm: str, config: AlgorithmicTrainConfig) -> ShiftSchedule | None:
+    """SHIFT's schedule (fixed ``shift_at`` or SCP); None for Single-Attn and Looped-Attn.
 
-    def __init__(self, paradigm: str, config: AlgoTrainConfig):
-        self.paradigm = paradigm
-        self.shift_at = config.shift_at
-        self.criterion = ShiftCriterion(**config.scp) if paradigm == "shift" and config.shift_at is None else None
-        self.shifted_at: int | None = None
-
-    @property
-    def looped(self) -> bool:
-        return self.paradigm == "looped" or self.shifted_at is not None
-
-    def steps(self, batch: AlgoBatch) -> torch.Tensor:
-        return batch.steps if self.looped else torch.ones_like(batch.steps)
-
-    def before_step(self, step: int) -> None:
-        if self.paradigm == "shift" and self.shifted_at is None and self.shift_at is not None and step >= self.shift_at:
-            self.shifted_at = step
-
-    def after_eval(self, step: int, val_loss: float, grad_norm: float) -> None:
-        if self.criterion is not None and self.shifted_at is None and self.criterion.update(val_loss, grad_norm):
-            self.shifted_at = step
-
-    def state_dict(self) -> dict:
-        return {"shifted_at": self.shifted_at, "criterion": self.criterion.state_dict() if self.criterion else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shifted_at = state["shifted_at"]
-        if self.criterion is not None:
-            self.criterion.load_state_dict(state["criterion"])
+    The loop count it gives is read as a stage: one loop is Single-Attn, more
+    is Looped-Attn, where each row runs its own ``T(n)``.
+    """
+    if paradigm != "shift":
+        return None
+    if config.shift_at is not None:
+        return ShiftSchedule.fixed(2, at=config.shift_at)
+    return ShiftSchedule.scp(2, criterion=config.scp.build())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,10 +137,10 @@ def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, steps: torch.Tensor, prec
     return (loss / batch.mask.sum()).item(), correct.float().mean().item()
 
 
-def make_optimizer(model: torch.nn.Module, config: AlgoTrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: AlgorithmicTrainConfig) -> torch.optim.AdamW:
     """AdamW (spec), with torch's fused kernel where this build has one for the
     parameters' device (CPU from torch 2.4, CUDA): one kernel per step instead of
-    several per parameter tensor (0.9 ms of a 32 ms ``cpu-small`` step)."""
+    several per parameter tensor (docs/algorithmic.md gives the measured saving)."""
     params = list(model.parameters())
     try:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -171,7 +148,7 @@ def make_optimizer(model: torch.nn.Module, config: AlgoTrainConfig) -> torch.opt
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, steps: torch.Tensor, config: AlgoTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, steps: torch.Tensor, config: AlgorithmicTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step on this rank's shard of ``batch``, each row read at ``steps``.
 
     ``net``: the model, or its DistributedDataParallel wrapper. The shard's summed
@@ -196,7 +173,7 @@ def train_algorithmic(
     model: LoopedGPT,
     task: AlgorithmicTask,
     paradigm: str,
-    config: AlgoTrainConfig,
+    config: AlgorithmicTrainConfig,
     curriculum: Curriculum,
     run_dir: str | Path,
     seed: int = 0,
@@ -211,8 +188,6 @@ def train_algorithmic(
     """
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS} (got {paradigm!r})")
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     device = next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -220,14 +195,19 @@ def train_algorithmic(
     generator = torch.Generator(device=device).manual_seed(seed)
     val_gen = torch.Generator(device=device).manual_seed(10_000 + seed)  # a fixed set from the full training distribution
     val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
-    phase = _Phase(paradigm, config)
-    start, totals = 0, {"flops": 0.0, "time_s": 0.0}
+    schedule = shift_schedule(paradigm, config)
+
+    def looped(step: int) -> bool:
+        return paradigm == "looped" or (schedule is not None and schedule.n_loops_at(step) > 1)
+
+    totals = {"flops": 0.0, "time_s": 0.0}
     window = {"loss": 0.0, "correct": 0.0, "rows": 0, "grad": 0.0, "n": 0, "loops": 0.0}  # running means between evaluations
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, generator)
-        start, totals, window = state["epoch"], state["extra"]["totals"], state["extra"]["window"]
-        phase.load_state_dict(state["extra"]["phase"])
+    run = RunState(run_dir, config.steps, config.checkpoint_every, unit="step", write=rank == 0)
+    extra = run.resume(model, optimizer, generator) if resume else {}
+    if extra:
+        totals, window = extra["totals"], extra["window"]
+        if schedule is not None:
+            schedule.load_state_dict(extra["schedule"])
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -236,16 +216,14 @@ def train_algorithmic(
     if config.compile:  # layer by layer: the loop over steps stays in Python, shapes vary per step
         for layer in model.layers:
             layer.compile(dynamic=True)
-    log = JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["step"] <= start) if rank == 0 else None
-    try:
-        for step in range(start + 1, config.steps + 1):
+    with run.open_log() as log:
+        for step in range(run.start + 1, config.steps + 1):
             t0 = time.perf_counter()
-            phase.before_step(step)
             lr = lr_at(step, config, curriculum.end_step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
-            steps = phase.steps(batch)
+            steps = batch.steps if looped(step) else torch.ones_like(batch.steps)
             loss_sum, correct, grad_norm = train_step(net, optimizer, batch, steps, config, world, rank)
             totals["flops"] += step_flops(model.config, batch, steps)
             totals["time_s"] += time.perf_counter() - t0
@@ -263,10 +241,11 @@ def train_algorithmic(
             evaluating = step % config.eval_every == 0 or step == config.steps
             if evaluating:
                 model.eval()
-                val_loss, val_acc = evaluate_batch(model, val, phase.steps(val), config.precision)
+                val_steps = val.steps if looped(step) else torch.ones_like(val.steps)
+                val_loss, val_acc = evaluate_batch(model, val, val_steps, config.precision)
                 row = {
                     "step": step,
-                    "paradigm": "looped" if phase.looped else "single",
+                    "paradigm": "looped" if looped(step) else "single",
                     "train_loss": window["loss"] / window["n"],
                     "train_acc": window["correct"] / window["rows"],
                     "val_loss": val_loss,
@@ -278,20 +257,17 @@ def train_algorithmic(
                     "flops": totals["flops"],
                     "time_s": totals["time_s"],
                 }
-                phase.after_eval(step, val_loss, row["grad_norm"])
-                if phase.shifted_at is not None:
-                    row["shifted_at"] = phase.shifted_at
+                if schedule is not None:
+                    schedule.observe(step, val_loss, row["grad_norm"])
+                    if schedule.shifted_by(step):
+                        row["shifted_at"] = schedule.shift_step
                 window = dict.fromkeys(window, 0.0)
-                if log is not None:
-                    log.append(row)
-            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-                extra = {"totals": totals, "window": window, "phase": phase.state_dict(), "paradigm": paradigm}
-                save_checkpoint(ckpt_dir, step, model, optimizer, generator, extra=extra)
+                log.append(row)
+            if run.checkpoint_due(step):
+                extra = {"totals": totals, "window": window, "paradigm": paradigm}
+                if schedule is not None:
+                    extra["schedule"] = schedule.state_dict()
+                run.save(step, model, optimizer, generator, extra=extra)
             if on_step is not None and evaluating:
                 on_step(step)
-    finally:
-        if log is not None:
-            log.close()
-    if rank == 0:
-        save_weights(run_dir / "model.safetensors", model, metadata={"paradigm": paradigm, "task": task.name})
-    return read_jsonl(run_dir / "metrics.jsonl") if rank == 0 else []
+    return run.finish(model, metadata={"paradigm": paradigm, "task": task.name})

@@ -3,11 +3,14 @@
 Layout of a checkpoint folder::
 
     checkpoints/
-      latest.json            {"epoch": 150, "dir": "epoch-00150"}
+      latest.json            {"unit": "epoch", "done": 150, "dir": "epoch-00150"}
       epoch-00150/
         model.safetensors    parameters and buffers (the model's state_dict)
         optimizer.safetensors  per-parameter optimiser state, keyed "<param>.<field>"
-        state.json           epoch, optimiser hyper-parameters, RNG state, extras
+        state.json           units done, optimiser hyper-parameters, RNG state, extras
+
+The unit is what the trainer counts: ``epoch`` (the Markov trainers) or
+``step`` (optimiser steps, the algorithmic trainer).
 
 A checkpoint is written into a temporary folder, renamed into place, and only
 then named by ``latest.json`` (itself written atomically): a crash at any
@@ -58,36 +61,38 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors:
 
 def save_checkpoint(
     directory: str | Path,
-    epoch: int,
+    done: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 1,
+    unit: str = "epoch",
 ) -> Path:
-    """Write a checkpoint for ``epoch`` and point ``latest.json`` at it."""
+    """Write a checkpoint after ``done`` units (epochs or steps) and point ``latest.json`` at it."""
     directory = Path(directory)
-    final = directory / f"epoch-{epoch:05d}"
-    tmp = directory / f".epoch-{epoch:05d}.tmp"
+    final = directory / f"{unit}-{done:05d}"
+    tmp = directory / f".{unit}-{done:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = {"epoch": epoch, "optimizer": opt_meta, "extra": extra or {}}
+    state = {"unit": unit, "done": done, "optimizer": opt_meta, "extra": extra or {}}
     if generator is not None:
         state["generator"] = generator_state(generator)
     write_json(tmp / "state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    write_json(directory / "latest.json", {"epoch": epoch, "dir": final.name})
-    old = sorted(p for p in directory.glob("epoch-*") if p.is_dir() and p != final)
+    write_json(directory / "latest.json", {"unit": unit, "done": done, "dir": final.name})
+    old = sorted(p for p in directory.glob(f"{unit}-*") if p.is_dir() and p != final)
     for p in old[: max(0, len(old) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The folder ``latest.json`` names, or None before the first checkpoint."""
     pointer = Path(directory) / "latest.json"
     if not pointer.exists():
         return None

@@ -8,7 +8,7 @@ running them one by one measures overhead. Here they train together:
 * parameters are stacked along a leading *member* axis
   (``torch.func.stack_module_state``) and the model's own ``forward``, which
   broadcasts over leading axes, runs all members in one pass, every member reading its own mini-batch in its own seeded
-  order (the order :func:`~loopscape.training.trainer.train` uses);
+  order (the order :func:`~loopscape.training.markov.train_markov` uses);
 * every member runs ``T_max`` loops and reads its logits at its own loop count
   (``forward(all_steps=True)``: step ``t`` is exactly the model with ``t`` loops);
 * the summed loss gives each member the gradient of its own mean loss, and
@@ -16,8 +16,8 @@ running them one by one measures overhead. Here they train together:
   Adam would; it keeps one step count per member so that a member may reset its
   moments at its shift while the others keep theirs.
 
-A member therefore follows the run that :func:`~loopscape.training.trainer.train`
-with a :class:`~loopscape.shift.training.ShiftController` gives for the same
+A member therefore follows the run that :func:`~loopscape.training.markov.train_markov`
+with the same :class:`~loopscape.shift.schedule.ShiftSchedule` gives for the same
 seed, up to float rounding (tested). Per-member wall time cannot be measured
 here; compute is accounted per epoch from the architecture in use
 (:mod:`loopscape.shift.compute`).
@@ -35,17 +35,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from loopscape.io import JsonlLog, read_jsonl
-from loopscape.shift.training import ShiftController
-from loopscape.training.checkpoint import (
-    generator_state,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-    set_generator_state,
-)
-from loopscape.training.trainer import MarkovTask, TrainConfig, scores
+from loopscape.data.markov import MarkovTask
+from loopscape.shift.schedule import ShiftSchedule
+from loopscape.training.checkpoint import generator_state, set_generator_state
+from loopscape.training.markov import MarkovTrainConfig, scores
+from loopscape.training.run import RunState
 
 
 class MemberAdam(torch.optim.Optimizer):
@@ -155,51 +149,44 @@ def _evaluate(pop: Population, steps: torch.Tensor, task: MarkovTask) -> dict[st
 def train_population(
     models: Sequence[nn.Module],
     seeds: Sequence[int],
-    controllers: Sequence[ShiftController],
+    schedules: Sequence[ShiftSchedule],
     task: MarkovTask,
-    config: TrainConfig,
+    config: MarkovTrainConfig,
     run_dir: str | Path,
     resume: bool = False,
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train member ``k`` = (``models[k]``, batch order of ``seeds[k]``, loop schedule
-    ``controllers[k]``) for ``config.epochs`` epochs, all at once.
+    ``schedules[k]``) for ``config.epochs`` epochs, all at once.
 
     ``metrics.jsonl`` has one row per epoch whose values are lists over members
-    (the keys of :func:`~loopscape.training.trainer.evaluate`, plus ``n_loops``);
+    (the keys of :func:`~loopscape.training.markov.evaluate`, plus ``n_loops``);
     ``time_s`` is the whole population's epoch. Checkpoints every
     ``config.checkpoint_every`` epochs; ``resume=True`` continues from the latest
-    and ends with the same numbers. Each controller's ``shift_epoch`` is set
-    when it decides. Returns every row.
+    and ends with the same numbers. Each schedule's ``shift_step`` is set when
+    it decides. Returns every row.
     """
-    if not (len(models) == len(seeds) == len(controllers)) or not models:
-        raise ValueError("models, seeds and controllers must be non-empty and of one length")
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    if not (len(models) == len(seeds) == len(schedules)) or not models:
+        raise ValueError("models, seeds and schedules must be non-empty and of one length")
     template = copy.deepcopy(models[0])
-    template.n_loops = max(c.n_loops for c in controllers)
+    template.n_loops = max(s.n_loops for s in schedules)
     pop = Population(template, models)
     optimizer = MemberAdam(pop.stacked.parameters(), lr=config.lr)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    start = 0
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, pop, optimizer)
-        start = state["epoch"]
-        for g, text in zip(generators, state["extra"]["generators"]):
+    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch")
+    extra = run.resume(pop, optimizer) if resume else {}
+    if extra:
+        for g, text in zip(generators, extra["generators"]):
             set_generator_state(g, text)
-        for c, m, cs in zip(controllers, models, state["extra"]["controllers"]):
-            c.load_state_dict(cs, m)
-    else:
-        for c, m in zip(controllers, models):
-            c.begin(m)
-    loops = torch.tensor([c.n_loops if c.shift_epoch is not None else 1 for c in controllers])
+        for s, state in zip(schedules, extra["schedules"]):
+            s.load_state_dict(state)
+    loops = torch.tensor([s.n_loops_at(run.start + 1) for s in schedules])
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
-    with JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["epoch"] <= start) as log:
-        if start == 0:
+    with run.open_log() as log:
+        if run.start == 0:
             log.append({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
-        for epoch in range(start + 1, config.epochs + 1):
+        for epoch in range(run.start + 1, config.epochs + 1):
             t0 = time.perf_counter()
             order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
             for idx in order.split(config.batch_size, dim=1):
@@ -211,18 +198,20 @@ def train_population(
             elapsed = time.perf_counter() - t0
             row = {"epoch": epoch, **_evaluate(pop, loops, task), "time_s": elapsed, "n_loops": loops.tolist()}
             log.append(row)
-            for k, c in enumerate(controllers):
-                if c.decide(epoch, {key: v[k] for key, v in row.items() if isinstance(v, list)}):
-                    loops[k] = c.n_loops
-                    if c.optimizer == "reset":
+            for k, s in enumerate(schedules):
+                if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]):
+                    loops[k] = s.n_loops_at(epoch + 1)
+                    if s.resets_optimizer:
                         optimizer.reset(k)
-            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-                extra = {"generators": [generator_state(g) for g in generators], "controllers": [c.state_dict() for c in controllers]}
-                save_checkpoint(ckpt_dir, epoch, pop, optimizer, extra=extra)
+            if run.checkpoint_due(epoch):
+                extra = {
+                    "generators": [generator_state(g) for g in generators],
+                    "schedules": [s.state_dict() for s in schedules],
+                }
+                run.save(epoch, pop, optimizer, extra=extra)
             if on_epoch is not None:
                 on_epoch(epoch)
-    save_weights(run_dir / "model.safetensors", pop)
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return run.finish(pop)
 
 
 def member_curves(rows: list[dict]) -> dict[str, np.ndarray]:

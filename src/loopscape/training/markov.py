@@ -10,24 +10,23 @@ model at initialisation.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loopscape.config import require
-from loopscape.data.markov import SequenceSet
-from loopscape.io import JsonlLog, read_jsonl
-from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from loopscape.data.markov import MarkovTask
+from loopscape.shift.schedule import ShiftSchedule
+from loopscape.training.run import RunState
 
 
 @dataclass
-class TrainConfig:
+class MarkovTrainConfig:
     """Optimisation settings. ``batch_size`` is not given by the paper; see docs/markov.md."""
 
     epochs: int = 600
@@ -40,24 +39,6 @@ class TrainConfig:
         require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
         require(self.batch_size >= 1, f"{p}batch_size", "an integer >= 1", self.batch_size)
         require(self.checkpoint_every >= 1, f"{p}checkpoint_every", "an integer >= 1", self.checkpoint_every)
-
-
-@dataclass
-class MarkovTask:
-    """What a run trains and evaluates on: the training set with its IC groups, and a validation set."""
-
-    train: SequenceSet
-    val: SequenceSet
-    low: torch.Tensor  # bool mask over train: lowest-IC 40%
-    high: torch.Tensor  # bool mask over train: highest-IC 40%
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def scores(logits: torch.Tensor, val_logits: torch.Tensor, task: MarkovTask) -> dict[str, torch.Tensor]:
@@ -89,53 +70,55 @@ def evaluate(model: nn.Module, task: MarkovTask) -> dict[str, float]:
     return {k: v.item() for k, v in row.items()}
 
 
-def train(
+def train_markov(
     model: nn.Module,
     task: MarkovTask,
-    config: TrainConfig,
+    config: MarkovTrainConfig,
     run_dir: str | Path,
     seed: int,
     resume: bool = False,
     on_epoch: Callable[[int], None] | None = None,
     trackers: Sequence = (),
-    controller=None,
+    schedule: ShiftSchedule | None = None,
 ) -> list[dict]:
     """Train ``model`` in place, logging to ``run_dir``; returns every metrics row.
 
     ``seed`` drives the mini-batch order. With ``resume=True`` the run continues
-    from its latest checkpoint (rows logged after it are dropped and redone),
-    and ends with the same numbers as an uninterrupted run. ``trackers`` are
-    callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)``,
+    from its latest checkpoint and ends with the same numbers as an
+    uninterrupted run (:class:`~loopscape.training.run.RunState`). ``trackers``
+    are callbacks with ``open(run_dir, start_epoch)``, ``update(epoch, model)``,
     ``close()`` and optionally ``flush()``, called before every checkpoint
     (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
-    A ``controller`` (e.g. :class:`~loopscape.shift.training.ShiftController`)
-    may change the model after each epoch's evaluation; its state is saved in
-    every checkpoint, and rows then record the loop count ``n_loops``.
+    With a SHIFT ``schedule`` every epoch trains with the loop count it gives,
+    each evaluation is reported to it, its state is saved in every checkpoint,
+    and rows record the loop count ``n_loops``.
     """
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
-    start = 0
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, generator)
-        start = state["epoch"]
-        if controller is not None:
-            controller.load_state_dict(state["extra"]["controller"], model)
-    elif controller is not None:
-        controller.begin(model)
-    loops = (lambda: {"n_loops": model.n_loops}) if controller is not None else dict
+    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch")
+    extra = run.resume(model, optimizer, generator) if resume else {}
+    if schedule is not None and "schedule" in extra:
+        schedule.load_state_dict(extra["schedule"])
+
+    def loops(epoch: int) -> dict:
+        """Set the epoch's loop count (epoch 0, the initial evaluation, uses epoch 1's)."""
+        if schedule is None:
+            return {}
+        model.n_loops = schedule.n_loops_at(max(epoch, 1))
+        return {"n_loops": model.n_loops}
+
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
     for t in trackers:
-        t.open(run_dir, start)
-    with JsonlLog(run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r["epoch"] <= start) as log:
-        if start == 0:
-            log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0, **loops()})
+        t.open(run.run_dir, run.start)
+    with run.open_log() as log:
+        if run.start == 0:
+            n_loops = loops(0)
+            log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0, **n_loops})
             for t in trackers:
                 t.update(0, model)
-        for epoch in range(start + 1, config.epochs + 1):
+        for epoch in range(run.start + 1, config.epochs + 1):
+            n_loops = loops(epoch)
             t0 = time.perf_counter()
             model.train()
             for idx in torch.randperm(n, generator=generator).split(config.batch_size):
@@ -145,20 +128,21 @@ def train(
                 optimizer.step()
             elapsed = time.perf_counter() - t0
             model.eval()
-            row = {"epoch": epoch, **evaluate(model, task), "time_s": elapsed, **loops()}
+            row = {"epoch": epoch, **evaluate(model, task), "time_s": elapsed, **n_loops}
             log.append(row)
             for t in trackers:
                 t.update(epoch, model)
-            if controller is not None:
-                controller.after_epoch(epoch, row, model, optimizer)
-            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+            if schedule is not None:
+                if schedule.observe(epoch, row["val_loss"], row["grad_norm"]) and schedule.resets_optimizer:
+                    optimizer.state.clear()
+                loops(epoch + 1)
+            if run.checkpoint_due(epoch):
                 for t in trackers:  # what a tracker still holds is written before the run can resume past it
                     getattr(t, "flush", lambda: None)()
-                extra = {"controller": controller.state_dict()} if controller is not None else None
-                save_checkpoint(ckpt_dir, epoch, model, optimizer, generator, extra=extra)
+                extra = {"schedule": schedule.state_dict()} if schedule is not None else None
+                run.save(epoch, model, optimizer, generator, extra=extra)
             if on_epoch is not None:
                 on_epoch(epoch)
     for t in trackers:
         t.close()
-    save_weights(run_dir / "model.safetensors", model)
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return run.finish(model)

@@ -1,0 +1,122 @@
+"""SHIFT's one schedule (Section 5): how many loops the next step or epoch runs.
+
+SHIFT trains Single-Attn (Stage I, one loop) and then Looped-Attn on the same
+parameters (Stage II, ``n_loops``). :class:`ShiftSchedule` decides when, and
+knows nothing of the model or the trainer: a trainer asks
+:meth:`~ShiftSchedule.n_loops_at` before each unit of training (an optimiser
+step, or an epoch), reports each evaluation to :meth:`~ShiftSchedule.observe`,
+and applies what it is told. Our three trainers do exactly that, and so can a
+plain PyTorch loop::
+
+    schedule = ShiftSchedule.scp(n_loops=3, criterion=ShiftCriterion())
+    for step in range(1, steps + 1):
+        model.n_loops = schedule.n_loops_at(step)
+        ...                                           # one step (or epoch)
+        if schedule.observe(step, val_loss, grad_norm) and schedule.resets_optimizer:
+            optimizer.state.clear()
+
+Three ways to decide:
+
+* ``fixed``: a switch point ``s`` given in advance;
+* ``scp``: SCP (:class:`~loopscape.shift.criterion.ShiftCriterion`) fires on
+  the evaluations reported to :meth:`observe`;
+* ``progressive``: a given ``T(step)``, as milestones ``{s: k}``: units after
+  ``s`` run ``k`` loops.
+
+Convention (one for every trainer): the switch point ``s`` is the last unit of
+Stage I. Units ``1..s`` run one loop, units ``s+1..`` run ``n_loops``; ``s = 0``
+is Looped-Attn from the start. The state is a JSON-able dict
+(:meth:`state_dict` / :meth:`load_state_dict`), so a run resumes across the switch.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from loopscape.shift.criterion import ShiftCriterion
+
+OPTIMIZER_AT_SHIFT = ("keep", "reset")
+
+
+class ShiftSchedule:
+    """The loop count of every unit of training; see the module docstring."""
+
+    def __init__(
+        self,
+        n_loops: int,
+        *,
+        at: int | None = None,
+        criterion: ShiftCriterion | None = None,
+        milestones: dict[int, int] | None = None,
+        optimizer: str = "keep",
+    ):
+        if sum(x is not None for x in (at, criterion, milestones)) != 1:
+            raise ValueError(
+                "give exactly one of at (a fixed switch point), criterion (SCP) "
+                "or milestones (a progressive schedule)"
+            )
+        if optimizer not in OPTIMIZER_AT_SHIFT:
+            raise ValueError(f"optimizer must be one of {OPTIMIZER_AT_SHIFT} (got {optimizer!r})")
+        if n_loops < 2:
+            raise ValueError(f"n_loops must be >= 2 for Stage II (got {n_loops})")
+        if at is not None and at < 0:
+            raise ValueError(f"at must be an integer >= 0 (got {at})")
+        if milestones is not None and not all(s >= 0 and 1 <= k <= n_loops for s, k in milestones.items()):
+            raise ValueError(f"milestones must map steps >= 0 to loop counts in 1..{n_loops} (got {milestones})")
+        self.n_loops, self.criterion, self.optimizer = n_loops, criterion, optimizer
+        self.milestones = dict(sorted(milestones.items())) if milestones is not None else None
+        # the last unit of Stage I: known in advance, or set when SCP fires
+        self.shift_step: int | None = at
+        if self.milestones is not None:
+            self.shift_step = next((s for s, k in self.milestones.items() if k > 1), None)
+
+    @classmethod
+    def fixed(cls, n_loops: int, at: int, optimizer: str = "keep") -> ShiftSchedule:
+        return cls(n_loops, at=at, optimizer=optimizer)
+
+    @classmethod
+    def scp(cls, n_loops: int, criterion: ShiftCriterion, optimizer: str = "keep") -> ShiftSchedule:
+        return cls(n_loops, criterion=criterion, optimizer=optimizer)
+
+    @classmethod
+    def progressive(cls, milestones: dict[int, int], optimizer: str = "keep") -> ShiftSchedule:
+        return cls(max(2, *milestones.values()), milestones=milestones, optimizer=optimizer)
+
+    @property
+    def resets_optimizer(self) -> bool:
+        """Whether the optimiser's state is dropped when the loop count changes."""
+        return self.optimizer == "reset"
+
+    def n_loops_at(self, step: int) -> int:
+        """The loop count of unit ``step`` (counted from 1)."""
+        if self.milestones is not None:
+            starts = list(self.milestones)
+            i = bisect.bisect_left(starts, step) - 1  # the last milestone s < step
+            return self.milestones[starts[i]] if i >= 0 else 1
+        return self.n_loops if self.shift_step is not None and step > self.shift_step else 1
+
+    def shifted_by(self, step: int) -> bool:
+        """Whether Stage II has begun after unit ``step`` (the switch is decided by then)."""
+        return self.shift_step is not None and self.shift_step <= step
+
+    def observe(self, step: int, val_loss: float | None = None, grad_norm: float | None = None) -> bool:
+        """Report unit ``step``'s evaluation. Returns True if unit ``step + 1``
+        runs another loop count than unit ``step`` (the trainer applies it then).
+
+        Only SCP reads the numbers; it is fed one evaluation per call.
+        """
+        if self.criterion is not None and self.shift_step is None:
+            if self.criterion.update(val_loss, grad_norm):
+                self.shift_step = step
+        return self.n_loops_at(step + 1) != self.n_loops_at(step)
+
+    def state_dict(self) -> dict:
+        return {
+            "shift_step": self.shift_step,
+            "criterion": self.criterion.state_dict() if self.criterion is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shift_step = state["shift_step"]
+        if self.criterion is not None and state["criterion"] is not None:
+            self.criterion.load_state_dict(state["criterion"])

@@ -1,0 +1,113 @@
+"""The run skeleton every trainer shares: resume, the metrics log, checkpoints, final weights.
+
+A run folder holds ``metrics.jsonl`` (one row per evaluation, keyed by the
+unit the trainer counts: ``epoch`` or ``step``), ``checkpoints/`` and, once the
+run ends, ``model.safetensors``. :class:`RunState` is the bookkeeping around a
+trainer's loop::
+
+    run = RunState(run_dir, total=config.epochs, checkpoint_every=50, unit="epoch")
+    extra = run.resume(model, optimizer, generator) if resume else {}
+    with run.open_log() as log:
+        for epoch in range(run.start + 1, run.total + 1):
+            ...                                   # train, evaluate, log.append(row)
+            if run.checkpoint_due(epoch):
+                run.save(epoch, model, optimizer, generator, extra={...})
+    rows = run.finish(model)
+
+A resumed run continues after its latest checkpoint; rows logged after that
+checkpoint are dropped and redone, so it ends with the numbers of an
+uninterrupted run. Only the writing process (rank 0 under DDP) passes
+``write=True``; every process resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from loopscape.io import JsonlLog, read_json, read_jsonl
+from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def units_done(run_dir: str | Path) -> int:
+    """How many units (epochs or steps) the run folder's latest checkpoint holds; 0 if none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest.json"
+    return read_json(pointer)["done"] if pointer.exists() else 0
+
+
+class RunState:
+    """Resume point, metrics log, checkpoint cadence and final weights of one run folder."""
+
+    def __init__(self, run_dir: str | Path, total: int, checkpoint_every: int, unit: str, write: bool = True):
+        self.run_dir = Path(run_dir)
+        self.total, self.checkpoint_every, self.unit, self.write = total, checkpoint_every, unit, write
+        self.start = 0  # units done before this process started
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None = None
+    ) -> dict:
+        """Restore the latest checkpoint into ``model``, ``optimizer`` and ``generator``,
+        if there is one; returns its extras (``{}`` if none)."""
+        ckpt = latest_checkpoint(self.checkpoints)
+        if ckpt is None:
+            return {}
+        state = load_checkpoint(ckpt, model, optimizer, generator)
+        self.start = state["done"]
+        return state["extra"]
+
+    def open_log(self) -> JsonlLog | _NoLog:
+        """``metrics.jsonl`` for appending, cut back to the resume point (emptied on a fresh start)."""
+        if not self.write:
+            return _NoLog()
+        start, unit = self.start, self.unit
+        return JsonlLog(self.run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r[unit] <= start)
+
+    def checkpoint_due(self, done: int) -> bool:
+        return done % self.checkpoint_every == 0 or done == self.total
+
+    def save(
+        self,
+        done: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        if self.write:
+            save_checkpoint(self.checkpoints, done, model, optimizer, generator, extra=extra, unit=self.unit)
+
+    def finish(self, model: nn.Module, metadata: dict[str, str] | None = None) -> list[dict]:
+        """Write the final weights; returns every metrics row (``[]`` where this process does not write)."""
+        if not self.write:
+            return []
+        save_weights(self.run_dir / "model.safetensors", model, metadata=metadata)
+        return read_jsonl(self.run_dir / "metrics.jsonl")
+
+
+class _NoLog:
+    """The metrics log of a process that does not write (a non-zero rank)."""
+
+    def append(self, row: dict) -> None:
+        pass
+
+    def __enter__(self) -> _NoLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
