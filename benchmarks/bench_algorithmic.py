@@ -128,7 +128,7 @@ def fixed_cost(args: dict, rows=(1, 4, 16, 64, 128)) -> dict:
 
     def ms_at(B: int) -> float:
         b = task.batch(torch.full((B,), args["n"], device=device), gen)
-        one_step = lambda: train_step(model, opt, b, b.steps, config)
+        one_step = lambda: train_step(model, opt, b, b.n_loops, config)
         for _ in range(args["warmup"]):
             one_step()
         return 1e3 * _time_steps(one_step, args, device)
@@ -163,8 +163,8 @@ def _worker(side: str, args: dict, queue) -> None:
 
     def ours_step() -> None:
         b = task.batch(torch.randint(1, args["n"] + 1, (args["batch"],), generator=gen, device=device), gen)
-        train_step(model, opt, b, b.steps, config)
-        flops.append(step_flops(model.config, b, b.steps))
+        train_step(model, opt, b, b.n_loops, config)
+        flops.append(step_flops(model.config, b, b.n_loops))
 
     one_step = ours_step if side == "ours" else eager_step
 

@@ -62,7 +62,7 @@ def test_random_rows_match_the_reference(name):
         else:
             assert len(query) == n
         n1 = query.index("x") if name == "multiplication" else 1
-        assert int(batch.steps[i]) == n * n1  # T(n) = n, T(n1, n2) = n1 * n2
+        assert int(batch.n_loops[i]) == n * n1  # T(n) = n, T(n1, n2) = n1 * n2
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_rows_of_one_batch_are_right_padded_and_deterministic():
 def test_test_batch_has_one_length_and_multiplication_tests_at_n1_2():
     g = torch.Generator().manual_seed(0)
     b = AlgorithmicTask("multiplication").test_batch(7, 50, g)
-    assert (b.lengths == 7).all() and (b.steps == 14).all()
+    assert (b.lengths == 7).all() and (b.n_loops == 14).all()
 
 
 def test_curriculum():

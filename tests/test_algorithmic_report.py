@@ -6,7 +6,7 @@ from loopscape.reporting.algorithmic import beyond, seeds_markdown, seeds_summar
 
 
 def results(single, looped, shift, test_lengths=(1, 2, 3, 4), saving=None):
-    acc = lambda a: {"adaptive": a, "adaptive_per_sample": a, "oracle": [1.0] * len(a), "chosen_steps": [1.0] * len(a)}
+    acc = lambda a: {"adaptive": a, "adaptive_per_sample": a, "oracle": [1.0] * len(a), "chosen_loops": [1.0] * len(a)}
     return {
         "task": "parity",
         "config": {"train_max_len": 2},

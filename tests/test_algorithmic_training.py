@@ -49,9 +49,9 @@ def test_train_step_is_one_plain_adamw_step_on_the_masked_mean_loss():
     torch.manual_seed(0)
     ours, ref = looped_gpt(task.vocab_size, **SMALL), looped_gpt(task.vocab_size, **SMALL)
     ref.load_state_dict(ours.state_dict())
-    loss_sum, correct, grad_norm = train_step(ours, make_optimizer(ours, config), batch, batch.steps, config)
+    loss_sum, correct, grad_norm = train_step(ours, make_optimizer(ours, config), batch, batch.n_loops, config)
 
-    logits = ref(batch.inputs, batch.steps)
+    logits = ref(batch.inputs, batch.n_loops)
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
     (nll * batch.mask).sum().div(batch.mask.sum()).backward()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), config.grad_clip)
@@ -118,10 +118,10 @@ def test_flops_match_torch_flop_counter():
     model = looped_gpt(task.vocab_size, d_model=16, n_heads=2, n_layers=2)
     batch = task.batch(torch.tensor([3, 1, 2, 3]), torch.Generator().manual_seed(0))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(batch.inputs, batch.steps)  # per-sample steps: rows stop at their own T(n)
+        model(batch.inputs, batch.n_loops)  # per-sample steps: rows stop at their own T(n)
     W, d = batch.inputs.shape[1], 16
-    masked = int(batch.steps.sum()) * 2 * (4 * d * W * W - 2 * d * W * (W + 1))  # full - causal, per row-step, 2 layers
-    assert step_flops(model.config, batch, batch.steps) / 3 == counter.get_total_flops() - masked
+    masked = int(batch.n_loops.sum()) * 2 * (4 * d * W * W - 2 * d * W * (W + 1))  # full - causal, per row-step, 2 layers
+    assert step_flops(model.config, batch, batch.n_loops) / 3 == counter.get_total_flops() - masked
 
 
 def test_schedule_constant_then_cosine_to_zero():

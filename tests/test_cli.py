@@ -129,7 +129,7 @@ def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert set(results["paradigms"]) == {"single", "looped", "shift"}
-    assert set(results["paradigms"]["looped"]["length_accuracy"]) == {"adaptive", "adaptive_per_sample", "oracle", "chosen_steps"}
+    assert set(results["paradigms"]["looped"]["length_accuracy"]) == {"adaptive", "adaptive_per_sample", "oracle", "chosen_loops"}
     assert results["paradigms"]["single"]["params"] == results["paradigms"]["looped"]["params"]  # equal parameter count
     assert results["shift_saving"]["shift_step"] == 6 and "SHIFT switched at step 6" in r.output
     page = (out / "report.html").read_text()

@@ -22,7 +22,7 @@ def test_per_sample_steps_equal_one_sample_at_a_time(model):
 
 def test_all_steps_are_the_models_with_fewer_steps(model):
     x = torch.randint(0, 6, (3, 5))
-    every = model.all_steps(x, 4)
+    every = model.all_loops(x, 4)
     for t in range(1, 5):
         assert torch.allclose(every[t - 1], model(x, t), atol=1e-5)
 
@@ -66,8 +66,8 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def all_steps(self, x, max_steps):
-        return self.logits[:max_steps]
+    def all_loops(self, x, max_loops):
+        return self.logits[:max_loops]
 
 
 def test_adaptive_stopping_picks_the_most_confident_step():
@@ -100,5 +100,5 @@ def test_oracle_reads_at_T_n_and_exact_match(model):
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="n_heads must divide d_model"):
         LoopedGPTConfig(vocab_size=4, d_model=30, n_heads=4)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="n_loops must be >= 1 for every sample"):
         looped_gpt(4, d_model=8, n_heads=2)(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))

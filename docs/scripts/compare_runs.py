@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 SKIP = ("time", "wall", "timings", "versions")
+RENAMED = {"chosen_steps": "chosen_loops"}  # keys renamed since (loop counts are n_loops / loops everywhere)
 WALL = re.compile(r"[\d.]+x wall time")  # a measured speed-up inside a verdict's text
 
 
@@ -31,10 +32,11 @@ def diff(a, b, path: str, out: list[str]) -> None:
         for k in a:
             if skipped(k) or (k == "config" and path == ""):
                 continue
-            if k not in b:
+            new = k if k in b else RENAMED.get(k, k)
+            if new not in b:
                 out.append(f"{path}/{k}: missing in the new run")
             else:
-                diff(a[k], b[k], f"{path}/{k}", out)
+                diff(a[k], b[new], f"{path}/{k}", out)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             out.append(f"{path}: {len(a)} items, now {len(b)}")

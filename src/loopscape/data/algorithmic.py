@@ -29,18 +29,18 @@ UNIQUE_SET_VALUES = 50
 
 @dataclass
 class AlgoBatch:
-    """One batch of FOP rows (all ``(B, W)`` except ``steps``/``lengths``: ``(B,)``)."""
+    """One batch of FOP rows (all ``(B, W)`` except ``n_loops``/``lengths``: ``(B,)``)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor  # bool: positions scored (from the separator on)
-    steps: torch.Tensor  # T(n): loop steps at which this sample is supervised
+    n_loops: torch.Tensor  # T(n): loops after which this sample is supervised
     lengths: torch.Tensor  # n (for Multiplication the second operand's length n2)
 
     def split(self, parts: int, index: int) -> "AlgoBatch":
         """The ``index``-th of ``parts`` contiguous shards of the rows (data parallelism)."""
         chunk = lambda t: t.tensor_split(parts)[index]
-        return AlgoBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.steps, self.lengths)))
+        return AlgoBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.n_loops, self.lengths)))
 
 
 def _bits_to_int(bits: torch.Tensor, msb_first: bool) -> torch.Tensor:
@@ -96,8 +96,8 @@ class AlgorithmicTask:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def steps(self, n: torch.Tensor, n1: torch.Tensor | None = None) -> torch.Tensor:
-        """``T(n)``: ``n`` loop steps, ``n1 * n2`` for Multiplication (spec, from the authors' code)."""
+    def n_loops(self, n: torch.Tensor, n1: torch.Tensor | None = None) -> torch.Tensor:
+        """``T(n)``: ``n`` loops, ``n1 * n2`` for Multiplication (spec, from the authors' code)."""
         return n * n1 if self.name == "multiplication" else n.clone()
 
     def batch(self, lengths: torch.Tensor, generator: torch.Generator, n1: torch.Tensor | None = None) -> AlgoBatch:
@@ -138,7 +138,7 @@ class AlgorithmicTask:
         pos = torch.arange(inputs.shape[1], device=device)
         inputs[pos >= q_len[:, None] + 1] = self.pad  # answers are never visible
         mask = pos >= q_len[:, None]
-        return AlgoBatch(inputs, targets, mask, self.steps(lengths, n1), lengths)
+        return AlgoBatch(inputs, targets, mask, self.n_loops(lengths, n1), lengths)
 
     def _answer(self, query, lengths, n1):
         tokens, lens = query[0]

@@ -34,7 +34,7 @@ from loopscape.training.algorithmic import PARADIGMS, AlgorithmicTrainConfig, re
 from loopscape.training.checkpoint import load_weights
 
 # extra steps allowed to adaptive stopping past T(n) (spec: n+20, n+30 for Unique Set, n1*n2+30 for Multiplication)
-EXTRA_STEPS = {"unique_set": 30, "multiplication": 30}
+EXTRA_LOOPS = {"unique_set": 30, "multiplication": 30}
 PRESETS = ("cpu-small", "paper")
 
 
@@ -86,10 +86,10 @@ def build(config: AlgorithmicStudyConfig, device: torch.device) -> tuple[Algorit
     return task, LoopedGPT(replace(config.model, vocab_size=task.vocab_size)).to(device)
 
 
-def max_steps(task: AlgorithmicTask, n: int) -> int:
+def max_loops(task: AlgorithmicTask, n: int) -> int:
     """Adaptive stopping's step budget at test length ``n`` (spec)."""
-    t = int(task.steps(torch.tensor([n]), torch.tensor([2]))[0])
-    return t + EXTRA_STEPS.get(task.name, 20)
+    t = int(task.n_loops(torch.tensor([n]), torch.tensor([2]))[0])
+    return t + EXTRA_LOOPS.get(task.name, 20)
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def length_accuracy(model: LoopedGPT, task: AlgorithmicTask, paradigm: str, leng
     """
     model.eval()
     device = next(model.parameters()).device
-    keys = ["single"] if paradigm == "single" else ["adaptive", "adaptive_per_sample", "oracle", "chosen_steps"]
+    keys = ["single"] if paradigm == "single" else ["adaptive", "adaptive_per_sample", "oracle", "chosen_loops"]
     out = {k: [] for k in keys}
     for n in lengths:
         g = torch.Generator(device=device).manual_seed(seed * 1000 + n)
@@ -110,14 +110,14 @@ def length_accuracy(model: LoopedGPT, task: AlgorithmicTask, paradigm: str, leng
         acc = {k: [] for k in keys}
         for s in range(0, size, batch):
             rows = slice(s, s + batch)
-            x, y, m, st = data.inputs[rows], data.targets[rows], data.mask[rows], data.steps[rows]
+            x, y, m, st = data.inputs[rows], data.targets[rows], data.mask[rows], data.n_loops[rows]
             if paradigm == "single":
                 acc["single"].append(exact_match(oracle_decode(model, x, torch.ones_like(st)), y, m))
                 continue
-            every = model.all_steps(x, max(max_steps(task, n), int(st.max())))  # one pass serves all three readings
+            every = model.all_loops(x, max(max_loops(task, n), int(st.max())))  # one pass serves all three readings
             pred, chosen = adaptive_choice(every, m)
             acc["adaptive"].append(exact_match(pred, y, m))
-            acc["chosen_steps"].append(chosen.float())
+            acc["chosen_loops"].append(chosen.float())
             acc["adaptive_per_sample"].append(exact_match(adaptive_choice(every, m, per_sample=True)[0], y, m))
             acc["oracle"].append(exact_match(every[st - 1, torch.arange(len(st), device=device)].argmax(-1), y, m))
         for k in keys:

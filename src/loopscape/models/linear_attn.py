@@ -163,10 +163,10 @@ class LinearAttn(nn.Module):
         scores = _times(Z, self.W_Q.mT @ self.W_K) @ E.mT  # z^T W_Q^T W_K E  -> (..., m, n)
         return _times(scores @ E, self.W_V.mT)  # (W_V E E^T W_K^T W_Q z)^T
 
-    def forward(self, x: torch.Tensor, all_steps: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_loops: bool = False) -> torch.Tensor:
         """Logits ``W_h z_T`` for token ids ``x`` of shape ``(B, n)``: ``(B, V)``.
 
-        With ``all_steps=True``, the logits ``W_h z_t`` of every loop ``t = 1..T``,
+        With ``all_loops=True``, the logits ``W_h z_t`` of every loop ``t = 1..T``,
         ``(B, T, V)``: step ``t`` is exactly the model with ``n_loops = t``.
         """
         E = self.embed(x)  # E_0
@@ -178,7 +178,7 @@ class LinearAttn(nn.Module):
                 E = E + self.attn(E, E)
             z = z_next
             steps.append(z)
-        if all_steps:
+        if all_loops:
             return _times(torch.cat(steps, dim=-2), self.W_h.mT)
         return _times(z, self.W_h.mT).squeeze(-2)
 

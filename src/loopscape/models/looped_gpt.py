@@ -5,10 +5,10 @@ With read-in ``E(x)`` (a token embedding, no positional encoding: NoPE) and a
 block ``B`` of ``n_layers`` pre-LayerNorm GPT-2 layers and a final LayerNorm,
 
     h_0 = 0,    h_t = B(h_{t-1} + E(x))      (input injection)
-    logits_t = W_out h_t                     (read-out shared by all steps)
+    logits_t = W_out h_t                     (read-out shared by all loops)
 
 Looped-Attn supervises sample ``i`` at its own step ``T(n_i)``; Single-Attn is
-the same block applied once (``steps = 1``). At inference the number of steps
+the same block applied once (``n_loops = 1``). At inference the number of loops
 is chosen by :func:`adaptive_decode` (the model's confidence in its own greedy
 decode) or given (the oracle ``T(n)``).
 """
@@ -93,7 +93,7 @@ class Layer(nn.Module):
 
 
 class LoopedGPT(nn.Module):
-    """The looped block with read-in and read-out. ``model(x, steps)``."""
+    """The looped block with read-in and read-out. ``model(x, n_loops)``."""
 
     def __init__(self, config: LoopedGPTConfig):
         super().__init__()
@@ -122,25 +122,25 @@ class LoopedGPT(nn.Module):
             return self.block(e)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
         return self.block(h + e if self.config.input_injection else h)
 
-    def forward(self, x: torch.Tensor, steps: int | torch.Tensor = 1) -> torch.Tensor:
-        """Logits ``(B, W, V)`` of each sample after its own number of steps.
+    def forward(self, x: torch.Tensor, n_loops: int | torch.Tensor = 1) -> torch.Tensor:
+        """Logits ``(B, W, V)`` of each sample after its own number of loops.
 
-        ``steps``: an int for the whole batch, or ``(B,)`` per sample (each
-        >= 1). Samples are sorted by steps, so at step ``t`` the block runs
+        ``n_loops``: an int for the whole batch, or ``(B,)`` per sample (each
+        >= 1). Samples are sorted by loop count, so at loop ``t`` the block runs
         only on the samples still going (a contiguous prefix: no gather), and
-        a sample's compute is ``T(n_i)`` steps, not the batch's largest.
+        a sample's compute is ``T(n_i)`` loops, not the batch's largest.
         """
         e = self.embed(x)
-        if isinstance(steps, int) or steps.dim() == 0:
+        if isinstance(n_loops, int) or n_loops.dim() == 0:
             h = None
-            for _ in range(int(steps)):
+            for _ in range(int(n_loops)):
                 h = self.step(h, e)
             return self.head(h)
-        if int(steps.min()) < 1:
-            raise ValueError("steps must be >= 1 for every sample")
-        order = torch.argsort(steps, descending=True, stable=True)
-        counts = torch.bincount(steps).tolist()  # counts[t]: samples whose last step is t (one host sync)
-        active = len(steps)  # samples with steps >= t
+        if int(n_loops.min()) < 1:
+            raise ValueError("n_loops must be >= 1 for every sample")
+        order = torch.argsort(n_loops, descending=True, stable=True)
+        counts = torch.bincount(n_loops).tolist()  # counts[t]: samples whose last step is t (one host sync)
+        active = len(n_loops)  # samples with n_loops >= t
         e, h, done = e[order], None, []
         for t in range(1, len(counts)):
             h = self.step(h, e[:active])
@@ -149,13 +149,13 @@ class LoopedGPT(nn.Module):
                 done.append(h[active - finished :])
                 active -= finished
                 h = h[:active]
-        out = torch.cat(done[::-1])  # back to descending-steps order
+        out = torch.cat(done[::-1])  # back to descending loop-count order
         return self.head(out)[torch.argsort(order)]
 
-    def all_steps(self, x: torch.Tensor, max_steps: int) -> torch.Tensor:
-        """Logits after every step ``t = 1..max_steps``: ``(max_steps, B, W, V)``."""
+    def all_loops(self, x: torch.Tensor, max_loops: int) -> torch.Tensor:
+        """Logits after every loop ``t = 1..max_loops``: ``(max_loops, B, W, V)``."""
         e, h, logits = self.embed(x), None, []
-        for _ in range(max_steps):
+        for _ in range(max_loops):
             h = self.step(h, e)
             logits.append(self.head(h))
         return torch.stack(logits)
@@ -172,18 +172,18 @@ def looped_gpt(vocab_size: int, **config) -> LoopedGPT:
 
 
 @torch.no_grad()
-def adaptive_decode(model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, max_steps: int, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def adaptive_decode(model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, max_loops: int, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decode with adaptive stopping (Fan et al., 2024; spec "Adaptive stopping").
 
-    At each step ``t <= max_steps`` the greedy decode ``y_t = argmax logits_t``
+    At each loop ``t <= max_loops`` the greedy decode ``y_t = argmax logits_t``
     is scored by the cross-entropy of ``logits_t`` against ``y_t`` over the
     answer positions (``mask``): the model's confidence in its own output. The
     step with the lowest such loss is chosen, one per batch (the authors'
     rule; test batches hold one length) or, with ``per_sample``, one per sample.
 
-    Returns ``(predictions (B, W), chosen steps (B,))``.
+    Returns ``(predictions (B, W), chosen loop counts (B,))``.
     """
-    return adaptive_choice(model.all_steps(inputs, max_steps), mask, per_sample)
+    return adaptive_choice(model.all_loops(inputs, max_loops), mask, per_sample)
 
 
 def adaptive_choice(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +201,9 @@ def adaptive_choice(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool =
 
 
 @torch.no_grad()
-def oracle_decode(model: LoopedGPT, inputs: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Greedy decode read after exactly ``T(n)`` steps per sample."""
-    return model(inputs, steps).argmax(-1)
+def oracle_decode(model: LoopedGPT, inputs: torch.Tensor, n_loops: torch.Tensor) -> torch.Tensor:
+    """Greedy decode read after exactly ``T(n)`` loops per sample."""
+    return model(inputs, n_loops).argmax(-1)
 
 
 def exact_match(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 Looped-Attn and SHIFT, on one process or data-parallel (DDP under ``torchrun``).
 
 Every step draws a fresh batch from the length curriculum. Single-Attn reads
-every sample after one step; Looped-Attn after its own ``T(n)`` steps, with
+every sample after one step; Looped-Attn after its own ``T(n)`` loops, with
 the loss at that step only and gradients through every step. SHIFT trains
 Single-Attn and switches to Looped-Attn at a fixed step or when SCP
 (:class:`~loopscape.shift.criterion.ShiftCriterion`) fires on the periodic
@@ -14,7 +14,7 @@ AdamW, constant learning rate until the curriculum ends, then cosine decay to
 appended to ``metrics.jsonl``: training loss and exact-match accuracy (mean
 over the steps since the last row), validation loss and accuracy on a fixed
 set drawn from the full training distribution (read at the paradigm's own
-steps), gradient norm, learning rate, loop steps per sample, cumulative FLOPs
+steps), gradient norm, learning rate, loops per sample, cumulative FLOPs
 and wall time.
 
 Data parallelism: every rank draws the same global batch from the same
@@ -91,12 +91,12 @@ def masked_loss(logits: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, t
     return (nll * batch.mask).sum(), exact_match(logits.argmax(-1), batch.targets, batch.mask)
 
 
-def step_flops(config, batch: AlgoBatch, steps: torch.Tensor) -> float:
-    """Training FLOPs of one batch: forward (``steps_i`` block steps per row, read-out)
+def step_flops(config, batch: AlgoBatch, n_loops: torch.Tensor) -> float:
+    """Training FLOPs of one batch: forward (``n_loops_i`` block loops per row, read-out)
     and backward counted as twice the forward."""
     width = batch.inputs.shape[1]
-    block = flops_per_token_step(config, width) * width * float(steps.sum())
-    head = 2 * config.d_model * config.vocab_size * width * len(steps)
+    block = flops_per_token_step(config, width) * width * float(n_loops.sum())
+    head = 2 * config.d_model * config.vocab_size * width * len(n_loops)
     return 3 * (block + head)
 
 
@@ -129,10 +129,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, steps: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
-    """``(mean scored cross-entropy, exact-match accuracy)`` read at ``steps``."""
+def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, n_loops: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
+    """``(mean scored cross-entropy, exact-match accuracy)`` read at ``n_loops``."""
     with _autocast(batch.inputs.device, precision):
-        logits = model(batch.inputs, steps)
+        logits = model(batch.inputs, n_loops)
     loss, correct = masked_loss(logits, batch)
     return (loss / batch.mask.sum()).item(), correct.float().mean().item()
 
@@ -148,8 +148,8 @@ def make_optimizer(model: torch.nn.Module, config: AlgorithmicTrainConfig) -> to
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, steps: torch.Tensor, config: AlgorithmicTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimisation step on this rank's shard of ``batch``, each row read at ``steps``.
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, n_loops: torch.Tensor, config: AlgorithmicTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on this rank's shard of ``batch``, each row read at ``n_loops``.
 
     ``net``: the model, or its DistributedDataParallel wrapper. The shard's summed
     loss is divided by the *global* count of scored positions (times ``world``,
@@ -157,10 +157,10 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Al
     one-process step. Returns ``(summed scored cross-entropy of the shard, per-row
     exact match of the shard, gradient norm before clipping)``, as tensors, so the step adds no host sync beyond the one the per-sample forward makes to size its loop.
     """
-    shard, shard_steps = batch.split(world, rank), steps.tensor_split(world)[rank]
+    shard, shard_loops = batch.split(world, rank), n_loops.tensor_split(world)[rank]
     net.train()
     with _autocast(batch.inputs.device, config.precision):
-        logits = net(shard.inputs, shard_steps)
+        logits = net(shard.inputs, shard_loops)
     loss_sum, correct = masked_loss(logits, shard)
     optimizer.zero_grad(set_to_none=True)
     (loss_sum * world / batch.mask.sum()).backward()
@@ -213,7 +213,7 @@ def train_algorithmic(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:  # layer by layer: the loop over steps stays in Python, shapes vary per step
+    if config.compile:  # layer by layer: the loop over loops stays in Python, shapes vary per step
         for layer in model.layers:
             layer.compile(dynamic=True)
     with run.open_log() as log:
@@ -223,26 +223,26 @@ def train_algorithmic(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
-            steps = batch.steps if looped(step) else torch.ones_like(batch.steps)
-            loss_sum, correct, grad_norm = train_step(net, optimizer, batch, steps, config, world, rank)
-            totals["flops"] += step_flops(model.config, batch, steps)
+            n_loops = batch.n_loops if looped(step) else torch.ones_like(batch.n_loops)
+            loss_sum, correct, grad_norm = train_step(net, optimizer, batch, n_loops, config, world, rank)
+            totals["flops"] += step_flops(model.config, batch, n_loops)
             totals["time_s"] += time.perf_counter() - t0
             shard_stats = torch.stack([loss_sum.float(), correct.float().sum()])
             if distributed:
                 dist.all_reduce(shard_stats)
             # one host sync per step for the logged numbers (each .item() would wait for the device)
-            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat([shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), steps.float().mean()])]).tolist()
+            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat([shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), n_loops.float().mean()])]).tolist()
             window["loss"] += loss_v / mask_v
             window["correct"] += correct_v
-            window["rows"] += len(batch.steps)
+            window["rows"] += len(batch.n_loops)
             window["grad"] += grad_v
             window["n"] += 1
             window["loops"] += loops_v
             evaluating = step % config.eval_every == 0 or step == config.steps
             if evaluating:
                 model.eval()
-                val_steps = val.steps if looped(step) else torch.ones_like(val.steps)
-                val_loss, val_acc = evaluate_batch(model, val, val_steps, config.precision)
+                val_loops = val.n_loops if looped(step) else torch.ones_like(val.n_loops)
+                val_loss, val_acc = evaluate_batch(model, val, val_loops, config.precision)
                 row = {
                     "step": step,
                     "paradigm": "looped" if looped(step) else "single",

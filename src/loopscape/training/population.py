@@ -10,7 +10,7 @@ running them one by one measures overhead. Here they train together:
   broadcasts over leading axes, runs all members in one pass, every member reading its own mini-batch in its own seeded
   order (the order :func:`~loopscape.training.markov.train_markov` uses);
 * every member runs ``T_max`` loops and reads its logits at its own loop count
-  (``forward(all_steps=True)``: step ``t`` is exactly the model with ``t`` loops);
+  (``forward(all_loops=True)``: step ``t`` is exactly the model with ``t`` loops);
 * the summed loss gives each member the gradient of its own mean loss, and
   Adam is elementwise, so :class:`MemberAdam` updates each member as its own
   Adam would; it keeps one step count per member so that a member may reset its
@@ -100,9 +100,9 @@ class Population(nn.Module):
     def __len__(self) -> int:
         return next(iter(self.stacked.values())).shape[0]
 
-    def forward(self, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_loops: torch.Tensor) -> torch.Tensor:
         """Logits ``(S, B, V)``; ``x`` is ``(S, B, n)`` (one batch per member) or
-        ``(B, n)`` (shared); ``steps`` ``(S,)`` holds each member's loop count.
+        ``(B, n)`` (shared); ``n_loops`` ``(S,)`` holds each member's loop count.
 
         The template's forward broadcasts over leading axes, so weights
         ``(S, 1, ...)`` against inputs ``(S, B, ...)`` run every member in one
@@ -112,8 +112,8 @@ class Population(nn.Module):
         params = {k: p.unsqueeze(1) for k, p in self.params().items()}
         if x.dim() == 2:
             x = x.expand(len(self), *x.shape)
-        logits = functional_call(self.template, params, (x,), {"all_steps": True})  # (S, B, T_max, V)
-        return logits[torch.arange(len(self), device=x.device), :, steps - 1]
+        logits = functional_call(self.template, params, (x,), {"all_loops": True})  # (S, B, T_max, V)
+        return logits[torch.arange(len(self), device=x.device), :, n_loops - 1]
 
     def member(self, k: int, n_loops: int) -> nn.Module:
         """Member ``k`` as a stand-alone model (a copy) with ``n_loops`` loops."""
@@ -136,10 +136,10 @@ def load_member(path: str | Path, template: nn.Module, k: int, n_loops: int) -> 
     return member_model(template, {n[len(prefix) :].replace("__", "."): v[k] for n, v in saved.items() if n.startswith(prefix)}, n_loops)
 
 
-def _evaluate(pop: Population, steps: torch.Tensor, task: MarkovTask) -> dict[str, list[float]]:
-    logits = pop(task.train.inputs, steps)
+def _evaluate(pop: Population, n_loops: torch.Tensor, task: MarkovTask) -> dict[str, list[float]]:
+    logits = pop(task.train.inputs, n_loops)
     with torch.no_grad():
-        val_logits = pop(task.val.inputs, steps)
+        val_logits = pop(task.val.inputs, n_loops)
     row = scores(logits, val_logits, task)
     grads = torch.autograd.grad(row["train_loss"].sum(), list(pop.stacked.values()))
     row["grad_norm"] = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
