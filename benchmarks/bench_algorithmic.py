@@ -32,7 +32,8 @@ all, and ``speedup / work ratio`` how fast each FLOP runs. Goal: >= 2x samples/s
 
     python benchmarks/bench_algorithmic.py                 # cpu-small Parity block (d = 32)
     python benchmarks/bench_algorithmic.py --preset paper  # d = 256, 1 layer, 64 heads (GPU: run there)
-    python benchmarks/bench_algorithmic.py --fixed-cost    # our step at 1-128 rows: cost per block step, fixed and per row
+    python benchmarks/bench_algorithmic.py --fixed-cost    # our step at 1-128 rows: cost per block step,
+                                                           # fixed and per row
 """
 
 from __future__ import annotations
@@ -60,9 +61,16 @@ def eager_batch(rng: random.Random, batch: int, n_max: int, vocab: dict[str, int
         tgt = [vocab["<pad>"]] * n + answer + [vocab["<pad>"]]
         rows.append(inp), targets.append(tgt), masks.append([0] * n + [1] * (len(answer) + 1)), steps.append(n)
     width = max(len(r) for r in rows)
-    pad = lambda r, v: r + [v] * (width - len(r))
-    return (torch.tensor([pad(r, vocab["<pad>"]) for r in rows]), torch.tensor([pad(t, vocab["<pad>"]) for t in targets]),
-            torch.tensor([pad(m, 1) for m in masks], dtype=torch.bool), torch.tensor(steps))
+
+    def pad(r, v):
+        return r + [v] * (width - len(r))
+
+    return (
+        torch.tensor([pad(r, vocab["<pad>"]) for r in rows]),
+        torch.tensor([pad(t, vocab["<pad>"]) for t in targets]),
+        torch.tensor([pad(m, 1) for m in masks], dtype=torch.bool),
+        torch.tensor(steps),
+    )
 
 
 def eager_forward(model, x: torch.Tensor, steps: torch.Tensor, horizon: int) -> torch.Tensor:
@@ -96,9 +104,15 @@ def _setup(side: str, args: dict):
     device = torch.device(args["device"])
     task = AlgorithmicTask("parity")
     torch.manual_seed(0)
-    model = looped_gpt(task.vocab_size, d_model=args["d_model"], n_heads=args["n_heads"], n_layers=args["n_layers"]).to(device)
+    model = looped_gpt(task.vocab_size, d_model=args["d_model"], n_heads=args["n_heads"], n_layers=args["n_layers"]).to(
+        device
+    )
     config = AlgorithmicTrainConfig(lr=1e-4)
-    opt = make_optimizer(model, config) if side == "ours" else torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = (
+        make_optimizer(model, config)
+        if side == "ours"
+        else torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    )
     return task, model, config, opt, device
 
 
@@ -128,15 +142,23 @@ def fixed_cost(args: dict, rows=(1, 4, 16, 64, 128)) -> dict:
 
     def ms_at(B: int) -> float:
         b = task.batch(torch.full((B,), args["n"], device=device), gen)
-        one_step = lambda: train_step(model, opt, b, b.n_loops, config)
+
+        def one_step():
+            return train_step(model, opt, b, b.n_loops, config)
+
         for _ in range(args["warmup"]):
             one_step()
         return 1e3 * _time_steps(one_step, args, device)
 
     ms = [ms_at(B) for B in rows]
     slope, intercept = np.polyfit(rows, ms, 1)
-    return {"rows": list(rows), "ms_per_step": [round(t, 2) for t in ms], "block_steps": args["n"],
-            "fixed_ms_per_block_step": round(intercept / args["n"], 3), "ms_per_row_block_step": round(slope / args["n"], 4)}
+    return {
+        "rows": list(rows),
+        "ms_per_step": [round(t, 2) for t in ms],
+        "block_steps": args["n"],
+        "fixed_ms_per_block_step": round(intercept / args["n"], 3),
+        "ms_per_row_block_step": round(slope / args["n"], 4),
+    }
 
 
 def _worker(side: str, args: dict, queue) -> None:
@@ -185,7 +207,11 @@ def _worker(side: str, args: dict, queue) -> None:
         torch.cuda.reset_peak_memory_stats()
     flops.clear()
     s_per_step = _time_steps(one_step, args, device)
-    out = {"samples_per_s": args["batch"] / s_per_step, "s_per_step": s_per_step, "gflop_per_step": sum(flops) / len(flops) / 1e9}
+    out = {
+        "samples_per_s": args["batch"] / s_per_step,
+        "s_per_step": s_per_step,
+        "gflop_per_step": sum(flops) / len(flops) / 1e9,
+    }
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     out["activations_mib"] = sum(activation_mib() for _ in range(5)) / 5
@@ -210,13 +236,27 @@ def main() -> None:
     ap.add_argument("--preset", choices=("cpu-small", "paper"), default="cpu-small")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per block")
     ap.add_argument("--repeats", type=int, default=None, help="timed blocks; the fastest counts")
-    ap.add_argument("--rounds", type=int, default=None, help="fresh processes per side, interleaved; each side's fastest counts")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="fresh processes per side, interleaved; each side's fastest counts"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--fixed-cost", action="store_true", help="only our step at 1-128 rows of the longest length: the cost of a block step paid whatever the rows, and per row")
+    ap.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="only our step at 1-128 rows of the longest length: the cost of a block step paid whatever the rows, "
+        "and per row",
+    )
     a = ap.parse_args()
     if a.preset == "paper":
-        args = {"d_model": 256, "n_heads": 64, "n_layers": 1, "n": 20, "steps": a.steps or 10, "repeats": a.repeats or 2}
+        args = {
+            "d_model": 256,
+            "n_heads": 64,
+            "n_layers": 1,
+            "n": 20,
+            "steps": a.steps or 10,
+            "repeats": a.repeats or 2,
+        }
         a.rounds = a.rounds or 1
     else:
         args = {"d_model": 32, "n_heads": 4, "n_layers": 1, "n": 10, "steps": a.steps or 40, "repeats": a.repeats or 3}
@@ -225,7 +265,9 @@ def main() -> None:
     if a.fixed_cost:
         print(json.dumps({"torch": torch.__version__, "config": args, **fixed_cost(args)}, indent=2))
         return
-    rounds = [{side: run_side(side, args) for side in SIDES} for _ in range(a.rounds)]  # sides interleaved: drift hits all
+    rounds = [
+        {side: run_side(side, args) for side in SIDES} for _ in range(a.rounds)
+    ]  # sides interleaved: drift hits all
     res = {side: max((r[side] for r in rounds), key=lambda out: out["samples_per_s"]) for side in SIDES}
     ours = res["ours"]
     for side in SIDES[:2]:

@@ -37,13 +37,17 @@ def sdpa_math(q, k, v):
 def written_out(q, k, v):
     W = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    return scores.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf")).softmax(-1) @ v
+    return (
+        scores.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf")).softmax(-1) @ v
+    )
 
 
 KERNELS = {"sdpa_default": sdpa_default, "sdpa_math": sdpa_math, "written_out": written_out}
 
 
-def time_ms(kernel, rows: int, width: int, heads: int, head_dim: int, device: torch.device, iters: int, repeats: int) -> float:
+def time_ms(
+    kernel, rows: int, width: int, heads: int, head_dim: int, device: torch.device, iters: int, repeats: int
+) -> float:
     """Fastest mean time of forward + backward, from the block's fused qkv projection on."""
     qkv = torch.randn(rows, width, 3, heads, head_dim, device=device, requires_grad=True)
     grad = torch.randn(rows, heads, width, head_dim, device=device)
@@ -78,9 +82,16 @@ def main() -> None:
     results = []
     for block, (heads, head_dim, width) in {"cpu-small": (4, 8, 12), "paper": (64, 4, 22)}.items():
         for rows in (1, 8, 32, 64):
-            ms = {name: round(time_ms(k, rows, width, heads, head_dim, device, a.iters, a.repeats), 3) for name, k in KERNELS.items()}
-            results.append({"block": block, "heads": heads, "head_dim": head_dim, "width": width, "rows": rows, "ms_fwd_bwd": ms})
-            print(f"{block:9s} rows {rows:2d}: " + "  ".join(f"{name} {t:.3f} ms" for name, t in ms.items()), flush=True)
+            ms = {
+                name: round(time_ms(k, rows, width, heads, head_dim, device, a.iters, a.repeats), 3)
+                for name, k in KERNELS.items()
+            }
+            results.append(
+                {"block": block, "heads": heads, "head_dim": head_dim, "width": width, "rows": rows, "ms_fwd_bwd": ms}
+            )
+            print(
+                f"{block:9s} rows {rows:2d}: " + "  ".join(f"{name} {t:.3f} ms" for name, t in ms.items()), flush=True
+            )
     print(json.dumps(results, indent=2))
 
 

@@ -104,12 +104,14 @@ def main() -> None:
             base = []
             for th in thetas:  # one epoch at a time, both ways
                 vector_to_parameters(th, model.parameters())
-                t_b, eb = timed(lambda: baseline_spectrum(model, x, y))
-                t_o, eo = timed(lambda: ours_spectrum(model, batches))
+                t_b, eb = timed(lambda model=model: baseline_spectrum(model, x, y))
+                t_o, eo = timed(lambda model=model: ours_spectrum(model, batches))
                 tb, to = tb + t_b / len(thetas), to + t_o / len(thetas)
                 rel = max(rel, ((eb - eo).abs().max() / eb.abs().max()).item())
                 base.append(eb)
-            ts, es = timed(lambda: ours_stacked(model, batches, torch.stack(thetas).double()))
+            ts, es = timed(
+                lambda model=model, thetas=thetas: ours_stacked(model, batches, torch.stack(thetas).double())
+            )
             ts /= len(thetas)
             rel_s = max(((eb - e).abs().max() / eb.abs().max()).item() for eb, e in zip(base, es))
             results[f"{name}@{stage}"] = {

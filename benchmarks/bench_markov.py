@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -38,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=600)
     args = ap.parse_args()
-    s, l = per_epoch_seconds(single_attn()), per_epoch_seconds(looped_attn(n_loops=3))
+    s, lp = per_epoch_seconds(single_attn()), per_epoch_seconds(looped_attn(n_loops=3))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         subprocess.run(
@@ -53,7 +52,11 @@ def main() -> None:
         "epochs": args.epochs,
         "markov_default_wall_s": round(wall, 1),
         "target_s": 180,
-        "train_epoch_s": {"single_attn": round(s, 5), "looped_attn": round(l, 5), "ratio_looped_over_single": round(l / s, 2)},
+        "train_epoch_s": {
+            "single_attn": round(s, 5),
+            "looped_attn": round(lp, 5),
+            "ratio_looped_over_single": round(lp / s, 2),
+        },
     }
     print(json.dumps(result, indent=2))
 

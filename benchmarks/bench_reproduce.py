@@ -20,16 +20,20 @@ import torch
 
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
-from loopscape.experiments.shift import SCP, ShiftStudyConfig, schedule_of
-from loopscape.training.population import train_population
+from loopscape.experiments.shift import ShiftStudyConfig, schedule_of
 from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.population import train_population
 from loopscape.training.run import seeded
 
 
 def run(args: list[str]) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "loopscape.cli", "reproduce", "-o", f"{d}/out", "-q", *args], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "loopscape.cli", "reproduce", "-o", f"{d}/out", "-q", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t0
         return wall, json.loads(Path(d, "out", "report.json").read_text())["timings_s"]
 
@@ -49,16 +53,26 @@ def population_vs_one_by_one(epochs: int = 30) -> dict:
                 out.append(cfg.build_model(1))
         return out
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimiser imports torch._dynamo (~2 s): not either side's cost
+    torch.optim.Adam(
+        [torch.zeros(1, requires_grad=True)]
+    )  # the first optimiser imports torch._dynamo (~2 s): not either side's cost
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        train_population(models(), [0] * len(policies), [schedule_of(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop")
+        train_population(
+            models(), [0] * len(policies), [schedule_of(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop"
+        )
         together = time.perf_counter() - t0
         t0 = time.perf_counter()
         for k, (m, (p, o)) in enumerate(zip(models(), policies)):
             train_markov(m, task, tc, f"{d}/m{k}", seed=0, schedule=schedule_of(p, o, 3, shift.scp))
         alone = time.perf_counter() - t0
-    return {"members": len(policies), "epochs": epochs, "together_s": together, "one_by_one_s": alone, "ratio": alone / together}
+    return {
+        "members": len(policies),
+        "epochs": epochs,
+        "together_s": together,
+        "one_by_one_s": alone,
+        "ratio": alone / together,
+    }
 
 
 def main() -> None:
@@ -66,13 +80,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="time --quick only")
     args = ap.parse_args()
     wall, parts = run(["--quick"])
-    print(f"loopscape reproduce --quick: {wall:.1f} s (target < 60 s); parts {json.dumps({k: round(v, 1) for k, v in parts.items()})}")
+    print(
+        f"loopscape reproduce --quick: {wall:.1f} s (target < 60 s); parts "
+        f"{json.dumps({k: round(v, 1) for k, v in parts.items()})}"
+    )
     if args.quick:
         return
     p = population_vs_one_by_one()
-    print(f"SHIFT study, {p['members']} members x {p['epochs']} epochs, 1 thread: together {p['together_s']:.1f} s, one by one {p['one_by_one_s']:.1f} s ({p['ratio']:.2f}x)")
+    print(
+        f"SHIFT study, {p['members']} members x {p['epochs']} epochs, 1 thread: together {p['together_s']:.1f} s, "
+        f"one by one {p['one_by_one_s']:.1f} s ({p['ratio']:.2f}x)"
+    )
     wall, parts = run([])
-    print(f"loopscape reproduce (defaults): {wall:.1f} s (target < 600 s); parts {json.dumps({k: round(v, 1) for k, v in parts.items()})}")
+    print(
+        f"loopscape reproduce (defaults): {wall:.1f} s (target < 600 s); parts "
+        f"{json.dumps({k: round(v, 1) for k, v in parts.items()})}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ from loopscape.reporting.algorithmic import beyond, seeds_markdown, seeds_summar
 
 
 def results(single, looped, shift, test_lengths=(1, 2, 3, 4), saving=None):
-    acc = lambda a: {"adaptive": a, "adaptive_per_sample": a, "oracle": [1.0] * len(a), "chosen_loops": [1.0] * len(a)}
+    def acc(a):
+        return {"adaptive": a, "adaptive_per_sample": a, "oracle": [1.0] * len(a), "chosen_loops": [1.0] * len(a)}
+
     return {
         "task": "parity",
         "config": {"train_max_len": 2},
         "test_lengths": list(test_lengths),
-        "paradigms": {"single": {"length_accuracy": {"single": single}}, "looped": {"length_accuracy": acc(looped)}, "shift": {"length_accuracy": acc(shift)}},
+        "paradigms": {
+            "single": {"length_accuracy": {"single": single}},
+            "looped": {"length_accuracy": acc(looped)},
+            "shift": {"length_accuracy": acc(shift)},
+        },
         "shift_saving": saving or {"shift_step": 10, "time_ratio": 1.3, "flops_ratio": 1.4},
     }
 
@@ -22,15 +28,22 @@ def test_mean_past_the_training_length_by_hand():
 
 
 def test_verdict_rules():
-    by_claim = lambda r: {v["claim"].split(": ", 1)[1]: v["verdict"] for v in verdicts(r)}
+    def by_claim(r):
+        return {v["claim"].split(": ", 1)[1]: v["verdict"] for v in verdicts(r)}
+
     v = by_claim(results([1, 1, 0.5, 0.1], [1, 1, 0.9, 0.7], [1, 1, 0.8, 0.7]))  # +50 pts; SHIFT 5 pts below
-    assert v == {"Looped-Attn generalises past the training length, Single-Attn does not": "reproduced",
-                 "SHIFT ends comparable to Looped-Attn": "reproduced", "SHIFT trains faster than Looped-Attn": "reproduced"}
+    assert v == {
+        "Looped-Attn generalises past the training length, Single-Attn does not": "reproduced",
+        "SHIFT ends comparable to Looped-Attn": "reproduced",
+        "SHIFT trains faster than Looped-Attn": "reproduced",
+    }
     v = by_claim(results([1, 1, 0.5, 0.5], [1, 1, 0.6, 0.5], [1, 1, 0.2, 0.2], saving={"shift_step": None}))
     assert v["Looped-Attn generalises past the training length, Single-Attn does not"] == "partly reproduced"  # +5 pts
     assert v["SHIFT ends comparable to Looped-Attn"] == "not reproduced"  # 35 pts below
     assert v["SHIFT trains faster than Looped-Attn"] == "not reproduced"  # SCP never fired
-    v = by_claim(results([1, 1, 0.0, 0.0], [1, 1, 0.02, 0.0], [1, 1, 0.0, 0.0]))  # +1 pt: noise, and nothing for SHIFT to match
+    v = by_claim(
+        results([1, 1, 0.0, 0.0], [1, 1, 0.02, 0.0], [1, 1, 0.0, 0.0])
+    )  # +1 pt: noise, and nothing for SHIFT to match
     assert v["Looped-Attn generalises past the training length, Single-Attn does not"] == "not reproduced"
     assert v["SHIFT ends comparable to Looped-Attn"] == "inconclusive"
     v = by_claim(results([1, 1], [1, 1], [1, 1], test_lengths=(1, 2)))
@@ -41,18 +54,35 @@ def test_summary_over_seeds_by_hand():
     runs = {
         0: results([1, 1, 0.5, 0.1], [1, 1, 0.9, 0.7], [1, 1, 0.8, 0.7]),  # single 30, looped 80: edge +50
         1: results([1, 1, 0.5, 0.5], [1, 1, 0.6, 0.5], [1, 1, 0.5, 0.5]),  # 50 vs 55: +5
-        2: results([1, 1, 1, 1], [1, 1, 0.5, 0.5], [1, 1, 1, 1], saving={"shift_step": None}),  # 100 vs 50: -50; SCP never fired
+        2: results(
+            [1, 1, 1, 1], [1, 1, 0.5, 0.5], [1, 1, 1, 1], saving={"shift_step": None}
+        ),  # 100 vs 50: -50; SCP never fired
     }
     s = seeds_summary(runs)
-    assert [r["seed"] for r in s["seeds"]] == [0, 1, 2] and [r["verdict"] for r in s["seeds"]] == ["reproduced", "partly reproduced", "not reproduced"]
+    assert [r["seed"] for r in s["seeds"]] == [0, 1, 2] and [r["verdict"] for r in s["seeds"]] == [
+        "reproduced",
+        "partly reproduced",
+        "not reproduced",
+    ]
     over = s["over_seeds"]
-    assert over["single"]["mean"] == pytest.approx(60.0) and over["looped_oracle"]["mean"] == 100.0 and over["looped_oracle"]["sd"] == 0.0
+    assert (
+        over["single"]["mean"] == pytest.approx(60.0)
+        and over["looped_oracle"]["mean"] == 100.0
+        and over["looped_oracle"]["sd"] == 0.0
+    )
     assert over["edge"]["mean"] == pytest.approx(5 / 3) and over["edge"]["sd"] == pytest.approx((5016.6667 / 2) ** 0.5)
     assert over["edge"]["se"] == pytest.approx(over["edge"]["sd"] / 3**0.5)
     assert "time_ratio" not in over  # one seed never switched: no ratio for it, so no mean
     assert s["edge_verdict"] == "not reproduced" and s["seeds_with_edge"] == 2 and s["seeds_shift_faster"] == 2
     v = {x["claim"]: x["verdict"] for x in seeds_verdicts(s)}
-    assert v == {"parity: Looped-Attn generalises past the training length, Single-Attn does not (3 seeds)": "not reproduced",
-                 "parity: SHIFT trains faster than Looped-Attn (3 seeds)": "partly reproduced"}
+    assert v == {
+        "parity: Looped-Attn generalises past the training length, Single-Attn does not (3 seeds)": "not reproduced",
+        "parity: SHIFT trains faster than Looped-Attn (3 seeds)": "partly reproduced",
+    }
     table = seeds_markdown(s).splitlines()
-    assert len(table) == 2 + 3 + 1 and "| 2 |" in table[4] and "never" in table[4] and table[-1].startswith("| mean (sd) | 60.0% (36.1) | 61.7% (16.1) | 100.0% (0.0)")  # sd of 30, 50, 100: sqrt(2600 / 2)
+    assert (
+        len(table) == 2 + 3 + 1
+        and "| 2 |" in table[4]
+        and "never" in table[4]
+        and table[-1].startswith("| mean (sd) | 60.0% (36.1) | 61.7% (16.1) | 100.0% (0.0)")
+    )  # sd of 30, 50, 100: sqrt(2600 / 2)

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import looped_gpt
 from loopscape.shift.criterion import SCPConfig
-from loopscape.training.algorithmic import AlgorithmicTrainConfig, lr_at, make_optimizer, step_flops, train_algorithmic, train_step
+from loopscape.training.algorithmic import (
+    AlgorithmicTrainConfig,
+    lr_at,
+    make_optimizer,
+    step_flops,
+    train_algorithmic,
+    train_step,
+)
 
 SMALL = dict(d_model=16, n_heads=2, n_layers=1)
 
@@ -35,8 +42,12 @@ def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
     task = AlgorithmicTask("parity")
     model = looped_gpt(task.vocab_size, **SMALL)
     cfg = {"eval_every": 5, **cfg}
-    config = AlgorithmicTrainConfig(steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg)
-    rows = train_algorithmic(model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step)
+    config = AlgorithmicTrainConfig(
+        steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg
+    )
+    rows = train_algorithmic(
+        model, task, paradigm, config, Curriculum(6, 3), tmp, seed=3, resume=resume, on_step=on_step
+    )
     return model, rows
 
 
@@ -52,7 +63,9 @@ def test_train_step_is_one_plain_adamw_step_on_the_masked_mean_loss():
     loss_sum, correct, grad_norm = train_step(ours, make_optimizer(ours, config), batch, batch.n_loops, config)
 
     logits = ref(batch.inputs, batch.n_loops)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(
+        batch.targets.shape
+    )
     (nll * batch.mask).sum().div(batch.mask.sum()).backward()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), config.grad_clip)
     torch.optim.AdamW(ref.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False).step()
@@ -73,7 +86,10 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     resumed, rows = _run(tmp_path / "b", "looped", 30, resume=True)
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+
     assert strip(rows) == strip(rows_full)
 
 
@@ -83,7 +99,10 @@ def test_resume_from_a_checkpoint_between_evaluations(tmp_path):
     with pytest.raises(Crash):
         _run(tmp_path / "b", "single", 30, eval_every=15, on_step=_crash_at(15))  # checkpoint at 10, mid-window
     _, rows = _run(tmp_path / "b", "single", 30, eval_every=15, resume=True)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+
     assert strip(rows) == strip(rows_full)
 
 
@@ -120,7 +139,9 @@ def test_flops_match_torch_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         model(batch.inputs, batch.n_loops)  # per-sample steps: rows stop at their own T(n)
     W, d = batch.inputs.shape[1], 16
-    masked = int(batch.n_loops.sum()) * 2 * (4 * d * W * W - 2 * d * W * (W + 1))  # full - causal, per row-step, 2 layers
+    masked = (
+        int(batch.n_loops.sum()) * 2 * (4 * d * W * W - 2 * d * W * (W + 1))
+    )  # full - causal, per row-step, 2 layers
     assert step_flops(model.config, batch, batch.n_loops) / 3 == counter.get_total_flops() - masked
 
 
@@ -132,17 +153,68 @@ def test_schedule_constant_then_cosine_to_zero():
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     """torchrun, gloo, 2 processes x 8 rows = one process x 16 rows: same weights to 1e-5."""
-    args = ["algorithmic", "--task", "parity", "-p", "looped", "--steps", "12", "-q",
-            "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "train.batch_size=16", "--set", "train.eval_every=6",
-            "--set", "train.curriculum_interval=3", "--set", "train_max_len=5", "--set", "test_lengths=[1,2]", "--set", "test_size=8",
-            "--set", "train.device=cpu", "--set", "workers=1"]
+    args = [
+        "algorithmic",
+        "--task",
+        "parity",
+        "-p",
+        "looped",
+        "--steps",
+        "12",
+        "-q",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "model.n_heads=2",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "train.curriculum_interval=3",
+        "--set",
+        "train_max_len=5",
+        "--set",
+        "test_lengths=[1,2]",
+        "--set",
+        "test_size=8",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "workers=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "loopscape.cli", *args, "-o", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "loopscape.cli", *args, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "loopscape.cli", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "loopscape.cli",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "one/looped/model.safetensors")), load_file(str(tmp_path / "two/looped/model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "one/looped/model.safetensors")),
+        load_file(str(tmp_path / "two/looped/model.safetensors")),
+    )
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     ra = json.loads((tmp_path / "one/looped/metrics.jsonl").read_text().splitlines()[-1])

@@ -9,14 +9,33 @@ from loopscape.config import ConfigError, load_config
 from loopscape.experiments.markov import MarkovStudyConfig
 
 runner = CliRunner()
-TINY = ["--epochs", "3", "--seeds", "0,1", "--set", "data.n_train=100", "--set", "data.n_val=50", "--set", "workers=1", "-q"]
+TINY = [
+    "--epochs",
+    "3",
+    "--seeds",
+    "0,1",
+    "--set",
+    "data.n_train=100",
+    "--set",
+    "data.n_val=50",
+    "--set",
+    "workers=1",
+    "-q",
+]
 
 
 def test_markov_writes_run_folder_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "run"
     r = runner.invoke(app, ["markov", "-o", str(out), *TINY])
     assert r.exit_code == 0, r.output
-    for f in ["config.yaml", "data.json", "summary.md", "summary.json", "figures/fig3a_ic_distribution.png", "figures/fig3b_accuracy.png"]:
+    for f in [
+        "config.yaml",
+        "data.json",
+        "summary.md",
+        "summary.json",
+        "figures/fig3a_ic_distribution.png",
+        "figures/fig3b_accuracy.png",
+    ]:
         assert (out / f).exists(), f
     for model in ("single_attn", "looped_attn"):
         for seed in (0, 1):
@@ -83,7 +102,23 @@ def test_sweep_collects_a_verdict_per_cell(tmp_path):
 def test_theory_adds_a_section_to_a_run_report(tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, ["markov", "-o", str(out), *TINY]).exit_code == 0
-    r = runner.invoke(app, ["theory", "--report", str(out), "--set", "instances=5", "--set", "steps=20", "--seeds", "0", "--epochs", "2", "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "theory",
+            "--report",
+            str(out),
+            "--set",
+            "instances=5",
+            "--set",
+            "steps=20",
+            "--seeds",
+            "0",
+            "--epochs",
+            "2",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     text = (out / "summary.md").read_text()
     assert "## Theory" in text and "Theorem 1 (Setting 1)" in text
@@ -119,8 +154,25 @@ def test_reproduce_rejects_bad_settings_by_name(tmp_path):
     assert r.exit_code == 2 and "shift.optimizer" in r.output and "keep" in r.output
 
 
-ALGO_TINY = ["--steps", "12", "-q", "--set", "model.d_model=16", "--set", "train.eval_every=4", "--set", "train.curriculum_interval=2",
-             "--set", "train_max_len=4", "--set", "test_lengths=[1,4,6]", "--set", "test_size=16", "--set", "workers=1"]
+ALGO_TINY = [
+    "--steps",
+    "12",
+    "-q",
+    "--set",
+    "model.d_model=16",
+    "--set",
+    "train.eval_every=4",
+    "--set",
+    "train.curriculum_interval=2",
+    "--set",
+    "train_max_len=4",
+    "--set",
+    "test_lengths=[1,4,6]",
+    "--set",
+    "test_size=16",
+    "--set",
+    "workers=1",
+]
 
 
 def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
@@ -129,14 +181,21 @@ def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert set(results["paradigms"]) == {"single", "looped", "shift"}
-    assert set(results["paradigms"]["looped"]["length_accuracy"]) == {"adaptive", "adaptive_per_sample", "oracle", "chosen_loops"}
+    assert set(results["paradigms"]["looped"]["length_accuracy"]) == {
+        "adaptive",
+        "adaptive_per_sample",
+        "oracle",
+        "chosen_loops",
+    }
     assert results["paradigms"]["single"]["params"] == results["paradigms"]["looped"]["params"]  # equal parameter count
     assert results["shift_saving"]["shift_step"] == 6 and "SHIFT switched at step 6" in r.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Figure 11" in page and "Figure 14" in page
     r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), *ALGO_TINY])
     assert r.exit_code == 2 and "--resume" in r.output  # an existing run is never overwritten
-    r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), "--resume", "--set", "train.shift_at=6", *ALGO_TINY])
+    r = runner.invoke(
+        app, ["algorithmic", "--task", "copy", "-o", str(out), "--resume", "--set", "train.shift_at=6", *ALGO_TINY]
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -159,13 +218,16 @@ def test_algorithmic_over_seeds_runs_each_seed_and_reports_over_them(tmp_path):
     assert r.exit_code == 2 and "seeds" in r.output
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--task", "sorting"], "task"),
-    (["--preset", "huge"], "preset"),
-    (["--paradigm", "single,recurrent"], "paradigms"),
-    (["--set", "train.precision=fp8"], "train.precision"),
-    (["--set", "model.n_heads=5"], "model.n_heads"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--task", "sorting"], "task"),
+        (["--preset", "huge"], "preset"),
+        (["--paradigm", "single,recurrent"], "paradigms"),
+        (["--set", "train.precision=fp8"], "train.precision"),
+        (["--set", "model.n_heads=5"], "model.n_heads"),
+    ],
+)
 def test_algorithmic_rejects_bad_settings_by_name(tmp_path, args, field):
     r = runner.invoke(app, ["algorithmic", "-o", str(tmp_path / "x"), *args])
     assert r.exit_code == 2 and field in r.output, r.output
@@ -173,7 +235,20 @@ def test_algorithmic_rejects_bad_settings_by_name(tmp_path, args, field):
 
 def test_reproduce_can_add_algorithmic_sections(tmp_path):
     out = tmp_path / "rep"
-    r = runner.invoke(app, ["reproduce", "--quick", "-o", str(out), "-q", "--set", "algorithmic.tasks=[parity]", "--set", "algorithmic.steps=10"])
+    r = runner.invoke(
+        app,
+        [
+            "reproduce",
+            "--quick",
+            "-o",
+            str(out),
+            "-q",
+            "--set",
+            "algorithmic.tasks=[parity]",
+            "--set",
+            "algorithmic.steps=10",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert any(v["claim"].startswith("parity: Looped-Attn generalises") for v in report["verdicts"])
@@ -182,6 +257,24 @@ def test_reproduce_can_add_algorithmic_sections(tmp_path):
 
 def test_algorithmic_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "alg"
-    assert runner.invoke(app, ["algorithmic", "--task", "parity", "-p", "single", "-o", str(out), *ALGO_TINY]).exit_code == 0
-    r = runner.invoke(app, ["algorithmic", "--task", "parity", "-p", "single", "-o", str(out), "--resume", *ALGO_TINY, "--set", "train.lr=0.5"])
+    assert (
+        runner.invoke(app, ["algorithmic", "--task", "parity", "-p", "single", "-o", str(out), *ALGO_TINY]).exit_code
+        == 0
+    )
+    r = runner.invoke(
+        app,
+        [
+            "algorithmic",
+            "--task",
+            "parity",
+            "-p",
+            "single",
+            "-o",
+            str(out),
+            "--resume",
+            *ALGO_TINY,
+            "--set",
+            "train.lr=0.5",
+        ],
+    )
     assert r.exit_code == 2 and "configuration differs" in r.output

@@ -31,7 +31,10 @@ def test_logistic_regression_closed_form():
     X = torch.randn(60, 4, generator=g, dtype=torch.float64)
     y = (torch.rand(60, generator=g) < 0.5).double()
     model = nn.Linear(4, 1, bias=False).double()
-    bce = lambda out, t: F.binary_cross_entropy_with_logits(out.squeeze(-1), t, reduction="none")
+
+    def bce(out, t):
+        return F.binary_cross_entropy_with_logits(out.squeeze(-1), t, reduction="none")
+
     op = HessianOperator(model, weighted_batches(X, y, batch_size=16), loss_fn=bce)
     p = torch.sigmoid(X @ model.weight.detach().T).squeeze(-1)
     torch.testing.assert_close(dense_matrix(op), X.T @ torch.diag(p * (1 - p)) @ X / 60, rtol=1e-12, atol=1e-12)
@@ -40,7 +43,11 @@ def test_logistic_regression_closed_form():
 def toy_setup(n_loops):
     _, task = build_task(MarkovDataConfig(n_train=120, n_val=10))
     with seeded(0):
-        model = looped_attn(n_loops=n_loops, embedding="random", d_model=4) if n_loops > 1 else single_attn(embedding="random", d_model=4)
+        model = (
+            looped_attn(n_loops=n_loops, embedding="random", d_model=4)
+            if n_loops > 1
+            else single_attn(embedding="random", d_model=4)
+        )
     return model, task
 
 
@@ -72,7 +79,10 @@ def test_toy_hessian_matches_torch_func_and_finite_differences(n_loops):
     # central finite differences of the gradient along a random direction
     g = torch.Generator().manual_seed(2)
     v = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
-    grad_at = lambda th: torch.autograd.grad(loss(th.requires_grad_()), th)[0]
+
+    def grad_at(th):
+        return torch.autograd.grad(loss(th.requires_grad_()), th)[0]
+
     eps = 1e-5
     fd = (grad_at(flat + eps * v) - grad_at(flat - eps * v)) / (2 * eps)
     torch.testing.assert_close(op.matvec(v), fd, rtol=1e-6, atol=1e-8)
@@ -117,7 +127,9 @@ def test_dedupe_inputs_needs_class_targets():
 def spiked(P=300, seed=0):
     """Well-separated outliers over a bulk, with a random eigenbasis."""
     g = torch.Generator().manual_seed(seed)
-    eig = torch.cat([torch.tensor([100.0, 50.0, 25.0, -30.0]), torch.rand(P - 4, generator=g, dtype=torch.float64)]).double()
+    eig = torch.cat(
+        [torch.tensor([100.0, 50.0, 25.0, -30.0]), torch.rand(P - 4, generator=g, dtype=torch.float64)]
+    ).double()
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
     return (Q * eig) @ Q.T, eig
 
@@ -201,7 +213,9 @@ def test_stacked_hessians_equal_one_at_a_time(n_loops):
     with seeded(0):
         model = looped_attn(n_loops=n_loops) if n_loops > 1 else single_attn()
     op = HessianOperator(model, batches, dtype=torch.float64)
-    thetas = op.theta + 0.1 * torch.randn(4, op.theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    thetas = op.theta + 0.1 * torch.randn(
+        4, op.theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     H, losses = op.dense_at(thetas)
     spectra = dense_spectrum(H)
     for i, th in enumerate(thetas):

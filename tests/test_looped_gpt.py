@@ -73,11 +73,13 @@ class Scripted(torch.nn.Module):
 def test_adaptive_stopping_picks_the_most_confident_step():
     # 3 steps, 2 rows, 1 scored position, 2 classes; confidence = CE of a step against its own argmax
     sure, unsure = torch.tensor([5.0, 0.0]), torch.tensor([0.2, 0.0])
-    logits = torch.stack([
-        torch.stack([unsure, unsure]),   # step 1: both unsure
-        torch.stack([sure, unsure]),     # step 2: row 0 sure
-        torch.stack([unsure, -sure]),    # step 3: row 1 sure (of class 1)
-    ])[:, :, None, :]  # (S, B, W=1, V)
+    logits = torch.stack(
+        [
+            torch.stack([unsure, unsure]),  # step 1: both unsure
+            torch.stack([sure, unsure]),  # step 2: row 0 sure
+            torch.stack([unsure, -sure]),  # step 3: row 1 sure (of class 1)
+        ]
+    )[:, :, None, :]  # (S, B, W=1, V)
     mask = torch.ones(2, 1, dtype=torch.bool)
     x = torch.zeros(2, 1, dtype=torch.long)
     pred, steps = adaptive_decode(Scripted(logits), x, mask, 3, per_sample=True)

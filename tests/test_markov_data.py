@@ -9,7 +9,10 @@ from loopscape.data.markov import MarkovLanguage, SequenceSet, bayes_ceiling
 def chi2_pvalue(samples: np.ndarray, seqs: np.ndarray, p: np.ndarray) -> float:
     """Pearson chi-square of sampled sequences against exact probabilities, pooling cells with expected count < 5."""
     V = int(seqs.max()) + 1
-    code = lambda x: (x * V ** np.arange(x.shape[1])[::-1]).sum(1)
+
+    def code(x):
+        return (x * V ** np.arange(x.shape[1])[::-1]).sum(1)
+
     index = {c: i for i, c in enumerate(code(seqs))}
     observed = np.bincount([index[c] for c in code(samples)], minlength=len(seqs)).astype(float)
     expected = p * len(samples)

@@ -7,8 +7,8 @@ from loopscape.data.markov import MarkovDataConfig, build_task
 from loopscape.models.linear_attn import single_attn
 from loopscape.shift.criterion import ShiftCriterion
 from loopscape.shift.schedule import ShiftSchedule
-from loopscape.training.population import MemberAdam, Population, load_member, train_population
 from loopscape.training.markov import MarkovTrainConfig, train_markov
+from loopscape.training.population import MemberAdam, Population, load_member, train_population
 from loopscape.training.run import seeded
 
 TASK = build_task(MarkovDataConfig(n_train=120, n_val=60))[1]
@@ -24,11 +24,18 @@ def scp():
     return ShiftCriterion(patience=1, min_delta=10.0, wait=1, grad_tol=10.0)  # plateau at 1, shift at 2
 
 
-SPECS = [(0, lambda: ShiftSchedule.fixed(3, at=0)), (1, lambda: ShiftSchedule.fixed(3, at=4)), (1, lambda: ShiftSchedule.fixed(3, at=4, optimizer="reset")), (2, lambda: ShiftSchedule.scp(3, scp()))]
+SPECS = [
+    (0, lambda: ShiftSchedule.fixed(3, at=0)),
+    (1, lambda: ShiftSchedule.fixed(3, at=4)),
+    (1, lambda: ShiftSchedule.fixed(3, at=4, optimizer="reset")),
+    (2, lambda: ShiftSchedule.scp(3, scp())),
+]
 
 
 def test_every_member_follows_its_single_model_run(tmp_path):
-    rows = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "pop")
+    rows = train_population(
+        [fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "pop"
+    )
     for k, (seed, make) in enumerate(SPECS):
         ref = train_markov(fresh(seed), TASK, CFG, tmp_path / f"ref{k}", seed=seed, schedule=make())
         assert [r["n_loops"] for r in ref] == [r["n_loops"][k] for r in rows]
@@ -60,15 +67,33 @@ def test_member_adam_is_adam_per_member_and_resets_one_member():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "full")
+    full = train_population(
+        [fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "full"
+    )
 
     def crash(epoch):
         if epoch == 5:
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "cut", on_epoch=crash)
-    resumed = train_population([fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "cut", resume=True)
+        train_population(
+            [fresh(s) for s, _ in SPECS],
+            [s for s, _ in SPECS],
+            [c() for _, c in SPECS],
+            TASK,
+            CFG,
+            tmp_path / "cut",
+            on_epoch=crash,
+        )
+    resumed = train_population(
+        [fresh(s) for s, _ in SPECS],
+        [s for s, _ in SPECS],
+        [c() for _, c in SPECS],
+        TASK,
+        CFG,
+        tmp_path / "cut",
+        resume=True,
+    )
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(full)
 

@@ -19,7 +19,9 @@ def test_valley_split_and_shape_by_hand():
 def test_assumption1_by_hand():
     single = [0.0, 0.3, 0.45, 2.0]
     assert assumption1(single, [0.0, 0.1, 0.2, 0.4, 3.0], eps=0.01)["holds"]
-    dim_only = assumption1(single, [0.0, 0.35, 0.2, 0.4, 3.0], eps=0.01)  # 0.2 < 0.3 but 0.35 >= 0.45? no: sorted 0.2,0.35,0.4
+    dim_only = assumption1(
+        single, [0.0, 0.35, 0.2, 0.4, 3.0], eps=0.01
+    )  # 0.2 < 0.3 but 0.35 >= 0.45? no: sorted 0.2,0.35,0.4
     assert dim_only["dimension"] and dim_only["dominance"]
     fails = assumption1(single, [0.0, 0.31, 0.5, 3.0], eps=0.01)
     assert fails["m_looped"] == 2 and not fails["dimension"] and not fails["dominance"]
@@ -37,5 +39,5 @@ def test_cumulative_force_by_hand():
     f = cumulative_force(H_ref, [H_later], torch.tensor([1.0, 2.0, 5.0]), torch.tensor([0.0, 0.0, 7.0]))
     assert f["d_valley"] == 2
     assert f["h_bar"] == pytest.approx(0.3)
-    assert f["alpha_bar"] == pytest.approx(5 ** 0.5)
-    assert f["C"] == pytest.approx(2 ** 0.5 * 0.3 * 5 ** 0.5 * (1 / 2 + 1 / 4))
+    assert f["alpha_bar"] == pytest.approx(5**0.5)
+    assert f["C"] == pytest.approx(2**0.5 * 0.3 * 5**0.5 * (1 / 2 + 1 / 4))

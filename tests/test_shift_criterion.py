@@ -7,8 +7,8 @@ from loopscape.shift.criterion import ShiftCriterion
 
 
 def feed(scp, losses, grads):
-    for e, (l, g) in enumerate(zip(losses, grads), start=1):
-        if scp.update(l, g):
+    for e, (loss, g) in enumerate(zip(losses, grads), start=1):
+        if scp.update(loss, g):
             return e
     return None
 
@@ -20,7 +20,8 @@ def test_noisy_plateau_then_settled_gradient():
     grads = [1.0 + 1e-3 * rng.standard_normal() for _ in losses]
     scp = ShiftCriterion(patience=10, min_delta=1e-3, wait=10, grad_tol=0.1)
     e = feed(scp, losses, grads)
-    # the decrease per evaluation falls below 1e-3 before 40; the plateau comes 10 evaluations after the last improvement
+    # the decrease per evaluation falls below 1e-3 before 40;
+    # the plateau comes 10 evaluations after the last improvement
     assert scp.plateau_at is not None and 20 < scp.plateau_at <= 51
     assert e == scp.plateau_at + 10 and not scp.forced  # settled gradient: E_shift = E_plateau + W exactly
 
@@ -33,7 +34,9 @@ def test_no_plateau_ever():
 
 def test_plateau_at_once():
     scp = ShiftCriterion(patience=3, wait=2, grad_tol=0.1)
-    assert feed(scp, [0.5] * 10, [1.0] * 10) == 6  # best set at 1; 2, 3, 4 do not improve -> plateau at 4; shift at 4 + 2
+    assert (
+        feed(scp, [0.5] * 10, [1.0] * 10) == 6
+    )  # best set at 1; 2, 3, 4 do not improve -> plateau at 4; shift at 4 + 2
     assert scp.plateau_at == 4
 
 

@@ -24,7 +24,9 @@ def numbers(rows):
 
 
 def scp():
-    return ShiftCriterion(patience=1, min_delta=10.0, wait=1, grad_tol=10.0)  # best at evaluation 1, plateau at 2, shift at 3
+    return ShiftCriterion(
+        patience=1, min_delta=10.0, wait=1, grad_tol=10.0
+    )  # best at evaluation 1, plateau at 2, shift at 3
 
 
 def test_fixed_switch_point_is_the_last_single_attn_unit():
@@ -61,7 +63,9 @@ def test_switch_keeps_every_parameter_and_changes_loops_at_the_right_epoch(tmp_p
     rows = train_markov(model, TASK, CFG, tmp_path / "shift", seed=0, schedule=ShiftSchedule.fixed(3, at=4))
     assert [r["n_loops"] for r in rows] == [1] * 5 + [3] * 4  # epochs 0..4 Single-Attn, 5..8 Looped-Attn
     assert model.n_loops == 3 and set(model.state_dict()) == set(before)
-    plain = train_markov(fresh(), TASK, MarkovTrainConfig(epochs=4, batch_size=16, checkpoint_every=3), tmp_path / "plain", seed=0)
+    plain = train_markov(
+        fresh(), TASK, MarkovTrainConfig(epochs=4, batch_size=16, checkpoint_every=3), tmp_path / "plain", seed=0
+    )
     assert numbers(plain) == [{k: v for k, v in r.items() if k != "n_loops"} for r in numbers(rows)[:5]]
 
 
@@ -70,7 +74,9 @@ def test_optimizer_state_at_the_switch(tmp_path, optimizer):
     """With 'reset', Adam after the switch starts from fresh moments: the run equals one whose
     optimiser is rebuilt at the switch; with 'keep' it differs from that."""
     config = MarkovTrainConfig(epochs=3, batch_size=16, checkpoint_every=100)
-    rows = train_markov(fresh(), TASK, config, tmp_path / "run", seed=0, schedule=ShiftSchedule.fixed(3, at=2, optimizer=optimizer))
+    rows = train_markov(
+        fresh(), TASK, config, tmp_path / "run", seed=0, schedule=ShiftSchedule.fixed(3, at=2, optimizer=optimizer)
+    )
     # the same run by hand: 2 epochs Single-Attn, then a fresh Adam for Looped-Attn's epoch, same batch order
     model = fresh()
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopscape.landscape.spectrum import matrix_entropy, mutual_information, pair_metrics, spectral_entropy, trajectory_metrics
+from loopscape.landscape.spectrum import (
+    matrix_entropy,
+    mutual_information,
+    pair_metrics,
+    spectral_entropy,
+    trajectory_metrics,
+)
 
 
 def test_entropy_by_hand():

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from torch.func import functional_call
@@ -14,7 +12,11 @@ from loopscape.models.linear_attn import looped_attn, single_attn
 def test_gradient_descent_matches_closed_form_on_2d_quadratic():
     # L = 1/2 a v^2 - h r + c r v: theta = (v, r), x_{k+1} = (I - eta A) x_k + eta b
     a, c, h, eta = 2.0, 0.5, 1.0, 0.1
-    land = RiverValley(torch.tensor([[a]], dtype=torch.float64), torch.tensor([[c]], dtype=torch.float64), torch.tensor([h], dtype=torch.float64))
+    land = RiverValley(
+        torch.tensor([[a]], dtype=torch.float64),
+        torch.tensor([[c]], dtype=torch.float64),
+        torch.tensor([h], dtype=torch.float64),
+    )
     tr = run(land, torch.tensor([1.0], dtype=torch.float64), eta=eta, steps=30)
     A = torch.tensor([[a, c], [c, 0.0]], dtype=torch.float64)
     b = torch.tensor([0.0, h], dtype=torch.float64)
@@ -55,10 +57,10 @@ def test_theorems_1_and_2_bounds_on_random_instances(quartic):
 def test_alignment_matches_finite_differences():
     torch.manual_seed(0)
     s = single_attn(embedding="random", d_model=4).double()
-    l = looped_attn(n_loops=3, embedding="random", d_model=4).double()
+    lp = looped_attn(n_loops=3, embedding="random", d_model=4).double()
     x, y = torch.randint(0, 3, (40, 3)), torch.randint(0, 3, (40,))
     params = {n: p.detach() for n, p in s.named_parameters()}
-    got = gradient_alignment(s, l, params, x, y)
+    got = gradient_alignment(s, lp, params, x, y)
     buffers = dict(s.named_buffers())
 
     def fd_grad(model, name, eps=1e-6):
@@ -72,7 +74,7 @@ def test_alignment_matches_finite_differences():
         return g
 
     for name in ("W_K", "W_Q"):
-        inner = (fd_grad(s, name) * fd_grad(l, name)).sum().item()
+        inner = (fd_grad(s, name) * fd_grad(lp, name)).sum().item()
         assert got[name]["inner"] == pytest.approx(inner, rel=1e-6, abs=1e-10)
         assert -1 <= got[name]["cosine"] <= 1
 
@@ -94,4 +96,6 @@ def test_closed_form_valley_gradient_matches_autograd(quartic):
     (g,) = torch.autograd.grad(land.loss(t, torch.zeros(land.H_RV.shape[0], dtype=t.dtype)), t)
     torch.testing.assert_close(land.valley_gradient(theta0), g, rtol=1e-12, atol=1e-12)
     # and the cumulative force agrees with the step-by-step run of the proofs' dynamics
-    torch.testing.assert_close(valley_force(land, theta0, 0.01, 50), decoupled_run(land, theta0, 0.01, 50).river_force, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        valley_force(land, theta0, 0.01, 50), decoupled_run(land, theta0, 0.01, 50).river_force, rtol=1e-10, atol=1e-12
+    )

@@ -74,7 +74,9 @@ def test_training_accuracy_never_exceeds_bayes_ceiling(tmp_path):
     from loopscape.data.markov import bayes_ceiling
 
     ok = bayes_ceiling(TASK.train).float()
-    rows = train_markov(fresh_model(), TASK, MarkovTrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0)
+    rows = train_markov(
+        fresh_model(), TASK, MarkovTrainConfig(epochs=15, batch_size=16, checkpoint_every=100), tmp_path, seed=0
+    )
     for r in rows:
         assert r["acc_all"] <= ok.mean().item() + 1e-9
 
@@ -83,7 +85,9 @@ def test_hessian_tracker_resumes_with_the_run(tmp_path):
     from loopscape.io import read_jsonl
     from loopscape.landscape.tracking import HessianTracker
 
-    tracker = lambda: [HessianTracker(TASK.train.inputs, TASK.train.targets, every=2)]
+    def tracker():
+        return [HessianTracker(TASK.train.inputs, TASK.train.targets, every=2)]
+
     train_markov(fresh_model(), TASK, CFG, tmp_path / "full", seed=0, trackers=tracker())
 
     def crash_at_7(epoch):

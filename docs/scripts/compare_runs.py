@@ -58,7 +58,9 @@ def flat_keys(d, prefix=""):
 
 
 def main(old: Path, new: Path) -> int:
-    files = sorted(p.relative_to(old) for p in old.rglob("*") if p.suffix in (".json", ".jsonl") and "checkpoints" not in p.parts)
+    files = sorted(
+        p.relative_to(old) for p in old.rglob("*") if p.suffix in (".json", ".jsonl") and "checkpoints" not in p.parts
+    )
     bad, compared = 0, 0
     for rel in files:
         a_path, b_path = old / rel, new / rel

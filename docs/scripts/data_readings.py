@@ -33,7 +33,9 @@ def simple_shares(lang: MarkovLanguage, seed: int) -> tuple[float, list[float]]:
     The share does not depend on the unit; the paper's absolute 14.57 does."""
     max_ic = lang.information_content(lang.enumerate()).max()
     rng = np.random.default_rng(seed)
-    shares = [float((lang.information_content(lang.sample_tilted_chain(5000, 2.0, L, rng)) <= max_ic).mean()) for L in LENGTHS]
+    shares = [
+        float((lang.information_content(lang.sample_tilted_chain(5000, 2.0, L, rng)) <= max_ic).mean()) for L in LENGTHS
+    ]
     return max_ic, shares
 
 
@@ -42,16 +44,20 @@ def main() -> None:
     for kind in ("uniform rows (default)", "dirichlet(1)", "softmax(N(0,1))"):
         r = np.array([[m, *s] for m, s in (simple_shares(with_rows(kind, k), k) for k in range(20))])
         m = np.median(r[:, 0])
-        print(f"{kind:24s} max training IC median {m:5.2f} bits = {m * np.log(2):5.2f} nats; "
-              f"simple share median {np.round(np.median(r[:, 1:], 0), 3)}")
+        print(
+            f"{kind:24s} max training IC median {m:5.2f} bits = {m * np.log(2):5.2f} nats; "
+            f"simple share median {np.round(np.median(r[:, 1:], 0), 3)}"
+        )
     c = []
     for k in range(30):
         lang = MarkovLanguage(3, 4, seed=k)
         train = lang.training_set(500, 2.0, np.random.default_rng(k))
         c.append(bayes_ceiling(train).float().mean().item())
     c = 100 * np.array(c)
-    print(f"Bayes ceiling of the training set over 30 languages: mean {c.mean():.1f}%, std {c.std():.1f}, "
-          f"min {c.min():.1f}, max {c.max():.1f}; share >= 72.29%: {(c >= 72.29).mean():.0%}")
+    print(
+        f"Bayes ceiling of the training set over 30 languages: mean {c.mean():.1f}%, std {c.std():.1f}, "
+        f"min {c.min():.1f}, max {c.max():.1f}; share >= 72.29%: {(c >= 72.29).mean():.0%}"
+    )
 
 
 if __name__ == "__main__":

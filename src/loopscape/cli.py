@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from loopscape.config import ConfigError, load_config, parse_override, preset_file
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped transformers, their loss landscapes, and SHIFT.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Looped transformers, their loss landscapes, and SHIFT."
+)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or TOML file with settings.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set train.batch_size=64 (repeatable).")
@@ -32,7 +33,7 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds must be comma-separated integers (got {text!r})") from None
 
 
-def overrides(sets: Optional[List[str]], **flags) -> dict:
+def overrides(sets: list[str] | None, **flags) -> dict:
     """``--set`` pairs, then each flag given (``{"train.epochs": 40}``); seeds come as text."""
     pairs = dict(parse_override(s) for s in sets or [])
     for key, value in flags.items():
@@ -46,7 +47,7 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _output(kind: str, output: Optional[Path], resume: bool) -> Path:
+def _output(kind: str, output: Path | None, resume: bool) -> Path:
     """The run folder: ``--output``, or ``runs/<kind>-<time>`` (``--resume`` needs ``--output``)."""
     if resume and output is None:
         raise ConfigError("--resume needs --output naming the run folder to continue")
@@ -55,20 +56,35 @@ def _output(kind: str, output: Optional[Path], resume: bool) -> Path:
 
 @app.command()
 def reproduce(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/reproduce-<time>)."),
-    config: Optional[Path] = ConfigOpt,
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds of the Markov and SHIFT studies (overrides `markov.seeds`)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set markov.train.epochs=300 or --set shift.optimizer=reset (repeatable)."),
-    quick: bool = typer.Option(False, "--quick", help="Everything on a small scale (under a minute; for CI and a first look). Numbers are not comparable to the paper's."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/reproduce-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Comma-separated seeds of the Markov and SHIFT studies (overrides `markov.seeds`)."
+    ),
+    set_: list[str] | None = typer.Option(
+        None,
+        "--set",
+        "-s",
+        help="Override a setting, e.g. --set markov.train.epochs=300 or --set shift.optimizer=reset (repeatable).",
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Everything on a small scale (under a minute; for CI and a first look). "
+        "Numbers are not comparable to the paper's.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4), length generalisation (Table 1), as one HTML report."""
+    """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4),
+    length generalisation (Table 1), as one HTML report."""
     from loopscape.experiments.reproduce import ReproduceConfig, run_reproduce
 
     try:
         files = [preset_file("reproduce-quick.yaml")] if quick else []
-        cfg = load_config(ReproduceConfig, files + ([config] if config else []), overrides(set_, **{"markov.seeds": seeds}))
+        cfg = load_config(
+            ReproduceConfig, files + ([config] if config else []), overrides(set_, **{"markov.seeds": seeds})
+        )
         out = _output("reproduce", output, resume)
         report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
     except ConfigError as err:
@@ -80,15 +96,16 @@ def reproduce(
 
 @app.command()
 def markov(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default runs/markov-<time>)."),
-    config: Optional[Path] = ConfigOpt,
-    seeds: Optional[str] = SeedsOpt,
-    epochs: Optional[int] = EpochsOpt,
-    set_: Optional[List[str]] = SetOpt,
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder (default runs/markov-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = SeedsOpt,
+    epochs: int | None = EpochsOpt,
+    set_: list[str] | None = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Section 4.1: Single-Attn vs Looped-Attn on the Markov language; accuracy per IC group and Hessian spectra (Figures 3a-3d, 9b, 9c; Observations 1-2)."""
+    """Section 4.1: Single-Attn vs Looped-Attn on the Markov language; accuracy per IC group and
+    Hessian spectra (Figures 3a-3d, 9b, 9c; Observations 1-2)."""
     from loopscape.experiments.markov import MarkovStudyConfig, run_markov_study
 
     try:
@@ -98,30 +115,47 @@ def markov(
     except ConfigError as err:
         _fail(err)
     v = study.results["observation1"]
-    typer.echo(f"Observation 1: {v['verdict']} (mean delta {v['delta_mean_pts']:+.2f} pts over {len(v['delta_pts'])} seeds)")
+    typer.echo(
+        f"Observation 1: {v['verdict']} (mean delta {v['delta_mean_pts']:+.2f} pts over {len(v['delta_pts'])} seeds)"
+    )
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
 
 
 @app.command()
 def sweep(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/sweep-<time>)."),
-    config: Optional[Path] = ConfigOpt,
-    seeds: Optional[str] = SeedsOpt,
-    epochs: Optional[int] = EpochsOpt,
-    set_: Optional[List[str]] = SetOpt,
-    grid: Optional[Path] = typer.Option(None, "--grid", help="YAML file mapping setting -> list of values (default: docs/markov.md grid)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/sweep-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = SeedsOpt,
+    epochs: int | None = EpochsOpt,
+    set_: list[str] | None = SetOpt,
+    grid: Path | None = typer.Option(
+        None, "--grid", help="YAML file mapping setting -> list of values (default: docs/markov.md grid)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report which reproduce Observation 1."""
+    """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report
+    which reproduce Observation 1."""
     from loopscape.experiments.markov import MarkovStudyConfig
     from loopscape.experiments.sweep import DEFAULT_GRID, load_grid, run_sweep
 
     try:
         # the sweep judges Observation 1 only: Hessian tracking is off unless asked for
-        pairs = {"seeds": [0, 1, 2], "hessian.enabled": False, **overrides(set_, seeds=seeds, **{"train.epochs": epochs})}
+        pairs = {
+            "seeds": [0, 1, 2],
+            "hessian.enabled": False,
+            **overrides(set_, seeds=seeds, **{"train.epochs": epochs}),
+        }
         base = load_config(MarkovStudyConfig, config, pairs)
-        table = run_sweep(base, load_grid(grid) if grid else DEFAULT_GRID, _output("sweep", output, resume), resume=resume, show_progress=not quiet)
+        table = run_sweep(
+            base,
+            load_grid(grid) if grid else DEFAULT_GRID,
+            _output("sweep", output, resume),
+            resume=resume,
+            show_progress=not quiet,
+        )
     except ConfigError as err:
         _fail(err)
     typer.echo(table)
@@ -129,12 +163,16 @@ def sweep(
 
 @app.command()
 def theory(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/theory-<time>)."),
-    config: Optional[Path] = ConfigOpt,
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of the Theorem 3 alignment runs, e.g. 0,1,2."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of Single-Attn's trajectory for Theorem 3."),
-    set_: Optional[List[str]] = SetOpt,
-    report: Optional[Path] = typer.Option(None, "--report", help="A `loopscape markov` run folder: write into RUN/theory and add a Theory section to its summary.md."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/theory-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = typer.Option(None, "--seeds", help="Seeds of the Theorem 3 alignment runs, e.g. 0,1,2."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs of Single-Attn's trajectory for Theorem 3."),
+    set_: list[str] | None = SetOpt,
+    report: Path | None = typer.Option(
+        None,
+        "--report",
+        help="A `loopscape markov` run folder: write into RUN/theory and add a Theory section to its summary.md.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
@@ -144,7 +182,9 @@ def theory(
     try:
         cfg = load_config(TheoryStudyConfig, config, overrides(set_, alignment_seeds=seeds, alignment_epochs=epochs))
         if report is not None and not (report / "summary.md").exists():
-            raise ConfigError(f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})")
+            raise ConfigError(
+                f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})"
+            )
         out = report / "theory" if report is not None else _output("theory", output, False)
         refuse_to_overwrite(out)
         study = run_theory(cfg, out, show_progress=not quiet)
@@ -157,20 +197,41 @@ def theory(
 
 @app.command()
 def algorithmic(
-    task: str = typer.Option("parity", "--task", "-t", help="parity, copy, addition, binary_sum, unique_set or multiplication."),
-    paradigm: str = typer.Option("single,looped,shift", "--paradigm", "-p", help="Comma-separated: single, looped, shift (SHIFT's saving needs looped too)."),
-    preset: str = typer.Option("cpu-small", "--preset", help="cpu-small (minutes on 2 CPU cores) or paper (Appendix E.2 on a GPU)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default runs/algorithmic-<task>-<time>)."),
-    config: Optional[Path] = ConfigOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the models and the data."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: one run each (in <output>/seed-<k>) and a report over seeds."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides `train.steps`)."),
-    set_: Optional[List[str]] = SetOpt,
+    task: str = typer.Option(
+        "parity", "--task", "-t", help="parity, copy, addition, binary_sum, unique_set or multiplication."
+    ),
+    paradigm: str = typer.Option(
+        "single,looped,shift",
+        "--paradigm",
+        "-p",
+        help="Comma-separated: single, looped, shift (SHIFT's saving needs looped too).",
+    ),
+    preset: str = typer.Option(
+        "cpu-small", "--preset", help="cpu-small (minutes on 2 CPU cores) or paper (Appendix E.2 on a GPU)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Output folder (default runs/algorithmic-<task>-<time>)."
+    ),
+    config: Path | None = ConfigOpt,
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the models and the data."),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Comma-separated seeds, e.g. 0,1,2: one run each (in <output>/seed-<k>) and a report over seeds.",
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (overrides `train.steps`)."),
+    set_: list[str] | None = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Appendix E.2: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Figures 11, 14). Data-parallel under torchrun."""
-    from loopscape.experiments.algorithmic import AlgorithmicStudyConfig, preset_path, run_algorithmic, run_algorithmic_seeds
+    """Appendix E.2: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Figures 11, 14).
+    Data-parallel under torchrun."""
+    from loopscape.experiments.algorithmic import (
+        AlgorithmicStudyConfig,
+        preset_path,
+        run_algorithmic,
+        run_algorithmic_seeds,
+    )
 
     try:
         # the preset, then the config file, then the flags and --set
@@ -202,13 +263,18 @@ def algorithmic(
     for p, e in results["paradigms"].items():
         past = beyond(results, p)
         past_text = f"{past:5.1f}%" if past == past else "  n/a (no test length beyond it)"
-        typer.echo(f"{NAMES[p]:>12}: val acc {100 * e['final']['val_acc']:5.1f}%   past the training length {past_text}")
+        typer.echo(
+            f"{NAMES[p]:>12}: val acc {100 * e['final']['val_acc']:5.1f}%   past the training length {past_text}"
+        )
     if results.get("shift_saving"):
         s = results["shift_saving"]
         if s["shift_step"] is None:
             typer.echo("SHIFT never switched (SCP did not fire): it trained Single-Attn throughout")
         else:
-            typer.echo(f"SHIFT switched at step {s['shift_step']}: {s['time_ratio']:.2f}x faster than Looped-Attn in wall time, {s['flops_ratio']:.2f}x in FLOPs")
+            typer.echo(
+                f"SHIFT switched at step {s['shift_step']}: {s['time_ratio']:.2f}x faster than Looped-Attn in wall "
+                f"time, {s['flops_ratio']:.2f}x in FLOPs"
+            )
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'results.json'}")
 
 

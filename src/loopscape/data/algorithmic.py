@@ -37,9 +37,12 @@ class AlgoBatch:
     n_loops: torch.Tensor  # T(n): loops after which this sample is supervised
     lengths: torch.Tensor  # n (for Multiplication the second operand's length n2)
 
-    def split(self, parts: int, index: int) -> "AlgoBatch":
+    def split(self, parts: int, index: int) -> AlgoBatch:
         """The ``index``-th of ``parts`` contiguous shards of the rows (data parallelism)."""
-        chunk = lambda t: t.tensor_split(parts)[index]
+
+        def chunk(t):
+            return t.tensor_split(parts)[index]
+
         return AlgoBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.n_loops, self.lengths)))
 
 
@@ -111,8 +114,13 @@ class AlgorithmicTask:
             raise ValueError("lengths must be a non-empty 1-D tensor of integers >= 1")
         B, n_max, device = len(lengths), int(lengths.max()), lengths.device
         live = torch.arange(n_max, device=device) < lengths[:, None]
-        rand_bits = lambda k: torch.randint(0, 2, (B, k), generator=generator, device=device)
-        one = lambda tok: (torch.full((B, 1), tok, device=device), torch.ones(B, dtype=torch.long, device=device))
+
+        def rand_bits(k):
+            return torch.randint(0, 2, (B, k), generator=generator, device=device)
+
+        def one(tok):
+            return (torch.full((B, 1), tok, device=device), torch.ones(B, dtype=torch.long, device=device))
+
         if self.name == "multiplication":
             if n1 is None:
                 n1 = torch.randint(1, 3, (B,), generator=generator, device=device)
@@ -157,7 +165,9 @@ class AlgorithmicTask:
             earlier = (i[None, :, None] > i[None, None, :]) & (i[None, None, :] < lens[:, None, None])
             seen = ((tokens[:, :, None] == tokens[:, None, :]) & earlier).any(2)
             first = ~seen & (i < lens[:, None])
-            order = torch.sort((~first).to(torch.int8), dim=1, stable=True).indices  # first occurrences, in order, first
+            order = torch.sort(
+                (~first).to(torch.int8), dim=1, stable=True
+            ).indices  # first occurrences, in order, first
             return tokens.gather(1, order), first.sum(1)
         (a, a_len), _, (b, b_len) = query
         if self.name == "addition":  # MSB first, n + 1 bits
@@ -174,7 +184,9 @@ class AlgorithmicTask:
         va, vb = _bits_to_int(a, msb_first=False), _bits_to_int(b, msb_first=False)
         return _int_to_bits(va * vb, a.shape[1] + b.shape[1], msb_first=False), a_len + b_len
 
-    def test_batch(self, n: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> AlgoBatch:
+    def test_batch(
+        self, n: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> AlgoBatch:
         """``size`` rows of length exactly ``n`` (Multiplication: ``n2 = n``, ``n1 = 2``)."""
         lengths = torch.full((size,), n, dtype=torch.long, device=device)
         n1 = torch.full((size,), 2, dtype=torch.long, device=device) if self.name == "multiplication" else None
@@ -198,7 +210,10 @@ class Curriculum:
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.interval < 1 or self.start < 2:
-            raise ValueError(f"curriculum needs max_len >= 1, interval >= 1, start >= 2 (got {self.max_len}, {self.interval}, {self.start})")
+            raise ValueError(
+                f"curriculum needs max_len >= 1, interval >= 1, start >= 2 (got {self.max_len}, {self.interval}, "
+                f"{self.start})"
+            )
 
     def current_max(self, step: int) -> int:
         return min(self.start + step // self.interval, self.max_len + 1)
@@ -208,5 +223,7 @@ class Curriculum:
         """The first step at which every training length is in use."""
         return max(0, (self.max_len + 1 - self.start) * self.interval)
 
-    def lengths(self, step: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    def lengths(
+        self, step: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         return torch.randint(1, self.current_max(step), (size,), generator=generator, device=device)

@@ -131,7 +131,9 @@ class MarkovLanguage:
         return seqs, w / w.sum()
 
     # -- samplers ------------------------------------------------------------------
-    def sample_enumerated(self, n: int, alpha: float, rng: np.random.Generator, length: int | None = None) -> np.ndarray:
+    def sample_enumerated(
+        self, n: int, alpha: float, rng: np.random.Generator, length: int | None = None
+    ) -> np.ndarray:
         """``n`` i.i.d. sequences drawn ``proportional to P(X)^alpha`` by enumeration."""
         seqs, p = self.tilted_probabilities(alpha, length)
         return seqs[rng.choice(len(seqs), size=n, p=p)]

@@ -28,7 +28,12 @@ from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
-from loopscape.reporting.algorithmic import algorithmic_section, seeds_summary, write_algorithmic_report, write_seeds_report
+from loopscape.reporting.algorithmic import (
+    algorithmic_section,
+    seeds_summary,
+    write_algorithmic_report,
+    write_seeds_report,
+)
 from loopscape.reporting.html import StudyReport
 from loopscape.training.algorithmic import PARADIGMS, AlgorithmicTrainConfig, resolve_device, train_algorithmic
 from loopscape.training.checkpoint import load_weights
@@ -54,11 +59,23 @@ class AlgorithmicStudyConfig:
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
-        require(bool(self.paradigms) and all(x in PARADIGMS for x in self.paradigms), f"{p}paradigms", f"a non-empty list from {PARADIGMS}", self.paradigms)
+        require(
+            bool(self.paradigms) and all(x in PARADIGMS for x in self.paradigms),
+            f"{p}paradigms",
+            f"a non-empty list from {PARADIGMS}",
+            self.paradigms,
+        )
         require(self.train_max_len >= 1, f"{p}train_max_len", "an integer >= 1", self.train_max_len)
-        require(bool(self.test_lengths) and min(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of integers >= 1", self.test_lengths)
+        require(
+            bool(self.test_lengths) and min(self.test_lengths) >= 1,
+            f"{p}test_lengths",
+            "a non-empty list of integers >= 1",
+            self.test_lengths,
+        )
         require(self.test_size >= 1, f"{p}test_size", "an integer >= 1", self.test_size)
-        require(self.model.vocab_size is None, f"{p}model.vocab_size", "null (the task decides it)", self.model.vocab_size)
+        require(
+            self.model.vocab_size is None, f"{p}model.vocab_size", "null (the task decides it)", self.model.vocab_size
+        )
 
     @property
     def curriculum(self) -> Curriculum:
@@ -93,7 +110,9 @@ def max_loops(task: AlgorithmicTask, n: int) -> int:
 
 
 @torch.no_grad()
-def length_accuracy(model: LoopedGPT, task: AlgorithmicTask, paradigm: str, lengths: list[int], size: int, seed: int, batch: int = 128) -> dict[str, list[float]]:
+def length_accuracy(
+    model: LoopedGPT, task: AlgorithmicTask, paradigm: str, lengths: list[int], size: int, seed: int, batch: int = 128
+) -> dict[str, list[float]]:
     """Exact-match accuracy per test length (Figure 14 c-panels).
 
     Looped models (Looped-Attn, SHIFT): ``adaptive`` (one stop per batch, the
@@ -132,7 +151,17 @@ def _train_job(config_dict: dict, paradigm: str, run_dir: str, resume: bool, pro
     device = resolve_device(config.train.device)
     task, model = build(config, device)
     on_step = epoch_progress(run_dir, resume, progress_q)  # checkpoints count steps as their 'epoch'
-    train_algorithmic(model, task, paradigm, config.train, config.curriculum, run_dir, seed=config.seed, resume=resume, on_step=on_step)
+    train_algorithmic(
+        model,
+        task,
+        paradigm,
+        config.train,
+        config.curriculum,
+        run_dir,
+        seed=config.seed,
+        resume=resume,
+        on_step=on_step,
+    )
     return run_dir
 
 
@@ -148,7 +177,9 @@ def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
     }
 
 
-def run_algorithmic(config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_algorithmic(
+    config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True
+) -> dict:
     """Train, score and report; returns ``results.json``'s content (rank 0) or ``{}`` (other ranks)."""
     validate_tree(config)
     out = Path(out)
@@ -159,7 +190,9 @@ def run_algorithmic(config: AlgorithmicStudyConfig, out: str | Path, resume: boo
 
         rank = init_distributed(config.train.device)
     if rank == 0:
-        prepare_run_folder(out, config, resume)  # config.yaml; an existing folder only with --resume and the same settings
+        prepare_run_folder(
+            out, config, resume
+        )  # config.yaml; an existing folder only with --resume and the same settings
     jobs = [(to_dict(config), p, str(out / p), resume) for p in config.paradigms]
     if world > 1:  # under torchrun: every rank trains each paradigm in turn, data-parallel
         torch.distributed.barrier()
@@ -169,8 +202,19 @@ def run_algorithmic(config: AlgorithmicStudyConfig, out: str | Path, resume: boo
         if rank != 0:
             return {}
     else:
-        workers = 1 if resolve_device(config.train.device).type == "cuda" else config.workers or min(os.cpu_count() or 1, len(jobs))
-        run_jobs(_train_job, jobs, [config.train.steps] * len(jobs), f"{config.task}: training {', '.join(config.paradigms)}", workers=workers, show_progress=show_progress)
+        workers = (
+            1
+            if resolve_device(config.train.device).type == "cuda"
+            else config.workers or min(os.cpu_count() or 1, len(jobs))
+        )
+        run_jobs(
+            _train_job,
+            jobs,
+            [config.train.steps] * len(jobs),
+            f"{config.task}: training {', '.join(config.paradigms)}",
+            workers=workers,
+            show_progress=show_progress,
+        )
     device = resolve_device(config.train.device)
     results = {"task": config.task, "config": to_dict(config), "paradigms": {}}
     metrics = {p: read_jsonl(out / p / "metrics.jsonl") for p in config.paradigms}
@@ -190,20 +234,26 @@ def run_algorithmic(config: AlgorithmicStudyConfig, out: str | Path, resume: boo
     return results
 
 
-def run_algorithmic_study(config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> StudyReport:
+def run_algorithmic_study(
+    config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True
+) -> StudyReport:
     """:func:`run_algorithmic` as a section of a larger report."""
     results = run_algorithmic(config, out, resume=resume, show_progress=show_progress)
     section, verdicts = algorithmic_section(Path(out), results, anchor=f"algorithmic-{config.task}")
     return StudyReport(results, verdicts, section)
 
 
-def run_algorithmic_seeds(config: AlgorithmicStudyConfig, seeds: list[int], out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_algorithmic_seeds(
+    config: AlgorithmicStudyConfig, seeds: list[int], out: str | Path, resume: bool = False, show_progress: bool = True
+) -> dict:
     """:func:`run_algorithmic` once per seed, in ``out/seed-<k>/``, then the summary over
     seeds (``seeds.json``, ``report.html``). With ``resume``, finished seeds are read
     back, an interrupted one continues and the rest start."""
     require(len(seeds) == len(set(seeds)) and len(seeds) >= 1, "seeds", "distinct integers, at least one", seeds)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another")
+        raise ConfigError(
+            "seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another"
+        )
     out = Path(out)
     if not resume:
         refuse_to_overwrite(out)
@@ -213,9 +263,17 @@ def run_algorithmic_seeds(config: AlgorithmicStudyConfig, seeds: list[int], out:
         if resume and (run_dir / "results.json").exists():
             runs[s] = json.loads((run_dir / "results.json").read_text())
             if runs[s]["config"] != to_dict(replace(config, seed=s)):
-                raise ConfigError(f"--resume: the configuration differs from the one in {str(run_dir / 'results.json')!r}; resume with the same settings")
+                raise ConfigError(
+                    f"--resume: the configuration differs from the one in {str(run_dir / 'results.json')!r}; resume "
+                    "with the same settings"
+                )
         else:
-            runs[s] = run_algorithmic(replace(config, seed=s), run_dir, resume=resume and (run_dir / "config.yaml").exists(), show_progress=show_progress)
+            runs[s] = run_algorithmic(
+                replace(config, seed=s),
+                run_dir,
+                resume=resume and (run_dir / "config.yaml").exists(),
+                show_progress=show_progress,
+            )
     summary = seeds_summary(runs)
     write_json(out / "seeds.json", summary)
     write_seeds_report(out, runs, summary)

@@ -16,10 +16,12 @@ from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
 
 
-
 def test_sets(lang: MarkovLanguage, cfg: MarkovStudyConfig) -> dict[int, SequenceSet]:
     """``N_test`` tilted draws at every test length, each from its own fixed seed."""
-    return {L: lang.sample_set(cfg.data.n_test, cfg.data.alpha, L, np.random.default_rng([cfg.data.seed, L])) for L in cfg.data.test_lengths}
+    return {
+        L: lang.sample_set(cfg.data.n_test, cfg.data.alpha, L, np.random.default_rng([cfg.data.seed, L]))
+        for L in cfg.data.test_lengths
+    }
 
 
 def bayes_prediction(lang: MarkovLanguage, inputs: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,9 @@ def bayes_prediction(lang: MarkovLanguage, inputs: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(lang.transition(k).argmax(axis=1))[inputs[:, -1]]
 
 
-def length_generalisation(cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float) -> dict:
+def length_generalisation(
+    cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float
+) -> dict:
     """Table 1 and Figure 9: total accuracy and accuracy on 'simple' sequences
     (IC <= ``ic_threshold``, the largest training IC) at every test length."""
     lang, task = build_task(cfg.data)
@@ -38,7 +42,12 @@ def length_generalisation(cfg: MarkovStudyConfig, models: dict[str, list[torch.n
     for L, s in sets.items():
         simple = s.ic <= ic_threshold
         bayes = (bayes_prediction(lang, s.inputs) == s.targets).float()
-        row = {"n": len(s), "simple_share": float(simple.float().mean()), "bayes_all": float(bayes.mean()), "bayes_simple": float(bayes[simple].mean()) if simple.any() else None}
+        row = {
+            "n": len(s),
+            "simple_share": float(simple.float().mean()),
+            "bayes_all": float(bayes.mean()),
+            "bayes_simple": float(bayes[simple].mean()) if simple.any() else None,
+        }
         for name, ms in models.items():
             with torch.no_grad():
                 correct = torch.stack([(m(s.inputs).argmax(-1) == s.targets).float() for m in ms])  # (seeds, n)
@@ -50,13 +59,20 @@ def length_generalisation(cfg: MarkovStudyConfig, models: dict[str, list[torch.n
     return result
 
 
-def run_length_study(cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float, figures: Path) -> StudyReport:
+def run_length_study(
+    cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float, figures: Path
+) -> StudyReport:
     """Score ``models`` (name -> one model per seed) at every test length; Figure 9 into ``figures``."""
     results = length_generalisation(cfg, models, ic_threshold)
     verdict = length_report.length_verdict(results, cfg.data.length)
     length_report.plot_length(results, figures / "fig9_length_generalisation.png")
     markdown = length_report.length_markdown(results, cfg.data.length, verdict)
-    section = Section("length", "Length generalisation", markdown, [
-        (figures / "fig9_length_generalisation.png", "Figure 9: total accuracy against sequence length"),
-    ])
+    section = Section(
+        "length",
+        "Length generalisation",
+        markdown,
+        [
+            (figures / "fig9_length_generalisation.png", "Figure 9: total accuracy against sequence length"),
+        ],
+    )
     return StudyReport(results, [length_report.verdict_row(verdict)], section, memory={"verdict": verdict})

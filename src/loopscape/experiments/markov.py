@@ -35,7 +35,6 @@ from loopscape.reporting.summary import PHASE_EPOCH, observation1_row, summarise
 from loopscape.training.markov import MarkovTrainConfig, train_markov
 from loopscape.training.run import seeded
 
-
 # Section 4.1's toy model: T = 3; one position code per training input position (no slot that
 # training never reaches), reused cyclically at test lengths with the transitions' period (E.1.3)
 PAPER_TOY_MODEL = LinearAttnConfig(n_loops=3, max_len=3, positions="cyclic")
@@ -110,7 +109,11 @@ def data_summary(lang: MarkovLanguage, task: MarkovTask) -> dict:
         "ic_low_max": ic[task.low].max().item(),
         "ic_high_min": ic[task.high].min().item(),
         "ic_train": ic.tolist(),
-        "bayes_ceiling": {"all": ok.mean().item(), "low": ok[task.low].mean().item(), "high": ok[task.high].mean().item()},
+        "bayes_ceiling": {
+            "all": ok.mean().item(),
+            "low": ok[task.low].mean().item(),
+            "high": ok[task.high].mean().item(),
+        },
     }
 
 
@@ -124,7 +127,9 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
     _, task = build_task(cfg.data)
     with seeded(seed):
         model = cfg.build_model(cfg.models[name])
-    trackers = [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
+    trackers = (
+        [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
+    )
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
     write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
@@ -143,7 +148,14 @@ def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_prog
         for seed in cfg.seeds
         if not (run_dir_of(out, name, seed) / "done.json").exists()
     ]
-    run_jobs(_run_one, jobs, [cfg.train.epochs] * len(jobs), f"training {len(jobs)} runs (epochs)", cfg.workers, show_progress)
+    run_jobs(
+        _run_one,
+        jobs,
+        [cfg.train.epochs] * len(jobs),
+        f"training {len(jobs)} runs (epochs)",
+        cfg.workers,
+        show_progress,
+    )
 
 
 def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -170,7 +182,9 @@ def final_models(out: Path, cfg: MarkovStudyConfig) -> dict[str, list[LinearAttn
     return models
 
 
-def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> StudyReport:
+def run_markov_study(
+    cfg: MarkovStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True
+) -> StudyReport:
     """The whole study: data, training, figures, summary (``summary.md``, ``summary.json``).
 
     Returns the summary, the verdicts on Observation 1 (and, with Hessian
@@ -203,7 +217,10 @@ def run_markov_study(cfg: MarkovStudyConfig, out: str | Path, resume: bool = Fal
         summary.update(hessian)
         verdicts += hessian_report.verdict_rows(summary["observation2"], summary["landscape"])
         figures += [
-            (figs / "fig3cd_entropy_mutual_information.png", "Figures 3c, 3d: Matrix Entropy and Mutual Information of the Hessian"),
+            (
+                figs / "fig3cd_entropy_mutual_information.png",
+                "Figures 3c, 3d: Matrix Entropy and Mutual Information of the Hessian",
+            ),
             (figs / "fig9bc_eigenspectra.png", "Figures 9b, 9c: eigenspectrum snapshots"),
         ]
     atomic_write_text(out / "summary.md", markdown)
@@ -225,14 +242,19 @@ def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int
         final = max(thetas)
         later = [e for e in thetas if e > ref and (e - ref) % 50 == 0] or [final]
         H_ref = hessian_at(model, thetas[ref], x, y)
-        result[name] = {**cumulative_force(H_ref, [hessian_at(model, thetas[e], x, y) for e in later], thetas[ref], thetas[final]), "epochs": later}
+        result[name] = {
+            **cumulative_force(H_ref, [hessian_at(model, thetas[e], x, y) for e in later], thetas[ref], thetas[final]),
+            "epochs": later,
+        }
     return result
 
 
 def hessian_study(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> dict:
     """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
     rep = hessian_report
-    spectra = {m: [load_spectra(run_dir_of(out, m, s) / "spectra.jsonl") for s in cfg.hessian_seeds] for m in cfg.models}
+    spectra = {
+        m: [load_spectra(run_dir_of(out, m, s) / "spectra.jsonl") for s in cfg.hessian_seeds] for m in cfg.models
+    }
     traj = rep.trajectories(spectra, cfg.hessian.n_bins)
     rep.plot_metrics(traj, out / "figures" / "fig3cd_entropy_mutual_information.png")
     rep.plot_snapshots(spectra, out / "figures" / "fig9bc_eigenspectra.png")

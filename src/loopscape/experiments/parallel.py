@@ -5,9 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 from loopscape.io import read_json
 
@@ -27,7 +27,14 @@ def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[i
     return on_epoch
 
 
-def run_jobs(fn: Callable, jobs: Sequence[tuple], units: Sequence[int], description: str, workers: int = 0, show_progress: bool = True) -> list:
+def run_jobs(
+    fn: Callable,
+    jobs: Sequence[tuple],
+    units: Sequence[int],
+    description: str,
+    workers: int = 0,
+    show_progress: bool = True,
+) -> list:
     """``[fn(*job, progress_q) for job in jobs]``, on ``workers`` processes (0: one per core).
 
     ``fn`` is a top-level function; it reports progress by putting increments
@@ -36,10 +43,23 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], units: Sequence[int], descript
     """
     if not jobs:
         return []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     workers = workers or min(os.cpu_count() or 1, len(jobs))
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not show_progress) as bar:
         task_id = bar.add_task(description, total=sum(units))
         if workers == 1:

@@ -64,37 +64,45 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
     prepare_run_folder(out, cfg, resume)
     timings = {}
 
-    def timed(name: str, run):
+    def timed(name: str, run, *args, **kwargs):
         t0 = time.perf_counter()
-        result = run()
+        result = run(*args, **kwargs)
         timings[f"{name}_s"] = time.perf_counter() - t0
         return result
 
     def part_resume(folder: Path) -> bool:
         return resume and (folder / "config.yaml").exists()
 
-    markov = timed("markov", lambda: run_markov_study(cfg.markov, out / "markov", resume=part_resume(out / "markov"), show_progress=show_progress))
-    theory = timed("theory", lambda: run_theory(cfg.theory, out / "theory", show_progress=show_progress, resume=resume))
-    shift = timed("shift", lambda: run_shift_study(cfg.markov, cfg.shift, out / "shift", markov.memory["metrics"], resume=resume, show_progress=show_progress))
+    progress = {"show_progress": show_progress}
+    markov = timed("markov", run_markov_study, cfg.markov, out / "markov", part_resume(out / "markov"), **progress)
+    theory = timed("theory", run_theory, cfg.theory, out / "theory", resume=resume, **progress)
+    metrics = markov.memory["metrics"]
+    shift = timed("shift", run_shift_study, cfg.markov, cfg.shift, out / "shift", metrics, resume, **progress)
     models = {**final_models(out / "markov", cfg.markov), "shift": shift.memory["scp_models"]}
     ic_max = markov.memory["data"]["ic_max"]
-    length = timed("length", lambda: run_length_study(cfg.markov, models, ic_max, out / "figures"))
+    length = timed("length", run_length_study, cfg.markov, models, ic_max, out / "figures")
     algorithmic = []
     for task in cfg.algorithmic.tasks:
         config = algorithmic_preset(cfg.algorithmic.preset, task, steps=cfg.algorithmic.steps)
         folder = out / "algorithmic" / task
-        algorithmic.append(timed(f"algorithmic_{task}", lambda: run_algorithmic_study(config, folder, resume=resume and folder.exists(), show_progress=show_progress)))
+        algorithmic.append(
+            timed(f"algorithmic_{task}", run_algorithmic_study, config, folder, resume and folder.exists(), **progress)
+        )
 
     studies = [markov, theory, shift, length, *algorithmic]
     verdicts = [v for study in studies for v in study.verdicts]
     lead = (
-        "Reproduction of the Markov-language experiments of 'What makes looped transformers perform better than non-recursive ones' "
-        f"(Single-Attn vs Looped-Attn, the River-Valley theory, SHIFT). Seeds {cfg.markov.seeds}; data seed {cfg.markov.data.seed}. "
+        "Reproduction of the Markov-language experiments of 'What makes looped transformers perform better than "
+        "non-recursive ones' "
+        f"(Single-Attn vs Looped-Attn, the River-Valley theory, SHIFT). Seeds {cfg.markov.seeds}; data seed "
+        f"{cfg.markov.data.seed}. "
         "Every verdict follows a rule stated in its section; numbers are mean ± std over seeds."
     )
     vers = versions()
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    page = render_report("loopscape: Markov-language reproduction", lead, verdicts, [s.section for s in studies], config_yaml, vers)
+    page = render_report(
+        "loopscape: Markov-language reproduction", lead, verdicts, [s.section for s in studies], config_yaml, vers
+    )
     atomic_write_text(out / "report.html", page)
     report = {
         "verdicts": verdicts,

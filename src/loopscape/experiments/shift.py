@@ -55,8 +55,15 @@ class ShiftStudyConfig:
 
     def validate(self, p: str = "") -> None:
         require(all(s >= 0 for s in self.shift_epochs), f"{p}shift_epochs", "integers >= 0", self.shift_epochs)
-        require(0 in self.shift_epochs, f"{p}shift_epochs", "a list that includes 0 (the Looped-Attn baseline)", self.shift_epochs)
-        require(self.optimizer in OPTIMIZER_AT_SHIFT, f"{p}optimizer", f"one of {list(OPTIMIZER_AT_SHIFT)}", self.optimizer)
+        require(
+            0 in self.shift_epochs,
+            f"{p}shift_epochs",
+            "a list that includes 0 (the Looped-Attn baseline)",
+            self.shift_epochs,
+        )
+        require(
+            self.optimizer in OPTIMIZER_AT_SHIFT, f"{p}optimizer", f"one of {list(OPTIMIZER_AT_SHIFT)}", self.optimizer
+        )
         allowed = [str(s) for s in self.shift_epochs] + [SCP]
         for c in self.compare_optimizer:
             require(c in allowed, f"{p}compare_optimizer", f"entries among {allowed}", c)
@@ -79,7 +86,9 @@ def schedule_of(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> Sh
     return ShiftSchedule.fixed(n_loops, at=int(policy), optimizer=optimizer)
 
 
-def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int], run_dir: str, resume: bool, progress_q=None) -> str:
+def _train_part(
+    cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int], run_dir: str, resume: bool, progress_q=None
+) -> str:
     """Train the members of ``seeds`` (every policy) as one population; top-level for workers."""
     torch.set_num_threads(1)
     _, task = build_task(cfg.data)
@@ -90,16 +99,26 @@ def _train_part(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seeds: list[int
             models.append(cfg.build_model(1))
     schedules = [schedule_of(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
     on_epoch = epoch_progress(run_dir, resume, progress_q)
-    train_population(models, [m[0] for m in members], schedules, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch)
+    train_population(
+        models, [m[0] for m in members], schedules, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch
+    )
     info = [
-        {"seed": s, "policy": p, "optimizer": o, "shift_epoch": sc.shift_step, **({"plateau_at": sc.criterion.plateau_at, "forced": sc.criterion.forced} if sc.criterion else {})}
+        {
+            "seed": s,
+            "policy": p,
+            "optimizer": o,
+            "shift_epoch": sc.shift_step,
+            **({"plateau_at": sc.criterion.plateau_at, "forced": sc.criterion.forced} if sc.criterion else {}),
+        }
         for (s, p, o), sc in zip(members, schedules)
     ]
     write_json(Path(run_dir) / "members.json", info)
     return run_dir
 
 
-def _train_measured(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, run_dir: str, resume: bool, progress_q=None) -> str:
+def _train_measured(
+    cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, run_dir: str, resume: bool, progress_q=None
+) -> str:
     """One SCP SHIFT run with the single-model trainer, for a measured wall time."""
     torch.set_num_threads(1)
     _, task = build_task(cfg.data)
@@ -112,7 +131,9 @@ def _train_measured(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, seed: int, 
     return run_dir
 
 
-def train_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
+def train_shift(
+    cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, resume: bool = False, show_progress: bool = True
+) -> None:
     """Train what is not done yet: one population per group of seeds, and the measured SCP run."""
     workers = cfg.workers or min(2, len(cfg.seeds))
     jobs = []
@@ -122,7 +143,14 @@ def train_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, resu
             jobs.append(("part", (cfg, shift, [int(s) for s in seeds], str(rd), resume)))
     if shift.measure_wall and not (out / "measured_scp" / "done.json").exists():
         jobs.append(("measured", (cfg, shift, cfg.seeds[0], str(out / "measured_scp"), resume)))
-    run_jobs(_dispatch, jobs, [cfg.train.epochs] * len(jobs), f"SHIFT study: {len(jobs)} jobs (epochs)", workers, show_progress)
+    run_jobs(
+        _dispatch,
+        jobs,
+        [cfg.train.epochs] * len(jobs),
+        f"SHIFT study: {len(jobs)} jobs (epochs)",
+        workers,
+        show_progress,
+    )
 
 
 def _dispatch(kind: str, job: tuple, progress_q=None) -> str:
@@ -146,12 +174,17 @@ def epoch_wall_times(metrics: dict[str, dict[str, np.ndarray]], cfg: MarkovStudy
     return {T: float(np.median(metrics[name]["time_s"][:, 1:])) for name, T in cfg.models.items()}
 
 
-def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov: dict[str, dict[str, np.ndarray]]) -> dict:
+def analyse_shift(
+    cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov: dict[str, dict[str, np.ndarray]]
+) -> dict:
     """Speed-ups and accuracies per policy, against the Markov study's runs (``markov``: their metrics)."""
     info, curves = load_members(out)
     d = cfg.build_model(1).config.d
     n_in = cfg.data.length - 1
-    flops = {T: compute.epoch_flops(cfg.data.n_train, cfg.train.batch_size, n_in, d, cfg.data.vocab_size, T) for T in (1, cfg.model.n_loops)}
+    flops = {
+        T: compute.epoch_flops(cfg.data.n_train, cfg.train.batch_size, n_in, d, cfg.data.vocab_size, T)
+        for T in (1, cfg.model.n_loops)
+    }
     wall = epoch_wall_times(markov, cfg)
     loops = curves["n_loops"]
     cum = {"flops": compute.cumulative(loops, flops), "wall_s": compute.cumulative(loops, wall)}
@@ -173,7 +206,9 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
                 "speedup_total": float(c[b, -1] / c[i, -1]),
                 "epoch_to_target": e_hit,
                 "to_target": cost,
-                "speedup_to_target": float(cost_base / cost) if e_hit is not None and e_base is not None and cost > 0 else None,
+                "speedup_to_target": float(cost_base / cost)
+                if e_hit is not None and e_base is not None and cost > 0
+                else None,
             }
         per_member.append(row)
 
@@ -215,7 +250,12 @@ def analyse_shift(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, ma
         "policies": policies,
         "members": per_member,
         "checks": checks,
-        "curves": {"acc_all": acc.tolist(), "acc_high": curves["acc_high"].tolist(), "val_loss": curves["val_loss"].tolist(), "grad_norm": curves["grad_norm"].tolist()},
+        "curves": {
+            "acc_all": acc.tolist(),
+            "acc_high": curves["acc_high"].tolist(),
+            "val_loss": curves["val_loss"].tolist(),
+            "grad_norm": curves["grad_norm"].tolist(),
+        },
         "cumulative": {k: v.tolist() for k, v in cum.items()},
     }
 
@@ -249,10 +289,18 @@ def run_shift_study(
     shift_report.plot_shift_points(results, shift.optimizer, figs / "fig4_shift_points.png")
     shift_report.plot_compute_curves(results, shift.optimizer, figs / "shift_compute_curves.png")
     markdown, verdicts = shift_report.shift_markdown(results, shift)
-    section = Section("shift", "SHIFT", markdown, [
-        (figs / "fig4_shift_points.png", "Figure 4: speed-up and final accuracy against the shift epoch (stars: SCP)"),
-        (figs / "shift_compute_curves.png", "Accuracy against cumulative compute"),
-    ])
+    section = Section(
+        "shift",
+        "SHIFT",
+        markdown,
+        [
+            (
+                figs / "fig4_shift_points.png",
+                "Figure 4: speed-up and final accuracy against the shift epoch (stars: SCP)",
+            ),
+            (figs / "shift_compute_curves.png", "Accuracy against cumulative compute"),
+        ],
+    )
     report = StudyReport(results, shift_report.verdict_rows(verdicts), section)
     report.memory = {"verdicts": verdicts, "scp_models": scp_models(cfg, shift, out)}
     return report

@@ -87,9 +87,11 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         "# Sweep: which toy settings reproduce Observation 1",
         "",
         f"Base: {len(base.seeds)} seeds {base.seeds}, {base.train.epochs} epochs, data seed {base.data.seed}. "
-        "delta = Looped-Attn's minus Single-Attn's rise in high-IC training accuracy after the split epoch (points, mean ± std over seeds).",
+        "delta = Looped-Attn's minus Single-Attn's rise in high-IC training accuracy after the split epoch "
+        "(points, mean ± std over seeds).",
         "",
-        "| cell | verdict | delta (pts) | delta > 0 | high-IC final S / L (%) | all final S / L (%) | ceiling all (%) |",
+        "| cell | verdict | delta (pts) | delta > 0 | high-IC final S / L (%) | all final S / L (%) | ceiling all "
+        "(%) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -97,7 +99,8 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         a_s, a_l = r["acc_all_final"]["single_attn"], r["acc_all_final"]["looped_attn"]
         lines.append(
             f"| {r['cell']} | {r['verdict']} | {r['delta_mean_pts']:+.2f} ± {r['delta_std_pts']:.2f} | "
-            f"{r['share_delta_positive']:.0%} | {hs:.1f} / {hl:.1f} | {a_s:.1f} / {a_l:.1f} | {r['bayes_ceiling_all']:.1f} |"
+            f"{r['share_delta_positive']:.0%} | {hs:.1f} / {hl:.1f} | {a_s:.1f} / {a_l:.1f} | "
+            f"{r['bayes_ceiling_all']:.1f} |"
         )
     table = "\n".join(lines) + "\n"
     write_json(out / "sweep.json", {"grid": grid, "rows": rows})

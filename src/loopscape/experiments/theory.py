@@ -28,7 +28,15 @@ from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.io import atomic_write_text, read_json, write_json
 from loopscape.landscape.alignment import gradient_alignment, meets_assumption4
-from loopscape.landscape.quadratic import QuarticValley, RiverValley, decoupled_run, random_orthogonal, u_and_v_valleys, valley_force, valley_path
+from loopscape.landscape.quadratic import (
+    QuarticValley,
+    RiverValley,
+    decoupled_run,
+    random_orthogonal,
+    u_and_v_valleys,
+    valley_force,
+    valley_path,
+)
 from loopscape.reporting import theory as theory_report
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.training.markov import MarkovTrainConfig, train_markov
@@ -64,7 +72,9 @@ def _random_instance(g: torch.Generator, quartic: bool) -> tuple[RiverValley, to
     H_RV = torch.randn(d_R, d_V, generator=g, dtype=torch.float64)
     h_R = torch.randn(d_R, generator=g, dtype=torch.float64)
     theta_V0 = torch.randn(d_V, generator=g, dtype=torch.float64)
-    eta_lam = float(torch.empty(1).uniform_(0.05, 1.6, generator=g))  # eta * largest |eigenvalue|: > 1 breaks the theorem
+    eta_lam = float(
+        torch.empty(1).uniform_(0.05, 1.6, generator=g)
+    )  # eta * largest |eigenvalue|: > 1 breaks the theorem
     beta = float(torch.empty(1).uniform_(0.01, 1.0, generator=g))
     H_V = (Q * lam) @ Q.T
     land = QuarticValley(H_V, H_RV, h_R, beta=beta) if quartic else RiverValley(H_V, H_RV, h_R)
@@ -164,6 +174,33 @@ def corollaries(cfg: TheoryStudyConfig, quartic_beta: float | None = None) -> di
     return {"runs": runs, "checks": checks}
 
 
+def _alignment_rows(single, looped, x, y, seed: int, epoch: int, where: str) -> list[dict]:
+    """Theorem 3's inner products at Single-Attn's current parameters, shared with Looped-Attn."""
+    params = dict(single.named_parameters())
+    meets = all(meets_assumption4(params[n].detach()) for n in ("W_K", "W_Q", "W_V"))
+    return [
+        {"seed": seed, "epoch": epoch, "where": where, "param": name, "meets_assumption4": meets, **r}
+        for name, r in gradient_alignment(single, looped, params, x, y).items()
+    ]
+
+
+class _AlongTrajectory:
+    """A trainer tracker that records ``measure(epoch, model)`` every ``every`` epochs."""
+
+    def __init__(self, measure, every: int):
+        self.measure, self.every, self.rows = measure, every, []
+
+    def open(self, run_dir, start):
+        pass
+
+    def update(self, epoch, model):
+        if epoch and epoch % self.every == 0:
+            self.rows += self.measure(epoch, model)
+
+    def close(self):
+        pass
+
+
 def theorem3(cfg: TheoryStudyConfig, show_progress: bool = False) -> dict:
     """Gradient alignment W_K / W_Q, Single-Attn vs Looped-Attn (T = 3) on the default Markov data."""
     study = MarkovStudyConfig()
@@ -174,13 +211,6 @@ def theorem3(cfg: TheoryStudyConfig, show_progress: bool = False) -> dict:
         with seeded(seed):
             single = study.build_model(1)
         looped = study.build_model(study.model.n_loops)
-
-        def record(epoch: int, where: str) -> None:
-            params = dict(single.named_parameters())
-            meets = all(meets_assumption4(params[n].detach()) for n in ("W_K", "W_Q", "W_V"))
-            for name, r in gradient_alignment(single, looped, params, x, y).items():
-                rows.append({"seed": seed, "epoch": epoch, "where": where, "param": name, "meets_assumption4": meets, **r})
-
         # an initialisation built to meet Assumption 4: positive diagonal, small dense perturbation
         g = torch.Generator().manual_seed(1000 + seed)
         with torch.no_grad():
@@ -188,25 +218,20 @@ def theorem3(cfg: TheoryStudyConfig, show_progress: bool = False) -> dict:
                 W = getattr(single, n)
                 d = W.shape[0]
                 W.copy_(torch.diag(torch.rand(d, generator=g) + 0.5) + 0.05 * torch.randn(d, d, generator=g) / d**0.5)
-        record(0, "assumption-4 initialisation")
+        rows += _alignment_rows(single, looped, x, y, seed, 0, "assumption-4 initialisation")
         with seeded(seed):
             single = study.build_model(1)
-        record(0, "initialisation")
-
-        class AlongTrajectory:
-            def open(self, run_dir, start):
-                pass
-
-            def update(self, epoch, model):
-                if epoch and epoch % cfg.alignment_every == 0:
-                    record(epoch, "trajectory")
-
-            def close(self):
-                pass
-
+        rows += _alignment_rows(single, looped, x, y, seed, 0, "initialisation")
+        along = _AlongTrajectory(
+            lambda epoch, model, seed=seed, looped=looped: _alignment_rows(
+                model, looped, x, y, seed, epoch, "trajectory"
+            ),
+            cfg.alignment_every,
+        )
         with tempfile.TemporaryDirectory() as d:
             config = MarkovTrainConfig(epochs=cfg.alignment_epochs, checkpoint_every=10**9)
-            train_markov(single, task, config, d, seed=seed, trackers=[AlongTrajectory()])
+            train_markov(single, task, config, d, seed=seed, trackers=[along])
+        rows += along.rows
     summary = {}
     for where in ("assumption-4 initialisation", "initialisation", "trajectory"):
         for name in ("W_K", "W_Q"):
@@ -232,7 +257,9 @@ FIGURES = [
 ]
 
 
-def run_theory(cfg: TheoryStudyConfig, out: str | Path, show_progress: bool = True, resume: bool = False) -> StudyReport:
+def run_theory(
+    cfg: TheoryStudyConfig, out: str | Path, show_progress: bool = True, resume: bool = False
+) -> StudyReport:
     """Run every check, draw the figures, write ``theory.md`` and ``theory.json``.
     With ``resume``, finished results (``theory.json``) are read back instead of rerun."""
     out = Path(out)

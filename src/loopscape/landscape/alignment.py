@@ -10,7 +10,7 @@ parameter dict, so nothing is copied and no ``.grad`` is touched.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,7 @@ if the two differ, as with active dropout or train-mode BatchNorm, unless
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,9 @@ def weighted_batches(
         first = torch.full((len(uniq),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
         if dedupe == "inputs":
             k = num_classes or int(targets.max()) + 1
-            freq = torch.zeros(len(uniq), k, dtype=torch.float64).index_put_((inverse, targets), torch.ones(n, dtype=torch.float64), accumulate=True)
+            freq = torch.zeros(len(uniq), k, dtype=torch.float64).index_put_(
+                (inverse, targets), torch.ones(n, dtype=torch.float64), accumulate=True
+            )
             targets = freq / counts[:, None]
         else:
             targets = targets[first]
@@ -134,7 +136,10 @@ class HessianOperator:
         first = named[0][1]
         self.dtype = dtype or first.dtype
         self.device = first.device
-        cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+
+        def cast(t):
+            return t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+
         self.theta = torch.cat([cast(p).reshape(-1) for _, p in named])
         self.buffers = {n: cast(b) for n, b in model.named_buffers()}
         self.frozen = {n: cast(p) for n, p in model.named_parameters() if not p.requires_grad}
@@ -187,7 +192,10 @@ class HessianOperator:
     def _hvp(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta)
         for b in self.batches:
-            g = lambda th: grad(self._batch_loss)(th, *b)
+
+            def g(th, b=b):
+                return grad(self._batch_loss)(th, *b)
+
             out = out + jvp(g, (self.theta,), (v,))[1]
         return out
 
@@ -200,7 +208,10 @@ class HessianOperator:
         ``benchmarks/bench_hessian.py``); :class:`~loopscape.landscape.tracking.HessianTracker`
         stacks epochs this way.
         """
-        loss = lambda th: sum(self._batch_loss(th, *b) for b in self.batches)
+
+        def loss(th):
+            return sum(self._batch_loss(th, *b) for b in self.batches)
+
         with self._guard():
             thetas = thetas.to(self.theta)
             return vmap(jacrev(jacrev(loss)))(thetas), vmap(loss)(thetas)
@@ -220,7 +231,9 @@ class HessianOperator:
         if self._graph is not None:  # one batched backward through the kept gradient graph
             leaf, g = self._graph
             cols = V.T.split(self.chunk_size or V.shape[1])
-            return torch.cat([torch.autograd.grad(g, leaf, c, retain_graph=True, is_grads_batched=True)[0] for c in cols]).T.detach()
+            return torch.cat(
+                [torch.autograd.grad(g, leaf, c, retain_graph=True, is_grads_batched=True)[0] for c in cols]
+            ).T.detach()
         with self._guard():
             cols = V.T.split(self.chunk_size or V.shape[1])
             return torch.cat([vmap(self._hvp)(c) for c in cols]).T

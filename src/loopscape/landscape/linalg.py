@@ -192,7 +192,9 @@ class SpectralDensity:
         return self.nodes.reshape(-1).numpy(), (self.weights.reshape(-1) / self.nodes.shape[0]).numpy()
 
 
-def slq_density(op, n_probes: int = 10, n_steps: int = 96, seed: int = 0, sigma: float | None = None) -> SpectralDensity:
+def slq_density(
+    op, n_probes: int = 10, n_steps: int = 96, seed: int = 0, sigma: float | None = None
+) -> SpectralDensity:
     """Stochastic Lanczos quadrature with Rademacher probes (Ghorbani et al. 2019; Lin et al. 2016).
 
     Each probe runs ``n_steps`` Lanczos steps with full re-orthogonalisation;

@@ -76,7 +76,13 @@ def random_orthogonal(d: int, g: torch.Generator) -> Tensor:
 
 
 def u_and_v_valleys(
-    d_V: int = 20, d_R: int = 5, tau: float = TAU, kappa_v: float = 100.0, delta: float = 0.2, h_bar: float = 1.0, seed: int = 0
+    d_V: int = 20,
+    d_R: int = 5,
+    tau: float = TAU,
+    kappa_v: float = 100.0,
+    delta: float = 0.2,
+    h_bar: float = 1.0,
+    seed: int = 0,
 ) -> tuple[RiverValley, RiverValley, Tensor]:
     """A River-U-Valley and a River-V-Valley that satisfies Assumption 1 relative to it.
 
@@ -97,7 +103,10 @@ def u_and_v_valleys(
     H_RV = h_bar * H_RV / torch.linalg.matrix_norm(H_RV, ord=2)
     h_R = torch.randn(d_R, generator=g, dtype=torch.float64)
     theta_V0 = torch.randn(d_V, generator=g, dtype=torch.float64)
-    make = lambda lam: RiverValley((Q * lam) @ Q.T, H_RV, h_R)
+
+    def make(lam):
+        return RiverValley((Q * lam) @ Q.T, H_RV, h_R)
+
     u, v = make(lam_u), make(lam_v)
     assert assumption1(lam_u, lam_v, eps=0.0, tau=tau)["holds"]
     return u, v, theta_V0
@@ -115,7 +124,12 @@ class Trajectory:
 
 
 def run(
-    landscape, theta_V0: Tensor, theta_R0: Tensor | None = None, eta: float = 0.1, steps: int = 500, optimizer: str = "gd"
+    landscape,
+    theta_V0: Tensor,
+    theta_R0: Tensor | None = None,
+    eta: float = 0.1,
+    steps: int = 500,
+    optimizer: str = "gd",
 ) -> Trajectory:
     """Gradient descent (the theorems' setting) or Adam on the full coupled loss; every iterate kept."""
     if optimizer not in ("gd", "adam"):
@@ -195,7 +209,11 @@ class QuarticValley(RiverValley):
 
     def loss(self, theta_V: Tensor, theta_R: Tensor) -> Tensor:
         u = self._Q.T @ theta_V
-        return (0.5 * self._lam * u**2 + 0.25 * self.beta * u**4).sum() - self.h_R @ theta_R + theta_R @ self.H_RV @ theta_V
+        return (
+            (0.5 * self._lam * u**2 + 0.25 * self.beta * u**4).sum()
+            - self.h_R @ theta_R
+            + theta_R @ self.H_RV @ theta_V
+        )
 
     def valley_gradient(self, theta_V: Tensor) -> Tensor:
         u = self._Q.T @ theta_V

@@ -84,11 +84,22 @@ def assumption1(eigs_single, eigs_looped, eps: float | None = None, tau: float =
     low1, low2 = v1[v1 <= tau], v2[v2 <= tau]
     m1, m2 = int(low1.size), int(low2.size)
     dominance = m2 >= m1 and bool(np.all(low2[:m1] < low1))
-    return {"tau": tau, "m_single": m1, "m_looped": m2, "dimension": m2 > m1, "dominance": dominance, "holds": m2 > m1 and dominance}
+    return {
+        "tau": tau,
+        "m_single": m1,
+        "m_looped": m2,
+        "dimension": m2 > m1,
+        "dominance": dominance,
+        "holds": m2 > m1 and dominance,
+    }
 
 
 def cumulative_force(
-    H_ref: torch.Tensor, H_later: list[torch.Tensor], theta_ref: torch.Tensor, theta_final: torch.Tensor, eps: float | None = None
+    H_ref: torch.Tensor,
+    H_later: list[torch.Tensor],
+    theta_ref: torch.Tensor,
+    theta_final: torch.Tensor,
+    eps: float | None = None,
 ) -> dict:
     """Theorem 1's ``C`` from measured quantities, basis fixed at the reference Hessian ``H_ref``."""
     lam, U = torch.linalg.eigh(H_ref.double())
@@ -101,4 +112,11 @@ def cumulative_force(
     h_bar = max(torch.linalg.matrix_norm(R.T @ H.double() @ V, ord=2).item() for H in [H_ref, *H_later])
     alpha_bar = torch.linalg.vector_norm(V.T @ (theta_ref - theta_final).double()).item()
     inv = (1.0 / lam[valley].abs()).sum().item()
-    return {"eps": eps, "d_valley": d_V, "h_bar": h_bar, "alpha_bar": alpha_bar, "sum_inv_lambda": inv, "C": math.sqrt(d_V) * h_bar * alpha_bar * inv}
+    return {
+        "eps": eps,
+        "d_valley": d_V,
+        "h_bar": h_bar,
+        "alpha_bar": alpha_bar,
+        "sum_inv_lambda": inv,
+        "C": math.sqrt(d_V) * h_bar * alpha_bar * inv,
+    }

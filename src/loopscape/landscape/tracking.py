@@ -5,8 +5,8 @@ initialisation) it computes the exact spectrum of the training-loss Hessian
 in float64 (ten epochs at a time by default) and appends
 ``{"epoch", "eigenvalues", "asymmetry", "loss", "theta"}``
 to ``<run>/spectra.jsonl`` (``theta``: the flat parameters, so any tracked
-Hessian can be rebuilt later, e.g. to measure the river-valley coupling). On resume it drops rows past the checkpoint, so the
-log matches an uninterrupted run.
+Hessian can be rebuilt later, e.g. to measure the river-valley coupling). On
+resume it drops rows past the checkpoint, so the log matches an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ class HessianTracker:
     ``stack=1`` computes each epoch at once.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, every: int = 1, filename: str = "spectra.jsonl", stack: int = 10):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        every: int = 1,
+        filename: str = "spectra.jsonl",
+        stack: int = 10,
+    ):
         # repeated inputs merge into one with soft labels: the same Hessian from fewer products
         self.batches = weighted_batches(inputs, targets, dedupe="inputs")
         self.every = every

@@ -69,7 +69,12 @@ class LinearAttnConfig:
     embedding_seed: int = 0
 
     def validate(self, p: str = "") -> None:
-        require(self.vocab_size is None or self.vocab_size >= 2, f"{p}vocab_size", "null (from the data) or an integer >= 2", self.vocab_size)
+        require(
+            self.vocab_size is None or self.vocab_size >= 2,
+            f"{p}vocab_size",
+            "null (from the data) or an integer >= 2",
+            self.vocab_size,
+        )
         require(self.n_loops >= 1, f"{p}n_loops", "an integer >= 1 (T)", self.n_loops)
         require(self.embedding in EMBEDDINGS, f"{p}embedding", f"one of {list(EMBEDDINGS)}", self.embedding)
         require(self.d_model >= 1, f"{p}d_model", "an integer >= 1", self.d_model)
@@ -114,7 +119,10 @@ class FixedEmbedding(nn.Module):
         if self.cyclic:
             return self.token[x] + self.position[torch.arange(n, device=x.device) % slots]
         if n > slots:
-            raise ValueError(f"input length {n} exceeds the embedding's max_len {slots} (positions='absolute'; 'cyclic' reads any length)")
+            raise ValueError(
+                f"input length {n} exceeds the embedding's max_len {slots} (positions='absolute'; 'cyclic' reads "
+                "any length)"
+            )
         return self.token[x] + self.position[:n]
 
 

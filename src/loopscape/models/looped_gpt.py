@@ -172,7 +172,9 @@ def looped_gpt(vocab_size: int, **config) -> LoopedGPT:
 
 
 @torch.no_grad()
-def adaptive_decode(model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, max_loops: int, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def adaptive_decode(
+    model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, max_loops: int, per_sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decode with adaptive stopping (Fan et al., 2024; spec "Adaptive stopping").
 
     At each loop ``t <= max_loops`` the greedy decode ``y_t = argmax logits_t``
@@ -186,7 +188,9 @@ def adaptive_decode(model: LoopedGPT, inputs: torch.Tensor, mask: torch.Tensor, 
     return adaptive_choice(model.all_loops(inputs, max_loops), mask, per_sample)
 
 
-def adaptive_choice(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def adaptive_choice(
+    logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`adaptive_decode` from given all-step logits ``(S, B, W, V)``."""
     pred = logits.argmax(-1)
     nll = F.cross_entropy(logits.flatten(0, 2), pred.flatten(), reduction="none").view(pred.shape)

@@ -40,7 +40,9 @@ def beyond(results: dict, paradigm: str, reading: str | None = None) -> float:
 
 def generalisation_verdict(edge_pts: float) -> str:
     """Looped-Attn's edge over Single-Attn past the training length (points) judged by the stated rule."""
-    return "reproduced" if edge_pts >= GAP_PTS else "partly reproduced" if edge_pts >= COMPARABLE_PTS else "not reproduced"
+    return (
+        "reproduced" if edge_pts >= GAP_PTS else "partly reproduced" if edge_pts >= COMPARABLE_PTS else "not reproduced"
+    )
 
 
 def verdicts(results: dict) -> list[dict]:
@@ -49,30 +51,68 @@ def verdicts(results: dict) -> list[dict]:
     out = []
     tested = any(L > n for L in results["test_lengths"])
     if not tested:
-        out.append({"claim": f"{task}: length generalisation", "source": "Fig. 14 (c)", "ours": "no test length beyond the training lengths",
-                    "paper": "-", "verdict": "not tested"})
+        out.append(
+            {
+                "claim": f"{task}: length generalisation",
+                "source": "Fig. 14 (c)",
+                "ours": "no test length beyond the training lengths",
+                "paper": "-",
+                "verdict": "not tested",
+            }
+        )
     if tested and "single" in par and "looped" in par:
         s, lp = beyond(results, "single"), beyond(results, "looped")
         v = generalisation_verdict(lp - s)
-        out.append({"claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not", "source": "Fig. 14 (c)",
-                    "ours": f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)",
-                    "paper": "near 100% vs low", "verdict": v})
+        out.append(
+            {
+                "claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not",
+                "source": "Fig. 14 (c)",
+                "ours": f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; "
+                f"oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)",
+                "paper": "near 100% vs low",
+                "verdict": v,
+            }
+        )
     if tested and "shift" in par and "looped" in par:
         sh, lp = beyond(results, "shift"), beyond(results, "looped")
         v = "reproduced" if abs(sh - lp) <= COMPARABLE_PTS or sh > lp else "not reproduced"
         ours = f"{sh:.1f}% vs {lp:.1f}% past the training length"
-        if "single" in par and lp - beyond(results, "single") < COMPARABLE_PTS:  # matching a Looped-Attn that does not generalise says nothing
+        if (
+            "single" in par and lp - beyond(results, "single") < COMPARABLE_PTS
+        ):  # matching a Looped-Attn that does not generalise says nothing
             v, ours = "inconclusive", ours + " (Looped-Attn does not generalise here: nothing to match)"
-        out.append({"claim": f"{task}: SHIFT ends comparable to Looped-Attn", "source": "Fig. 14", "ours": ours, "paper": "comparable", "verdict": v})
+        out.append(
+            {
+                "claim": f"{task}: SHIFT ends comparable to Looped-Attn",
+                "source": "Fig. 14",
+                "ours": ours,
+                "paper": "comparable",
+                "verdict": v,
+            }
+        )
     saving = results.get("shift_saving") or {}
     if saving and saving["shift_step"] is None:
-        out.append({"claim": f"{task}: SHIFT trains faster than Looped-Attn", "source": "Fig. 11", "ours": "SCP never fired: no switch, no SHIFT run to time",
-                    "paper": "shorter training time", "verdict": "not reproduced"})
+        out.append(
+            {
+                "claim": f"{task}: SHIFT trains faster than Looped-Attn",
+                "source": "Fig. 11",
+                "ours": "SCP never fired: no switch, no SHIFT run to time",
+                "paper": "shorter training time",
+                "verdict": "not reproduced",
+            }
+        )
     elif saving:
         v = "reproduced" if saving["time_ratio"] > 1 else "not reproduced"
-        out.append({"claim": f"{task}: SHIFT trains faster than Looped-Attn", "source": "Fig. 11",
-                    "ours": f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs (shift at step {saving['shift_step']})",
-                    "paper": "shorter training time", "verdict": v})
+        out.append(
+            {
+                "claim": f"{task}: SHIFT trains faster than Looped-Attn",
+                "source": "Fig. 11",
+                "ours": f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs "
+                f"(shift at step {saving['shift_step']})",
+                "paper": "shorter training time",
+                "verdict": v,
+            }
+        )
     return out
 
 
@@ -103,7 +143,14 @@ def plot_length(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for p in first["paradigms"]:
         acc = 100 * np.array([headline(r["paradigms"][p], p) for r in runs])
-        ax.plot(L, acc.mean(0), marker="o", ms=3, color=COLOURS[p], label=NAMES[p] + ("" if p == "single" else " (adaptive)"))
+        ax.plot(
+            L,
+            acc.mean(0),
+            marker="o",
+            ms=3,
+            color=COLOURS[p],
+            label=NAMES[p] + ("" if p == "single" else " (adaptive)"),
+        )
         if len(runs) > 1:
             ax.fill_between(L, acc.min(0), acc.max(0), color=COLOURS[p], alpha=0.15, lw=0)
         if p != "single":
@@ -142,43 +189,82 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
         f"## Algorithmic task: {task}",
         "",
         f"Block: d = {cfg['model']['d_model']}, {cfg['model']['n_layers']} layer(s), {cfg['model']['n_heads']} heads; "
-        f"{cfg['train']['steps']} steps, batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}; training lengths 1..{cfg['train_max_len']} "
+        f"{cfg['train']['steps']} steps, batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}; training "
+        f"lengths 1..{cfg['train_max_len']} "
         f"(curriculum +1 every {cfg['train']['curriculum_interval']} steps); seed {cfg['seed']}.",
         "",
-        "| paradigm | params | final train acc | final val acc | acc at max train length | mean acc past it | same, oracle T(n) | steps/sample at the end |",
+        "| paradigm | params | final train acc | final val acc | acc at max train length | mean acc past it | "
+        "same, oracle T(n) | steps/sample at the end |",
         "|---|---|---|---|---|---|---|---|",
     ]
     n = cfg["train_max_len"]
-    pct = lambda x: "-" if x is None or x != x else f"{x:.1f}%"
+
+    def pct(x):
+        return "-" if x is None or x != x else f"{x:.1f}%"
+
     for p, e in results["paradigms"].items():
         f = e["final"]
         at_n = dict(zip(results["test_lengths"], headline(e, p))).get(n)
         oracle = None if p == "single" else beyond(results, p, "oracle")
-        lines.append(f"| {NAMES[p]} | {e['params']:,} | {pct(100 * f['train_acc'])} | {pct(100 * f['val_acc'])} | "
-                     f"{pct(None if at_n is None else 100 * at_n)} | {pct(beyond(results, p))} | {pct(oracle)} | {f['loops_per_sample']:.1f} |")
+        lines.append(
+            f"| {NAMES[p]} | {e['params']:,} | {pct(100 * f['train_acc'])} | {pct(100 * f['val_acc'])} | "
+            f"{pct(None if at_n is None else 100 * at_n)} | {pct(beyond(results, p))} | {pct(oracle)} | "
+            f"{f['loops_per_sample']:.1f} |"
+        )
     saving = results.get("shift_saving")
     if saving and saving["shift_step"] is None:
         lines += ["", "SHIFT never switched: SCP did not fire, so its run is Single-Attn throughout."]
     elif saving:
-        lines += ["", f"SHIFT switched at step {saving['shift_step']}; over the whole run Looped-Attn cost {saving['flops_ratio']:.2f}x SHIFT's FLOPs "
-                  f"and {saving['time_ratio']:.2f}x its wall time."]
-    lines += ["", f"Verdict rules: Looped-Attn 'generalises' if its mean accuracy past the training length beats Single-Attn's by >= {GAP_PTS:.0f} points "
-              f"(partly: by {COMPARABLE_PTS:.0f} to {GAP_PTS:.0f}; less is noise); SHIFT is 'comparable' within {COMPARABLE_PTS:.0f} points of Looped-Attn "
-              "(inconclusive where Looped-Attn itself does not generalise); SHIFT 'trains faster' if Looped-Attn's wall time is larger. "
-              "Looped models are read by adaptive stopping (one stop per test batch); the oracle T(n) is drawn dashed."]
-    section = Section(anchor, f"Algorithmic: {task}", "\n".join(lines), [
-        (figs / "fig14ab_training.png", "Figure 14 (a, b): training and validation accuracy (dotted: SHIFT's switch)"),
-        (figs / "fig14c_length.png", "Figure 14 (c): accuracy against test length (dotted: longest training length)"),
-        (figs / "fig11_compute.png", "Figure 11: cumulative training compute"),
-    ])
+        lines += [
+            "",
+            f"SHIFT switched at step {saving['shift_step']}; over the whole run Looped-Attn cost "
+            f"{saving['flops_ratio']:.2f}x SHIFT's FLOPs "
+            f"and {saving['time_ratio']:.2f}x its wall time.",
+        ]
+    lines += [
+        "",
+        "Verdict rules: Looped-Attn 'generalises' if its mean accuracy past the training length beats "
+        f"Single-Attn's by >= {GAP_PTS:.0f} points "
+        f"(partly: by {COMPARABLE_PTS:.0f} to {GAP_PTS:.0f}; less is noise); SHIFT is 'comparable' within "
+        f"{COMPARABLE_PTS:.0f} points of Looped-Attn "
+        "(inconclusive where Looped-Attn itself does not generalise); SHIFT 'trains faster' if Looped-Attn's wall "
+        "time is larger. "
+        "Looped models are read by adaptive stopping (one stop per test batch); the oracle T(n) is drawn dashed.",
+    ]
+    section = Section(
+        anchor,
+        f"Algorithmic: {task}",
+        "\n".join(lines),
+        [
+            (
+                figs / "fig14ab_training.png",
+                "Figure 14 (a, b): training and validation accuracy (dotted: SHIFT's switch)",
+            ),
+            (
+                figs / "fig14c_length.png",
+                "Figure 14 (c): accuracy against test length (dotted: longest training length)",
+            ),
+            (figs / "fig11_compute.png", "Figure 11: cumulative training compute"),
+        ],
+    )
     return section, verdicts(results)
 
 
 def write_algorithmic_report(out: Path, results: dict) -> None:
     section, rows = algorithmic_section(out, results)
-    lead = ("Appendix E.2 of 'What makes looped transformers perform better than non-recursive ones': Single-Attn, Looped-Attn (FOP-Loop-Adaptive) "
-            "and SHIFT on an algorithmic task. One seed; numbers are not averaged.")
-    page = render_report(f"loopscape: {results['task']}", lead, rows, [section], yaml.safe_dump(results["config"], sort_keys=False), versions())
+    lead = (
+        "Appendix E.2 of 'What makes looped transformers perform better than non-recursive ones': Single-Attn, "
+        "Looped-Attn (FOP-Loop-Adaptive) "
+        "and SHIFT on an algorithmic task. One seed; numbers are not averaged."
+    )
+    page = render_report(
+        f"loopscape: {results['task']}",
+        lead,
+        rows,
+        [section],
+        yaml.safe_dump(results["config"], sort_keys=False),
+        versions(),
+    )
     atomic_write_text(out / "report.html", page)
 
 
@@ -210,10 +296,18 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
             row["edge"] = row["looped"] - row["single"]
             row["verdict"] = generalisation_verdict(row["edge"])
         rows.append(row)
-    columns = [c for c in ("single", "looped", "looped_oracle", "shift", "shift_oracle", "edge", "time_ratio", "flops_ratio") if all(c in r for r in rows)]
+    columns = [
+        c
+        for c in ("single", "looped", "looped_oracle", "shift", "shift_oracle", "edge", "time_ratio", "flops_ratio")
+        if all(c in r for r in rows)
+    ]
     first = runs[min(runs)]
-    out = {"task": first["task"], "train_max_len": first["config"]["train_max_len"], "seeds": rows,
-           "over_seeds": {c: mean_sd_se([r[c] for r in rows]) for c in columns}}
+    out = {
+        "task": first["task"],
+        "train_max_len": first["config"]["train_max_len"],
+        "seeds": rows,
+        "over_seeds": {c: mean_sd_se([r[c] for r in rows]) for c in columns},
+    }
     if "edge" in columns:
         out["edge_verdict"] = generalisation_verdict(out["over_seeds"]["edge"]["mean"])
         out["seeds_with_edge"] = sum(r["edge"] >= COMPARABLE_PTS for r in rows)
@@ -224,19 +318,49 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
 
 def seeds_markdown(summary: dict) -> str:
     """The per-seed table with mean (sd) over seeds, and the verdict over seeds."""
-    head = {"single": "Single-Attn", "looped": "Looped-Attn", "looped_oracle": "Looped-Attn, oracle T(n)", "shift": "SHIFT",
-            "shift_oracle": "SHIFT, oracle T(n)", "edge": "Looped - Single (pts)", "time_ratio": "Looped / SHIFT time", "flops_ratio": "Looped / SHIFT FLOPs"}
+    head = {
+        "single": "Single-Attn",
+        "looped": "Looped-Attn",
+        "looped_oracle": "Looped-Attn, oracle T(n)",
+        "shift": "SHIFT",
+        "shift_oracle": "SHIFT, oracle T(n)",
+        "edge": "Looped - Single (pts)",
+        "time_ratio": "Looped / SHIFT time",
+        "flops_ratio": "Looped / SHIFT FLOPs",
+    }
     cols = list(summary["over_seeds"])
     has_step, has_verdict = any("shift_step" in r for r in summary["seeds"]), "edge_verdict" in summary
-    cell = lambda c, x: "-" if x is None else f"{x:.2f}x" if c.endswith("ratio") else f"{x:+.1f}" if c == "edge" else f"{x:.1f}%"
-    names = ["seed", *(head[c] for c in cols), *(["SCP step"] if has_step else []), *(["verdict"] if has_verdict else [])]
+
+    def cell(c, x):
+        return "-" if x is None else f"{x:.2f}x" if c.endswith("ratio") else f"{x:+.1f}" if c == "edge" else f"{x:.1f}%"
+
+    names = [
+        "seed",
+        *(head[c] for c in cols),
+        *(["SCP step"] if has_step else []),
+        *(["verdict"] if has_verdict else []),
+    ]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in summary["seeds"]:
         step = [] if not has_step else ["never" if r.get("shift_step") is None else f"{r['shift_step']:,}"]
-        lines.append("| " + " | ".join([str(r["seed"]), *(cell(c, r.get(c)) for c in cols), *step, *([r["verdict"]] if has_verdict else [])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [str(r["seed"]), *(cell(c, r.get(c)) for c in cols), *step, *([r["verdict"]] if has_verdict else [])]
+            )
+            + " |"
+        )
     stat = summary["over_seeds"]
-    sd = lambda c: "" if stat[c]["sd"] is None else f" ({stat[c]['sd']:.{2 if c.endswith('ratio') else 1}f})"
-    lines.append("| mean (sd) | " + " | ".join(cell(c, stat[c]["mean"]) + sd(c) for c in cols) + " |" + " |" * (has_step + has_verdict))
+
+    def sd(c):
+        return "" if stat[c]["sd"] is None else f" ({stat[c]['sd']:.{2 if c.endswith('ratio') else 1}f})"
+
+    lines.append(
+        "| mean (sd) | "
+        + " | ".join(cell(c, stat[c]["mean"]) + sd(c) for c in cols)
+        + " |"
+        + " |" * (has_step + has_verdict)
+    )
     return "\n".join(lines)
 
 
@@ -246,29 +370,73 @@ def seeds_verdicts(summary: dict) -> list[dict]:
     if "edge_verdict" in summary:
         e = summary["over_seeds"]["edge"]
         se = "" if e["se"] is None else f" (standard error {e['se']:.1f})"
-        out.append({"claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not ({k} seeds)", "source": "Fig. 14 (c)",
-                    "ours": f"Looped-Attn minus Single-Attn past length {n}: {e['mean']:+.1f} points, mean over seeds{se}; "
-                            f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds",
-                    "paper": "near 100% vs low", "verdict": summary["edge_verdict"]})
+        out.append(
+            {
+                "claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not ({k} seeds)",
+                "source": "Fig. 14 (c)",
+                "ours": f"Looped-Attn minus Single-Attn past length {n}: {e['mean']:+.1f} points, mean over seeds{se}; "
+                f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds",
+                "paper": "near 100% vs low",
+                "verdict": summary["edge_verdict"],
+            }
+        )
     if "seeds_shift_faster" in summary:
         f = summary["seeds_shift_faster"]
         v = "reproduced" if f == k else "partly reproduced" if f else "not reproduced"
-        out.append({"claim": f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)", "source": "Fig. 11",
-                    "ours": f"faster on {f} of {k} seeds", "paper": "shorter training time", "verdict": v})
+        out.append(
+            {
+                "claim": f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)",
+                "source": "Fig. 11",
+                "ours": f"faster on {f} of {k} seeds",
+                "paper": "shorter training time",
+                "verdict": v,
+            }
+        )
     return out
 
 
 def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
-    """``out/report.html``: the table over seeds, its verdicts and Figure 14 (c) over seeds; each seed's own report is in ``seed-<k>/``."""
+    """``out/report.html``: the table over seeds, its verdicts and Figure 14 (c) over seeds; each seed's
+    own report is in ``seed-<k>/``."""
     plot_length([runs[s] for s in sorted(runs)], out / "figures" / "fig14c_length_seeds.png")
     links = ", ".join(f"[seed {s}](seed-{s}/report.html)" for s in sorted(runs))
-    md = "\n".join([
-        f"## {summary['task']} over {len(runs)} seeds", "",
-        f"Mean exact match past the training length (test lengths above {summary['train_max_len']}); looped models read by adaptive stopping, "
-        "the oracle T(n) beside it. The verdict over seeds applies the per-seed rule to the mean edge.", "",
-        seeds_markdown(summary), "", f"Each seed's own report: {links}.",
-    ])
-    section = Section("seeds", f"{summary['task']}: over seeds", md, [(out / "figures" / "fig14c_length_seeds.png", "Figure 14 (c) over seeds: mean, and the band from the lowest to the highest seed (dashed: oracle T(n))")])
+    md = "\n".join(
+        [
+            f"## {summary['task']} over {len(runs)} seeds",
+            "",
+            f"Mean exact match past the training length (test lengths above {summary['train_max_len']}); looped "
+            "models read by adaptive stopping, "
+            "the oracle T(n) beside it. The verdict over seeds applies the per-seed rule to the mean edge.",
+            "",
+            seeds_markdown(summary),
+            "",
+            f"Each seed's own report: {links}.",
+        ]
+    )
+    section = Section(
+        "seeds",
+        f"{summary['task']}: over seeds",
+        md,
+        [
+            (
+                out / "figures" / "fig14c_length_seeds.png",
+                "Figure 14 (c) over seeds: mean, and the band from the lowest to the highest seed (dashed: oracle "
+                "T(n))",
+            )
+        ],
+    )
     lead = f"Appendix E.2 on {summary['task']}, the same settings trained with {len(runs)} seeds."
-    config = yaml.safe_dump({"seeds": sorted(runs), **{k: v for k, v in runs[min(runs)]["config"].items() if k != "seed"}}, sort_keys=False)
-    atomic_write_text(out / "report.html", render_report(f"loopscape: {summary['task']}, {len(runs)} seeds", lead, seeds_verdicts(summary), [section], config, versions()))
+    config = yaml.safe_dump(
+        {"seeds": sorted(runs), **{k: v for k, v in runs[min(runs)]["config"].items() if k != "seed"}}, sort_keys=False
+    )
+    atomic_write_text(
+        out / "report.html",
+        render_report(
+            f"loopscape: {summary['task']}, {len(runs)} seeds",
+            lead,
+            seeds_verdicts(summary),
+            [section],
+            config,
+            versions(),
+        ),
+    )

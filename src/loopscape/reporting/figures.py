@@ -33,8 +33,18 @@ def plot_ic_distribution(task: MarkovTask, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     bins = np.linspace(ic.min(), ic.max(), 30)
     mid = ~(task.low | task.high)
-    groups = [(task.low, "low IC (lowest 40%)", "tab:green"), (mid, "middle 20%", "grey"), (task.high, "high IC (highest 40%)", "tab:red")]
-    ax.hist([ic[m.numpy()] for m, _, _ in groups], bins=bins, stacked=True, color=[c for *_, c in groups], label=[l for _, l, _ in groups])
+    groups = [
+        (task.low, "low IC (lowest 40%)", "tab:green"),
+        (mid, "middle 20%", "grey"),
+        (task.high, "high IC (highest 40%)", "tab:red"),
+    ]
+    ax.hist(
+        [ic[m.numpy()] for m, _, _ in groups],
+        bins=bins,
+        stacked=True,
+        color=[c for *_, c in groups],
+        label=[label for _, label, _ in groups],
+    )
     ax.set_xlabel("information content IC(X) = -log2 P(X)  [bits]")
     ax.set_ylabel("training sequences")
     ax.set_title(f"Training set: N = {len(ic)}, max IC = {ic.max():.2f} bits")
@@ -42,7 +52,9 @@ def plot_ic_distribution(task: MarkovTask, path: str | Path) -> None:
     save_figure(fig, Path(path))
 
 
-def plot_accuracy_curves(metrics: dict[str, dict[str, np.ndarray]], path: str | Path, ceiling: dict | None = None) -> None:
+def plot_accuracy_curves(
+    metrics: dict[str, dict[str, np.ndarray]], path: str | Path, ceiling: dict | None = None
+) -> None:
     """Figure 3b: training accuracy on low / high / all IC per epoch, mean and min-max band over seeds."""
     names = list(metrics)
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), sharey=True)

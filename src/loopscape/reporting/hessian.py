@@ -26,12 +26,16 @@ from loopscape.reporting.figures import LABELS, PHASE_EPOCH, plt, save_figure
 SNAPSHOTS = {"single_attn": [10, 50, 100, 150], "looped_attn": [1, 50, 60, 150, 170, 400]}
 OBS2_RULE = (
     "c = 0.1 log(n_bins). Single-Attn static: range of E over epochs >= 10 <= c. Looped-Attn collapse: min E over "
-    f"epochs 1..{PHASE_EPOCH} <= E(1) - c; diversification: E rises >= c above that minimum later; stabilisation: range of E over the "
-    "last 100 epochs <= c. Reproduced if all four hold; partly if Single-Attn is static or Looped-Attn shows >= 2 phases."
+    f"epochs 1..{PHASE_EPOCH} <= E(1) - c; diversification: E rises >= c above that minimum later; stabilisation: "
+    "range of E over the "
+    "last 100 epochs <= c. Reproduced if all four hold; partly if Single-Attn is static or Looped-Attn shows >= 2 "
+    "phases."
 )
 
 
-def trajectories(spectra: dict[str, list[tuple[np.ndarray, np.ndarray]]], n_bins: int) -> dict[str, dict[str, np.ndarray]]:
+def trajectories(
+    spectra: dict[str, list[tuple[np.ndarray, np.ndarray]]], n_bins: int
+) -> dict[str, dict[str, np.ndarray]]:
     """Per model: epochs and ME / MI curves averaged over tracked seeds."""
     out = {}
     for model, runs in spectra.items():
@@ -43,9 +47,9 @@ def trajectories(spectra: dict[str, list[tuple[np.ndarray, np.ndarray]]], n_bins
 
 def observation2_verdict(traj: dict[str, dict[str, np.ndarray]], n_bins: int) -> dict:
     c = 0.1 * np.log(n_bins)
-    s, l = traj["single_attn"], traj["looped_attn"]
-    es, el = s["entropy"], l["entropy"]
-    ep_s, ep_l = s["epochs"], l["epochs"]
+    s, lp = traj["single_attn"], traj["looped_attn"]
+    es, el = s["entropy"], lp["entropy"]
+    ep_s, ep_l = s["epochs"], lp["epochs"]
     c = float(c)
     static = bool(float(np.ptp(es[ep_s >= 10])) <= c) if (ep_s >= 10).any() else False
     early = (ep_l >= 1) & (ep_l <= PHASE_EPOCH)
@@ -81,7 +85,8 @@ def verdict_rows(observation2: dict, landscape: dict) -> list[dict]:
         {
             "claim": "Observation 2: Single-Attn's Hessian static; Looped-Attn's collapses, diversifies, stabilises",
             "source": "Section 4.1",
-            "ours": f"collapse {observation2['looped_collapse']}, diversification {observation2['looped_diversification']}",
+            "ours": f"collapse {observation2['looped_collapse']}, "
+            f"diversification {observation2['looped_diversification']}",
             "paper": "Figures 3c, 3d",
             "verdict": observation2["verdict"],
         }
@@ -161,14 +166,16 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
     lines = [
         "## Hessian-level dynamics (Observation 2, Assumption 1)",
         "",
-        f"Exact spectra of the training-loss Hessian (float64) every tracked epoch; Matrix Entropy and Mutual Information "
+        "Exact spectra of the training-loss Hessian (float64) every tracked epoch; Matrix Entropy and Mutual "
+        "Information "
         f"on {n_bins} equal |lambda| bins shared by consecutive epochs (histogram variant; docs/markov.md).",
         "",
         f"### Verdict on Observation 2: **{verdict['verdict']}**",
         "",
         f"Rule: {verdict['rule']}",
         "",
-        f"Single-Attn static: {verdict['single_static']} (entropy range after epoch 10: {_num(verdict['single_entropy_range_after_10'])}, c = {verdict['c']:.3f}); "
+        f"Single-Attn static: {verdict['single_static']} (entropy range after epoch 10: "
+        f"{_num(verdict['single_entropy_range_after_10'])}, c = {verdict['c']:.3f}); "
         f"Looped-Attn collapse: {verdict['looped_collapse']} (minimum at epoch {verdict['looped_entropy_min_epoch']}), "
         f"diversification: {verdict['looped_diversification']}, stabilisation: {verdict['looped_stabilisation']}.",
         "",
@@ -178,14 +185,17 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
     for model, per in land["valley"].items():
         for e, d in per.items():
             lines.append(
-                f"| {LABELS[model]} | {e} | {d['n_river']} | {d['d_valley']} | {d['kappa']:.3g} | {d['shape']} | {d['m_tau']} | {d['spectral_force']:.3g} |"
+                f"| {LABELS[model]} | {e} | {d['n_river']} | {d['d_valley']} | {d['kappa']:.3g} | {d['shape']} | "
+                f"{d['m_tau']} | {d['spectral_force']:.3g} |"
             )
     force = land.get("cumulative_force", {})
     if any(m in force for m in LABELS):
         lines += [
             "",
-            f"Theorem 1's cumulative force C = sqrt(d_V) h_bar alpha_bar sum 1/|lambda_i|, measured: river/valley basis fixed at epoch "
-            f"{force['reference_epoch']}, h_bar = largest ||R^T H_t V|| at every 50th epoch after it, alpha_bar = ||V^T (theta_ref - theta_final)||.",
+            "Theorem 1's cumulative force C = sqrt(d_V) h_bar alpha_bar sum 1/|lambda_i|, measured: river/valley "
+            "basis fixed at epoch "
+            f"{force['reference_epoch']}, h_bar = largest ||R^T H_t V|| at every 50th epoch after it, alpha_bar = "
+            "||V^T (theta_ref - theta_final)||.",
             "",
             "| model | d_V | h_bar | alpha_bar | sum 1/lambda | C |",
             "|---|---|---|---|---|---|",
@@ -193,7 +203,10 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
         for m in LABELS:
             f = force.get(m)
             if f and f["C"] is not None:
-                lines.append(f"| {LABELS[m]} | {f['d_valley']} | {f['h_bar']:.3g} | {f['alpha_bar']:.3g} | {f['sum_inv_lambda']:.3g} | {f['C']:.3g} |")
+                lines.append(
+                    f"| {LABELS[m]} | {f['d_valley']} | {f['h_bar']:.3g} | {f['alpha_bar']:.3g} | "
+                    f"{f['sum_inv_lambda']:.3g} | {f['C']:.3g} |"
+                )
         if all(force.get(m) and force[m]["C"] for m in LABELS):
             ratio = force["looped_attn"]["C"] / force["single_attn"]["C"]
             status = "holds" if ratio >= 10 else "direction only" if ratio > 1 else "fails"
@@ -201,8 +214,15 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
                 f"\nCorollary 1 (C of Looped-Attn >> C of Single-Attn): ratio {ratio:.3g}: **{status}** "
                 "(rule: holds at >= 10x, 'direction only' between 1x and 10x, fails below 1x)."
             )
-    lines += ["", "| epoch | m_single | m_looped | (a) m_looped > m_single | (b) dominance | Assumption 1 |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| epoch | m_single | m_looped | (a) m_looped > m_single | (b) dominance | Assumption 1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for e, a in land["assumption1"].items():
-        lines.append(f"| {e} | {a['m_single']} | {a['m_looped']} | {a['dimension']} | {a['dominance']} | {'holds' if a['holds'] else 'fails'} |")
+        lines.append(
+            f"| {e} | {a['m_single']} | {a['m_looped']} | {a['dimension']} | {a['dominance']} | "
+            f"{'holds' if a['holds'] else 'fails'} |"
+        )
     lines.append("")
     return "\n".join(lines)

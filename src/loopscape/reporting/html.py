@@ -23,7 +23,8 @@ code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; backg
 pre { padding: 10px 12px; overflow-x: auto; border-radius: 6px; }
 figure { margin: 16px 0; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
 figcaption { font-size: 13px; color: #57606a; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; white-space: nowrap; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600;
+         white-space: nowrap; }
 .reproduced { background: #dafbe1; color: #116329; } .partly { background: #fff8c5; color: #7d4e00; }
 .not { background: #ffebe9; color: #a40e26; } .info { background: #ddf4ff; color: #0550ae; }
 nav a { margin-right: 14px; } .lead { color: #57606a; }
@@ -53,16 +54,29 @@ class StudyReport:
 
 
 def badge(verdict: str) -> str:
-    cls = "reproduced" if verdict in ("reproduced", "holds") else "partly" if verdict.startswith(("partly", "direction")) else "not" if verdict.startswith(("not", "fails")) else "info"
+    cls = (
+        "reproduced"
+        if verdict in ("reproduced", "holds")
+        else "partly"
+        if verdict.startswith(("partly", "direction"))
+        else "not"
+        if verdict.startswith(("not", "fails"))
+        else "info"
+    )
     return f'<span class="badge {cls}">{html.escape(verdict)}</span>'
 
 
 def _figure(path: Path, caption: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
-def render_report(title: str, lead: str, verdicts: list[dict], sections: list[Section], config_yaml: str, versions: dict[str, str]) -> str:
+def render_report(
+    title: str, lead: str, verdicts: list[dict], sections: list[Section], config_yaml: str, versions: dict[str, str]
+) -> str:
     """``verdicts``: rows with ``claim``, ``source``, ``ours``, ``paper``, ``verdict``."""
     md = MarkdownIt("commonmark").enable("table")
     rows = "".join(
@@ -76,7 +90,8 @@ def render_report(title: str, lead: str, verdicts: list[dict], sections: list[Se
         f'<p class="lead">{html.escape(lead)}</p>',
         f"<nav>{nav}<a href='#config'>Configuration</a></nav>",
         "<h2>Verdicts</h2>",
-        f"<table><tr><th>claim</th><th>paper</th><th>ours</th><th>paper's number</th><th>verdict</th></tr>{rows}</table>",
+        "<table><tr><th>claim</th><th>paper</th><th>ours</th><th>paper's "
+        f"number</th><th>verdict</th></tr>{rows}</table>",
     ]
     for s in sections:
         body.append(f'<section id="{s.anchor}">')
@@ -89,7 +104,11 @@ def render_report(title: str, lead: str, verdicts: list[dict], sections: list[Se
         f"<pre>{html.escape(config_yaml)}</pre>",
         f"<table>{vers}</table>",
     ]
-    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{"".join(body)}</body></html>'
+    head = (
+        '<meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style>"
+    )
+    return f'<!doctype html><html lang="en"><head>{head}</head><body>{"".join(body)}</body></html>'
 
 
 def versions() -> dict[str, str]:

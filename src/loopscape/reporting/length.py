@@ -53,7 +53,9 @@ def plot_length(length: dict, path: Path) -> None:
         sd = np.array([length[str(L)][name]["all"]["std"] for L in Ls])
         ax.errorbar(Ls, m, yerr=sd, marker="o", capsize=3, color=color, label=NAMES[name])
     ax.plot(Ls, [100 * length[str(L)]["bayes_all"] for L in Ls], "k:", label="Bayes-optimal")
-    ax.set(xlabel="sequence length L (4 = training)", ylabel="total accuracy (%)", title="Length generalisation", xticks=Ls)
+    ax.set(
+        xlabel="sequence length L (4 = training)", ylabel="total accuracy (%)", title="Length generalisation", xticks=Ls
+    )
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -62,11 +64,14 @@ def length_markdown(length: dict, train_length: int, verdict: dict) -> str:
     lines = [
         "# Length generalisation (Section 4.4, Appendix E.1.3, Figure 9, Table 1)",
         "",
-        "Test sets: 5000 tilted draws (alpha = 2) per length, transitions applied cyclically; 'simple' = IC at most the largest training IC. "
-        "Positions past the training input length reuse the position codes cyclically (period 3, the transitions' period). "
+        "Test sets: 5000 tilted draws (alpha = 2) per length, transitions applied cyclically; 'simple' = IC at "
+        "most the largest training IC. "
+        "Positions past the training input length reuse the position codes cyclically (period 3, the transitions' "
+        "period). "
         "The paper's Table 1 prints L = 18 where its text says 17; we follow the text.",
         "",
-        "| L | simple share (ours / paper) | Single-Attn simple (ours / paper) | Looped-Attn simple (ours / paper) | SHIFT simple | Single-Attn all | Looped-Attn all | SHIFT all | Bayes-optimal all |",
+        "| L | simple share (ours / paper) | Single-Attn simple (ours / paper) | Looped-Attn simple (ours / paper) "
+        "| SHIFT simple | Single-Attn all | Looped-Attn all | SHIFT all | Bayes-optimal all |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for L in sorted(length, key=int):
@@ -79,10 +84,21 @@ def length_markdown(length: dict, train_length: int, verdict: dict) -> str:
         cells += [_ms(row[n]["all"]) if n in row else "" for n in ("single_attn", "looped_attn", "shift")]
         cells.append(f"{100 * row['bayes_all']:.2f}")
         lines.append(f"| {L}{' (training)' if int(L) == train_length else ''} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Verdict on length generalisation (Looped-Attn above Single-Attn, total accuracy): **{verdict['verdict']}**", ""]
+    lines += [
+        "",
+        "## Verdict on length generalisation (Looped-Attn above Single-Attn, total accuracy): "
+        f"**{verdict['verdict']}**",
+        "",
+    ]
     for L, w in verdict["per_length"].items():
-        lines.append(f"- L = {L}: Looped-Attn minus Single-Attn {w['diff_pts']:+.2f} pts (standard error {w['se_pts']:.2f})")
-    lines += ["", "Rule: reproduced if the difference exceeds its standard error at every test length; partly if at some.", ""]
+        lines.append(
+            f"- L = {L}: Looped-Attn minus Single-Attn {w['diff_pts']:+.2f} pts (standard error {w['se_pts']:.2f})"
+        )
+    lines += [
+        "",
+        "Rule: reproduced if the difference exceeds its standard error at every test length; partly if at some.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -31,7 +31,9 @@ PAPER_SCP = {"shift_range": [100, 150], "speedup": 1.26}
 
 
 def fixed_epochs(res: dict, optimizer: str) -> list[int]:
-    return sorted(int(k.split("/")[0]) for k in res["policies"] if k.endswith("/" + optimizer) and k.split("/")[0].isdigit())
+    return sorted(
+        int(k.split("/")[0]) for k in res["policies"] if k.endswith("/" + optimizer) and k.split("/")[0].isdigit()
+    )
 
 
 def scp_epochs(res: dict, optimizer: str) -> list[int | None]:
@@ -70,7 +72,12 @@ def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
         v = "partly reproduced"
     else:
         v = "not reproduced"
-    return {"verdict": v, "wall_speedup_total": speed, "wall_speedup_to_target": entry["wall_s_speedup_to_target"]["mean"], "acc_all_minus_looped_pts": loss}
+    return {
+        "verdict": v,
+        "wall_speedup_total": speed,
+        "wall_speedup_to_target": entry["wall_s_speedup_to_target"]["mean"],
+        "acc_all_minus_looped_pts": loss,
+    }
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -97,7 +104,12 @@ def plot_shift_points(res: dict, optimizer: str, path: Path) -> None:
             ax.plot([scp_x], [scp[key]["mean"]], "*", ms=14, color=line.get_color(), mec="k")
     ax.axhline(1, color="grey", lw=0.8)
     ax.axhline(PAPER_SCP["speedup"], color="grey", ls=":", lw=1, label="paper: 1.26x")
-    ax.set(xlabel="shift epoch (0 = Looped-Attn)", ylabel="speed-up vs Looped-Attn", yscale="log", title="SHIFT speed-up (stars: SCP)")
+    ax.set(
+        xlabel="shift epoch (0 = Looped-Attn)",
+        ylabel="speed-up vs Looped-Attn",
+        yscale="log",
+        title="SHIFT speed-up (stars: SCP)",
+    )
     ax.legend(fontsize=7)
     ax = axes[1]
     for g, color in (("acc_all", "tab:blue"), ("acc_low", "tab:green"), ("acc_high", "tab:red")):
@@ -118,8 +130,15 @@ def plot_compute_curves(res: dict, optimizer: str, path: Path) -> None:
     acc = np.array(res["curves"]["acc_all"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     fixed = fixed_epochs(res, optimizer)
-    shown = [("0", "Looped-Attn", "k")] + [("scp", "SHIFT (SCP)", "tab:orange")] + [(str(fixed[-1]), f"SHIFT @ {fixed[-1]}", "tab:purple")]
-    for ax, clock, label in ((axes[0], "wall_s", "cumulative training wall time (s)"), (axes[1], "flops", "cumulative training FLOPs")):
+    shown = (
+        [("0", "Looped-Attn", "k")]
+        + [("scp", "SHIFT (SCP)", "tab:orange")]
+        + [(str(fixed[-1]), f"SHIFT @ {fixed[-1]}", "tab:purple")]
+    )
+    for ax, clock, label in (
+        (axes[0], "wall_s", "cumulative training wall time (s)"),
+        (axes[1], "flops", "cumulative training FLOPs"),
+    ):
         cum = np.array(res["cumulative"][clock])
         for policy, name, color in shown:
             idx = [i for i, m in enumerate(members) if m["policy"] == policy and m["optimizer"] == optimizer]
@@ -143,20 +162,29 @@ def shift_markdown(res: dict, shift_cfg) -> tuple[str, dict]:
     lines = [
         "# SHIFT (Section 5, Figure 4)",
         "",
-        f"Target: Looped-Attn's mean final training accuracy minus {tol_pts:.1f} pts = {100 * res['target_acc_all']:.2f}%. "
-        f"One epoch costs {res['epoch_flops']['1']:,} FLOPs as Single-Attn and {res['epoch_flops'][max(res['epoch_flops'], key=int)]:,} as Looped-Attn (analytic, training forward + backward); "
-        f"measured {1e3 * res['epoch_wall_s']['1']:.1f} ms and {1e3 * res['epoch_wall_s'][max(res['epoch_wall_s'], key=int)]:.1f} ms (median training time per epoch, 1 thread). "
-        "Speed-ups are Looped-Attn's cost over SHIFT's, per seed against the Looped-Attn run of the same seed, mean ± std.",
+        f"Target: Looped-Attn's mean final training accuracy minus {tol_pts:.1f} pts = "
+        f"{100 * res['target_acc_all']:.2f}%. "
+        f"One epoch costs {res['epoch_flops']['1']:,} FLOPs as Single-Attn and "
+        f"{res['epoch_flops'][max(res['epoch_flops'], key=int)]:,} as Looped-Attn (analytic, training forward + "
+        "backward); "
+        f"measured {1e3 * res['epoch_wall_s']['1']:.1f} ms and "
+        f"{1e3 * res['epoch_wall_s'][max(res['epoch_wall_s'], key=int)]:.1f} ms (median training time per epoch, 1 "
+        "thread). "
+        "Speed-ups are Looped-Attn's cost over SHIFT's, per seed against the Looped-Attn run of the same seed, "
+        "mean ± std.",
         "",
-        "| policy | shift epochs | wall speed-up to target | wall speed-up, all epochs | FLOPs speed-up to target | final acc all (%) | high IC (%) | all minus Looped (pts) |",
+        "| policy | shift epochs | wall speed-up to target | wall speed-up, all epochs | FLOPs speed-up to target "
+        "| final acc all (%) | high IC (%) | all minus Looped (pts) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, e in res["policies"].items():
         if not key.endswith("/" + opt):
             continue
         lines.append(
-            f"| {key.split('/')[0]} | {e['shift_epochs']} | {_ms(e['wall_s_speedup_to_target'])} (reached {e['wall_s_speedup_to_target']['reached']}) | "
-            f"{_ms(e['wall_s_speedup_total'])} | {_ms(e['flops_speedup_to_target'])} | {_ms(e['acc_all'])} | {_ms(e['acc_high'])} | {_ms(e['acc_all_minus_looped'])} |"
+            f"| {key.split('/')[0]} | {e['shift_epochs']} | {_ms(e['wall_s_speedup_to_target'])} (reached "
+            f"{e['wall_s_speedup_to_target']['reached']}) | "
+            f"{_ms(e['wall_s_speedup_total'])} | {_ms(e['flops_speedup_to_target'])} | {_ms(e['acc_all'])} | "
+            f"{_ms(e['acc_high'])} | {_ms(e['acc_all_minus_looped'])} |"
         )
     other = shift_cfg.other_optimizer
     lines += [
@@ -168,28 +196,40 @@ def shift_markdown(res: dict, shift_cfg) -> tuple[str, dict]:
     ]
     for p in shift_cfg.compare_optimizer:
         k, r = res["policies"][f"{p}/keep"], res["policies"][f"{p}/reset"]
-        lines.append(f"| {p} | {_ms(k['acc_all'])} | {_ms(r['acc_all'])} | {_ms(k['acc_high'])} | {_ms(r['acc_high'])} |")
+        lines.append(
+            f"| {p} | {_ms(k['acc_all'])} | {_ms(r['acc_all'])} | {_ms(k['acc_high'])} | {_ms(r['acc_high'])} |"
+        )
     checks = res["checks"]
-    lines += ["", f"Check: the population trainer's Looped-Attn (shift 0) against the Markov study's Looped-Attn runs, same seeds: max |difference| in accuracy {checks['population_vs_single_model_trainer_max_abs_diff_acc_all']:.2g}."]
+    lines += [
+        "",
+        "Check: the population trainer's Looped-Attn (shift 0) against the Markov study's Looped-Attn runs, same "
+        "seeds: max |difference| in accuracy "
+        f"{checks['population_vs_single_model_trainer_max_abs_diff_acc_all']:.2g}.",
+    ]
     if "measured_scp_run" in checks:
         m = checks["measured_scp_run"]
         lines.append(
-            f"Check: one SCP SHIFT run trained end to end (seed {m['seed']}, shift at {m['shift_epoch']}): measured {m['measured_wall_s']:.1f} s of training, "
+            f"Check: one SCP SHIFT run trained end to end (seed {m['seed']}, shift at {m['shift_epoch']}): measured "
+            f"{m['measured_wall_s']:.1f} s of training, "
             f"the accounting predicts {m['predicted_wall_s']:.1f} s."
         )
     lines += [
         "",
         f"## Verdict on SCP's shift point: **{scp_v['verdict']}**",
         "",
-        f"SCP (P = {shift_cfg.scp.patience}, delta_1 = {shift_cfg.scp.min_delta}, W = {shift_cfg.scp.wait}, delta_2 = {shift_cfg.scp.grad_tol} (coefficient of variation), "
-        f"max wait {shift_cfg.scp.max_wait}) shifted at epochs {scp_v['epochs']} (median {_f(scp_v['median'], 0)}); paper: 100-150. "
+        f"SCP (P = {shift_cfg.scp.patience}, delta_1 = {shift_cfg.scp.min_delta}, W = {shift_cfg.scp.wait}, delta_2 "
+        f"= {shift_cfg.scp.grad_tol} (coefficient of variation), "
+        f"max wait {shift_cfg.scp.max_wait}) shifted at epochs {scp_v['epochs']} (median {_f(scp_v['median'], 0)}); "
+        "paper: 100-150. "
         "Rule: reproduced if the median is in [100, 150]; partly within 50 epochs of it.",
         "",
         f"## Verdict on SHIFT's speed-up at no loss: **{speed_v['verdict']}**",
         "",
-        f"SCP's mean wall-clock speed-up over the whole run {_f(speed_v['wall_speedup_total'])}x (paper: about 1.26x; to the target {_f(speed_v['wall_speedup_to_target'])}x); "
+        f"SCP's mean wall-clock speed-up over the whole run {_f(speed_v['wall_speedup_total'])}x (paper: about "
+        f"1.26x; to the target {_f(speed_v['wall_speedup_to_target'])}x); "
         f"final accuracy {_f(speed_v['acc_all_minus_looped_pts'])} pts against Looped-Attn (tolerance {tol_pts:.1f}). "
-        "Rule: reproduced if the whole-run speed-up >= 1.1 and no loss beyond the tolerance; partly if one holds with a speed-up > 1 "
+        "Rule: reproduced if the whole-run speed-up >= 1.1 and no loss beyond the tolerance; partly if one holds "
+        "with a speed-up > 1 "
         "(the speed-up to the target is not the measure: both models reach the target before any shift).",
         "",
     ]
@@ -201,11 +241,18 @@ def verdict_rows(verdicts: dict) -> list[dict]:
     point, speed = verdicts["scp_shift_point"], verdicts["shift_speedup"]
     lo, hi = PAPER_SCP["shift_range"]
     return [
-        {"claim": f"SCP shifts at {lo}-{hi} epochs", "source": "Section 5", "ours": f"median {point['median']}",
-         "paper": f"{lo}-{hi}", "verdict": point["verdict"]},
-        {"claim": "SHIFT reaches Looped-Attn's accuracy faster, at no loss", "source": "Section 5, Figure 4",
-         "ours": f"{_f(speed['wall_speedup_total'])}x wall time, {_f(speed['acc_all_minus_looped_pts'])} pts",
-         "paper": f"about {PAPER_SCP['speedup']}x, no loss", "verdict": speed["verdict"]},
+        {
+            "claim": f"SCP shifts at {lo}-{hi} epochs",
+            "source": "Section 5",
+            "ours": f"median {point['median']}",
+            "paper": f"{lo}-{hi}",
+            "verdict": point["verdict"],
+        },
+        {
+            "claim": "SHIFT reaches Looped-Attn's accuracy faster, at no loss",
+            "source": "Section 5, Figure 4",
+            "ours": f"{_f(speed['wall_speedup_total'])}x wall time, {_f(speed['acc_all_minus_looped_pts'])} pts",
+            "paper": f"about {PAPER_SCP['speedup']}x, no loss",
+            "verdict": speed["verdict"],
+        },
     ]
-
-

@@ -54,7 +54,11 @@ def observation1_verdict(metrics: dict[str, dict[str, np.ndarray]]) -> dict:
     share = float((delta > 0).mean())
     if delta.mean() >= MIN_GAIN and gain["looped_attn"].mean() >= MIN_GAIN and share >= MIN_SHARE:
         verdict = "reproduced"
-    elif delta.mean() > 0 and share >= 0.5 and (len(delta) == 1 or delta.mean() > delta.std(ddof=1) / np.sqrt(len(delta))):
+    elif (
+        delta.mean() > 0
+        and share >= 0.5
+        and (len(delta) == 1 or delta.mean() > delta.std(ddof=1) / np.sqrt(len(delta)))
+    ):
         verdict = "partly reproduced"
     else:
         verdict = "not reproduced"
@@ -73,7 +77,8 @@ def observation1_verdict(metrics: dict[str, dict[str, np.ndarray]]) -> dict:
 def observation1_row(verdict: dict) -> dict:
     """Observation 1's row of a report's verdict table."""
     return {
-        "claim": f"Observation 1: Looped-Attn keeps learning high-IC sequences after epoch {PHASE_EPOCH}, Single-Attn stalls",
+        "claim": f"Observation 1: Looped-Attn keeps learning high-IC sequences after epoch {PHASE_EPOCH}, "
+        "Single-Attn stalls",
         "source": "Section 4.1",
         "ours": f"delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts",
         "paper": f"+{PAPER_DELTA_PTS} pts",
@@ -104,9 +109,11 @@ def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg)
         "# Sample-level study (Section 4.1, Observation 1)",
         "",
         f"Markov language: V = {cfg.data.vocab_size}, L = {cfg.data.length}, N = {cfg.data.n_train}, "
-        f"alpha = {cfg.data.alpha}, data seed {cfg.data.seed}; max training IC {data['ic_max']:.2f} bits (paper: 14.57). "
+        f"alpha = {cfg.data.alpha}, data seed {cfg.data.seed}; max training IC {data['ic_max']:.2f} bits (paper: "
+        "14.57). "
         f"Model: embedding `{cfg.model.embedding}`, d = {cfg.build_model(1).config.d}, "
-        f"init scale {cfg.model.init_scale}, T = {cfg.model.n_loops}. Adam lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
+        f"init scale {cfg.model.init_scale}, T = {cfg.model.n_loops}. Adam lr {cfg.train.lr}, batch "
+        f"{cfg.train.batch_size}, "
         f"{epochs} epochs; seeds {cfg.seeds} (mean ± std over seeds; W(e) = mean over epochs e-9..e).",
         "",
         "| model | metric | ours | paper |",
@@ -129,12 +136,15 @@ def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg)
         "| seed | gain Single-Attn (pts) | gain Looped-Attn (pts) | delta (pts) |",
         "|---|---|---|---|",
     ]
-    for s, gs, gl, d in zip(cfg.seeds, verdict["gain_pts"]["single_attn"], verdict["gain_pts"]["looped_attn"], verdict["delta_pts"]):
+    for s, gs, gl, d in zip(
+        cfg.seeds, verdict["gain_pts"]["single_attn"], verdict["gain_pts"]["looped_attn"], verdict["delta_pts"]
+    ):
         lines.append(f"| {s} | {gs:+.2f} | {gl:+.2f} | {d:+.2f} |")
     lines += [
         "",
         f"Mean delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts; "
-        f"delta > 0 on {verdict['share_delta_positive']:.0%} of seeds. Paper: Looped-Attn +{PAPER_DELTA_PTS} pts (44.65% -> 54.72%), Single-Attn stalls. "
+        f"delta > 0 on {verdict['share_delta_positive']:.0%} of seeds. Paper: Looped-Attn +{PAPER_DELTA_PTS} pts "
+        "(44.65% -> 54.72%), Single-Attn stalls. "
         f"Sources: {PAPER_SOURCE}.",
         "",
     ]

@@ -88,7 +88,8 @@ def _bound_lines(r: dict) -> list[str]:
     lines = [
         f"### {r['theorem']}",
         "",
-        f"{r['instances']} random instances; {r['meeting_assumptions']} meet the theorem's assumptions and the bound held on "
+        f"{r['instances']} random instances; {r['meeting_assumptions']} meet the theorem's assumptions and the "
+        "bound held on "
         f"{r['held']} ({held}); measured/bound median {r['tightness_median']:.3g}, max {r['tightness_max']:.3g}. "
         f"{r['outside_assumptions']['n']} instances break the assumptions (not counted); the bound held anyway on "
         f"{r['outside_assumptions']['held_anyway']} of them.",
@@ -100,16 +101,27 @@ def _bound_lines(r: dict) -> list[str]:
 
 def _comparison_lines(cor: dict, title: str) -> list[str]:
     lines = [
-        f"### {title}: U valley vs V valleys, same d_V, coupling, drive and start; eta = 1 / lambda_max; the proofs' dynamics",
+        f"### {title}: U valley vs V valleys, same d_V, coupling, drive and start; eta = 1 / lambda_max; the "
+        "proofs' dynamics",
         "",
         "| valley | kappa | C | max ‖C_K‖ measured | final river progress | final loss |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in cor["runs"].items():
-        lines.append(f"| {name} | {r['kappa']:.3g} | {r['C']:.4g} | {r['measured_force']:.4g} | {r['river_progress'][-1]:.4g} | {r['loss'][-1]:.4g} |")
-    lines += ["", "| V valley | C_V / C_U | force_V / force_U | lower final loss than U | more river progress than U |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {r['kappa']:.3g} | {r['C']:.4g} | {r['measured_force']:.4g} | "
+            f"{r['river_progress'][-1]:.4g} | {r['loss'][-1]:.4g} |"
+        )
+    lines += [
+        "",
+        "| V valley | C_V / C_U | force_V / force_U | lower final loss than U | more river progress than U |",
+        "|---|---|---|---|---|",
+    ]
     for name, c in cor["checks"].items():
-        lines.append(f"| {name} | {c['C_ratio_to_U']:.3g} | {c['force_ratio_to_U']:.3g} | {c['final_loss_below_U']} | {c['river_progress_beyond_U']} |")
+        lines.append(
+            f"| {name} | {c['C_ratio_to_U']:.3g} | {c['force_ratio_to_U']:.3g} | {c['final_loss_below_U']} | "
+            f"{c['river_progress_beyond_U']} |"
+        )
     return lines + [""]
 
 
@@ -128,7 +140,8 @@ def theory_markdown(results: dict, cfg, title: str = TITLE) -> str:
         lines += _comparison_lines(results[key], title)
     lines += ["", "### Theorem 3 (gradient alignment, Single-Attn vs Looped-Attn T = 3, default Markov data)", ""]
     lines += [
-        "Theorem 3 assumes (Assumption 4) diagonally dominant W_K, W_Q, W_V with non-negative diagonals; points that do "
+        "Theorem 3 assumes (Assumption 4) diagonally dominant W_K, W_Q, W_V with non-negative diagonals; points "
+        "that do "
         "not meet it (read as ||W - diag W||_2 <= 0.5 ||diag W||_2) are outside the theorem and shown for information.",
         "",
         "| where / parameter | n | meeting Assumption 4 | fraction <grad_1, grad_2> >= 0 | cosine min / median / max |",
@@ -141,7 +154,8 @@ def theory_markdown(results: dict, cfg, title: str = TITLE) -> str:
         )
     lines += [
         "",
-        f"Seeds {cfg.alignment_seeds}; trajectory: Single-Attn trained {cfg.alignment_epochs} epochs, measured every {cfg.alignment_every}.",
+        f"Seeds {cfg.alignment_seeds}; trajectory: Single-Attn trained {cfg.alignment_epochs} epochs, measured "
+        f"every {cfg.alignment_every}.",
         "",
     ]
     return "\n".join(lines)
@@ -153,24 +167,38 @@ def verdict_rows(results: dict) -> list[dict]:
     for key in ("Theorem 1", "Theorem 2"):
         r = results[key]
         ok = r["meeting_assumptions"] > 0 and r["held"] == r["meeting_assumptions"]
-        rows.append({
-            "claim": f"{key}: cumulative force bounded by C", "source": "Section 4.3",
-            "ours": f"held on {r['held']}/{r['meeting_assumptions']} instances meeting its assumptions",
-            "paper": "proof", "verdict": "reproduced" if ok else "not reproduced",
-        })
+        rows.append(
+            {
+                "claim": f"{key}: cumulative force bounded by C",
+                "source": "Section 4.3",
+                "ours": f"held on {r['held']}/{r['meeting_assumptions']} instances meeting its assumptions",
+                "paper": "proof",
+                "verdict": "reproduced" if ok else "not reproduced",
+            }
+        )
     checks = results["Corollaries 1-2"]["checks"]
     ratios = [c["C_ratio_to_U"] for c in checks.values()]
-    ok = all(r > 1 for r in ratios) and all(c["final_loss_below_U"] and c["river_progress_beyond_U"] for c in checks.values())
-    rows.append({
-        "claim": "Corollaries 1-2: V valleys beat the U valley (force, river progress, loss)", "source": "Section 4.3",
-        "ours": "C_V/C_U = " + " / ".join(f"{r:.3g}" for r in ratios), "paper": "C_V >> C_U",
-        "verdict": "reproduced" if ok else "not reproduced",
-    })
+    ok = all(r > 1 for r in ratios) and all(
+        c["final_loss_below_U"] and c["river_progress_beyond_U"] for c in checks.values()
+    )
+    rows.append(
+        {
+            "claim": "Corollaries 1-2: V valleys beat the U valley (force, river progress, loss)",
+            "source": "Section 4.3",
+            "ours": "C_V/C_U = " + " / ".join(f"{r:.3g}" for r in ratios),
+            "paper": "C_V >> C_U",
+            "verdict": "reproduced" if ok else "not reproduced",
+        }
+    )
     a4 = [v for k, v in results["Theorem 3"]["summary"].items() if k.startswith("assumption-4")]
     frac = min(v["fraction_nonnegative"] for v in a4) if a4 else None
-    rows.append({
-        "claim": "Theorem 3: gradients of Single-Attn and Looped-Attn aligned (W_K, W_Q)", "source": "Section 5",
-        "ours": f"non-negative at {frac:.0%} of Assumption-4 points" if frac is not None else "n/a", "paper": "proof",
-        "verdict": "reproduced" if frac == 1.0 else "not reproduced",
-    })
+    rows.append(
+        {
+            "claim": "Theorem 3: gradients of Single-Attn and Looped-Attn aligned (W_K, W_Q)",
+            "source": "Section 5",
+            "ours": f"non-negative at {frac:.0%} of Assumption-4 points" if frac is not None else "n/a",
+            "paper": "proof",
+            "verdict": "reproduced" if frac == 1.0 else "not reproduced",
+        }
+    )
     return rows

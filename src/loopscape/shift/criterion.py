@@ -74,7 +74,9 @@ class ShiftCriterion:
     def update(self, val_loss: float, grad_norm: float) -> bool:
         """Feed one evaluation; returns True at the evaluation where SCP says "shift" (once)."""
         if not (math.isfinite(val_loss) and math.isfinite(grad_norm)):
-            raise ValueError(f"SCP got a non-finite evaluation (val_loss={val_loss}, grad_norm={grad_norm}); refusing to decide")
+            raise ValueError(
+                f"SCP got a non-finite evaluation (val_loss={val_loss}, grad_norm={grad_norm}); refusing to decide"
+            )
         if self.shifted:
             return False
         self.evaluations += 1

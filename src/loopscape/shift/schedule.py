@@ -52,8 +52,7 @@ class ShiftSchedule:
     ):
         if sum(x is not None for x in (at, criterion, milestones)) != 1:
             raise ValueError(
-                "give exactly one of at (a fixed switch point), criterion (SCP) "
-                "or milestones (a progressive schedule)"
+                "give exactly one of at (a fixed switch point), criterion (SCP) or milestones (a progressive schedule)"
             )
         if optimizer not in OPTIMIZER_AT_SHIFT:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_AT_SHIFT} (got {optimizer!r})")

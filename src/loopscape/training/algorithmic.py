@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,12 @@ class AlgorithmicTrainConfig:
         require(self.grad_clip > 0, f"{p}grad_clip", "a number > 0", self.grad_clip)
         require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
         require(self.precision in PRECISIONS, f"{p}precision", f"one of {PRECISIONS}", self.precision)
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}device", "auto, cpu, cuda or cuda:<index>", self.device)
+        require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"{p}device",
+            "auto, cpu, cuda or cuda:<index>",
+            self.device,
+        )
 
 
 def lr_at(step: int, config: AlgorithmicTrainConfig, curriculum_end: int) -> float:
@@ -87,7 +92,9 @@ def lr_at(step: int, config: AlgorithmicTrainConfig, curriculum_end: int) -> flo
 
 def masked_loss(logits: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of scored cross-entropies, per-row exact match)``."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none").view(
+        batch.targets.shape
+    )
     return (nll * batch.mask).sum(), exact_match(logits.argmax(-1), batch.targets, batch.mask)
 
 
@@ -129,7 +136,9 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate_batch(model: LoopedGPT, batch: AlgoBatch, n_loops: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
+def evaluate_batch(
+    model: LoopedGPT, batch: AlgoBatch, n_loops: torch.Tensor, precision: str = "fp32"
+) -> tuple[float, float]:
     """``(mean scored cross-entropy, exact-match accuracy)`` read at ``n_loops``."""
     with _autocast(batch.inputs.device, precision):
         logits = model(batch.inputs, n_loops)
@@ -148,14 +157,23 @@ def make_optimizer(model: torch.nn.Module, config: AlgorithmicTrainConfig) -> to
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: AlgoBatch, n_loops: torch.Tensor, config: AlgorithmicTrainConfig, world: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: AlgoBatch,
+    n_loops: torch.Tensor,
+    config: AlgorithmicTrainConfig,
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step on this rank's shard of ``batch``, each row read at ``n_loops``.
 
     ``net``: the model, or its DistributedDataParallel wrapper. The shard's summed
     loss is divided by the *global* count of scored positions (times ``world``,
     since DDP averages gradients over ranks), so every world size takes the
     one-process step. Returns ``(summed scored cross-entropy of the shard, per-row
-    exact match of the shard, gradient norm before clipping)``, as tensors, so the step adds no host sync beyond the one the per-sample forward makes to size its loop.
+    exact match of the shard, gradient norm before clipping)``, as tensors, so the
+    step adds no host sync beyond the one the per-sample forward makes to size its loop.
     """
     shard, shard_loops = batch.split(world, rank), n_loops.tensor_split(world)[rank]
     net.train()
@@ -193,7 +211,9 @@ def train_algorithmic(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(seed)
-    val_gen = torch.Generator(device=device).manual_seed(10_000 + seed)  # a fixed set from the full training distribution
+    val_gen = torch.Generator(device=device).manual_seed(
+        10_000 + seed
+    )  # a fixed set from the full training distribution
     val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
     schedule = shift_schedule(paradigm, config)
 
@@ -201,7 +221,14 @@ def train_algorithmic(
         return paradigm == "looped" or (schedule is not None and schedule.n_loops_at(step) > 1)
 
     totals = {"flops": 0.0, "time_s": 0.0}
-    window = {"loss": 0.0, "correct": 0.0, "rows": 0, "grad": 0.0, "n": 0, "loops": 0.0}  # running means between evaluations
+    window = {
+        "loss": 0.0,
+        "correct": 0.0,
+        "rows": 0,
+        "grad": 0.0,
+        "n": 0,
+        "loops": 0.0,
+    }  # running means between evaluations
     run = RunState(run_dir, config.steps, config.checkpoint_every, unit="step", write=rank == 0)
     extra = run.resume(model, optimizer, generator) if resume else {}
     if extra:
@@ -231,7 +258,9 @@ def train_algorithmic(
             if distributed:
                 dist.all_reduce(shard_stats)
             # one host sync per step for the logged numbers (each .item() would wait for the device)
-            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat([shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), n_loops.float().mean()])]).tolist()
+            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat(
+                [shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), n_loops.float().mean()])]
+            ).tolist()
             window["loss"] += loss_v / mask_v
             window["correct"] += correct_v
             window["rows"] += len(batch.n_loops)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,9 @@ class Population(nn.Module):
         params, _ = stack_module_state(list(members))
         self.names = list(params)
         # keys as in the model ('.' is not allowed in a ParameterDict key)
-        self.stacked = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in params.items()})
+        self.stacked = nn.ParameterDict(
+            {k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        )
         self.template = template.requires_grad_(False)
 
     def params(self) -> dict[str, nn.Parameter]:
@@ -133,7 +135,9 @@ def load_member(path: str | Path, template: nn.Module, k: int, n_loops: int) -> 
 
     saved = load_file(str(path))
     prefix = "stacked."
-    return member_model(template, {n[len(prefix) :].replace("__", "."): v[k] for n, v in saved.items() if n.startswith(prefix)}, n_loops)
+    return member_model(
+        template, {n[len(prefix) :].replace("__", "."): v[k] for n, v in saved.items() if n.startswith(prefix)}, n_loops
+    )
 
 
 def _evaluate(pop: Population, n_loops: torch.Tensor, task: MarkovTask) -> dict[str, list[float]]:

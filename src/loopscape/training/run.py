@@ -23,8 +23,8 @@ uninterrupted run. Only the writing process (rank 0 under DDP) passes
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Do the numbers of the current tree equal those of an earlier commit, on this machine?
+#   bash docs/scripts/numbers_unchanged.sh REV      (e.g. the commit before a refactor)
+# Runs `loopscape markov --epochs 40 --seeds 0,1 --set hessian.enabled=false` and
+# `loopscape reproduce --quick` on REV (a temporary worktree) and on this tree, with
+# the same Python, then compares every number (docs/scripts/compare_runs.py).
+set -euo pipefail
+rev=${1:?usage: numbers_unchanged.sh REV}
+here=$(cd "$(dirname "$0")/../.." && pwd)
+python=${PYTHON:-$here/.venv/bin/python}
+work=$(mktemp -d)
+trap 'git -C "$here" worktree remove --force "$work/before" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+git -C "$here" worktree add --detach "$work/before" "$rev" >/dev/null 2>&1
+for side in before after; do
+  src=$([ "$side" = before ] && echo "$work/before/src" || echo "$here/src")
+  PYTHONPATH=$src "$python" -m loopscape.cli markov --epochs 40 --seeds 0,1 --set hessian.enabled=false \
+    -o "$work/$side-markov" -q >/dev/null
+  PYTHONPATH=$src "$python" -m loopscape.cli reproduce --quick -o "$work/$side-reproduce" -q >/dev/null
+done
+"$python" "$here/docs/scripts/compare_runs.py" "$work/before-markov" "$work/after-markov"
+"$python" "$here/docs/scripts/compare_runs.py" "$work/before-reproduce" "$work/after-reproduce"
