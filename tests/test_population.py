@@ -66,35 +66,26 @@ def test_member_adam_is_adam_per_member_and_resets_one_member():
         torch.testing.assert_close(stacked.data[k], singles[k].data, rtol=1e-6, atol=1e-7)
 
 
+def train_specs(run_dir, **kwargs):
+    """Every member of SPECS, freshly built, trained as one population."""
+    models, seeds, schedules = [fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS]
+    return train_population(models, seeds, schedules, TASK, CFG, run_dir, **kwargs)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train_population(
-        [fresh(s) for s, _ in SPECS], [s for s, _ in SPECS], [c() for _, c in SPECS], TASK, CFG, tmp_path / "full"
-    )
+    full = train_specs(tmp_path / "full")
 
     def crash(epoch):
         if epoch == 5:
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train_population(
-            [fresh(s) for s, _ in SPECS],
-            [s for s, _ in SPECS],
-            [c() for _, c in SPECS],
-            TASK,
-            CFG,
-            tmp_path / "cut",
-            on_epoch=crash,
-        )
-    resumed = train_population(
-        [fresh(s) for s, _ in SPECS],
-        [s for s, _ in SPECS],
-        [c() for _, c in SPECS],
-        TASK,
-        CFG,
-        tmp_path / "cut",
-        resume=True,
-    )
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+        train_specs(tmp_path / "cut", on_epoch=crash)
+    resumed = train_specs(tmp_path / "cut", resume=True)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
     assert strip(resumed) == strip(full)
 
 

@@ -37,6 +37,7 @@ from loopscape.reporting.algorithmic import (
 from loopscape.reporting.html import StudyReport
 from loopscape.training.algorithmic import PARADIGMS, AlgorithmicTrainConfig, resolve_device, train_algorithmic
 from loopscape.training.checkpoint import load_weights
+from loopscape.training.distributed import init_distributed
 
 # extra steps allowed to adaptive stopping past T(n) (spec: n+20, n+30 for Unique Set, n1*n2+30 for Multiplication)
 EXTRA_LOOPS = {"unique_set": 30, "multiplication": 30}
@@ -186,8 +187,6 @@ def run_algorithmic(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
-        from loopscape.training.distributed import init_distributed
-
         rank = init_distributed(config.train.device)
     if rank == 0:
         prepare_run_folder(

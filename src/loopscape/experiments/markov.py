@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from loopscape.config import require
 from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
@@ -170,8 +171,6 @@ def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.nd
 
 def final_models(out: Path, cfg: MarkovStudyConfig) -> dict[str, list[LinearAttn]]:
     """Each model's final weights per seed, in evaluation mode."""
-    from safetensors.torch import load_file
-
     models = {}
     for name, T in cfg.models.items():
         models[name] = []

@@ -9,7 +9,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from loopscape.io import read_json
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from loopscape.training.run import units_done
 
 
 def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[int], None] | None:
@@ -17,8 +26,7 @@ def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[i
     ``progress_q``, starting from the checkpoint a resumed run continues from."""
     if progress_q is None:
         return None
-    pointer = Path(run_dir) / "checkpoints" / "latest.json"
-    last = [read_json(pointer)["epoch"] if resume and pointer.exists() else 0]
+    last = [units_done(run_dir) if resume else 0]
 
     def on_epoch(epoch: int) -> None:
         progress_q.put(epoch - last[0])
@@ -43,14 +51,6 @@ def run_jobs(
     """
     if not jobs:
         return []
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     columns = [

@@ -129,8 +129,7 @@ def _quartic_path_ok(land: QuarticValley, theta0: torch.Tensor, eta: float, step
     if (land.valley_eigenvalues <= 0).any():
         return False
     path = valley_path(land, theta0, eta, steps)
-    top = (land._lam + 3 * land.beta * (path @ land._Q) ** 2).max()  # lambda_max(H_V(theta_k)), every k
-    return eta * top.item() <= 1
+    return eta * land.largest_eigenvalue_along(path) <= 1
 
 
 def corollaries(cfg: TheoryStudyConfig, quartic_beta: float | None = None) -> dict:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
 
@@ -87,11 +88,6 @@ def weighted_batches(
 
 @contextlib.contextmanager
 def _math_attention() -> Iterator[None]:
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        yield
-        return
     with sdpa_kernel(SDPBackend.MATH):
         yield
 

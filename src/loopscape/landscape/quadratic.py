@@ -223,5 +223,6 @@ class QuarticValley(RiverValley):
         """Eigenvalues of ``H_V(theta) = Q diag(lambda^B + 3 beta u^2) Q^T`` (unsorted)."""
         return self._lam + 3 * self.beta * (self._Q.T @ theta_V) ** 2
 
-    def valley_hessian(self, theta_V: Tensor) -> Tensor:
-        return (self._Q * self.valley_hessian_eigenvalues(theta_V)) @ self._Q.T
+    def largest_eigenvalue_along(self, path: Tensor) -> float:
+        """``max_k lambda_max(H_V(theta_k))`` over the rows ``theta_k`` of ``path``."""
+        return (self._lam + 3 * self.beta * (path @ self._Q) ** 2).max().item()

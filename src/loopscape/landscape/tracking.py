@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import vector_to_parameters
 
 from loopscape.io import JsonlLog, read_jsonl
 from loopscape.landscape.hessian import HessianOperator, weighted_batches
@@ -102,8 +103,6 @@ def load_thetas(path: str | Path) -> dict[int, torch.Tensor]:
 
 def hessian_at(model: nn.Module, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The dense float64 training-loss Hessian of ``model`` with its parameters set to ``theta``."""
-    from torch.nn.utils import vector_to_parameters
-
     with torch.no_grad():
         vector_to_parameters(theta.to(next(model.parameters()).dtype), model.parameters())
     op = HessianOperator(model, weighted_batches(inputs, targets, dedupe="inputs"), dtype=torch.float64)

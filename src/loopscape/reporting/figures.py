@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +20,6 @@ GROUPS = {"acc_low": ("low IC", "tab:green"), "acc_high": ("high IC", "tab:red")
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)

@@ -7,6 +7,7 @@ import base64
 import html
 import platform
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from markdown_it import MarkdownIt
@@ -113,8 +114,6 @@ def render_report(
 
 def versions() -> dict[str, str]:
     """Python, platform and the versions of the packages behind a report."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("loopscape", "torch", "numpy", "scipy", "matplotlib", "safetensors"):
         try:

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from loopscape.reporting.figures import plt, save_figure
-from loopscape.reporting.stats import fmt_mean_std as _ms
-from loopscape.reporting.stats import fmt_number as _f
+from loopscape.reporting.stats import fmt_mean_std, fmt_number
 
 PAPER_TABLE1 = {  # length: (# simple sequences share, Single-Attn, Looped-Attn) on simple sequences, %
     4: (1.0, 69.25, 72.29),
@@ -79,9 +78,9 @@ def length_markdown(length: dict, train_length: int, verdict: dict) -> str:
         share_p, s_p, l_p = PAPER_TABLE1.get(int(L), (None, None, None))
         cells = [f"{100 * row['simple_share']:.1f}% / {'' if share_p is None else f'{100 * share_p:.1f}%'}"]
         for name, paper in (("single_attn", s_p), ("looped_attn", l_p)):
-            cells.append(f"{_ms(row[name]['simple'])} / {_f(paper)}")
-        cells.append(_ms(row["shift"]["simple"]) if "shift" in row else "")
-        cells += [_ms(row[n]["all"]) if n in row else "" for n in ("single_attn", "looped_attn", "shift")]
+            cells.append(f"{fmt_mean_std(row[name]['simple'])} / {fmt_number(paper)}")
+        cells.append(fmt_mean_std(row["shift"]["simple"]) if "shift" in row else "")
+        cells += [fmt_mean_std(row[n]["all"]) if n in row else "" for n in ("single_attn", "looped_attn", "shift")]
         cells.append(f"{100 * row['bayes_all']:.2f}")
         lines.append(f"| {L}{' (training)' if int(L) == train_length else ''} | " + " | ".join(cells) + " |")
     lines += [

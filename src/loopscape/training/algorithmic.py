@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from loopscape.config import require
 from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask, Curriculum
@@ -237,8 +238,6 @@ def train_algorithmic(
             schedule.load_state_dict(extra["schedule"])
     net = model
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:  # layer by layer: the loop over loops stays in Python, shapes vary per step
         for layer in model.layers:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
@@ -131,8 +132,6 @@ def member_model(template: nn.Module, params: dict[str, torch.Tensor], n_loops: 
 
 def load_member(path: str | Path, template: nn.Module, k: int, n_loops: int) -> nn.Module:
     """Member ``k`` of a population saved by :func:`train_population` (``model.safetensors``)."""
-    from safetensors.torch import load_file
-
     saved = load_file(str(path))
     prefix = "stacked."
     return member_model(
