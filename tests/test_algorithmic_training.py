@@ -120,6 +120,27 @@ def test_shift_at_a_fixed_step_switches_and_keeps_going(tmp_path):
     assert rows[-1]["shifted_at"] == 11
 
 
+def test_fixed_shift_step_is_the_last_single_attn_step(tmp_path):
+    """One convention with the Markov trainer and SCP: shift_at = s trains steps 1..s as Single-Attn."""
+    _, rows = _run(tmp_path / "x", "shift", 20, shift_at=10)
+    assert [(r["step"], r["paradigm"], r.get("shifted_at")) for r in rows] == [
+        (5, "single", None),
+        (10, "single", 10),
+        (15, "looped", 10),
+        (20, "looped", 10),
+    ]
+    assert rows[1]["loops_per_sample"] == 1.0 and rows[2]["loops_per_sample"] > 1.0
+
+
+def test_checkpoints_count_steps(tmp_path):
+    _run(tmp_path / "x", "single", 20)
+    assert json.loads((tmp_path / "x" / "checkpoints" / "latest.json").read_text()) == {
+        "unit": "step",
+        "done": 20,
+        "dir": "step-00020",
+    }
+
+
 def test_shift_by_scp_records_its_step(tmp_path):
     _, rows = _run(tmp_path / "x", "shift", 40, scp=SCPConfig(patience=1, min_delta=10.0, wait=1, max_wait=1))
     shifted = rows[-1]["shifted_at"]

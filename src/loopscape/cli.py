@@ -133,7 +133,7 @@ def sweep(
     epochs: int | None = EpochsOpt,
     set_: list[str] | None = SetOpt,
     grid: Path | None = typer.Option(
-        None, "--grid", help="YAML file mapping setting -> list of values (default: docs/markov.md grid)."
+        None, "--grid", help="YAML file mapping setting -> list of values (default: configs/sweep-grid.yaml)."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."
@@ -143,19 +143,15 @@ def sweep(
     """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report
     which reproduce Observation 1."""
     from loopscape.experiments.markov import MarkovStudyConfig
-    from loopscape.experiments.sweep import DEFAULT_GRID, load_grid, run_sweep
+    from loopscape.experiments.sweep import load_grid, run_sweep
 
     try:
-        # the sweep judges Observation 1 only: Hessian tracking is off unless asked for
-        pairs = {
-            "seeds": [0, 1, 2],
-            "hessian.enabled": False,
-            **overrides(set_, seeds=seeds, **{"train.epochs": epochs}),
-        }
-        base = load_config(MarkovStudyConfig, config, pairs)
+        # the sweep's preset (configs/sweep.yaml: three seeds, no Hessian tracking), then the file, then flags
+        files = [preset_file("sweep.yaml")] + ([config] if config else [])
+        base = load_config(MarkovStudyConfig, files, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
         table = run_sweep(
             base,
-            load_grid(grid) if grid else DEFAULT_GRID,
+            load_grid(grid or preset_file("sweep-grid.yaml")),
             _output("sweep", output, resume),
             resume=resume,
             show_progress=not quiet,

@@ -19,16 +19,9 @@ from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
 from loopscape.io import atomic_write_text, refuse_to_overwrite, write_json
 
-# Embedding kind with its widths, batch size and init scale: the four choices the paper leaves open.
-# "onehot:16" is the one-hot code with 16 position slots (d = 19), "random:16" the random code of width 16.
-DEFAULT_GRID: dict[str, list] = {
-    "model.embedding": ["onehot", "onehot:16", "token", "random:4", "random:16"],
-    "train.batch_size": [32, 500],
-    "model.init_scale": [1.0, 0.1],
-}
-
 
 def load_grid(path: str | Path) -> dict[str, list]:
+    """A grid file: each setting (dotted) mapped to its list of values (default: configs/sweep-grid.yaml)."""
     grid = yaml.safe_load(Path(path).read_text())
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"--grid must map each setting to a non-empty list of values (got {grid!r})")

@@ -1,0 +1,40 @@
+"""The one configuration path: files in order, then overrides; presets are files like any other."""
+
+import pytest
+
+from loopscape.config import ConfigError, load_config, preset_file
+from loopscape.data.algorithmic import TASKS
+from loopscape.experiments.algorithmic import PRESETS, AlgorithmicStudyConfig, algorithmic_preset
+from loopscape.experiments.markov import MarkovStudyConfig
+from loopscape.experiments.reproduce import ReproduceConfig
+
+
+def test_later_files_override_earlier_ones_setting_by_setting(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.toml"
+    a.write_text("train: {epochs: 7, lr: 0.01}\nseeds: [1, 2]\n")
+    b.write_text("[train]\nepochs = 9\n")
+    cfg = load_config(MarkovStudyConfig, [a, b], {"seeds": [3]})
+    assert (cfg.train.epochs, cfg.train.lr, cfg.seeds) == (9, 0.01, [3])
+    assert cfg.train.batch_size == MarkovStudyConfig().train.batch_size  # untouched settings keep their defaults
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_algorithmic_preset_loads_for_every_task(preset, task):
+    cfg = algorithmic_preset(preset, task, steps=123)
+    assert cfg.task == task and cfg.train.steps == 123 and cfg.model.vocab_size is None
+    assert max(cfg.test_lengths) > cfg.train_max_len  # every preset tests past the training lengths
+
+
+def test_quick_preset_is_a_file_read_by_the_same_loader():
+    quick = load_config(ReproduceConfig, preset_file("reproduce-quick.yaml"))
+    assert quick.markov.train.epochs == 40 and quick.markov.seeds == [0, 1] and quick.shift.scp.patience == 5
+
+
+def test_a_model_config_that_checks_itself_names_its_field():
+    with pytest.raises(ConfigError, match=r"^model\.n_heads must divide d_model"):
+        load_config(
+            AlgorithmicStudyConfig, preset_file("algorithmic", "cpu-small", "parity.yaml"), {"model.n_heads": 3}
+        )
+    with pytest.raises(ConfigError, match=r"model\.vocab_size must be null"):
+        load_config(MarkovStudyConfig, None, {"model.vocab_size": 4})
