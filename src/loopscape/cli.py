@@ -1,8 +1,8 @@
 """Command-line interface: ``loopscape reproduce``, ``markov``, ``sweep``, ``theory``, ``algorithmic``.
 
 Each command imports its study when it runs, not at module top: the studies
-bring torch and matplotlib, and ``loopscape --help`` answers in 0.13 s instead
-of 1.6 s (measured on the 2-core development machine).
+bring torch and matplotlib, which ``loopscape --help`` should not wait for
+(docs/architecture.md has the measurement).
 
 Every run command takes ``--output DIR``, ``--seeds``, ``--epochs``, a config
 file (YAML or TOML) and ``--set key.sub=value`` overrides. Bad settings stop

@@ -107,9 +107,9 @@ class HessianOperator:
         cache_graph: keep the gradient's autograd graph (all batches' activations)
             and answer :meth:`matvec` with one backward through it
             (reverse-over-reverse; :meth:`matmat` as one batched backward)
-            instead of a fresh forward-over-reverse pass: 2-3x faster per
-            product, at the memory of one training step over the whole
-            dataset. Off by default.
+            instead of a fresh forward-over-reverse pass: faster per product
+            (docs/curvature.md), at the memory of one training step over the
+            whole dataset. Off by default.
     """
 
     def __init__(
