@@ -89,9 +89,9 @@ def test_meets_assumption4_by_hand():
 
 @pytest.mark.parametrize("quartic", [False, True])
 def test_closed_form_valley_gradient_matches_autograd(quartic):
-    from loopscape.experiments.theory import _random_instance
+    from loopscape.experiments.theory import random_instance
 
-    land, theta0, _, _ = _random_instance(torch.Generator().manual_seed(3), quartic)
+    land, theta0, _, _ = random_instance(torch.Generator().manual_seed(3), quartic)
     t = theta0.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(land.loss(t, torch.zeros(land.H_RV.shape[0], dtype=t.dtype)), t)
     torch.testing.assert_close(land.valley_gradient(theta0), g, rtol=1e-12, atol=1e-12)

@@ -62,7 +62,8 @@ class TheoryStudyConfig:
         require(self.alignment_every >= 1, f"{p}alignment_every", "an integer >= 1", self.alignment_every)
 
 
-def _random_instance(g: torch.Generator, quartic: bool) -> tuple[RiverValley, torch.Tensor, float, dict]:
+def random_instance(g: torch.Generator, quartic: bool) -> tuple[RiverValley, torch.Tensor, float, dict]:
+    """A random Setting 1 (or, ``quartic``, Setting 2) instance: landscape, valley start, step size, its parameters."""
     d_V = int(torch.randint(2, 31, (1,), generator=g))
     d_R = int(torch.randint(1, 9, (1,), generator=g))
     lam = torch.exp(torch.empty(d_V, dtype=torch.float64).uniform_(math.log(1e-3), 0.0, generator=g))
@@ -93,7 +94,7 @@ def check_bound(quartic: bool, cfg: TheoryStudyConfig) -> dict:
     held, failed, outside = 0, [], {"n": 0, "held_anyway": 0}
     ratios = []
     for i in range(cfg.instances):
-        land, theta0, eta, params = _random_instance(g, quartic)
+        land, theta0, eta, params = random_instance(g, quartic)
         forces = valley_force(land, theta0, eta, cfg.steps)
         measured = forces.norm(dim=1).max().item()
         bound = land.force_bound(theta0)  # for Setting 2, H_V is H^B: the bound uses its spectrum
