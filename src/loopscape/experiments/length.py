@@ -66,7 +66,9 @@ def run_length_study(
     results = length_generalisation(cfg, models, ic_threshold)
     verdict = length_report.length_verdict(results, cfg.data.length)
     length_report.plot_length(results, figures / "fig9_length_generalisation.png")
-    markdown = length_report.length_markdown(results, cfg.data.length, verdict)
+    markdown = length_report.length_markdown(
+        results, cfg.data.length, verdict, cfg.data.alpha, cfg.model.positions, cfg.model.max_len
+    )
     section = Section(
         "length",
         "Length generalisation",

@@ -59,14 +59,20 @@ def plot_length(length: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def length_markdown(length: dict, train_length: int, verdict: dict) -> str:
+def length_markdown(length: dict, train_length: int, verdict: dict, alpha: float, positions: str, slots: int) -> str:
+    """The section: Table 1 beside the paper's, and the verdict. ``alpha`` is the test sets' tilt;
+    ``positions`` and ``slots`` the models' position codes (``LinearAttnConfig``)."""
+    if positions == "cyclic":
+        codes = f"reuse the {slots} position codes cyclically (the transitions cycle with period {train_length - 1})"
+    else:
+        codes = f"have their own position codes ({slots} slots)"
+    n_test = next(row["n"] for L, row in length.items() if int(L) != train_length)
     lines = [
         "# Length generalisation (Section 4.4, Appendix E.1.3, Figure 9, Table 1)",
         "",
-        "Test sets: 5000 tilted draws (alpha = 2) per length, transitions applied cyclically; 'simple' = IC at "
-        "most the largest training IC. "
-        "Positions past the training input length reuse the position codes cyclically (period 3, the transitions' "
-        "period). "
+        f"Test sets: {n_test} tilted draws (alpha = {alpha:g}) per length, transitions applied cyclically; "
+        "'simple' = IC at most the largest training IC. "
+        f"Positions past the training input length {codes}. "
         "The paper's Table 1 prints L = 18 where its text says 17; we follow the text.",
         "",
         "| L | simple share (ours / paper) | Single-Attn simple (ours / paper) | Looped-Attn simple (ours / paper) "
