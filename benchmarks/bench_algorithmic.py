@@ -162,7 +162,7 @@ def fixed_cost(args: dict, rows=(1, 4, 16, 64, 128)) -> dict:
 
 
 def _worker(side: str, args: dict, queue) -> None:
-    from loopscape.data.algorithmic import AlgoBatch
+    from loopscape.data.algorithmic import AlgorithmicBatch
     from loopscape.training.algorithmic import step_flops, train_step
 
     task, model, config, opt, device = _setup(side, args)
@@ -181,7 +181,7 @@ def _worker(side: str, args: dict, queue) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # every row runs `horizon` block steps with a read-out after each: horizon one-step batches
-        flops.append(horizon * step_flops(model.config, AlgoBatch(x, y, m, st, st), torch.ones_like(st)))
+        flops.append(horizon * step_flops(model.config, AlgorithmicBatch(x, y, m, st, st), torch.ones_like(st)))
 
     def ours_step() -> None:
         b = task.batch(torch.randint(1, args["n"] + 1, (args["batch"],), generator=gen, device=device), gen)

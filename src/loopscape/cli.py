@@ -186,7 +186,7 @@ def theory(
                 f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})"
             )
         out = report / "theory" if report is not None else _output("theory", output, False)
-        refuse_to_overwrite(out)
+        refuse_to_overwrite(out, resumable=False)
         study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
             add_to_markov_summary(report, study, cfg)

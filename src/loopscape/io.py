@@ -92,13 +92,11 @@ class JsonlLog:
         self.close()
 
 
-def refuse_to_overwrite(out: Path) -> None:
-    """A run never writes into a non-empty folder unless it resumes it."""
+def refuse_to_overwrite(out: Path, resumable: bool = True) -> None:
+    """A run never writes into a non-empty folder unless it resumes it (``resumable``: the command can)."""
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(
-            f"output folder {str(out)!r} already exists and is not empty; "
-            "pass --resume to continue it or choose another --output"
-        )
+        hint = "pass --resume to continue it or choose another --output" if resumable else "choose another --output"
+        raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; {hint}")
 
 
 def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:

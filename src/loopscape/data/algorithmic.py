@@ -28,7 +28,7 @@ UNIQUE_SET_VALUES = 50
 
 
 @dataclass
-class AlgoBatch:
+class AlgorithmicBatch:
     """One batch of FOP rows (all ``(B, W)`` except ``n_loops``/``lengths``: ``(B,)``)."""
 
     inputs: torch.Tensor
@@ -37,13 +37,13 @@ class AlgoBatch:
     n_loops: torch.Tensor  # T(n): loops after which this sample is supervised
     lengths: torch.Tensor  # n (for Multiplication the second operand's length n2)
 
-    def split(self, parts: int, index: int) -> AlgoBatch:
+    def split(self, parts: int, index: int) -> AlgorithmicBatch:
         """The ``index``-th of ``parts`` contiguous shards of the rows (data parallelism)."""
 
         def chunk(t):
             return t.tensor_split(parts)[index]
 
-        return AlgoBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.n_loops, self.lengths)))
+        return AlgorithmicBatch(*(chunk(t) for t in (self.inputs, self.targets, self.mask, self.n_loops, self.lengths)))
 
 
 def _bits_to_int(bits: torch.Tensor, msb_first: bool) -> torch.Tensor:
@@ -103,7 +103,9 @@ class AlgorithmicTask:
         """``T(n)``: ``n`` loops, ``n1 * n2`` for Multiplication (spec, from the authors' code)."""
         return n * n1 if self.name == "multiplication" else n.clone()
 
-    def batch(self, lengths: torch.Tensor, generator: torch.Generator, n1: torch.Tensor | None = None) -> AlgoBatch:
+    def batch(
+        self, lengths: torch.Tensor, generator: torch.Generator, n1: torch.Tensor | None = None
+    ) -> AlgorithmicBatch:
         """Rows for samples of lengths ``n`` (``(B,)`` int64, each >= 1).
 
         Multiplication: ``lengths`` are ``n2``; ``n1`` is drawn from {1, 2}
@@ -146,7 +148,7 @@ class AlgorithmicTask:
         pos = torch.arange(inputs.shape[1], device=device)
         inputs[pos >= q_len[:, None] + 1] = self.pad  # answers are never visible
         mask = pos >= q_len[:, None]
-        return AlgoBatch(inputs, targets, mask, self.n_loops(lengths, n1), lengths)
+        return AlgorithmicBatch(inputs, targets, mask, self.n_loops(lengths, n1), lengths)
 
     def _answer(self, query, lengths, n1):
         tokens, lens = query[0]
@@ -186,7 +188,7 @@ class AlgorithmicTask:
 
     def test_batch(
         self, n: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu"
-    ) -> AlgoBatch:
+    ) -> AlgorithmicBatch:
         """``size`` rows of length exactly ``n`` (Multiplication: ``n2 = n``, ``n1 = 2``)."""
         lengths = torch.full((size,), n, dtype=torch.long, device=device)
         n1 = torch.full((size,), 2, dtype=torch.long, device=device) if self.name == "multiplication" else None

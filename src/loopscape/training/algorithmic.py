@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from loopscape.config import require
-from loopscape.data.algorithmic import AlgoBatch, AlgorithmicTask, Curriculum
+from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
 from loopscape.shift.criterion import SCPConfig
 from loopscape.shift.schedule import ShiftSchedule
@@ -91,7 +91,7 @@ def lr_at(step: int, config: AlgorithmicTrainConfig, curriculum_end: int) -> flo
     return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def masked_loss(logits: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_loss(logits: torch.Tensor, batch: AlgorithmicBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of scored cross-entropies, per-row exact match)``."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none").view(
         batch.targets.shape
@@ -99,7 +99,7 @@ def masked_loss(logits: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, t
     return (nll * batch.mask).sum(), exact_match(logits.argmax(-1), batch.targets, batch.mask)
 
 
-def step_flops(config, batch: AlgoBatch, n_loops: torch.Tensor) -> float:
+def step_flops(config, batch: AlgorithmicBatch, n_loops: torch.Tensor) -> float:
     """Training FLOPs of one batch: forward (``n_loops_i`` block loops per row, read-out)
     and backward counted as twice the forward."""
     width = batch.inputs.shape[1]
@@ -138,7 +138,7 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate_batch(
-    model: LoopedGPT, batch: AlgoBatch, n_loops: torch.Tensor, precision: str = "fp32"
+    model: LoopedGPT, batch: AlgorithmicBatch, n_loops: torch.Tensor, precision: str = "fp32"
 ) -> tuple[float, float]:
     """``(mean scored cross-entropy, exact-match accuracy)`` read at ``n_loops``."""
     with _autocast(batch.inputs.device, precision):
@@ -161,7 +161,7 @@ def make_optimizer(model: torch.nn.Module, config: AlgorithmicTrainConfig) -> to
 def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: AlgoBatch,
+    batch: AlgorithmicBatch,
     n_loops: torch.Tensor,
     config: AlgorithmicTrainConfig,
     world: int = 1,
