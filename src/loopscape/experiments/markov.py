@@ -1,4 +1,5 @@
-"""The sample-level study of Section 4.1 (Observation 1; Figures 3a, 3b).
+"""The sample-level and Hessian study of Section 4.1 (Observations 1-2, Assumption 1;
+Figures 3a-3d, 9b, 9c).
 
 Trains Single-Attn and Looped-Attn on one Markov language over several seeds
 (the seed drives initialisation and batch order; the language and training
@@ -7,8 +8,9 @@ set are fixed by ``data.seed``) and writes a run folder::
     OUT/config.yaml                   the resolved configuration
     OUT/data.json                     transition matrices, IC statistics, Bayes ceilings
     OUT/runs/<model>/seed<k>/         metrics.jsonl, checkpoints/, model.safetensors
-    OUT/figures/fig3a_ic_distribution.png, fig3b_accuracy.png
-    OUT/summary.md, OUT/summary.json  table beside the paper's numbers, verdict
+    OUT/runs/<model>/seed<k>/spectra.jsonl   exact Hessian spectra (the first ``hessian.n_seeds`` seeds)
+    OUT/figures/fig3a_ic_distribution.png, fig3b_accuracy.png, fig3cd_*.png, fig9bc_*.png
+    OUT/summary.md, OUT/summary.json  tables beside the paper's numbers, verdicts
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
 
 
 def run_dir_of(out: Path, name: str, seed: int) -> Path:
+    """The run folder of one (model, seed) inside the study's folder."""
     return out / "runs" / name / f"seed{seed}"
 
 
