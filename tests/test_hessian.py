@@ -229,3 +229,39 @@ def test_stacked_hessians_equal_one_at_a_time(n_loops):
         assert losses[i].item() == pytest.approx(one.loss().item(), rel=1e-12)
         assert (spectra.eigenvalues[i] - exact_spectrum(one).eigenvalues).abs().max() <= 1e-12 * scale
     assert len(spectra.asymmetry) == 4 and max(spectra.asymmetry) < 1e-12
+
+
+def test_hessian_at_leaves_the_model_as_it_was_and_needs_no_class_to_appear():
+    """Targets drawn from classes 0 and 1 only, of a 3-class model: the class count is given, not inferred."""
+    from loopscape.landscape.tracking import hessian_at
+
+    with seeded(0):
+        model = single_attn(max_len=3).double()
+    x = torch.randint(0, 3, (30, 3), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (30,), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach() + 0.3
+    H = hessian_at(model, theta, x, y, num_classes=3)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    moved = single_attn(max_len=3).double()
+    torch.nn.utils.vector_to_parameters(theta, moved.parameters())
+    op = HessianOperator(moved, weighted_batches(x, y), dtype=torch.float64)
+    ref = dense_matrix(op)
+    torch.testing.assert_close(H, (ref + ref.T) / 2, rtol=1e-10, atol=1e-12)
+
+
+def test_tracker_stores_float64_spectra(tmp_path):
+    from loopscape.landscape.linalg import dense_spectrum
+    from loopscape.landscape.tracking import HessianTracker, load_spectra
+
+    _, task = build_task(MarkovDataConfig(n_train=60, n_val=10))
+    with seeded(0):
+        model = single_attn(max_len=3)
+    tracker = HessianTracker(task.train.inputs, task.train.targets, 3, stack=1)
+    tracker.open(tmp_path, 0)
+    tracker.update(0, model)
+    tracker.close()
+    _, eigs = load_spectra(tmp_path / "spectra.jsonl")
+    op = HessianOperator(model, tracker.batches, dtype=torch.float64)
+    H, _ = op.dense_at(op.theta[None])
+    assert np.array_equal(eigs[0], dense_spectrum(H).eigenvalues[0].numpy())  # every float64 bit kept

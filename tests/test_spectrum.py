@@ -50,3 +50,15 @@ def test_trajectory_lengths():
     spectra = [rng.normal(size=30) for _ in range(5)]
     t = trajectory_metrics(spectra)
     assert t["entropy"].shape == (5,) and t["mutual_information"].shape == (4,)
+
+
+def test_plotted_trajectory_satisfies_the_bound_on_every_consecutive_pair():
+    """Spectra whose scale changes along the run (as Looped-Attn's do): with a binning per pair the
+    plotted E(H_s+1) came from the next pair's binning and the bound failed; on one binning it holds."""
+    rng = np.random.default_rng(3)
+    spectra = [rng.normal(size=40) * scale for scale in np.geomspace(0.1, 10.0, 30)]
+    t = trajectory_metrics(spectra, n_bins=20)
+    for s in range(len(spectra) - 1):
+        assert t["mutual_information"][s] <= min(t["entropy"][s], t["entropy"][s + 1]) + 1e-12
+    edges = np.linspace(0, max(np.abs(x).max() for x in spectra), 21)
+    assert t["entropy"][4] == matrix_entropy(spectra[4], edges)  # E(H_s) on the run's one binning

@@ -86,7 +86,7 @@ def test_hessian_tracker_resumes_with_the_run(tmp_path):
     from loopscape.landscape.tracking import HessianTracker
 
     def tracker():
-        return [HessianTracker(TASK.train.inputs, TASK.train.targets, every=2)]
+        return [HessianTracker(TASK.train.inputs, TASK.train.targets, 3, every=2)]
 
     train_markov(fresh_model(), TASK, CFG, tmp_path / "full", seed=0, trackers=tracker())
 

@@ -131,7 +131,9 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
     with seeded(seed):
         model = cfg.build_model(cfg.models[name])
     trackers = (
-        [HessianTracker(task.train.inputs, task.train.targets, cfg.hessian.every)] if seed in cfg.hessian_seeds else []
+        [HessianTracker(task.train.inputs, task.train.targets, cfg.data.vocab_size, cfg.hessian.every)]
+        if seed in cfg.hessian_seeds
+        else []
     )
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
@@ -243,9 +245,14 @@ def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int
         model = cfg.build_model(T)
         final = max(thetas)
         later = [e for e in thetas if e > ref and (e - ref) % 50 == 0] or [final]
-        H_ref = hessian_at(model, thetas[ref], x, y)
+        H_ref = hessian_at(model, thetas[ref], x, y, cfg.data.vocab_size)
         result[name] = {
-            **cumulative_force(H_ref, [hessian_at(model, thetas[e], x, y) for e in later], thetas[ref], thetas[final]),
+            **cumulative_force(
+                H_ref,
+                [hessian_at(model, thetas[e], x, y, cfg.data.vocab_size) for e in later],
+                thetas[ref],
+                thetas[final],
+            ),
             "epochs": later,
         }
     return result

@@ -10,8 +10,9 @@ discrete distributions on one discretisation. The reading taken
 (``../shared/spec/paper-map.md``), the **histogram** variant, the default:
 
 * ``p`` is the histogram of ``|lambda|`` over ``n_bins`` equal bins on
-  ``[0, max |lambda|]``, the maximum taken over *both* epochs of a pair, so
-  consecutive epochs share one binning;
+  ``[0, max |lambda|]``, the maximum taken over every spectrum compared (a
+  pair in :func:`pair_metrics`, the whole run in :func:`trajectory_metrics`),
+  so consecutive epochs share one binning;
 * the joint ``p(., .)`` is the 2-D histogram of index-aligned pairs: the i-th
   largest ``|lambda|`` at epoch s with the i-th largest at s+1. Its marginals
   are the two 1-D histograms, hence the bound.
@@ -81,21 +82,21 @@ def spectral_entropy(eigs) -> float:
 
 
 def trajectory_metrics(spectra: list, n_bins: int = DEFAULT_BINS) -> dict[str, np.ndarray]:
-    """Matrix Entropy and Mutual Information along a run of spectra.
+    """Matrix Entropy and Mutual Information along a run of spectra (Figures 3c, 3d).
 
-    ``entropy[s]`` uses the binning shared by epochs ``s`` and ``s+1`` (the
-    last epoch its own binning, shared with itself); ``mutual_information[s]``
-    is ``I(H_s; H_s+1)`` (``len(spectra) - 1`` values).
+    Every epoch is binned on one binning, ``n_bins`` equal bins on
+    ``[0, max |lambda|]`` over the whole run: consecutive epochs share it, so
+    every plotted pair satisfies ``I(H_s; H_s+1) <= min(E(H_s), E(H_s+1))``
+    (with a binning per pair, ``E(H_s+1)`` as plotted would come from the
+    next pair's binning and the bound could fail). ``entropy[s]`` is
+    ``E(H_s)``; ``mutual_information[s]`` is ``I(H_s; H_s+1)``
+    (``len(spectra) - 1`` values).
     """
-    ent, mi = [], []
-    for s in range(len(spectra)):
-        nxt = spectra[min(s + 1, len(spectra) - 1)]
-        m = pair_metrics(spectra[s], nxt, n_bins)
-        ent.append(m["entropy_s"])
-        if s + 1 < len(spectra):
-            mi.append(m["mutual_information"])
+    edges = shared_edges(*spectra, n_bins=n_bins)
     return {
-        "entropy": np.array(ent),
-        "mutual_information": np.array(mi),
+        "entropy": np.array([matrix_entropy(s, edges) for s in spectra]),
+        "mutual_information": np.array(
+            [mutual_information(spectra[s], spectra[s + 1], edges) for s in range(len(spectra) - 1)]
+        ),
         "spectral_entropy": np.array([spectral_entropy(s) for s in spectra]),
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import vector_to_parameters
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from loopscape.io import JsonlLog, read_jsonl
 from loopscape.landscape.hessian import HessianOperator, weighted_batches
@@ -37,12 +37,14 @@ class HessianTracker:
         self,
         inputs: torch.Tensor,
         targets: torch.Tensor,
+        num_classes: int,
         every: int = 1,
         filename: str = "spectra.jsonl",
         stack: int = 10,
     ):
-        # repeated inputs merge into one with soft labels: the same Hessian from fewer products
-        self.batches = weighted_batches(inputs, targets, dedupe="inputs")
+        # repeated inputs merge into one with soft labels: the same Hessian from fewer products;
+        # the class count is given, since a class may never appear among the targets
+        self.batches = weighted_batches(inputs, targets, dedupe="inputs", num_classes=num_classes)
         self.every = every
         self.stack = stack
         self.filename = filename
@@ -78,7 +80,7 @@ class HessianTracker:
                     "epoch": epoch,
                     "loss": losses[i].item(),
                     "asymmetry": spec.asymmetry[i],
-                    "eigenvalues": [float(np.float32(x)) for x in spec.eigenvalues[i]],
+                    "eigenvalues": spec.eigenvalues[i].tolist(),  # float64, as computed
                     "theta": thetas[i].tolist(),
                 }
             )
@@ -101,10 +103,19 @@ def load_thetas(path: str | Path) -> dict[int, torch.Tensor]:
     return {r["epoch"]: torch.tensor(r["theta"], dtype=torch.float64) for r in read_jsonl(path)}
 
 
-def hessian_at(model: nn.Module, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The dense float64 training-loss Hessian of ``model`` with its parameters set to ``theta``."""
-    with torch.no_grad():
-        vector_to_parameters(theta.to(next(model.parameters()).dtype), model.parameters())
-    op = HessianOperator(model, weighted_batches(inputs, targets, dedupe="inputs"), dtype=torch.float64)
-    H = dense_matrix(op)
+def hessian_at(
+    model: nn.Module, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """The dense float64 training-loss Hessian of ``model`` at parameters ``theta``
+    (the model's own parameters are left as they were)."""
+    params = list(model.parameters())
+    saved = parameters_to_vector(params).detach().clone()
+    try:
+        with torch.no_grad():
+            vector_to_parameters(theta.to(saved.dtype), params)
+        batches = weighted_batches(inputs, targets, dedupe="inputs", num_classes=num_classes)
+        H = dense_matrix(HessianOperator(model, batches, dtype=torch.float64))
+    finally:
+        with torch.no_grad():
+            vector_to_parameters(saved, params)
     return (H + H.T) / 2
