@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from loopscape.config import ConfigError, load_config, parse_override, preset_file
+from loopscape.errors import DivergenceError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Looped transformers, their loss landscapes, and SHIFT."
@@ -47,8 +48,9 @@ def overrides(sets: list[str] | None, **flags) -> dict:
 
 
 def _fail(err: Exception) -> None:
+    """One line on standard error; exit 2 for bad settings, 1 for a run that failed."""
     typer.secho(f"error: {err}", fg="red", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
 
 
 def _output(kind: str, output: Path | None, resume: bool) -> Path:
@@ -91,7 +93,7 @@ def reproduce(
         )
         out = _output("reproduce", output, resume)
         report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         _fail(err)
     for v in report["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}")
@@ -116,7 +118,7 @@ def markov(
         cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
         out = _output("markov", output, resume)
         study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         _fail(err)
     v = study.results["observation1"]
     typer.echo(
@@ -156,7 +158,7 @@ def sweep(
             resume=resume,
             show_progress=not quiet,
         )
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         _fail(err)
     typer.echo(table)
 
@@ -190,7 +192,7 @@ def theory(
         study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
             add_to_markov_summary(report, study, cfg)
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         _fail(err)
     typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
 
@@ -246,7 +248,7 @@ def algorithmic(
             summary = run_algorithmic_seeds(cfg, parse_seeds(seeds), out, resume=resume, show_progress=not quiet)
         else:
             results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, DivergenceError, ValueError) as err:
         _fail(err)
     if seeds is not None:
         from loopscape.reporting.algorithmic import seeds_markdown, seeds_verdicts

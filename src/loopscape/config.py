@@ -15,6 +15,8 @@ go through the same loader as a user's file.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
@@ -29,6 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
@@ -64,7 +67,10 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         require(isinstance(value, int) and not isinstance(value, bool), field, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e6 and 1e-3 (no dot) as text
         require(isinstance(value, (int, float)) and not isinstance(value, bool), field, "a number", value)
+        require(math.isfinite(value), field, "a finite number", value)
         return float(value)
     if tp is str:
         require(isinstance(value, str), field, "a string", value)

@@ -37,6 +37,10 @@ class StochasticLossError(RuntimeError):
     """The loss differs between two evaluations at the same parameters."""
 
 
+class NonFiniteLossError(StochasticLossError):
+    """The loss is NaN or infinite at the operator's parameters (a diverged model, not a random loss)."""
+
+
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
 
@@ -150,6 +154,11 @@ class HessianOperator:
                     self._graph = (leaf, torch.autograd.grad(a, leaf, create_graph=True)[0])
             else:
                 a = sum(self._batch_loss(self.theta, *b) for b in self.batches)
+            if not torch.isfinite(a):
+                raise NonFiniteLossError(
+                    f"the loss is {a.item()} at these parameters: the model has diverged (NaN or inf), "
+                    "so its Hessian means nothing; check the run's learning rate"
+                )
             if not allow_stochastic:
                 b = sum(self._batch_loss(self.theta, *bt) for bt in self.batches)
                 if not torch.equal(a.detach(), b):

@@ -39,10 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loopscape.config import require
 from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curriculum
+from loopscape.errors import DivergenceError
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
 from loopscape.shift.criterion import SCPConfig
 from loopscape.shift.schedule import ShiftSchedule
-from loopscape.training.run import RunState
+from loopscape.training.run import RunState, check_finite
 
 PARADIGMS = ("single", "looped", "shift")
 PRECISIONS = ("fp32", "bf16")
@@ -242,60 +243,66 @@ def train_algorithmic(
     if config.compile:  # layer by layer: the loop over loops stays in Python, shapes vary per step
         for layer in model.layers:
             layer.compile(dynamic=True)
-    with run.open_log() as log:
-        for step in range(run.start + 1, config.steps + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(step, config, curriculum.end_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
-            n_loops = batch.n_loops if looped(step) else torch.ones_like(batch.n_loops)
-            loss_sum, correct, grad_norm = train_step(net, optimizer, batch, n_loops, config, world, rank)
-            totals["flops"] += step_flops(model.config, batch, n_loops)
-            totals["time_s"] += time.perf_counter() - t0
-            shard_stats = torch.stack([loss_sum.float(), correct.float().sum()])
-            if distributed:
-                dist.all_reduce(shard_stats)
-            # one host sync per step for the logged numbers (each .item() would wait for the device)
-            loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat(
-                [shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), n_loops.float().mean()])]
-            ).tolist()
-            window["loss"] += loss_v / mask_v
-            window["correct"] += correct_v
-            window["rows"] += len(batch.n_loops)
-            window["grad"] += grad_v
-            window["n"] += 1
-            window["loops"] += loops_v
-            evaluating = step % config.eval_every == 0 or step == config.steps
-            if evaluating:
-                model.eval()
-                val_loops = val.n_loops if looped(step) else torch.ones_like(val.n_loops)
-                val_loss, val_acc = evaluate_batch(model, val, val_loops, config.precision)
-                row = {
-                    "step": step,
-                    "paradigm": "looped" if looped(step) else "single",
-                    "train_loss": window["loss"] / window["n"],
-                    "train_acc": window["correct"] / window["rows"],
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "grad_norm": window["grad"] / window["n"],
-                    "lr": lr,
-                    "max_len": curriculum.current_max(step) - 1,
-                    "loops_per_sample": window["loops"] / window["n"],
-                    "flops": totals["flops"],
-                    "time_s": totals["time_s"],
-                }
-                if schedule is not None:
-                    schedule.observe(step, val_loss, row["grad_norm"])
-                    if schedule.shifted_by(step):
-                        row["shifted_at"] = schedule.shift_step
-                window = dict.fromkeys(window, 0.0)
-                log.append(row)
-            if run.checkpoint_due(step):
-                extra = {"totals": totals, "window": window, "paradigm": paradigm}
-                if schedule is not None:
-                    extra["schedule"] = schedule.state_dict()
-                run.save(step, model, optimizer, generator, extra=extra)
-            if on_step is not None and evaluating:
-                on_step(step)
+    try:
+        with run.open_log() as log:
+            for step in range(run.start + 1, config.steps + 1):
+                t0 = time.perf_counter()
+                lr = lr_at(step, config, curriculum.end_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
+                n_loops = batch.n_loops if looped(step) else torch.ones_like(batch.n_loops)
+                loss_sum, correct, grad_norm = train_step(net, optimizer, batch, n_loops, config, world, rank)
+                totals["flops"] += step_flops(model.config, batch, n_loops)
+                totals["time_s"] += time.perf_counter() - t0
+                shard_stats = torch.stack([loss_sum.float(), correct.float().sum()])
+                if distributed:
+                    dist.all_reduce(shard_stats)
+                # one host sync per step for the logged numbers (each .item() would wait for the device)
+                loss_v, correct_v, grad_v, mask_v, loops_v = torch.cat(
+                    [shard_stats, torch.stack([grad_norm.float(), batch.mask.sum().float(), n_loops.float().mean()])]
+                ).tolist()
+                where = f"{run.run_dir} ({paradigm}), step {step}"
+                check_finite({"loss": loss_v, "grad_norm": grad_v}, where, f"train.lr (now {config.lr})")
+                window["loss"] += loss_v / mask_v
+                window["correct"] += correct_v
+                window["rows"] += len(batch.n_loops)
+                window["grad"] += grad_v
+                window["n"] += 1
+                window["loops"] += loops_v
+                evaluating = step % config.eval_every == 0 or step == config.steps
+                if evaluating:
+                    model.eval()
+                    val_loops = val.n_loops if looped(step) else torch.ones_like(val.n_loops)
+                    val_loss, val_acc = evaluate_batch(model, val, val_loops, config.precision)
+                    row = {
+                        "step": step,
+                        "paradigm": "looped" if looped(step) else "single",
+                        "train_loss": window["loss"] / window["n"],
+                        "train_acc": window["correct"] / window["rows"],
+                        "val_loss": val_loss,
+                        "val_acc": val_acc,
+                        "grad_norm": window["grad"] / window["n"],
+                        "lr": lr,
+                        "max_len": curriculum.current_max(step) - 1,
+                        "loops_per_sample": window["loops"] / window["n"],
+                        "flops": totals["flops"],
+                        "time_s": totals["time_s"],
+                    }
+                    if schedule is not None:
+                        schedule.observe(step, val_loss, row["grad_norm"])
+                        if schedule.shifted_by(step):
+                            row["shifted_at"] = schedule.shift_step
+                    window = dict.fromkeys(window, 0.0)
+                    log.append(row)
+                if run.checkpoint_due(step):
+                    extra = {"totals": totals, "window": window, "paradigm": paradigm}
+                    if schedule is not None:
+                        extra["schedule"] = schedule.state_dict()
+                    run.save(step, model, optimizer, generator, extra=extra)
+                if on_step is not None and evaluating:
+                    on_step(step)
+    except DivergenceError as err:
+        run.fail(err)
+        raise
     return run.finish(model, metadata={"paradigm": paradigm, "task": task.name})

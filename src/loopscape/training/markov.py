@@ -21,8 +21,9 @@ from torch import nn
 
 from loopscape.config import require
 from loopscape.data.markov import MarkovTask
+from loopscape.errors import DivergenceError
 from loopscape.shift.schedule import ShiftSchedule
-from loopscape.training.run import RunState
+from loopscape.training.run import RunState, check_finite
 
 
 @dataclass
@@ -109,40 +110,51 @@ def train_markov(
 
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
+
+    def checked(row: dict) -> dict:
+        """The row, once its loss and gradient are finite (else the run stops, marked failed)."""
+        where = f"{run.run_dir}, epoch {row['epoch']}"
+        check_finite({k: row[k] for k in ("train_loss", "grad_norm")}, where, f"train.lr (now {config.lr})")
+        return row
+
     for t in trackers:
         t.open(run.run_dir, run.start)
-    with run.open_log() as log:
-        if run.start == 0:
-            n_loops = loops(0)
-            log.append({"epoch": 0, **evaluate(model, task), "time_s": 0.0, **n_loops})
-            for t in trackers:
-                t.update(0, model)
-        for epoch in range(run.start + 1, config.epochs + 1):
-            n_loops = loops(epoch)
-            t0 = time.perf_counter()
-            model.train()
-            for idx in torch.randperm(n, generator=generator).split(config.batch_size):
-                loss = F.cross_entropy(model(inputs[idx]), targets[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            elapsed = time.perf_counter() - t0
-            model.eval()
-            row = {"epoch": epoch, **evaluate(model, task), "time_s": elapsed, **n_loops}
-            log.append(row)
-            for t in trackers:
-                t.update(epoch, model)
-            if schedule is not None:
-                if schedule.observe(epoch, row["val_loss"], row["grad_norm"]) and schedule.resets_optimizer:
-                    optimizer.state.clear()
-                loops(epoch + 1)
-            if run.checkpoint_due(epoch):
-                for t in trackers:  # what a tracker still holds is written before the run can resume past it
-                    getattr(t, "flush", lambda: None)()
-                extra = {"schedule": schedule.state_dict()} if schedule is not None else None
-                run.save(epoch, model, optimizer, generator, extra=extra)
-            if on_epoch is not None:
-                on_epoch(epoch)
+    try:
+        with run.open_log() as log:
+            if run.start == 0:
+                n_loops = loops(0)
+                log.append(checked({"epoch": 0, **evaluate(model, task), "time_s": 0.0, **n_loops}))
+                for t in trackers:
+                    t.update(0, model)
+            for epoch in range(run.start + 1, config.epochs + 1):
+                n_loops = loops(epoch)
+                t0 = time.perf_counter()
+                model.train()
+                for idx in torch.randperm(n, generator=generator).split(config.batch_size):
+                    loss = F.cross_entropy(model(inputs[idx]), targets[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                elapsed = time.perf_counter() - t0
+                model.eval()
+                row = checked({"epoch": epoch, **evaluate(model, task), "time_s": elapsed, **n_loops})
+                log.append(row)
+                for t in trackers:
+                    t.update(epoch, model)
+                if schedule is not None:
+                    if schedule.observe(epoch, row["val_loss"], row["grad_norm"]) and schedule.resets_optimizer:
+                        optimizer.state.clear()
+                    loops(epoch + 1)
+                if run.checkpoint_due(epoch):
+                    for t in trackers:  # what a tracker still holds is written before the run can resume past it
+                        getattr(t, "flush", lambda: None)()
+                    extra = {"schedule": schedule.state_dict()} if schedule is not None else None
+                    run.save(epoch, model, optimizer, generator, extra=extra)
+                if on_epoch is not None:
+                    on_epoch(epoch)
+    except DivergenceError as err:
+        run.fail(err)
+        raise
     for t in trackers:
         t.close()
     return run.finish(model)

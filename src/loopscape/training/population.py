@@ -37,10 +37,11 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from loopscape.data.markov import MarkovTask
+from loopscape.errors import DivergenceError
 from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.checkpoint import generator_state, set_generator_state
 from loopscape.training.markov import MarkovTrainConfig, scores
-from loopscape.training.run import RunState
+from loopscape.training.run import RunState, check_finite
 
 
 class MemberAdam(torch.optim.Optimizer):
@@ -186,34 +187,51 @@ def train_population(
     loops = torch.tensor([s.n_loops_at(run.start + 1) for s in schedules])
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
-    with run.open_log() as log:
-        if run.start == 0:
-            log.append({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
-        for epoch in range(run.start + 1, config.epochs + 1):
-            t0 = time.perf_counter()
-            order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
-            for idx in order.split(config.batch_size, dim=1):
-                logits = pop(inputs[idx], loops)
-                nll = -torch.log_softmax(logits, -1).gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)
-                optimizer.zero_grad(set_to_none=True)
-                nll.mean(1).sum().backward()  # member k's slice gets the gradient of its own mean loss
-                optimizer.step()
-            elapsed = time.perf_counter() - t0
-            row = {"epoch": epoch, **_evaluate(pop, loops, task), "time_s": elapsed, "n_loops": loops.tolist()}
-            log.append(row)
-            for k, s in enumerate(schedules):
-                if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]):
-                    loops[k] = s.n_loops_at(epoch + 1)
-                    if s.resets_optimizer:
-                        optimizer.reset(k)
-            if run.checkpoint_due(epoch):
-                extra = {
-                    "generators": [generator_state(g) for g in generators],
-                    "schedules": [s.state_dict() for s in schedules],
-                }
-                run.save(epoch, pop, optimizer, extra=extra)
-            if on_epoch is not None:
-                on_epoch(epoch)
+
+    def checked(row: dict) -> dict:
+        """The row, once every member's loss and gradient are finite (else the run stops, marked failed)."""
+        for k, seed in enumerate(seeds):
+            where = f"{run.run_dir}, member {k} (seed {seed}), epoch {row['epoch']}"
+            values = {key: row[key][k] for key in ("train_loss", "grad_norm")}
+            check_finite(values, where, f"train.lr (now {config.lr})")
+        return row
+
+    try:
+        with run.open_log() as log:
+            if run.start == 0:
+                log.append(
+                    checked({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
+                )
+            for epoch in range(run.start + 1, config.epochs + 1):
+                t0 = time.perf_counter()
+                order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
+                for idx in order.split(config.batch_size, dim=1):
+                    logits = pop(inputs[idx], loops)
+                    nll = -torch.log_softmax(logits, -1).gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)
+                    optimizer.zero_grad(set_to_none=True)
+                    nll.mean(1).sum().backward()  # member k's slice gets the gradient of its own mean loss
+                    optimizer.step()
+                elapsed = time.perf_counter() - t0
+                row = checked(
+                    {"epoch": epoch, **_evaluate(pop, loops, task), "time_s": elapsed, "n_loops": loops.tolist()}
+                )
+                log.append(row)
+                for k, s in enumerate(schedules):
+                    if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]):
+                        loops[k] = s.n_loops_at(epoch + 1)
+                        if s.resets_optimizer:
+                            optimizer.reset(k)
+                if run.checkpoint_due(epoch):
+                    extra = {
+                        "generators": [generator_state(g) for g in generators],
+                        "schedules": [s.state_dict() for s in schedules],
+                    }
+                    run.save(epoch, pop, optimizer, extra=extra)
+                if on_epoch is not None:
+                    on_epoch(epoch)
+    except DivergenceError as err:
+        run.fail(err)
+        raise
     return run.finish(pop)
 
 

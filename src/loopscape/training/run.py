@@ -23,14 +23,25 @@ uninterrupted run. Only the writing process (rank 0 under DDP) passes
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from loopscape.io import JsonlLog, read_json, read_jsonl
+from loopscape.errors import DivergenceError
+from loopscape.io import JsonlLog, read_json, read_jsonl, write_json
 from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+
+
+def check_finite(values: dict[str, float], where: str, hint: str) -> None:
+    """Raise :class:`DivergenceError` naming ``where`` (run and step) and the likely setting
+    ``hint`` if any of ``values`` (loss, gradient norm, ...) is NaN or infinite."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        found = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise DivergenceError(f"training diverged: {where}: {found}; the likely setting is {hint}")
 
 
 @contextlib.contextmanager
@@ -91,6 +102,11 @@ class RunState:
     ) -> None:
         if self.write:
             save_checkpoint(self.checkpoints, done, model, optimizer, generator, extra=extra, unit=self.unit)
+
+    def fail(self, error: Exception) -> None:
+        """Mark the run failed (``failed.json`` with the reason): nothing downstream may judge it."""
+        if self.write:
+            write_json(self.run_dir / "failed.json", {"error": str(error)})
 
     def finish(self, model: nn.Module, metadata: dict[str, str] | None = None) -> list[dict]:
         """Write the final weights; returns every metrics row (``[]`` where this process does not write)."""
