@@ -41,7 +41,8 @@ def test_markov_writes_run_folder_and_refuses_to_overwrite(tmp_path):
         for seed in (0, 1):
             assert len((out / "runs" / model / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()) == 4
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["observation1"]["verdict"] in {"reproduced", "partly reproduced", "not reproduced"}
+    assert summary["observation1"]["verdict"] == "not tested"  # 3 epochs: the claim is about epochs after 150
+    assert "3 epochs" in summary["observation1"]["reason"] and "not tested" in r.output
     before = (out / "summary.json").read_bytes()
     r = runner.invoke(app, ["markov", "-o", str(out), *TINY])
     assert r.exit_code == 2 and "already exists" in r.output
@@ -135,9 +136,15 @@ def test_reproduce_quick_writes_one_html_report_and_its_numbers(tmp_path):
     assert 'src="figures' not in page and "<table>" in page
     claims = [v["claim"] for v in report["verdicts"]]
     assert any(c.startswith("Observation 1") for c in claims) and any(c.startswith("SCP") for c in claims)
+    verdicts = {v["claim"].split(":")[0]: v["verdict"] for v in report["verdicts"]}
+    for claim in ("Observation 1", "Observation 2", "SCP shifts at 100-150 epochs"):  # 40 epochs: too short
+        assert verdicts[claim] == "not tested", claim
+    assert verdicts["Theorem 1"] == "reproduced"
     for v in report["verdicts"]:
-        assert v["verdict"].split(" (")[0] in {"reproduced", "partly reproduced", "not reproduced", "holds", "fails"}
+        assert v["verdict"] in {"reproduced", "partly reproduced", "not reproduced", "holds", "fails", "not tested"}
+        assert v["ours"] and "None" not in v["ours"] and "nan" not in v["ours"]
         assert html.escape(v["claim"]) in page
+    assert "Quick run" in page and "not tested" in page
     length = report["length_generalisation"]
     assert set(length) == {"4", "8", "11", "14", "17"}
     for row in length.values():  # no model beats the Bayes-optimal predictor by more than sampling noise

@@ -120,10 +120,8 @@ def markov(
         study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
     except (ConfigError, DivergenceError) as err:
         _fail(err)
-    v = study.results["observation1"]
-    typer.echo(
-        f"Observation 1: {v['verdict']} (mean delta {v['delta_mean_pts']:+.2f} pts over {len(v['delta_pts'])} seeds)"
-    )
+    for v in study.verdicts:
+        typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
 
 

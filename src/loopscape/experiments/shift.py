@@ -288,7 +288,7 @@ def run_shift_study(
     figs = out / "figures"
     shift_report.plot_shift_points(results, shift.optimizer, figs / "fig4_shift_points.png")
     shift_report.plot_compute_curves(results, shift.optimizer, figs / "shift_compute_curves.png")
-    markdown, verdicts = shift_report.shift_markdown(results, shift)
+    markdown, verdicts = shift_report.shift_markdown(results, shift, cfg.train.epochs)
     section = Section(
         "shift",
         "SHIFT",

@@ -68,9 +68,9 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
                 "cell": name,
                 "settings": dict(zip(grid, values)),
                 "verdict": v["verdict"],
-                "delta_mean_pts": v["delta_mean_pts"],
-                "delta_std_pts": v["delta_std_pts"],
-                "share_delta_positive": v["share_delta_positive"],
+                "delta_mean_pts": v.get("delta_mean_pts"),  # absent when not tested
+                "delta_std_pts": v.get("delta_std_pts"),
+                "share_delta_positive": v.get("share_delta_positive"),
                 "acc_high_final": {m: float(np.mean(t[m]["acc_high@final"])) for m in t},
                 "acc_all_final": {m: float(np.mean(t[m]["acc_all@final"])) for m in t},
                 "bayes_ceiling_all": 100 * summary["bayes_ceiling"]["all"],
@@ -90,9 +90,12 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
     for r in rows:
         hs, hl = r["acc_high_final"]["single_attn"], r["acc_high_final"]["looped_attn"]
         a_s, a_l = r["acc_all_final"]["single_attn"], r["acc_all_final"]["looped_attn"]
+        if r["delta_mean_pts"] is None:
+            delta, share = "-", "-"
+        else:
+            delta, share = f"{r['delta_mean_pts']:+.2f} ± {r['delta_std_pts']:.2f}", f"{r['share_delta_positive']:.0%}"
         lines.append(
-            f"| {r['cell']} | {r['verdict']} | {r['delta_mean_pts']:+.2f} ± {r['delta_std_pts']:.2f} | "
-            f"{r['share_delta_positive']:.0%} | {hs:.1f} / {hl:.1f} | {a_s:.1f} / {a_l:.1f} | "
+            f"| {r['cell']} | {r['verdict']} | {delta} | {share} | {hs:.1f} / {hl:.1f} | {a_s:.1f} / {a_l:.1f} | "
             f"{r['bayes_ceiling_all']:.1f} |"
         )
     table = "\n".join(lines) + "\n"

@@ -12,14 +12,16 @@ from matplotlib.ticker import MaxNLocator
 
 from loopscape.io import atomic_write_text, read_jsonl
 from loopscape.reporting.figures import plt, save_figure
-from loopscape.reporting.html import Section, render_report, versions
+from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
 
 NAMES = {"single": "Single-Attn", "looped": "Looped-Attn", "shift": "SHIFT"}
 COLOURS = {"single": "tab:blue", "looped": "tab:red", "shift": "tab:green"}
 # verdict rules (stated in the report)
 GAP_PTS = 20.0  # Looped-Attn beats Single-Attn past the training length by at least this (mean accuracy, points)
-COMPARABLE_PTS = 5.0  # differences below this are noise: SHIFT "comparable"; Looped-Attn's edge must exceed it to count
+# differences below this are noise: SHIFT "comparable"; Looped-Attn's edge must exceed it to count
+COMPARABLE_PTS = 5.0
+SHIFT_NEVER_SWITCHED = "SCP never fired: the SHIFT run is Single-Attn throughout, no SHIFT to judge"
 
 
 def headline(entry: dict, paradigm: str) -> list[float]:
@@ -51,73 +53,55 @@ def shift_faster(time_ratio: float) -> bool:
 
 
 def verdicts(results: dict) -> list[dict]:
+    """One run's verdict rows by the rules stated in its report (``not tested`` where the evidence is missing)."""
     task, par = results["task"], results["paradigms"]
     n = results["config"]["train_max_len"]
     out = []
     tested = any(L > n for L in results["test_lengths"])
+    saving = results.get("shift_saving") or {}
+    never_switched = bool(saving) and saving["shift_step"] is None
+    claim = f"{task}: Looped-Attn generalises past the training length, Single-Attn does not"
     if not tested:
         out.append(
-            {
-                "claim": f"{task}: length generalisation",
-                "source": "Fig. 14 (c)",
-                "ours": "no test length beyond the training lengths",
-                "paper": "-",
-                "verdict": "not tested",
-            }
+            verdict_row(
+                claim,
+                "Fig. 14 (c)",
+                f"no test length past the training lengths (1..{n})",
+                "near 100% vs low",
+                NOT_TESTED,
+            )
         )
-    if tested and "single" in par and "looped" in par:
+    elif "single" in par and "looped" in par:
         s, lp = beyond(results, "single"), beyond(results, "looped")
-        v = generalisation_verdict(lp - s)
-        out.append(
-            {
-                "claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not",
-                "source": "Fig. 14 (c)",
-                "ours": f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; "
-                f"oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)",
-                "paper": "near 100% vs low",
-                "verdict": v,
-            }
+        ours = (
+            f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; "
+            f"oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)"
         )
-    if tested and "shift" in par and "looped" in par:
-        sh, lp = beyond(results, "shift"), beyond(results, "looped")
-        v = "reproduced" if abs(sh - lp) <= COMPARABLE_PTS or sh > lp else "not reproduced"
-        ours = f"{sh:.1f}% vs {lp:.1f}% past the training length"
-        if (
-            "single" in par and lp - beyond(results, "single") < COMPARABLE_PTS
-        ):  # matching a Looped-Attn that does not generalise says nothing
-            v, ours = "inconclusive", ours + " (Looped-Attn does not generalise here: nothing to match)"
-        out.append(
-            {
-                "claim": f"{task}: SHIFT ends comparable to Looped-Attn",
-                "source": "Fig. 14",
-                "ours": ours,
-                "paper": "comparable",
-                "verdict": v,
-            }
-        )
-    saving = results.get("shift_saving") or {}
-    if saving and saving["shift_step"] is None:
-        out.append(
-            {
-                "claim": f"{task}: SHIFT trains faster than Looped-Attn",
-                "source": "Fig. 11",
-                "ours": "SCP never fired: no switch, no SHIFT run to time",
-                "paper": "shorter training time",
-                "verdict": "not reproduced",
-            }
-        )
-    elif saving:
-        v = "reproduced" if shift_faster(saving["time_ratio"]) else "not reproduced"
-        out.append(
-            {
-                "claim": f"{task}: SHIFT trains faster than Looped-Attn",
-                "source": "Fig. 11",
-                "ours": f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs "
-                f"(shift at step {saving['shift_step']})",
-                "paper": "shorter training time",
-                "verdict": v,
-            }
-        )
+        out.append(verdict_row(claim, "Fig. 14 (c)", ours, "near 100% vs low", generalisation_verdict(lp - s)))
+    if "shift" in par and "looped" in par:
+        claim = f"{task}: SHIFT ends comparable to Looped-Attn"
+        if not tested or never_switched:
+            why = "no test length past the training lengths" if not tested else SHIFT_NEVER_SWITCHED
+            out.append(verdict_row(claim, "Fig. 14", why, "comparable", NOT_TESTED))
+        else:
+            sh, lp = beyond(results, "shift"), beyond(results, "looped")
+            v = "reproduced" if abs(sh - lp) <= COMPARABLE_PTS or sh > lp else "not reproduced"
+            ours = f"{sh:.1f}% vs {lp:.1f}% past the training length"
+            if "single" in par and lp - beyond(results, "single") < COMPARABLE_PTS:
+                # matching a Looped-Attn that does not generalise says nothing
+                v, ours = "inconclusive", ours + " (Looped-Attn does not generalise here: nothing to match)"
+            out.append(verdict_row(claim, "Fig. 14", ours, "comparable", v))
+    if saving:
+        claim = f"{task}: SHIFT trains faster than Looped-Attn"
+        if never_switched:
+            out.append(verdict_row(claim, "Fig. 11", SHIFT_NEVER_SWITCHED, "shorter training time", NOT_TESTED))
+        else:
+            v = "reproduced" if shift_faster(saving["time_ratio"]) else "not reproduced"
+            ours = (
+                f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs "
+                f"(shift at step {saving['shift_step']})"
+            )
+            out.append(verdict_row(claim, "Fig. 11", ours, "shorter training time", v))
     return out
 
 
@@ -370,33 +354,32 @@ def seeds_markdown(summary: dict) -> str:
 
 
 def seeds_verdicts(summary: dict) -> list[dict]:
+    """The verdict rows over seeds (``not tested`` where no seed has the evidence)."""
     task, n, k = summary["task"], summary["train_max_len"], len(summary["seeds"])
     out = []
     if "edge_verdict" in summary:
         e = summary["over_seeds"]["edge"]
         se = "" if e["se"] is None else f" (standard error {e['se']:.1f})"
-        out.append(
-            {
-                "claim": f"{task}: Looped-Attn generalises past the training length, Single-Attn does not ({k} seeds)",
-                "source": "Fig. 14 (c)",
-                "ours": f"Looped-Attn minus Single-Attn past length {n}: {e['mean']:+.1f} points, mean over seeds{se}; "
-                f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds",
-                "paper": "near 100% vs low",
-                "verdict": summary["edge_verdict"],
-            }
+        claim = f"{task}: Looped-Attn generalises past the training length, Single-Attn does not ({k} seeds)"
+        ours = (
+            f"Looped-Attn minus Single-Attn past length {n}: {e['mean']:+.1f} points, mean over seeds{se}; "
+            f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds"
         )
+        out.append(verdict_row(claim, "Fig. 14 (c)", ours, "near 100% vs low", summary["edge_verdict"]))
     if "seeds_shift_faster" in summary:
         f = summary["seeds_shift_faster"]
-        v = "reproduced" if f == k else "partly reproduced" if f else "not reproduced"
-        out.append(
-            {
-                "claim": f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)",
-                "source": "Fig. 11",
-                "ours": f"faster on {f} of {k} seeds",
-                "paper": "shorter training time",
-                "verdict": v,
-            }
-        )
+        switched = sum(r.get("shift_step") is not None for r in summary["seeds"])
+        claim = f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)"
+        if switched == 0:
+            out.append(
+                verdict_row(
+                    claim, "Fig. 11", f"SCP never fired on any of {k} seeds", "shorter training time", NOT_TESTED
+                )
+            )
+        else:
+            v = "reproduced" if f == k else "partly reproduced" if f else "not reproduced"
+            never = f"; SCP never fired on {k - switched}" if switched < k else ""
+            out.append(verdict_row(claim, "Fig. 11", f"faster on {f} of {k} seeds{never}", "shorter training time", v))
     return out
 
 

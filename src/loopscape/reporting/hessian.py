@@ -22,7 +22,9 @@ import numpy as np
 from loopscape.landscape.river_valley import assumption1, valley_diagnostics
 from loopscape.landscape.spectrum import trajectory_metrics
 from loopscape.reporting.figures import LABELS, PHASE_EPOCH, plt, save_figure
+from loopscape.reporting.html import NOT_TESTED, verdict_row
 
+STABLE_EPOCHS = 100  # Looped-Attn's stabilisation: its entropy's range over the last 100 epochs
 SNAPSHOTS = {"single_attn": [10, 50, 100, 150], "looped_attn": [1, 50, 60, 150, 170, 400]}
 OBS2_RULE = (
     "c = 0.1 log(n_bins). Single-Attn static: range of E over epochs >= 10 <= c. Looped-Attn collapse: min E over "
@@ -46,18 +48,26 @@ def trajectories(
 
 
 def observation2_verdict(traj: dict[str, dict[str, np.ndarray]], n_bins: int) -> dict:
+    """The rule above; ``not tested`` unless the tracked epochs reach the stabilisation window
+    after the phase boundary (``PHASE_EPOCH + STABLE_EPOCHS``)."""
     c = 0.1 * np.log(n_bins)
     s, lp = traj["single_attn"], traj["looped_attn"]
     es, el = s["entropy"], lp["entropy"]
     ep_s, ep_l = s["epochs"], lp["epochs"]
     c = float(c)
+    needed = PHASE_EPOCH + STABLE_EPOCHS
+    if ep_l[-1] < needed or ep_s[-1] < needed:
+        last = int(min(ep_l[-1], ep_s[-1]))
+        reason = f"spectra tracked to epoch {last}; the three phases need {needed} (collapse by {PHASE_EPOCH}, then "
+        reason += f"{STABLE_EPOCHS} epochs to stabilise)"
+        return {"verdict": NOT_TESTED, "reason": reason, "rule": OBS2_RULE, "c": c}
     static = bool(float(np.ptp(es[ep_s >= 10])) <= c) if (ep_s >= 10).any() else False
     early = (ep_l >= 1) & (ep_l <= PHASE_EPOCH)
     e1 = el[ep_l >= 1][0] if (ep_l >= 1).any() else el[0]
     i_min = int(np.flatnonzero(early)[np.argmin(el[early])]) if early.any() else 0
     collapse = bool(early.any() and el[i_min] <= e1 - c)
     diversification = bool(i_min + 1 < len(el) and el[i_min + 1 :].max() >= el[i_min] + c)
-    last = ep_l > ep_l[-1] - 100
+    last = ep_l > ep_l[-1] - STABLE_EPOCHS
     stabilisation = bool(float(np.ptp(el[last])) <= c)
     phases = int(collapse) + int(diversification) + int(stabilisation)
     if static and phases == 3:
@@ -81,27 +91,26 @@ def observation2_verdict(traj: dict[str, dict[str, np.ndarray]], n_bins: int) ->
 
 def verdict_rows(observation2: dict, landscape: dict) -> list[dict]:
     """Observation 2's and Assumption 1's rows of a report's verdict table."""
-    rows = [
-        {
-            "claim": "Observation 2: Single-Attn's Hessian static; Looped-Attn's collapses, diversifies, stabilises",
-            "source": "Section 4.1",
-            "ours": f"collapse {observation2['looped_collapse']}, "
-            f"diversification {observation2['looped_diversification']}",
-            "paper": "Figures 3c, 3d",
-            "verdict": observation2["verdict"],
-        }
-    ]
-    a1 = landscape["assumption1"]
-    if a1:
-        rows.append(
-            {
-                "claim": "Assumption 1: Looped-Attn has more low-curvature directions (V-valley)",
-                "source": "Section 4.2",
-                "ours": ", ".join(f"epoch {e}: m {a['m_single']} vs {a['m_looped']}" for e, a in a1.items()),
-                "paper": "assumed",
-                "verdict": "holds" if all(a["holds"] for a in a1.values()) else "fails",
-            }
+    o2 = observation2
+    if o2["verdict"] == NOT_TESTED:
+        ours = o2["reason"]
+    else:
+        ours = (
+            f"Single-Attn static {o2['single_static']}; Looped-Attn collapse {o2['looped_collapse']}, "
+            f"diversification {o2['looped_diversification']}, stabilisation {o2['looped_stabilisation']}"
         )
+    claim = "Observation 2: Single-Attn's Hessian static; Looped-Attn's collapses, diversifies, stabilises"
+    rows = [verdict_row(claim, "Section 4.1", ours, "Figures 3c, 3d", o2["verdict"])]
+    a1 = landscape["assumption1"]
+    claim = "Assumption 1: Looped-Attn has more low-curvature directions (V-valley)"
+    if PHASE_EPOCH not in a1:
+        tracked = ", ".join(str(e) for e in a1) or "none"
+        ours = f"judged at epoch {PHASE_EPOCH} and at the end; compared at epochs: {tracked}"
+        rows.append(verdict_row(claim, "Section 4.2", ours, "assumed", NOT_TESTED))
+    else:
+        ours = ", ".join(f"epoch {e}: m {a['m_single']} vs {a['m_looped']}" for e, a in a1.items())
+        verdict = "holds" if all(a["holds"] for a in a1.values()) else "fails"
+        rows.append(verdict_row(claim, "Section 4.2", ours, "assumed", verdict))
     return rows
 
 
@@ -162,22 +171,31 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def observation2_details(verdict: dict) -> str:
+    """What the rule found, or why it was not applied."""
+    if verdict["verdict"] == NOT_TESTED:
+        return f"Not tested: {verdict['reason']}."
+    return (
+        f"Single-Attn static: {verdict['single_static']} (entropy range after epoch 10: "
+        f"{_num(verdict['single_entropy_range_after_10'])}, c = {verdict['c']:.3f}); "
+        f"Looped-Attn collapse: {verdict['looped_collapse']} (minimum at epoch {verdict['looped_entropy_min_epoch']}), "
+        f"diversification: {verdict['looped_diversification']}, stabilisation: {verdict['looped_stabilisation']}."
+    )
+
+
 def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
     lines = [
         "## Hessian-level dynamics (Observation 2, Assumption 1)",
         "",
         "Exact spectra of the training-loss Hessian (float64) every tracked epoch; Matrix Entropy and Mutual "
         "Information "
-        f"on {n_bins} equal |lambda| bins shared by consecutive epochs (histogram variant; docs/markov.md).",
+        f"on {n_bins} equal |lambda| bins, one binning for the whole run (histogram variant; docs/markov.md).",
         "",
         f"### Verdict on Observation 2: **{verdict['verdict']}**",
         "",
         f"Rule: {verdict['rule']}",
         "",
-        f"Single-Attn static: {verdict['single_static']} (entropy range after epoch 10: "
-        f"{_num(verdict['single_entropy_range_after_10'])}, c = {verdict['c']:.3f}); "
-        f"Looped-Attn collapse: {verdict['looped_collapse']} (minimum at epoch {verdict['looped_entropy_min_epoch']}), "
-        f"diversification: {verdict['looped_diversification']}, stabilisation: {verdict['looped_stabilisation']}.",
+        observation2_details(verdict),
         "",
         "| model | epoch | river dim | valley dim | kappa | U/V | m_tau (tau=0.5) | sqrt(d_V) sum 1/lambda |",
         "|---|---|---|---|---|---|---|---|",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import platform
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,6 +41,23 @@ class Section:
     title: str
     markdown: str
     figures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "holds", "fails", "inconclusive", "not tested")
+NOT_TESTED = "not tested"
+_EMPTY = re.compile(r"\b(nan|None)\b")
+
+
+def verdict_row(claim: str, source: str, ours: str, paper: str, verdict: str) -> dict:
+    """A row of a verdict table. A verdict needs its evidence shown: every cell is a
+    non-empty text with no ``None`` or ``nan`` in it (``"not tested"`` puts its reason in ``ours``)."""
+    row = {"claim": claim, "source": source, "ours": ours, "paper": paper, "verdict": verdict}
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS} (got {verdict!r})")
+    for key, text in row.items():
+        if not isinstance(text, str) or not text.strip() or _EMPTY.search(text):
+            raise ValueError(f"verdict row {claim!r}: the {key} cell is empty or holds no number ({text!r})")
+    return row
 
 
 @dataclass

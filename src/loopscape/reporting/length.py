@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from loopscape.reporting.figures import plt, save_figure
+from loopscape.reporting.html import NOT_TESTED
+from loopscape.reporting.html import verdict_row as html_verdict_row
 from loopscape.reporting.stats import fmt_mean_std, fmt_number
 
 PAPER_TABLE1 = {  # length: (# simple sequences share, Single-Attn, Looped-Attn) on simple sequences, %
@@ -28,17 +30,22 @@ NAMES = {"single_attn": "Single-Attn", "looped_attn": "Looped-Attn", "shift": "S
 
 
 def length_verdict(length: dict, train_length: int) -> dict:
+    """The rule above, per test length; ``not tested`` without a test length past the training
+    length or with fewer than two seeds (no standard error)."""
+    tests = {L: row for L, row in length.items() if int(L) != train_length}
+    seeds = min((row["single_attn"]["all"]["n"] for row in tests.values()), default=0)
+    if not tests or seeds < 2:
+        why = "no test length past the training length" if not tests else "one seed: no standard error to judge by"
+        return {"verdict": NOT_TESTED, "reason": why, "per_length": {}}
     wins = {}
-    for L, row in length.items():
-        if int(L) == train_length:
-            continue
+    for L, row in tests.items():
         s, lp = row["single_attn"]["all"], row["looped_attn"]["all"]
         diff = lp["mean"] - s["mean"]
-        se = np.sqrt((s["std"] ** 2 + lp["std"] ** 2) / max(s["n"], 1))
+        se = np.sqrt((s["std"] ** 2 + lp["std"] ** 2) / s["n"])
         wins[L] = {"diff_pts": diff, "se_pts": float(se), "win": bool(diff > se)}
     n = sum(w["win"] for w in wins.values())
     v = "reproduced" if n == len(wins) else "partly reproduced" if n else "not reproduced"
-    return {"verdict": v, "per_length": wins}
+    return {"verdict": v, "reason": None, "per_length": wins}
 
 
 def plot_length(length: dict, path: Path) -> None:
@@ -66,7 +73,7 @@ def length_markdown(length: dict, train_length: int, verdict: dict, alpha: float
         codes = f"reuse the {slots} position codes cyclically (the transitions cycle with period {train_length - 1})"
     else:
         codes = f"have their own position codes ({slots} slots)"
-    n_test = next(row["n"] for L, row in length.items() if int(L) != train_length)
+    n_test = next((row["n"] for L, row in length.items() if int(L) != train_length), 0)
     lines = [
         "# Length generalisation (Section 4.4, Appendix E.1.3, Figure 9, Table 1)",
         "",
@@ -95,6 +102,8 @@ def length_markdown(length: dict, train_length: int, verdict: dict, alpha: float
         f"**{verdict['verdict']}**",
         "",
     ]
+    if verdict["verdict"] == NOT_TESTED:
+        lines.append(f"Not tested: {verdict['reason']}.")
     for L, w in verdict["per_length"].items():
         lines.append(
             f"- L = {L}: Looped-Attn minus Single-Attn {w['diff_pts']:+.2f} pts (standard error {w['se_pts']:.2f})"
@@ -109,10 +118,11 @@ def length_markdown(length: dict, train_length: int, verdict: dict, alpha: float
 
 def verdict_row(verdict: dict) -> dict:
     """Length generalisation's row of a report's verdict table."""
-    return {
-        "claim": "Looped-Attn generalises to longer sequences better than Single-Attn",
-        "source": "Section 4.4, Figure 9, Table 1",
-        "ours": ", ".join(f"L={L}: {w['diff_pts']:+.1f} pts" for L, w in verdict["per_length"].items()),
-        "paper": "Looped-Attn above at every length",
-        "verdict": verdict["verdict"],
-    }
+    if verdict["verdict"] == NOT_TESTED:
+        ours = verdict["reason"]
+    else:
+        ours = ", ".join(f"L={L}: {w['diff_pts']:+.1f} pts" for L, w in verdict["per_length"].items())
+    claim = "Looped-Attn generalises to longer sequences better than Single-Attn"
+    return html_verdict_row(
+        claim, "Section 4.4, Figure 9, Table 1", ours, "Looped-Attn above at every length", verdict["verdict"]
+    )

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from loopscape.reporting.figures import plt, save_figure
+from loopscape.reporting.html import NOT_TESTED, verdict_row
 from loopscape.reporting.stats import fmt_mean_std, fmt_number
 
 PAPER_SCP = {"shift_range": [100, 150], "speedup": 1.26}
@@ -42,11 +43,16 @@ def scp_epochs(res: dict, optimizer: str) -> list[int | None]:
 # -- verdicts ---------------------------------------------------------------------------
 
 
-def scp_point_verdict(epochs: list[int | None]) -> dict:
+def scp_point_verdict(epochs: list[int | None], run_epochs: int) -> dict:
+    """SCP's shift epochs per seed against the paper's range; ``not tested`` on runs that end before it."""
     lo, hi = PAPER_SCP["shift_range"]
     shifted = [e for e in epochs if e is not None]
+    if run_epochs < hi:
+        reason = f"the runs have {run_epochs} epochs and end before the paper's range {lo}-{hi}"
+        return {"verdict": NOT_TESTED, "reason": reason, "median": None, "epochs": epochs}
     if not shifted:
-        return {"verdict": "not reproduced", "median": None, "epochs": epochs}
+        reason = f"SCP never shifted in {run_epochs} epochs on any of {len(epochs)} seeds"
+        return {"verdict": "not reproduced", "reason": reason, "median": None, "epochs": epochs}
     med = float(np.median(shifted))
     if lo <= med <= hi:
         v = "reproduced"
@@ -58,13 +64,18 @@ def scp_point_verdict(epochs: list[int | None]) -> dict:
 
 
 def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
+    """SHIFT with SCP against Looped-Attn; ``not tested`` where SCP did not shift (that run is Single-Attn)."""
     speed = entry["wall_s_speedup_total"]["mean"]
     loss = entry["acc_all_minus_looped"]["mean"]
     fast = speed is not None and speed >= 1.1
     no_loss = loss is not None and loss >= -tolerance_pts
     never = sum(e is None for e in entry["shift_epochs"])
-    if never:  # a run that never shifted is Single-Attn, not SHIFT
-        v = f"not reproduced (SCP never shifted on {never} of {len(entry['shift_epochs'])} seeds)"
+    reason = None
+    if never:  # a run that never shifted is Single-Attn, not SHIFT: there is no SHIFT run to time
+        v = NOT_TESTED
+        reason = f"SCP never shifted on {never} of {len(entry['shift_epochs'])} seeds: those runs are Single-Attn"
+    elif speed is None or loss is None:
+        v, reason = NOT_TESTED, "no speed-up or final accuracy was measured"
     elif fast and no_loss:
         v = "reproduced"
     elif speed is not None and speed > 1 and (fast or no_loss):
@@ -73,6 +84,7 @@ def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
         v = "not reproduced"
     return {
         "verdict": v,
+        "reason": reason,
         "wall_speedup_total": speed,
         "wall_speedup_to_target": entry["wall_s_speedup_to_target"]["mean"],
         "acc_all_minus_looped_pts": loss,
@@ -152,11 +164,11 @@ def plot_compute_curves(res: dict, optimizer: str, path: Path) -> None:
 # -- markdown ---------------------------------------------------------------------------
 
 
-def shift_markdown(res: dict, shift_cfg) -> tuple[str, dict]:
+def shift_markdown(res: dict, shift_cfg, run_epochs: int) -> tuple[str, dict]:
     """The section, and the verdicts on SCP's shift point and SHIFT's speed-up."""
     opt = shift_cfg.optimizer
     tol_pts = 100 * shift_cfg.tolerance
-    scp_v = scp_point_verdict(scp_epochs(res, opt))
+    scp_v = scp_point_verdict(scp_epochs(res, opt), run_epochs)
     speed_v = speedup_verdict(res["policies"][f"scp/{opt}"], tol_pts)
     lo, hi = PAPER_SCP["shift_range"]
     lines = [
@@ -225,9 +237,10 @@ def shift_markdown(res: dict, shift_cfg) -> tuple[str, dict]:
         f"{fmt_number(scp_v['median'], 0)}); "
         f"paper: {lo}-{hi}. "
         f"Rule: reproduced if the median is in [{lo}, {hi}]; partly within 50 epochs of it.",
+        *([f"Not tested: {scp_v['reason']}."] if scp_v["verdict"] == NOT_TESTED else []),
         "",
         f"## Verdict on SHIFT's speed-up at no loss: **{speed_v['verdict']}**",
-        "",
+        *([f"Not tested: {speed_v['reason']}.", ""] if speed_v["verdict"] == NOT_TESTED else [""]),
         f"SCP's mean wall-clock speed-up over the whole run {fmt_number(speed_v['wall_speedup_total'])}x (paper: about "
         f"{PAPER_SCP['speedup']}x; to the target {fmt_number(speed_v['wall_speedup_to_target'])}x); "
         f"final accuracy {fmt_number(speed_v['acc_all_minus_looped_pts'])} pts against Looped-Attn (tolerance "
@@ -244,20 +257,12 @@ def verdict_rows(verdicts: dict) -> list[dict]:
     """SHIFT's rows of a report's verdict table."""
     point, speed = verdicts["scp_shift_point"], verdicts["shift_speedup"]
     lo, hi = PAPER_SCP["shift_range"]
-    return [
-        {
-            "claim": f"SCP shifts at {lo}-{hi} epochs",
-            "source": "Section 5",
-            "ours": f"median {point['median']}",
-            "paper": f"{lo}-{hi}",
-            "verdict": point["verdict"],
-        },
-        {
-            "claim": "SHIFT reaches Looped-Attn's accuracy faster, at no loss",
-            "source": "Section 5, Figure 4",
-            "ours": f"{fmt_number(speed['wall_speedup_total'])}x wall time, "
-            f"{fmt_number(speed['acc_all_minus_looped_pts'])} pts",
-            "paper": f"about {PAPER_SCP['speedup']}x, no loss",
-            "verdict": speed["verdict"],
-        },
-    ]
+    ours = point["reason"] if point["median"] is None else f"median {point['median']:g} (epochs {point['epochs']})"
+    rows = [verdict_row(f"SCP shifts at {lo}-{hi} epochs", "Section 5", ours, f"{lo}-{hi}", point["verdict"])]
+    if speed["reason"] is not None:
+        ours = speed["reason"]
+    else:
+        ours = f"{speed['wall_speedup_total']:.2f}x wall time, {speed['acc_all_minus_looped_pts']:+.2f} pts"
+    claim = "SHIFT reaches Looped-Attn's accuracy faster, at no loss"
+    paper = f"about {PAPER_SCP['speedup']}x, no loss"
+    return rows + [verdict_row(claim, "Section 5, Figure 4", ours, paper, speed["verdict"])]

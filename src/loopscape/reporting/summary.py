@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from loopscape.reporting.figures import LABELS, PHASE_EPOCH
+from loopscape.reporting.html import NOT_TESTED, verdict_row
 
 PAPER = {
     "looped_attn": {"acc_high@150": 44.65, "acc_high@final": 54.72, "acc_all@final": 72.29},
@@ -28,27 +29,33 @@ PAPER = {
 }
 PAPER_SOURCE = "Section 4.1 Observation 1 (high-IC 44.65% -> 54.72%); Table 1, training row (total accuracy)"
 MIN_GAIN = 5.0
+WINDOW = 10  # epochs averaged by W(e)
 MIN_SHARE = 0.8
 
 PAPER_DELTA_PTS = 10.07  # Looped-Attn's high-IC rise after the phase boundary, 44.65% -> 54.72%
 
 RULE = (
     f"W(e) = mean over epochs e-9..e; gain = W_high(final) - W_high(split) per seed, split = epoch {PHASE_EPOCH} "
-    f"(epochs // 2 for runs of <= {PHASE_EPOCH} epochs); delta = gain(Looped-Attn) - gain(Single-Attn). "
+    f"(not tested on runs shorter than {PHASE_EPOCH} + 10 epochs); delta = gain(Looped-Attn) - gain(Single-Attn). "
     f"Reproduced if mean delta >= {MIN_GAIN} pts, mean Looped-Attn gain >= {MIN_GAIN} pts and delta > 0 on "
     f">= {MIN_SHARE:.0%} of seeds; partly if mean delta > its standard error and delta > 0 on >= 50% of seeds; "
     "else not reproduced."
 )
 
 
-def window(a: np.ndarray, epoch: int, width: int = 10) -> np.ndarray:
+def window(a: np.ndarray, epoch: int, width: int = WINDOW) -> np.ndarray:
     """Per-seed mean of ``a[:, epoch-width+1 .. epoch]`` (``a`` is seeds x epochs+1)."""
     return a[:, max(0, epoch - width + 1) : epoch + 1].mean(axis=1)
 
 
 def observation1_verdict(metrics: dict[str, dict[str, np.ndarray]]) -> dict:
+    """The rule above; ``not tested`` when the runs end before the window after the phase boundary."""
     epochs = metrics["looped_attn"]["acc_high"].shape[1] - 1
-    split = PHASE_EPOCH if epochs > PHASE_EPOCH else epochs // 2
+    if epochs < PHASE_EPOCH + WINDOW:
+        needed = PHASE_EPOCH + WINDOW
+        reason = f"the runs have {epochs} epochs; the claim is about epochs after {PHASE_EPOCH} ({needed} needed)"
+        return {"verdict": NOT_TESTED, "reason": reason, "rule": RULE, "split_epoch": PHASE_EPOCH}
+    split = PHASE_EPOCH
     gain = {m: 100 * (window(metrics[m]["acc_high"], epochs) - window(metrics[m]["acc_high"], split)) for m in metrics}
     delta = gain["looped_attn"] - gain["single_attn"]
     share = float((delta > 0).mean())
@@ -76,29 +83,48 @@ def observation1_verdict(metrics: dict[str, dict[str, np.ndarray]]) -> dict:
 
 def observation1_row(verdict: dict) -> dict:
     """Observation 1's row of a report's verdict table."""
-    return {
-        "claim": f"Observation 1: Looped-Attn keeps learning high-IC sequences after epoch {PHASE_EPOCH}, "
-        "Single-Attn stalls",
-        "source": "Section 4.1",
-        "ours": f"delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts",
-        "paper": f"+{PAPER_DELTA_PTS} pts",
-        "verdict": verdict["verdict"],
-    }
+    if verdict["verdict"] == NOT_TESTED:
+        ours = verdict["reason"]
+    else:
+        ours = f"delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts"
+    claim = f"Observation 1: Looped-Attn keeps learning high-IC sequences after epoch {PHASE_EPOCH}, Single-Attn stalls"
+    return verdict_row(claim, "Section 4.1", ours, f"+{PAPER_DELTA_PTS} pts", verdict["verdict"])
 
 
 def _fmt(a: np.ndarray) -> str:
     return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
 
 
+def per_seed_lines(verdict: dict, seeds: list[int]) -> list[str]:
+    """Observation 1's gains per seed and their mean, as Markdown lines."""
+    lines = [
+        "| seed | gain Single-Attn (pts) | gain Looped-Attn (pts) | delta (pts) |",
+        "|---|---|---|---|",
+    ]
+    gains = verdict["gain_pts"]
+    for s, gs, gl, d in zip(seeds, gains["single_attn"], gains["looped_attn"], verdict["delta_pts"]):
+        lines.append(f"| {s} | {gs:+.2f} | {gl:+.2f} | {d:+.2f} |")
+    return lines + [
+        "",
+        f"Mean delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts; "
+        f"delta > 0 on {verdict['share_delta_positive']:.0%} of seeds. Paper: Looped-Attn +{PAPER_DELTA_PTS} pts "
+        f"(44.65% -> 54.72%), Single-Attn stalls. Sources: {PAPER_SOURCE}.",
+        "",
+    ]
+
+
 def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg) -> dict:
     """Numbers, the verdict, and a Markdown rendering (key ``markdown``)."""
     verdict = observation1_verdict(metrics)
     split, epochs = verdict["split_epoch"], metrics["looped_attn"]["acc_high"].shape[1] - 1
+    tested = verdict["verdict"] != NOT_TESTED
     table = {}
     for m, met in metrics.items():
+        at_split = {f"acc_low@{split}": 100 * window(met["acc_low"], split)} if tested else {}
+        if tested:
+            at_split[f"acc_high@{split}"] = 100 * window(met["acc_high"], split)
         table[m] = {
-            f"acc_low@{split}": 100 * window(met["acc_low"], split),
-            f"acc_high@{split}": 100 * window(met["acc_high"], split),
+            **at_split,
             "acc_high@final": 100 * window(met["acc_high"], epochs),
             "acc_low@final": 100 * window(met["acc_low"], epochs),
             "acc_all@final": 100 * window(met["acc_all"], epochs),
@@ -133,21 +159,8 @@ def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg)
         "",
         f"Rule: {RULE}",
         "",
-        "| seed | gain Single-Attn (pts) | gain Looped-Attn (pts) | delta (pts) |",
-        "|---|---|---|---|",
     ]
-    for s, gs, gl, d in zip(
-        cfg.seeds, verdict["gain_pts"]["single_attn"], verdict["gain_pts"]["looped_attn"], verdict["delta_pts"]
-    ):
-        lines.append(f"| {s} | {gs:+.2f} | {gl:+.2f} | {d:+.2f} |")
-    lines += [
-        "",
-        f"Mean delta {verdict['delta_mean_pts']:+.2f} ± {verdict['delta_std_pts']:.2f} pts; "
-        f"delta > 0 on {verdict['share_delta_positive']:.0%} of seeds. Paper: Looped-Attn +{PAPER_DELTA_PTS} pts "
-        "(44.65% -> 54.72%), Single-Attn stalls. "
-        f"Sources: {PAPER_SOURCE}.",
-        "",
-    ]
+    lines += per_seed_lines(verdict, cfg.seeds) if tested else [f"Not tested: {verdict['reason']}.", ""]
     return {
         "table": {m: {k: v.tolist() for k, v in row.items()} for m, row in table.items()},
         "paper": PAPER,

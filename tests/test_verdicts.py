@@ -1,0 +1,186 @@
+"""Every verdict rule of the Markov report on hand-made results: each outcome, "not tested" included,
+and no empty, None or NaN cell in a verdict row."""
+
+import numpy as np
+import pytest
+
+from loopscape.reporting import hessian, length, shift, summary, theory
+from loopscape.reporting.html import verdict_row
+
+
+def obs1_metrics(epochs: int, rise_looped: list[float], rise_single: list[float]) -> dict:
+    """High-IC accuracy flat until the phase boundary, then rising linearly by the given points per seed."""
+
+    def curves(rises):
+        t = np.arange(epochs + 1)
+        after = np.clip(t - summary.PHASE_EPOCH, 0, None) / max(epochs - summary.PHASE_EPOCH, 1)
+        return np.array([0.4 + r / 100 * after for r in rises])
+
+    zeros = np.zeros((len(rise_looped), epochs + 1))
+    return {
+        "looped_attn": {"acc_high": curves(rise_looped), "acc_low": zeros, "acc_all": zeros, "train_loss": zeros},
+        "single_attn": {"acc_high": curves(rise_single), "acc_low": zeros, "acc_all": zeros, "train_loss": zeros},
+    }
+
+
+@pytest.mark.parametrize(
+    "looped, single, expected",
+    [
+        ([12, 12, 12, 12, 12], [0, 0, 0, 0, 0], "reproduced"),
+        ([3, 3, 3, 3, 3], [0, 0, 0, 0, 0], "partly reproduced"),  # below the 5-point bar, above its noise
+        ([0, 0, 0, 0, 0], [6, 6, 6, 6, 6], "not reproduced"),
+    ],
+)
+def test_observation1_outcomes(looped, single, expected):
+    v = summary.observation1_verdict(obs1_metrics(300, looped, single))
+    assert v["verdict"] == expected
+    assert summary.observation1_row(v)["verdict"] == expected
+
+
+def test_observation1_not_tested_on_a_run_that_ends_before_the_phase_boundary():
+    v = summary.observation1_verdict(obs1_metrics(40, [12, 12], [0, 0]))
+    assert v["verdict"] == "not tested" and "40 epochs" in v["reason"]
+    row = summary.observation1_row(v)
+    assert row["verdict"] == "not tested" and row["ours"] == v["reason"]
+
+
+def traj(looped_entropy, single_entropy, epochs):
+    return {
+        "looped_attn": {"epochs": np.asarray(epochs), "entropy": np.asarray(looped_entropy, float)},
+        "single_attn": {"epochs": np.asarray(epochs), "entropy": np.asarray(single_entropy, float)},
+    }
+
+
+def test_observation2_outcomes():
+    epochs = np.arange(0, 401)
+    c = 0.1 * np.log(50)
+    flat = np.full(epochs.size, 2.0)
+    dip = np.where(epochs <= 100, 2.0 - 3 * c * epochs / 100, 2.0 - 3 * c + 3 * c * np.clip((epochs - 100) / 100, 0, 1))
+    assert hessian.observation2_verdict(traj(dip, flat, epochs), 50)["verdict"] == "reproduced"
+    assert hessian.observation2_verdict(traj(flat, flat, epochs), 50)["verdict"] == "partly reproduced"  # static only
+    noisy = 2.0 + 5 * c * (epochs % 2)
+    assert hessian.observation2_verdict(traj(flat + 0.0 * epochs, noisy, epochs), 50)["verdict"] == "not reproduced"
+    short = np.arange(0, 41)
+    v = hessian.observation2_verdict(traj(np.full(41, 2.0), np.full(41, 2.0), short), 50)
+    assert v["verdict"] == "not tested" and "epoch 40" in v["reason"]
+    rows = hessian.verdict_rows(v, {"assumption1": {40: {"m_single": 3, "m_looped": 5, "holds": True}}})
+    assert [r["verdict"] for r in rows] == ["not tested", "not tested"]  # Assumption 1 is judged at epoch 150
+
+
+def test_assumption1_outcomes():
+    o2 = {"verdict": "not tested", "reason": "short"}
+    holds = {150: {"m_single": 3, "m_looped": 5, "holds": True}, 600: {"m_single": 3, "m_looped": 6, "holds": True}}
+    assert hessian.verdict_rows(o2, {"assumption1": holds})[1]["verdict"] == "holds"
+    fails = {**holds, 600: {"m_single": 6, "m_looped": 3, "holds": False}}
+    assert hessian.verdict_rows(o2, {"assumption1": fails})[1]["verdict"] == "fails"
+
+
+@pytest.mark.parametrize(
+    "epochs, run_epochs, expected",
+    [
+        ([120, 130, 140], 600, "reproduced"),
+        ([60, 70, 80], 600, "partly reproduced"),
+        ([300, 320, 310], 600, "not reproduced"),
+        ([None, None, None], 600, "not reproduced"),  # SCP never fired in a full-length run: evidence against
+        ([None, None], 40, "not tested"),  # the run ends before the paper's range
+    ],
+)
+def test_scp_shift_point_outcomes(epochs, run_epochs, expected):
+    v = shift.scp_point_verdict(epochs, run_epochs)
+    assert v["verdict"] == expected
+    speed = {"verdict": "not tested", "reason": "r", "wall_speedup_total": None, "acc_all_minus_looped_pts": None}
+    assert shift.verdict_rows({"scp_shift_point": v, "shift_speedup": speed})[0]["verdict"] == expected
+
+
+def policy(speed, loss, shift_epochs=(120, 130)):
+    def stat(m):
+        return {"mean": m, "std": 0.0, "n": 2}
+
+    return {
+        "wall_s_speedup_total": stat(speed),
+        "wall_s_speedup_to_target": stat(speed),
+        "acc_all_minus_looped": stat(loss),
+        "shift_epochs": list(shift_epochs),
+    }
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        (policy(1.3, 0.0), "reproduced"),
+        (policy(1.3, -2.0), "partly reproduced"),  # fast, but a loss beyond the tolerance
+        (policy(0.9, 0.0), "not reproduced"),
+        (policy(1.3, 0.0, (None, 130)), "not tested"),  # one seed never shifted: it is Single-Attn
+    ],
+)
+def test_shift_speedup_outcomes(entry, expected):
+    v = shift.speedup_verdict(entry, tolerance_pts=0.5)
+    assert v["verdict"] == expected
+    point = {"verdict": "reproduced", "median": 125.0, "epochs": [120, 130], "reason": None}
+    row = shift.verdict_rows({"scp_shift_point": point, "shift_speedup": v})[1]
+    assert row["verdict"] == expected and "None" not in row["ours"]
+
+
+def length_results(diffs, n_seeds=3, lengths=(8, 11)):
+    rows = {"4": {"single_attn": {"all": {"mean": 70.0, "std": 1.0, "n": n_seeds}}}}
+    for L, d in zip(lengths, diffs):
+        rows[str(L)] = {
+            "single_attn": {"all": {"mean": 50.0, "std": 2.0, "n": n_seeds}},
+            "looped_attn": {"all": {"mean": 50.0 + d, "std": 2.0, "n": n_seeds}},
+        }
+    return rows
+
+
+@pytest.mark.parametrize(
+    "res, expected",
+    [
+        (length_results([10, 10]), "reproduced"),
+        (length_results([10, 0]), "partly reproduced"),
+        (length_results([-5, 0]), "not reproduced"),
+        (length_results([], lengths=()), "not tested"),  # test_lengths = []: nothing past the training length
+        (length_results([10, 10], n_seeds=1), "not tested"),  # one seed: no standard error
+    ],
+)
+def test_length_generalisation_outcomes(res, expected):
+    v = length.length_verdict(res, train_length=4)
+    assert v["verdict"] == expected
+    assert length.verdict_row(v)["verdict"] == expected
+
+
+def bound(meeting, held):
+    return {"instances": 10, "meeting_assumptions": meeting, "held": held}
+
+
+def theory_results(meeting=5, held=5, checks=True, a4=1.0):
+    c = {"C_ratio_to_U": 3.0, "final_loss_below_U": True, "river_progress_beyond_U": True}
+    summary3 = {"assumption-4 initialisation/W_K": {"fraction_nonnegative": a4}} if a4 is not None else {}
+    return {
+        "Theorem 1": bound(meeting, held),
+        "Theorem 2": bound(meeting, held),
+        "Corollaries 1-2": {"checks": {"V": c} if checks else {}},
+        "Theorem 3": {"summary": summary3},
+    }
+
+
+def test_theory_outcomes():
+    assert [r["verdict"] for r in theory.verdict_rows(theory_results())] == ["reproduced"] * 4
+    assert [r["verdict"] for r in theory.verdict_rows(theory_results(held=4, a4=0.9))] == [
+        "not reproduced",
+        "not reproduced",
+        "reproduced",
+        "not reproduced",
+    ]
+    rows = theory.verdict_rows(theory_results(meeting=0, held=0, checks=False, a4=None))
+    assert [r["verdict"] for r in rows] == ["not tested"] * 4
+    assert all(r["ours"] for r in rows)
+
+
+@pytest.mark.parametrize("ours", ["", "   ", "median None", "delta nan pts"])
+def test_a_verdict_row_refuses_an_empty_or_missing_number(ours):
+    with pytest.raises(ValueError, match="ours cell"):
+        verdict_row("claim", "Section 1", ours, "paper", "reproduced")
+
+
+def test_a_verdict_row_refuses_an_unknown_verdict():
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        verdict_row("claim", "Section 1", "ours", "paper", "probably")
