@@ -177,7 +177,7 @@ def theory(
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
     from loopscape.experiments.theory import TheoryStudyConfig, add_to_markov_summary, run_theory
-    from loopscape.io import refuse_to_overwrite
+    from loopscape.io import lock_run_folder, refuse_to_overwrite
 
     try:
         cfg = load_config(TheoryStudyConfig, config, overrides(set_, alignment_seeds=seeds, alignment_epochs=epochs))
@@ -187,6 +187,7 @@ def theory(
             )
         out = report / "theory" if report is not None else _output("theory", output, False)
         refuse_to_overwrite(out, resumable=False)
+        lock_run_folder(out)
         study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
             add_to_markov_summary(report, study, cfg)

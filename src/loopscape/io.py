@@ -9,9 +9,11 @@ time and flushed, so a killed run keeps every epoch it finished.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -92,25 +94,85 @@ class JsonlLog:
         self.close()
 
 
+LOCK, WORKERS_LOCK = ".lock", ".workers.lock"
+_HELD: dict[Path, int] = {}  # run folders this process holds: resolved path -> the lock file's descriptor
+
+
+def lock_run_folder(out: Path, wait_for_workers: float = 10.0) -> None:
+    """Make this process the one writer of run folder ``out`` until it exits (re-entrant).
+
+    ``out/.lock`` is held with an exclusive ``flock`` and names the holder's PID;
+    a second process is refused with one line naming it. Worker processes hold
+    ``out/.workers.lock`` shared (:func:`hold_as_worker`): a new writer waits up
+    to ``wait_for_workers`` seconds for workers of an earlier, killed writer to
+    exit (they watch their parent), and is refused if they do not.
+    """
+    key = out.resolve()
+    if key in _HELD:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"run folder {str(out)!r} is in use by another loopscape process (PID {holder}); "
+            "wait for it to finish or stop it"
+        ) from None
+    workers = os.open(out / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + wait_for_workers
+        while True:
+            try:
+                fcntl.flock(workers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(
+                        f"run folder {str(out)!r}: worker processes of an earlier run are still writing into it; "
+                        "stop them (see .workers.lock) and try again"
+                    ) from None
+                time.sleep(0.2)
+        fcntl.flock(workers, fcntl.LOCK_UN)
+    finally:
+        os.close(workers)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+
+
+def hold_as_worker(out: Path) -> None:
+    """In a worker process: share ``out/.workers.lock`` for the worker's life, so that no new
+    writer takes the folder while it still writes (see :func:`lock_run_folder`)."""
+    fd = os.open(out / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HELD[(out / WORKERS_LOCK).resolve()] = fd
+
+
 def refuse_to_overwrite(out: Path, resumable: bool = True) -> None:
-    """A run never writes into a non-empty folder unless it resumes it (``resumable``: the command can)."""
-    if out.exists() and any(out.iterdir()):
+    """A run never writes into a non-empty folder unless it resumes it (``resumable``: the command can).
+    The lock files do not count."""
+    if out.exists() and any(p.name not in (LOCK, WORKERS_LOCK) for p in out.iterdir()):
         hint = "pass --resume to continue it or choose another --output" if resumable else "choose another --output"
         raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; {hint}")
 
 
 def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
-    """Create ``out`` with the run's ``config.yaml`` (any config dataclass); refuse
-    to touch an existing folder unless resuming it with the same config."""
+    """Create ``out`` with the run's ``config.yaml`` (any config dataclass), as its one writer
+    (:func:`lock_run_folder`); refuse to touch an existing folder unless resuming it with the same config."""
     saved = out / "config.yaml"
     if resume:
         if not saved.exists():
             raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
+        lock_run_folder(out)
         if yaml.safe_load(saved.read_text()) != to_dict(config):
             raise ConfigError(
                 f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
             )
         return
+    lock_run_folder(out)
     refuse_to_overwrite(out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -26,7 +26,7 @@ import torch
 from loopscape.config import ConfigError, from_dict, load_config, preset_file, require, to_dict, validate_tree
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
+from loopscape.io import lock_run_folder, prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
 from loopscape.reporting.algorithmic import (
     algorithmic_section,
@@ -213,6 +213,7 @@ def run_algorithmic(
             f"{config.task}: training {', '.join(config.paradigms)}",
             workers=workers,
             show_progress=show_progress,
+            folder=out,
         )
     device = resolve_device(config.train.device)
     results = {"task": config.task, "config": to_dict(config), "paradigms": {}}
@@ -255,6 +256,7 @@ def run_algorithmic_seeds(
         )
     out = Path(out)
     if not resume:
+        lock_run_folder(out)
         refuse_to_overwrite(out)
     runs = {}
     for s in seeds:

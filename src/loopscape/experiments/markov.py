@@ -161,6 +161,7 @@ def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_prog
         f"training {len(jobs)} runs (epochs)",
         cfg.workers,
         show_progress,
+        folder=out,
     )
 
 

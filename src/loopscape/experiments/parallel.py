@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from loopscape.io import hold_as_worker
 from loopscape.training.run import units_done
 
 
@@ -35,6 +37,30 @@ def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[i
     return on_epoch
 
 
+_PROGRESS = None  # in a worker: the queue its jobs report progress on
+
+
+def _init_worker(parent: int, folder: str | None, progress) -> None:
+    """Worker initialiser: take the progress queue, share the run folder's workers lock, and exit
+    when the parent dies (a killed parent must not leave workers writing into a folder a resumed
+    run writes)."""
+    global _PROGRESS
+    _PROGRESS = progress
+    if folder is not None:
+        hold_as_worker(Path(folder))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _call(fn: Callable, *job):
+    return fn(*job, _PROGRESS)
+
+
 def run_jobs(
     fn: Callable,
     jobs: Sequence[tuple],
@@ -42,12 +68,15 @@ def run_jobs(
     description: str,
     workers: int = 0,
     show_progress: bool = True,
+    folder: Path | None = None,
 ) -> list:
     """``[fn(*job, progress_q) for job in jobs]``, on ``workers`` processes (0: one per core).
 
     ``fn`` is a top-level function; it reports progress by putting increments
     (e.g. epochs done) on ``progress_q`` (``None`` when run in this process).
     ``units`` is each job's total, for the bar. A worker's error is re-raised here.
+    Workers exit if this process dies; with ``folder`` (the run folder they
+    write into) they hold its workers lock while they live.
     """
     if not jobs:
         return []
@@ -69,13 +98,14 @@ def run_jobs(
                 bar.update(task_id, advance=n)
             return results
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
-        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            q = manager.Queue()
-            futures = [pool.submit(fn, *job, q) for job in jobs]
+        progress = ctx.Queue()  # handed to each worker when it starts: no manager process to outlive us
+        init = (os.getpid(), None if folder is None else str(folder), progress)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+            futures = [pool.submit(_call, fn, *job) for job in jobs]
             while not all(f.done() for f in futures):
                 time.sleep(0.2)
-                while not q.empty():
-                    bar.update(task_id, advance=q.get())
+                while not progress.empty():
+                    bar.update(task_id, advance=progress.get())
             results = [f.result() for f in futures]
             bar.update(task_id, completed=sum(units))
             return results

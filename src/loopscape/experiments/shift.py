@@ -28,7 +28,7 @@ from loopscape.config import require
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import read_json, read_jsonl, write_json
+from loopscape.io import lock_run_folder, read_json, read_jsonl, write_json
 from loopscape.reporting import shift as shift_report
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
@@ -150,6 +150,7 @@ def train_shift(
         f"SHIFT study: {len(jobs)} jobs (epochs)",
         workers,
         show_progress,
+        folder=out,
     )
 
 
@@ -282,6 +283,7 @@ def run_shift_study(
 ) -> StudyReport:
     """Train what is not done, analyse against the Markov study's metrics, draw Figure 4
     and write ``shift.json``; its ``memory`` holds SCP's final models."""
+    lock_run_folder(out)
     train_shift(cfg, shift, out, resume=resume, show_progress=show_progress)
     results = analyse_shift(cfg, shift, out, markov_metrics)
     write_json(out / "shift.json", results)

@@ -17,7 +17,7 @@ import yaml
 
 from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
-from loopscape.io import atomic_write_text, refuse_to_overwrite, write_json
+from loopscape.io import atomic_write_text, lock_run_folder, refuse_to_overwrite, write_json
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
@@ -46,6 +46,7 @@ def _apply(base_dict: dict, key: str, value) -> str:
 
 def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False, show_progress: bool = True) -> str:
     out = Path(out)
+    lock_run_folder(out)
     if not resume:
         refuse_to_overwrite(out)
     rows = []
