@@ -30,6 +30,23 @@ SeedsOpt = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (overrides `train.epochs`).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"loopscape {version('loopscape')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print loopscape's version and exit."
+    ),
+) -> None:
+    """Looped transformers, their loss landscapes, and SHIFT."""
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``."""
     try:
@@ -138,7 +155,7 @@ def sweep(
     resume: bool = typer.Option(
         False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report
     which reproduce Observation 1."""
@@ -173,7 +190,7 @@ def theory(
         "--report",
         help="A `loopscape markov` run folder: write into RUN/theory and add a Theory section to its summary.md.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
     from loopscape.experiments.theory import TheoryStudyConfig, add_to_markov_summary, run_theory

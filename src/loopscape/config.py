@@ -61,6 +61,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         require(isinstance(value, dict), field, "a table of settings", value)
         return from_dict(tp, value, prefix=f"{field}.")
     if tp is bool:
+        if value in (0, 1) and not isinstance(value, bool):
+            value = bool(value)  # --set flag=1 reads as YAML's integer
         require(isinstance(value, bool), field, "true or false", value)
         return value
     if tp is int:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from loopscape.config import require
 from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import atomic_write_text, prepare_run_folder, read_jsonl, write_json
+from loopscape.io import atomic_write_text, prepare_run_folder, read_json, read_jsonl, write_json
 from loopscape.landscape.river_valley import cumulative_force
 from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
 from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
@@ -141,6 +141,19 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
     return run_dir
 
 
+def timed_across_resumes(record: Path, fn, *args) -> float:
+    """Run ``fn(*args)`` and return the wall time it has taken over every session of the run:
+    each session, finished or interrupted by an error, adds its time to ``record``."""
+    spent = read_json(record)["wall_s"] if record.exists() else 0.0
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    finally:
+        spent += time.perf_counter() - t0
+        write_json(record, {"wall_s": spent})
+    return spent
+
+
 def run_dir_of(out: Path, name: str, seed: int) -> Path:
     """The run folder of one (model, seed) inside the study's folder."""
     return out / "runs" / name / f"seed{seed}"
@@ -201,9 +214,7 @@ def run_markov_study(
     lang, task = build_task(cfg.data)
     data = data_summary(lang, task)
     write_json(out / "data.json", data)
-    t0 = time.perf_counter()
-    train_all(cfg, out, resume=resume, show_progress=show_progress)
-    wall = time.perf_counter() - t0
+    wall = timed_across_resumes(out / "training_wall.json", train_all, cfg, out, resume, show_progress)
     metrics = load_metrics(out, cfg)
     figs = out / "figures"
     plot_ic_distribution(task, figs / "fig3a_ic_distribution.png")
