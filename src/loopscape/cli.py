@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import typer
@@ -64,9 +65,22 @@ def overrides(sets: list[str] | None, **flags) -> dict:
     return pairs
 
 
+# what a command reports in one line instead of a traceback
+FAILURES = (ConfigError, DivergenceError, OSError, MemoryError, BrokenProcessPool)
+
+
 def _fail(err: Exception) -> None:
     """One line on standard error; exit 2 for bad settings, 1 for a run that failed."""
-    typer.secho(f"error: {err}", fg="red", err=True)
+    if isinstance(err, BrokenProcessPool):
+        text = "a worker process died (killed by the system: out of memory?); lower the sizes or `workers`"
+    elif isinstance(err, MemoryError):
+        text = "out of memory; lower the sizes (data sets, batch size, width) or `workers`"
+    elif isinstance(err, OSError) and not isinstance(err, ConfigError):
+        where = f" {err.filename}" if err.filename else ""
+        text = f"cannot read or write{where}: {err.strerror or err}"
+    else:
+        text = str(err)
+    typer.secho(f"error: {text}", fg="red", err=True)
     raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
 
 
@@ -110,7 +124,7 @@ def reproduce(
         )
         out = _output("reproduce", output, resume)
         report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
-    except (ConfigError, DivergenceError) as err:
+    except FAILURES as err:
         _fail(err)
     for v in report["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}")
@@ -135,7 +149,7 @@ def markov(
         cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
         out = _output("markov", output, resume)
         study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
-    except (ConfigError, DivergenceError) as err:
+    except FAILURES as err:
         _fail(err)
     for v in study.verdicts:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
@@ -173,7 +187,7 @@ def sweep(
             resume=resume,
             show_progress=not quiet,
         )
-    except (ConfigError, DivergenceError) as err:
+    except FAILURES as err:
         _fail(err)
     typer.echo(table)
 
@@ -208,7 +222,7 @@ def theory(
         study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
             add_to_markov_summary(report, study, cfg)
-    except (ConfigError, DivergenceError) as err:
+    except FAILURES as err:
         _fail(err)
     typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
 
@@ -264,7 +278,7 @@ def algorithmic(
             summary = run_algorithmic_seeds(cfg, parse_seeds(seeds), out, resume=resume, show_progress=not quiet)
         else:
             results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
-    except (ConfigError, DivergenceError, ValueError) as err:
+    except (*FAILURES, ValueError) as err:
         _fail(err)
     if seeds is not None:
         from loopscape.reporting.algorithmic import seeds_markdown, seeds_verdicts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import types
@@ -111,19 +112,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override must look like key.sub=value (got {text!r})")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not YAML"
+        raise ConfigError(f"--set {key.strip()}: the value {raw!r} does not parse ({problem})") from None
+
+
+def read_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML or TOML file whose top level is a mapping; any problem is one :class:`ConfigError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist or is not a file")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{what} must end in .yaml, .yml or .toml (got {path.name!r})")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read ({err})") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{what} {str(path)!r} is not valid {path.suffix[1:].upper()}{at}: {problem}") from None
+    if data is None:
+        return {}
+    require(
+        isinstance(data, dict), f"{what} {str(path)!r}", "a mapping of settings at its top level", type(data).__name__
+    )
+    return data
 
 
 def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text) or {}
-    raise ConfigError(f"config file must end in .yaml, .yml or .toml (got {path.name!r})")
+    return read_mapping(path)
 
 
 def validate_tree(config: Any, prefix: str = "") -> None:
@@ -134,6 +156,23 @@ def validate_tree(config: Any, prefix: str = "") -> None:
             validate_tree(value, f"{prefix}{f.name}.")
     if hasattr(config, "validate"):
         config.validate(prefix)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (the budget that size checks compare with)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def require_fits(needed_bytes: float, field: str, value: Any, what: str) -> None:
+    """Refuse a size whose estimated memory (``what``: what is counted) exceeds this machine's."""
+    have = machine_memory()
+    require(
+        needed_bytes <= have,
+        field,
+        f"small enough to fit in memory ({what}: about {needed_bytes / 2**30:,.1f} GiB, "
+        f"this machine has {have / 2**30:,.1f} GiB)",
+        value,
+    )
 
 
 def preset_file(*parts: str) -> Path:

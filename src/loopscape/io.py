@@ -119,8 +119,15 @@ def lock_run_folder(out: Path, wait_for_workers: float = 10.0) -> None:
     key = out.resolve()
     if key in _HELD:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {str(out)!r} is a file, not a folder; choose another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise ConfigError(
+            f"output folder {str(out)!r} cannot be written ({err.strerror}); choose another --output"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loopscape.config import require
+from loopscape.config import require, require_fits
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,12 @@ class MarkovDataConfig:
         require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
         require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
         require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
+        require(len(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of lengths", self.test_lengths)
         for L in self.test_lengths:
             require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)
+        # tokens (int64) and IC (float64) of every set, with room for the samplers' working copies
+        size = 16 * 4 * ((self.n_train + self.n_val) * self.length + self.n_test * sum(self.test_lengths))
+        require_fits(size, f"{p}n_train, n_val, n_test", [self.n_train, self.n_val, self.n_test], "the data sets")
 
 
 @dataclass

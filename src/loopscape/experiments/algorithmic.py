@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from loopscape.config import ConfigError, from_dict, load_config, preset_file, require, to_dict, validate_tree
+from loopscape.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    preset_file,
+    require,
+    require_fits,
+    to_dict,
+    validate_tree,
+)
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import lock_run_folder, prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
@@ -74,6 +83,11 @@ class AlgorithmicStudyConfig:
             self.test_lengths,
         )
         require(self.test_size >= 1, f"{p}test_size", "an integer >= 1", self.test_size)
+        # activations kept for the backward pass, fp32: about 16 tensors of (batch, width, d_model) per layer
+        # and loop; rows are at most 3 x the longest training length + 4 wide, and loop T(n) <= n^2 times
+        width, loops = 3 * self.train_max_len + 4, self.train_max_len ** (2 if self.task == "multiplication" else 1)
+        size = 4 * 16 * self.train.batch_size * width * self.model.d_model * self.model.n_layers * loops
+        require_fits(size, f"{p}train.batch_size", self.train.batch_size, "one training step's activations")
         require(
             self.model.vocab_size is None, f"{p}model.vocab_size", "null (the task decides it)", self.model.vocab_size
         )

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from loopscape.config import ConfigError, from_dict, to_dict, validate_tree
+from loopscape.config import ConfigError, from_dict, read_mapping, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
 from loopscape.io import atomic_write_text, lock_run_folder, refuse_to_overwrite, write_json
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
     """A grid file: each setting (dotted) mapped to its list of values (default: configs/sweep-grid.yaml)."""
-    grid = yaml.safe_load(Path(path).read_text())
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+    grid = read_mapping(path, "--grid file")
+    if not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"--grid must map each setting to a non-empty list of values (got {grid!r})")
     return grid
 

@@ -58,7 +58,16 @@ class TheoryStudyConfig:
     def validate(self, p: str = "") -> None:
         require(self.instances >= 1, f"{p}instances", "an integer >= 1", self.instances)
         require(self.steps >= 1, f"{p}steps", "an integer >= 1", self.steps)
-        require(all(k > 1 for k in self.kappas), f"{p}kappas", "numbers > 1", self.kappas)
+        require(
+            bool(self.kappas) and all(k > 1 for k in self.kappas),
+            f"{p}kappas",
+            "a non-empty list of numbers > 1",
+            self.kappas,
+        )
+        require(
+            len(self.alignment_seeds) >= 1, f"{p}alignment_seeds", "a non-empty list of seeds", self.alignment_seeds
+        )
+        require(self.alignment_epochs >= 1, f"{p}alignment_epochs", "an integer >= 1", self.alignment_epochs)
         require(self.alignment_every >= 1, f"{p}alignment_every", "an integer >= 1", self.alignment_every)
 
 

@@ -77,6 +77,12 @@ class AlgorithmicTrainConfig:
         require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
         require(self.precision in PRECISIONS, f"{p}precision", f"one of {PRECISIONS}", self.precision)
         require(
+            not self.device.startswith("cuda") or torch.cuda.is_available(),
+            f"{p}device",
+            "auto or cpu: CUDA is not available on this machine",
+            self.device,
+        )
+        require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"{p}device",
             "auto, cpu, cuda or cuda:<index>",

@@ -1,0 +1,121 @@
+"""A table of bad settings and inputs: each ends in exactly one line naming the field (or file) and what
+is allowed, exit code 2, no traceback and nothing trained."""
+
+import pytest
+from typer.testing import CliRunner
+
+from loopscape.cli import app
+
+TASKS = "('parity', 'copy', 'addition', 'binary_sum', 'unique_set', 'multiplication')"
+
+CASES = [
+    # (command and arguments, the one line after "error: ")
+    (["markov", "--set", "train.lr=-1"], "train.lr must be a number > 0 (got -1.0)"),
+    (["markov", "--set", "train.lr=.nan"], "train.lr must be a finite number (got nan)"),
+    (["markov", "--set", "train.lr=.inf"], "train.lr must be a finite number (got inf)"),
+    (["markov", "--set", "train.epochs=1.5"], "train.epochs must be an integer (got 1.5)"),
+    (["markov", "--set", "train.epochs=abc"], "train.epochs must be an integer (got 'abc')"),
+    (["markov", "--set", "seeds=[]"], "seeds must be a non-empty list of integers (got [])"),
+    (["markov", "--set", "seeds=[1, 1]"], "seeds must be distinct integers (got [1, 1])"),
+    (["markov", "--seeds", "a,b"], "--seeds must be comma-separated integers (got 'a,b')"),
+    (["markov", "--set", "data.test_lengths=[]"], "data.test_lengths must be a non-empty list of lengths (got [])"),
+    (["markov", "--set", "data.vocab_size=1"], "data.vocab_size must be an integer >= 2 (got 1)"),
+    (
+        ["markov", "--set", "model.positions=spiral"],
+        "model.positions must be one of ['absolute', 'cyclic'] (got 'spiral')",
+    ),
+    (["markov", "--set", "model.vocab_size=4"], "model.vocab_size must be null or data.vocab_size (3) (got 4)"),
+    (
+        ["markov", "--set", "train.nosuch=1"],
+        "train.nosuch must be one of ['batch_size', 'checkpoint_every', 'epochs', 'lr'] (got 'nosuch')",
+    ),
+    (["markov", "--set", "train=1"], "train must be a table of settings (got 1)"),
+    (["markov", "--set", "=3"], "override must look like key.sub=value (got '=3')"),
+    (
+        ["markov", "--set", "train.lr=[1"],
+        "--set train.lr: the value '[1' does not parse (expected ',' or ']', but got '<stream end>')",
+    ),
+    (["markov", "--set", "hessian.enabled=maybe"], "hessian.enabled must be true or false (got 'maybe')"),
+    (["reproduce", "--set", "scale=medium"], "scale must be one of ('full', 'quick') (got 'medium')"),
+    (
+        ["reproduce", "--set", "shift.tolerance=2"],
+        "shift.tolerance must be a number in [0, 1) (accuracy, not percent) (got 2.0)",
+    ),
+    (["reproduce", "--set", "theory.kappas=[]"], "theory.kappas must be a non-empty list of numbers > 1 (got [])"),
+    (
+        ["reproduce", "--set", "algorithmic.tasks=[chess]"],
+        f"algorithmic.tasks must be a list from {TASKS} (got ['chess'])",
+    ),
+    (
+        ["algorithmic", "--task", "chess"],
+        f"task must be one of {TASKS} (got 'chess')",
+    ),
+    (["algorithmic", "--preset", "huge"], "preset must be one of ('cpu-small', 'paper') (got 'huge')"),
+    (
+        ["algorithmic", "-p", "fancy"],
+        "paradigms must be a non-empty list from ('single', 'looped', 'shift') (got ['fancy'])",
+    ),
+    (["algorithmic", "--set", "model.n_heads=3"], "model.n_heads must divide d_model (got d_model=32, n_heads=3)"),
+    (["algorithmic", "--set", "train.precision=fp8"], "train.precision must be one of ('fp32', 'bf16') (got 'fp8')"),
+    (["algorithmic", "--seed", "1", "--seeds", "1,2"], "give --seed or --seeds, not both"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES)
+def test_bad_setting_is_one_line(tmp_path, args, message):
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out"), "-q"])
+    assert (r.exit_code, r.output.strip()) == (2, f"error: {message}")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("- 1\n- 2\n", ".yaml", "must be a mapping of settings at its top level (got 'list')"),
+        (
+            "train: {epochs: [\n",
+            ".yaml",
+            "is not valid YAML at line 2: expected the node content, but found '<stream end>'",
+        ),
+        (
+            "[train\nepochs=",
+            ".toml",
+            "is not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 7)",
+        ),
+        ("epochs: 3\n", ".txt", None),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, content, suffix, message):
+    path = tmp_path / f"settings{suffix}"
+    path.write_text(content)
+    r = CliRunner().invoke(app, ["markov", "-c", str(path), "-o", str(tmp_path / "out"), "-q"])
+    expected = (
+        f"error: config file must end in .yaml, .yml or .toml (got 'settings{suffix}')"
+        if message is None
+        else f"error: config file '{path}' {message}"
+    )
+    assert (r.exit_code, r.output.strip()) == (2, expected)
+
+
+def test_output_that_is_a_file_or_cannot_be_made(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(app, ["markov", "-o", str(tmp_path / "file"), "-q"])
+    assert (r.exit_code, r.output.strip()) == (
+        2,
+        f"error: output folder '{tmp_path / 'file'}' is a file, not a folder; choose another --output",
+    )
+    r = CliRunner().invoke(app, ["markov", "-o", str(tmp_path / "file" / "run"), "-q"])
+    assert r.exit_code == 2 and r.output.strip().startswith(
+        f"error: output folder '{tmp_path / 'file' / 'run'}' cannot be written"
+    )
+
+
+def test_sizes_that_would_not_fit_say_so_with_the_limit(tmp_path):
+    r = CliRunner().invoke(app, ["markov", "--set", "data.n_train=100000000000", "-o", str(tmp_path / "o"), "-q"])
+    line = r.output.strip()
+    assert r.exit_code == 2 and line.startswith(
+        "error: data.n_train, n_val, n_test must be small enough to fit in memory"
+    )
+    assert "this machine has" in line and "GiB" in line
+    r = CliRunner().invoke(app, ["algorithmic", "--set", "train.batch_size=100000000", "-o", str(tmp_path / "a"), "-q"])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: train.batch_size must be small enough to fit")
