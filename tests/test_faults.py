@@ -101,3 +101,115 @@ def test_killing_the_parent_stops_its_workers_and_the_run_resumes_bit_for_bit(tm
     for f in sorted(run.glob("runs/*/seed*/metrics.jsonl")):
         other = tmp_path / "whole" / f.relative_to(run)
         assert strip(f.read_text()) == strip(other.read_text()), f
+
+
+# -- damaged run folders: each torn or corrupted file is refused in one line naming it ---------------
+
+from typer.testing import CliRunner  # noqa: E402
+
+from loopscape.cli import app  # noqa: E402
+
+TINY = ["--epochs", "3", "--seeds", "0", "--set", "data.n_train=100", "--set", "data.n_val=50", "--set", "workers=1"]
+RUN = Path("runs/looped_attn/seed0")
+
+
+def tear(path: Path) -> None:
+    """Cut a file in the middle of its last line (a crash mid-write)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 7])
+
+
+def flip(path: Path) -> None:
+    """Change one byte in the middle of a file (a corrupted disk block)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["markov", "-o", str(out), *TINY, "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage, file, says",
+    [
+        (tear, RUN / "metrics.jsonl", "holds 3 rows where the finished run recorded 4"),
+        (tear, RUN / "spectra.jsonl", "holds 3 rows where the finished run recorded 4"),
+        (flip, RUN / "model.safetensors", "is not the file that was written (size or hash differ)"),
+        (tear, RUN / "final.json", "is damaged (not JSON)"),
+        (lambda p: p.unlink(), RUN / "final.json", "is missing"),
+        (tear, Path("config.yaml"), "is damaged (not YAML)"),
+    ],
+)
+def test_a_damaged_finished_run_is_refused_naming_the_file(finished, damage, file, says):
+    before = (finished / "summary.json").read_bytes()
+    damage(finished / file)
+    r = CliRunner().invoke(app, ["markov", "-o", str(finished), "--resume", *TINY, "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (
+        f"error: {finished / file} {says}; restore it, or delete the run folder it belongs to and run "
+        "(or --resume) again"
+    )
+    assert (finished / "summary.json").read_bytes() == before  # nothing judged from the damaged run
+
+
+def test_a_damaged_line_inside_a_log_is_refused(finished):
+    path = finished / RUN / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:20]
+    path.write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(app, ["markov", "-o", str(finished), "--resume", *TINY, "-q"])
+    assert r.exit_code == 2 and f"{path}: line 2 is damaged (not JSON)" in r.output
+
+
+def test_a_damaged_checkpoint_is_refused_and_a_torn_tail_past_it_is_redone(tmp_path):
+    from loopscape.data.markov import MarkovDataConfig, build_task
+    from loopscape.errors import DamagedRunError
+    from loopscape.models.linear_attn import single_attn
+    from loopscape.training.markov import MarkovTrainConfig, train_markov
+    from loopscape.training.run import seeded
+
+    task = build_task(MarkovDataConfig(n_train=100, n_val=50))[1]
+    config = MarkovTrainConfig(epochs=6, batch_size=16, checkpoint_every=3)
+
+    def fresh():
+        with seeded(0):
+            return single_attn(max_len=3)
+
+    def crash_at_5(epoch):
+        if epoch == 5:
+            raise KeyboardInterrupt
+
+    full = train_markov(fresh(), task, config, tmp_path / "full", seed=0)
+    for name in ("state.json", "optimizer.safetensors", "model.safetensors"):
+        run = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            train_markov(fresh(), task, config, run, seed=0, on_epoch=crash_at_5)
+        ckpt = run / "checkpoints" / "epoch-00003" / name
+        (tear if name.endswith(".json") else flip)(ckpt)
+        with pytest.raises(DamagedRunError, match=str(ckpt)):
+            train_markov(fresh(), task, config, run, seed=0, resume=True)
+    run = tmp_path / "torn-tail"
+    with pytest.raises(KeyboardInterrupt):
+        train_markov(fresh(), task, config, run, seed=0, on_epoch=crash_at_5)
+    tear(run / "metrics.jsonl")  # epoch 5's row, past the checkpoint at 3: redone exactly
+    resumed = train_markov(fresh(), task, config, run, seed=0, resume=True)
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in resumed] == [
+        {k: v for k, v in r.items() if k != "time_s"} for r in full
+    ]
+
+
+def test_a_finished_algorithmic_run_with_a_torn_log_is_refused_not_reported_from_an_earlier_step(tmp_path):
+    out = tmp_path / "algo"
+    args = ["algorithmic", "-p", "single", "--steps", "12", "--set", "model.d_model=16", "--set", "train.eval_every=4"]
+    args += ["--set", "train.checkpoint_every=100", "--set", "test_lengths=[1,2,3]", "-q"]
+    assert CliRunner().invoke(app, [*args, "-o", str(out)]).exit_code == 0
+    tear(out / "single" / "metrics.jsonl")
+    r = CliRunner().invoke(app, [*args, "-o", str(out), "--resume"])
+    assert r.exit_code == 2 and r.output.strip().startswith(
+        f"error: {out / 'single' / 'metrics.jsonl'} holds 2 rows where the checkpoint at step 12 recorded 3"
+    )

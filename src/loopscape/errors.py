@@ -5,6 +5,13 @@
 nothing heavy, so the CLI can name them before it loads a study.
 """
 
+from loopscape.config import ConfigError
+
 
 class DivergenceError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient: the run stops and is marked failed."""
+
+
+class DamagedRunError(ConfigError):
+    """A run folder's file is torn, missing or not what was written: refused with one line naming
+    the file and what to do (exit 2, as for any bad input)."""

@@ -10,6 +10,7 @@ time and flushed, so a killed run keeps every epoch it finished.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from loopscape.config import ConfigError, to_dict
+from loopscape.errors import DamagedRunError
 
 
 def _umask() -> int:
@@ -60,17 +62,49 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is dropped."""
+    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is dropped, a damaged line
+    before it is refused (:class:`~loopscape.errors.DamagedRunError`)."""
     path = Path(path)
     if not path.exists():
         return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break
+            if i == len(lines) - 1:
+                break
+            raise DamagedRunError(f"{path}: line {i + 1} is damaged (not JSON); {REPAIR}") from None
     return rows
+
+
+REPAIR = "restore it, or delete the run folder it belongs to and run (or --resume) again"
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A JSON file of a run folder; a torn or missing one is refused with one line naming it."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise DamagedRunError(f"{path} is missing; {REPAIR}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DamagedRunError(f"{path} is damaged (not JSON); {REPAIR}") from None
+
+
+def file_digest(path: str | Path) -> dict:
+    """Size and SHA-256 of a file, recorded when it is written and checked when it is read back."""
+    data = Path(path).read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_digest(path: str | Path, recorded: dict) -> None:
+    """Refuse a file that is missing or differs from what was written."""
+    path = Path(path)
+    if not path.exists():
+        raise DamagedRunError(f"{path} is missing; {REPAIR}")
+    if file_digest(path) != recorded:
+        raise DamagedRunError(f"{path} is not the file that was written (size or hash differ); {REPAIR}")
 
 
 def rewrite_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
@@ -184,7 +218,11 @@ def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
         if not saved.exists():
             raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
         lock_run_folder(out)
-        if yaml.safe_load(saved.read_text()) != to_dict(config):
+        try:
+            previous = yaml.safe_load(saved.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise DamagedRunError(f"{saved} is damaged (not YAML); {REPAIR}") from None
+        if previous != to_dict(config):
             raise ConfigError(
                 f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
             )

@@ -16,7 +16,6 @@ smoke-scale look, not the paper's numbers.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,14 @@ from loopscape.config import (
 )
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import lock_run_folder, prepare_run_folder, read_jsonl, refuse_to_overwrite, write_json
+from loopscape.io import (
+    lock_run_folder,
+    prepare_run_folder,
+    read_json_file,
+    read_jsonl,
+    refuse_to_overwrite,
+    write_json,
+)
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
 from loopscape.reporting.algorithmic import (
     algorithmic_section,
@@ -276,7 +282,7 @@ def run_algorithmic_seeds(
     for s in seeds:
         run_dir = out / f"seed-{s}"
         if resume and (run_dir / "results.json").exists():
-            runs[s] = json.loads((run_dir / "results.json").read_text())
+            runs[s] = read_json_file(run_dir / "results.json")
             if runs[s]["config"] != to_dict(replace(config, seed=s)):
                 raise ConfigError(
                     f"--resume: the configuration differs from the one in {str(run_dir / 'results.json')!r}; resume "

@@ -36,7 +36,7 @@ from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_distributi
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.summary import PHASE_EPOCH, observation1_row, summarise_markov
 from loopscape.training.markov import MarkovTrainConfig, train_markov
-from loopscape.training.run import seeded
+from loopscape.training.run import seeded, verify_finished
 
 # Section 4.1's toy model: T = 3; one position code per training input position (no slot that
 # training never reaches), reused cyclically at test lengths with the transitions' period (E.1.3)
@@ -179,9 +179,12 @@ def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_prog
 
 
 def load_metrics(out: Path, cfg: MarkovStudyConfig) -> dict[str, dict[str, np.ndarray]]:
-    """``{model: {metric: array (seeds, epochs + 1)}}`` from the run folder."""
+    """``{model: {metric: array (seeds, epochs + 1)}}`` from the run folder, each run checked to be
+    what it wrote when it finished (logs, final weights)."""
     result = {}
     for name in cfg.models:
+        for s in cfg.seeds:
+            verify_finished(run_dir_of(out, name, s))
         rows = [read_jsonl(run_dir_of(out, name, s) / "metrics.jsonl") for s in cfg.seeds]
         keys = [k for k in rows[0][0] if k != "epoch"]
         result[name] = {k: np.array([[r[k] for r in rs] for rs in rows]) for k in keys}

@@ -28,7 +28,7 @@ from loopscape.config import require
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import lock_run_folder, read_json, read_jsonl, write_json
+from loopscape.io import lock_run_folder, read_json, read_json_file, read_jsonl, write_json
 from loopscape.reporting import shift as shift_report
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
@@ -37,7 +37,7 @@ from loopscape.shift.criterion import SCPConfig
 from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, ShiftSchedule
 from loopscape.training.markov import train_markov
 from loopscape.training.population import load_member, member_curves, train_population
-from loopscape.training.run import seeded
+from loopscape.training.run import seeded, verify_finished
 
 SCP = "scp"
 
@@ -165,7 +165,8 @@ def load_members(out: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Every member's description and its curves ``{metric: (members, epochs + 1)}``."""
     info, curves = [], []
     for part in sorted((out / "population").glob("part*")):
-        info += read_json(part / "members.json")
+        verify_finished(part)
+        info += read_json_file(part / "members.json")
         curves.append(member_curves(read_jsonl(part / "metrics.jsonl")))
     return info, {k: np.concatenate([c[k] for c in curves]) for k in curves[0]}
 
@@ -234,12 +235,13 @@ def analyse_shift(
     )
     measured = out / "measured_scp"
     if (measured / "done.json").exists():
+        verify_finished(measured)
         rows = read_jsonl(measured / "metrics.jsonl")
         sched = np.array([r["n_loops"] for r in rows])
         predicted = float(compute.cumulative(sched, wall)[-1])
         checks["measured_scp_run"] = {
             "seed": cfg.seeds[0],
-            "shift_epoch": read_json(measured / "done.json")["shift_epoch"],
+            "shift_epoch": read_json_file(measured / "done.json")["shift_epoch"],
             "measured_wall_s": float(sum(r["time_s"] for r in rows)),
             "predicted_wall_s": predicted,
         }

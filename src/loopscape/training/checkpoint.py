@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loopscape.io import read_json, write_json
+from loopscape.io import check_digest, file_digest, read_json_file, write_json
 
 
 def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,6 +79,7 @@ def save_checkpoint(
     opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     state = {"unit": unit, "done": done, "optimizer": opt_meta, "extra": extra or {}}
+    state["files"] = {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
     if generator is not None:
         state["generator"] = generator_state(generator)
     write_json(tmp / "state.json", state)
@@ -96,7 +97,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     pointer = Path(directory) / "latest.json"
     if not pointer.exists():
         return None
-    return Path(directory) / read_json(pointer)["dir"]
+    return Path(directory) / read_json_file(pointer)["dir"]
 
 
 def load_checkpoint(
@@ -105,11 +106,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its ``state.json`` content."""
+    """Restore a checkpoint in place; returns its ``state.json`` content. Files that differ from
+    what was written (their sizes and hashes are in ``state.json``) are refused."""
     path = Path(path)
     device = next(model.parameters()).device
+    state = read_json_file(path / "state.json")
+    for name, digest in state.get("files", {}).items():
+        check_digest(path / name, digest)
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-    state = read_json(path / "state.json")
     if optimizer is not None:
         _load_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     if generator is not None and "generator" in state:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loopscape.errors import DivergenceError
-from loopscape.io import JsonlLog, read_json, read_jsonl, write_json
+from loopscape.errors import DamagedRunError, DivergenceError
+from loopscape.io import REPAIR, JsonlLog, check_digest, file_digest, read_json, read_json_file, read_jsonl, write_json
 from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 
 
@@ -58,6 +58,31 @@ def units_done(run_dir: str | Path) -> int:
     return read_json(pointer)["done"] if pointer.exists() else 0
 
 
+def log_counts(run_dir: Path) -> dict[str, int]:
+    """Rows of every JSON-lines log of a run folder (metrics, tracked spectra)."""
+    return {p.name: len(read_jsonl(p)) for p in sorted(Path(run_dir).glob("*.jsonl"))}
+
+
+def check_logs(
+    run_dir: Path, recorded: dict[str, int], when: str, unit: str = "epoch", upto: int | None = None
+) -> None:
+    """Each log must hold the rows ``when`` recorded (on resume: those up to ``upto``), else it was damaged."""
+    for name, n in recorded.items():
+        rows = read_jsonl(Path(run_dir) / name)
+        if upto is not None:
+            rows = [r for r in rows if r.get(unit, r.get("epoch", 0)) <= upto]
+        if len(rows) != n:
+            raise DamagedRunError(f"{Path(run_dir) / name} holds {len(rows)} rows where {when} recorded {n}; {REPAIR}")
+
+
+def verify_finished(run_dir: str | Path) -> None:
+    """A finished run's logs and final weights are what it wrote (``final.json``), else refused in one line."""
+    run_dir = Path(run_dir)
+    final = read_json_file(run_dir / "final.json")
+    check_logs(run_dir, final["logs"], "the finished run")
+    check_digest(run_dir / "model.safetensors", final["model"])
+
+
 class RunState:
     """Resume point, metrics log, checkpoint cadence and final weights of one run folder."""
 
@@ -80,7 +105,10 @@ class RunState:
             return {}
         state = load_checkpoint(ckpt, model, optimizer, generator)
         self.start = state["done"]
-        return state["extra"]
+        extra = dict(state["extra"])
+        when = f"the checkpoint at {self.unit} {self.start}"
+        check_logs(self.run_dir, extra.pop("logs", {}), when, unit=self.unit, upto=self.start)
+        return extra
 
     def open_log(self) -> JsonlLog | _NoLog:
         """``metrics.jsonl`` for appending, cut back to the resume point (emptied on a fresh start)."""
@@ -101,6 +129,7 @@ class RunState:
         extra: dict | None = None,
     ) -> None:
         if self.write:
+            extra = {**(extra or {}), "logs": log_counts(self.run_dir)}
             save_checkpoint(self.checkpoints, done, model, optimizer, generator, extra=extra, unit=self.unit)
 
     def fail(self, error: Exception) -> None:
@@ -113,6 +142,8 @@ class RunState:
         if not self.write:
             return []
         save_weights(self.run_dir / "model.safetensors", model, metadata=metadata)
+        final = {"logs": log_counts(self.run_dir), "model": file_digest(self.run_dir / "model.safetensors")}
+        write_json(self.run_dir / "final.json", final)
         return read_jsonl(self.run_dir / "metrics.jsonl")
 
 
