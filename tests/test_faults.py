@@ -213,3 +213,35 @@ def test_a_finished_algorithmic_run_with_a_torn_log_is_refused_not_reported_from
     assert r.exit_code == 2 and r.output.strip().startswith(
         f"error: {out / 'single' / 'metrics.jsonl'} holds 2 rows where the checkpoint at step 12 recorded 3"
     )
+
+
+def test_a_shift_run_that_never_switched_is_scored_as_single_attn(tmp_path):
+    out = tmp_path / "algo"
+    args = [
+        "algorithmic",
+        "-p",
+        "looped,shift",
+        "--steps",
+        "8",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "train.eval_every=4",
+    ]
+    args += [
+        "--set",
+        "train.scp.patience=50",
+        "--set",
+        "train.scp.wait=50",
+        "--set",
+        "train.scp.max_wait=60",
+        "--set",
+        "test_lengths=[1,2,12]",
+        "-q",
+    ]
+    r = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    shift = json.loads((out / "results.json").read_text())["paradigms"]["shift"]
+    assert shift["scored_as"] == "single" and set(shift["length_accuracy"]) == {"single"}
+    page = (out / "report.html").read_text()
+    assert "scored as Single-Attn (one step)" in page and "not tested" in page

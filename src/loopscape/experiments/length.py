@@ -60,15 +60,22 @@ def length_generalisation(
 
 
 def run_length_study(
-    cfg: MarkovStudyConfig, models: dict[str, list[torch.nn.Module]], ic_threshold: float, figures: Path
+    cfg: MarkovStudyConfig,
+    models: dict[str, list[torch.nn.Module]],
+    ic_threshold: float,
+    figures: Path,
+    note: str = "",
 ) -> StudyReport:
-    """Score ``models`` (name -> one model per seed) at every test length; Figure 9 into ``figures``."""
+    """Score ``models`` (name -> one model per seed) at every test length; Figure 9 into ``figures``.
+    ``note`` is added to the section (e.g. SHIFT runs scored as Single-Attn)."""
     results = length_generalisation(cfg, models, ic_threshold)
     verdict = length_report.length_verdict(results, cfg.data.length)
     length_report.plot_length(results, figures / "fig9_length_generalisation.png")
     markdown = length_report.length_markdown(
         results, cfg.data.length, verdict, cfg.data.alpha, cfg.model.positions, cfg.model.max_len
     )
+    if note:
+        markdown += f"\n{note}\n"
     section = Section(
         "length",
         "Length generalisation",

@@ -89,7 +89,13 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
     shift = timed("shift", run_shift_study, cfg.markov, cfg.shift, out / "shift", metrics, resume, **progress)
     models = {**final_models(out / "markov", cfg.markov), "shift": shift.memory["scp_models"]}
     ic_max = markov.memory["data"]["ic_max"]
-    length = timed("length", run_length_study, cfg.markov, models, ic_max, out / "figures")
+    never = shift.memory["scp_never_shifted"]
+    note = (
+        f"SHIFT (SCP) never shifted on {never} seed(s): those runs are Single-Attn and are scored as such."
+        if never
+        else ""
+    )
+    length = timed("length", run_length_study, cfg.markov, models, ic_max, out / "figures", note)
     algorithmic = []
     for task in cfg.algorithmic.tasks:
         config = algorithmic_preset(cfg.algorithmic.preset, task, steps=cfg.algorithmic.steps)

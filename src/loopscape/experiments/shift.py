@@ -306,5 +306,6 @@ def run_shift_study(
         ],
     )
     report = StudyReport(results, shift_report.verdict_rows(verdicts), section)
-    report.memory = {"verdicts": verdicts, "scp_models": scp_models(cfg, shift, out)}
+    never = sum(e is None for e in results["policies"][f"{SCP}/{shift.optimizer}"]["shift_epochs"])
+    report.memory = {"verdicts": verdicts, "scp_models": scp_models(cfg, shift, out), "scp_never_shifted": never}
     return report

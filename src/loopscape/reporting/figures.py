@@ -65,7 +65,9 @@ def plot_accuracy_curves(
             ax.fill_between(x, a.min(0), a.max(0), color=color, alpha=0.2, lw=0)
             if ceiling is not None:
                 ax.axhline(100 * ceiling[key[4:]], color=color, ls=":", lw=1)
-        ax.axvline(PHASE_EPOCH, color="k", ls="--", lw=0.8)
+        if a.shape[1] - 1 > PHASE_EPOCH:  # the axis follows the epochs run: no boundary past its end
+            ax.axvline(PHASE_EPOCH, color="k", ls="--", lw=0.8)
+        ax.set_xlim(0, a.shape[1] - 1)
         ax.set_title(f"{LABELS.get(name, name)} ({a.shape[0]} seeds)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -52,12 +52,19 @@ def plot_length(length: dict, path: Path) -> None:
     """Figure 9: total accuracy against sequence length, with the Bayes-optimal predictor."""
     Ls = sorted(int(L) for L in length)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, color in (("single_attn", "tab:blue"), ("looped_attn", "tab:red"), ("shift", "tab:orange")):
+    # distinct markers, dashes and offsets: curves that coincide (SHIFT that never shifted is Single-Attn) stay visible
+    styles = (
+        ("single_attn", "tab:blue", "o", "-", -0.12),
+        ("looped_attn", "tab:red", "s", "-", 0.0),
+        ("shift", "tab:orange", "^", "--", 0.12),
+    )
+    for name, color, marker, ls, dx in styles:
         if name not in length[str(Ls[0])]:
             continue
         m = np.array([length[str(L)][name]["all"]["mean"] for L in Ls])
         sd = np.array([length[str(L)][name]["all"]["std"] for L in Ls])
-        ax.errorbar(Ls, m, yerr=sd, marker="o", capsize=3, color=color, label=NAMES[name])
+        x = np.array(Ls) + dx
+        ax.errorbar(x, m, yerr=sd, marker=marker, ls=ls, mfc="none", capsize=3, color=color, label=NAMES[name])
     ax.plot(Ls, [100 * length[str(L)]["bayes_all"] for L in Ls], "k:", label="Bayes-optimal")
     ax.set(
         xlabel="sequence length L (4 = training)", ylabel="total accuracy (%)", title="Length generalisation", xticks=Ls
