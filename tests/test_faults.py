@@ -245,3 +245,40 @@ def test_a_shift_run_that_never_switched_is_scored_as_single_attn(tmp_path):
     assert shift["scored_as"] == "single" and set(shift["length_accuracy"]) == {"single"}
     page = (out / "report.html").read_text()
     assert "scored as Single-Attn (one step)" in page and "not tested" in page
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["markov", "--epochs", "30", "--seeds", "0", "--set", "workers=1", "--set", "hessian.enabled=false"],
+        ["algorithmic", "-p", "looped", "--steps", "60", "--set", "model.d_model=16", "--set", "train.eval_every=5"],
+    ],
+    ids=["markov", "algorithmic"],
+)
+@pytest.mark.slow
+def test_killing_a_single_process_run_resumes_bit_for_bit(tmp_path, command):
+    """SIGKILL the one process right after its first checkpoint; --resume ends with every number of an
+    uninterrupted run (wall times aside)."""
+    every = ["--set", "train.checkpoint_every=10", "-q"]
+    cmd = [sys.executable, "-m", "loopscape.cli", *command, *every]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*cmd, "-o", str(run)])
+    deadline = time.monotonic() + 60
+    while not list(run.rglob("checkpoints/latest.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(run.rglob("final.json")), "killed too late: the run had finished"
+    assert subprocess.run([*cmd, "-o", str(run), "--resume"]).returncode == 0
+    assert subprocess.run([*cmd, "-o", str(tmp_path / "whole")]).returncode == 0
+
+    def numbers(path):
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("time_s",)}
+            for line in path.read_text().splitlines()
+        ]
+
+    logs = sorted(run.rglob("metrics.jsonl"))
+    assert logs
+    for f in logs:
+        assert numbers(f) == numbers(tmp_path / "whole" / f.relative_to(run)), f
