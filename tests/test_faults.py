@@ -119,6 +119,13 @@ def tear(path: Path) -> None:
     path.write_bytes(data[: len(data) - 7])
 
 
+def alter_digit(path: Path) -> None:
+    """Change one digit in the second half of a text file: it still parses, but says something else."""
+    text = path.read_text()
+    i = next(i for i in range(len(text) // 2, len(text)) if text[i] in "123456789")
+    path.write_text(text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1 :])
+
+
 def flip(path: Path) -> None:
     """Change one byte in the middle of a file (a corrupted disk block)."""
     data = bytearray(path.read_bytes())
@@ -139,6 +146,8 @@ def finished(tmp_path):
     [
         (tear, RUN / "metrics.jsonl", "holds 3 rows where the finished run recorded 4"),
         (tear, RUN / "spectra.jsonl", "holds 3 rows where the finished run recorded 4"),
+        (alter_digit, RUN / "metrics.jsonl", "is not what the finished run recorded (its bytes differ)"),
+        (alter_digit, RUN / "spectra.jsonl", "is not what the finished run recorded (its bytes differ)"),
         (flip, RUN / "model.safetensors", "is not the file that was written (size or hash differ)"),
         (tear, RUN / "final.json", "is damaged (not JSON)"),
         (lambda p: p.unlink(), RUN / "final.json", "is missing"),

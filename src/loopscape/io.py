@@ -202,6 +202,14 @@ def hold_as_worker(out: Path) -> None:
     _HELD[(out / WORKERS_LOCK).resolve()] = fd
 
 
+def read_run_config(path: Path) -> Any:
+    """A run folder's ``config.yaml``; a damaged one is refused with one line naming it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DamagedRunError(f"{path} is damaged (not YAML); {REPAIR}") from None
+
+
 def refuse_to_overwrite(out: Path, resumable: bool = True) -> None:
     """A run never writes into a non-empty folder unless it resumes it (``resumable``: the command can).
     The lock files do not count."""
@@ -218,11 +226,7 @@ def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
         if not saved.exists():
             raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
         lock_run_folder(out)
-        try:
-            previous = yaml.safe_load(saved.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raise DamagedRunError(f"{saved} is damaged (not YAML); {REPAIR}") from None
-        if previous != to_dict(config):
+        if read_run_config(saved) != to_dict(config):
             raise ConfigError(
                 f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
             )

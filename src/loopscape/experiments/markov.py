@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from loopscape.config import require
 from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import atomic_write_text, prepare_run_folder, read_json, read_jsonl, write_json
+from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
 from loopscape.landscape.river_valley import cumulative_force
 from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
 from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
@@ -144,7 +144,7 @@ def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume:
 def timed_across_resumes(record: Path, fn, *args) -> float:
     """Run ``fn(*args)`` and return the wall time it has taken over every session of the run:
     each session, finished or interrupted by an error, adds its time to ``record``."""
-    spent = read_json(record)["wall_s"] if record.exists() else 0.0
+    spent = read_json_file(record)["wall_s"] if record.exists() else 0.0
     t0 = time.perf_counter()
     try:
         fn(*args)

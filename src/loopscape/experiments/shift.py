@@ -28,7 +28,7 @@ from loopscape.config import require
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.experiments.parallel import epoch_progress, run_jobs
-from loopscape.io import lock_run_folder, read_json, read_json_file, read_jsonl, write_json
+from loopscape.io import lock_run_folder, read_json_file, read_jsonl, write_json
 from loopscape.reporting import shift as shift_report
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
@@ -268,7 +268,7 @@ def scp_models(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path) -> li
     template = cfg.build_model(cfg.model.n_loops)
     models = []
     for part in sorted((out / "population").glob("part*")):
-        for k, m in enumerate(read_json(part / "members.json")):
+        for k, m in enumerate(read_json_file(part / "members.json")):
             if (m["policy"], m["optimizer"]) == (SCP, shift.optimizer):
                 T = cfg.model.n_loops if m["shift_epoch"] is not None else 1
                 models.append(load_member(part / "model.safetensors", template, k, T).eval())

@@ -13,11 +13,10 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from loopscape.config import ConfigError, from_dict, read_mapping, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
-from loopscape.io import atomic_write_text, lock_run_folder, refuse_to_overwrite, write_json
+from loopscape.io import atomic_write_text, lock_run_folder, read_run_config, refuse_to_overwrite, write_json
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
@@ -57,7 +56,7 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         validate_tree(cfg)
         cell = out / "cells" / name
         saved = cell / "config.yaml"
-        if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+        if saved.exists() and read_run_config(saved) != to_dict(cfg):
             raise ConfigError(f"sweep cell {str(cell)!r} was run with other settings; use a new --output")
         if show_progress:
             print(f"[sweep] {name}")

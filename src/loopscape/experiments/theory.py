@@ -26,7 +26,7 @@ import torch
 from loopscape.config import require
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
-from loopscape.io import atomic_write_text, read_json, write_json
+from loopscape.io import atomic_write_text, read_json_file, write_json
 from loopscape.landscape.alignment import gradient_alignment, meets_assumption4
 from loopscape.landscape.quadratic import (
     QuarticValley,
@@ -275,7 +275,7 @@ def run_theory(
     out.mkdir(parents=True, exist_ok=True)
     figs = out / "figures"
     if resume and (out / "theory.json").exists():
-        results = read_json(out / "theory.json")
+        results = read_json_file(out / "theory.json")
     else:
         steps = [
             ("Theorem 1", lambda: check_bound(False, cfg)),

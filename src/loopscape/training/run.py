@@ -23,6 +23,7 @@ uninterrupted run. Only the writing process (rank 0 under DDP) passes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from loopscape.errors import DamagedRunError, DivergenceError
-from loopscape.io import REPAIR, JsonlLog, check_digest, file_digest, read_json, read_json_file, read_jsonl, write_json
+from loopscape.io import REPAIR, JsonlLog, check_digest, file_digest, read_json_file, read_jsonl, write_json
 from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 
 
@@ -55,24 +56,29 @@ def seeded(seed: int) -> Iterator[None]:
 def units_done(run_dir: str | Path) -> int:
     """How many units (epochs or steps) the run folder's latest checkpoint holds; 0 if none."""
     pointer = Path(run_dir) / "checkpoints" / "latest.json"
-    return read_json(pointer)["done"] if pointer.exists() else 0
+    return read_json_file(pointer)["done"] if pointer.exists() else 0
 
 
-def log_counts(run_dir: Path) -> dict[str, int]:
-    """Rows of every JSON-lines log of a run folder (metrics, tracked spectra)."""
-    return {p.name: len(read_jsonl(p)) for p in sorted(Path(run_dir).glob("*.jsonl"))}
+def log_records(run_dir: Path) -> dict[str, dict]:
+    """Every JSON-lines log of a run folder (metrics, tracked spectra): its rows, size and SHA-256 now."""
+    return {p.name: {"rows": len(read_jsonl(p)), **file_digest(p)} for p in sorted(Path(run_dir).glob("*.jsonl"))}
 
 
 def check_logs(
-    run_dir: Path, recorded: dict[str, int], when: str, unit: str = "epoch", upto: int | None = None
+    run_dir: Path, recorded: dict[str, dict], when: str, unit: str = "epoch", upto: int | None = None
 ) -> None:
-    """Each log must hold the rows ``when`` recorded (on resume: those up to ``upto``), else it was damaged."""
-    for name, n in recorded.items():
-        rows = read_jsonl(Path(run_dir) / name)
+    """Each log must begin with exactly what ``when`` recorded (rows, then bytes and hash; on resume
+    a log may go on past that, with rows after ``upto`` that are cut and redone), else it was damaged."""
+    for name, rec in recorded.items():
+        path = Path(run_dir) / name
+        rows = read_jsonl(path)
         if upto is not None:
             rows = [r for r in rows if r.get(unit, r.get("epoch", 0)) <= upto]
-        if len(rows) != n:
-            raise DamagedRunError(f"{Path(run_dir) / name} holds {len(rows)} rows where {when} recorded {n}; {REPAIR}")
+        if len(rows) != rec["rows"]:
+            raise DamagedRunError(f"{path} holds {len(rows)} rows where {when} recorded {rec['rows']}; {REPAIR}")
+        data = path.read_bytes()[: rec["size"]]
+        if len(data) != rec["size"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise DamagedRunError(f"{path} is not what {when} recorded (its bytes differ); {REPAIR}")
 
 
 def verify_finished(run_dir: str | Path) -> None:
@@ -129,7 +135,7 @@ class RunState:
         extra: dict | None = None,
     ) -> None:
         if self.write:
-            extra = {**(extra or {}), "logs": log_counts(self.run_dir)}
+            extra = {**(extra or {}), "logs": log_records(self.run_dir)}
             save_checkpoint(self.checkpoints, done, model, optimizer, generator, extra=extra, unit=self.unit)
 
     def fail(self, error: Exception) -> None:
@@ -142,7 +148,7 @@ class RunState:
         if not self.write:
             return []
         save_weights(self.run_dir / "model.safetensors", model, metadata=metadata)
-        final = {"logs": log_counts(self.run_dir), "model": file_digest(self.run_dir / "model.safetensors")}
+        final = {"logs": log_records(self.run_dir), "model": file_digest(self.run_dir / "model.safetensors")}
         write_json(self.run_dir / "final.json", final)
         return read_jsonl(self.run_dir / "metrics.jsonl")
 
