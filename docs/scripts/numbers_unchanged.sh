@@ -17,5 +17,7 @@ for side in before after; do
     -o "$work/$side-markov" -q >/dev/null
   PYTHONPATH=$src "$python" -m loopscape.cli reproduce --quick -o "$work/$side-reproduce" -q >/dev/null
 done
-"$python" "$here/docs/scripts/compare_runs.py" "$work/before-markov" "$work/after-markov"
-"$python" "$here/docs/scripts/compare_runs.py" "$work/before-reproduce" "$work/after-reproduce"
+status=0
+"$python" "$here/docs/scripts/compare_runs.py" "$work/before-markov" "$work/after-markov" || status=1
+"$python" "$here/docs/scripts/compare_runs.py" "$work/before-reproduce" "$work/after-reproduce" || status=1
+exit $status
