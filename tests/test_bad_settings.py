@@ -119,3 +119,24 @@ def test_sizes_that_would_not_fit_say_so_with_the_limit(tmp_path):
     assert "this machine has" in line and "GiB" in line
     r = CliRunner().invoke(app, ["algorithmic", "--set", "train.batch_size=100000000", "-o", str(tmp_path / "a"), "-q"])
     assert r.exit_code == 2 and r.output.strip().startswith("error: train.batch_size must be small enough to fit")
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """Writing fails with ENOSPC (as on a full disk): one line naming the file, exit 1, no traceback."""
+    import errno
+
+    import loopscape.io
+
+    real = loopscape.io.atomic_write_bytes
+
+    def full_disk(path, data):
+        if str(path).endswith("data.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(loopscape.io, "atomic_write_bytes", full_disk)
+    r = CliRunner().invoke(app, ["markov", "-o", str(tmp_path / "run"), "--epochs", "2", "--seeds", "0", "-q"])
+    assert (r.exit_code, r.output.strip()) == (
+        1,
+        f"error: cannot read or write {tmp_path / 'run' / 'data.json'}: No space left on device",
+    )
