@@ -174,36 +174,11 @@ def test_schedule_constant_then_cosine_to_zero():
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     """torchrun, gloo, 2 processes x 8 rows = one process x 16 rows: same weights to 1e-5."""
-    args = [
-        "algorithmic",
-        "--task",
-        "parity",
-        "-p",
-        "looped",
-        "--steps",
-        "12",
-        "-q",
-        "--set",
-        "model.d_model=16",
-        "--set",
-        "model.n_heads=2",
-        "--set",
-        "train.batch_size=16",
-        "--set",
-        "train.eval_every=6",
-        "--set",
-        "train.curriculum_interval=3",
-        "--set",
-        "train_max_len=5",
-        "--set",
-        "test_lengths=[1,2]",
-        "--set",
-        "test_size=8",
-        "--set",
-        "train.device=cpu",
-        "--set",
-        "workers=1",
-    ]
+    args = (
+        "algorithmic --task parity -p looped --steps 12 -q --set model.d_model=16 --set model.n_heads=2 "
+        "--set train.batch_size=16 --set train.eval_every=6 --set train.curriculum_interval=3 --set train_max_len=5 "
+        "--set test_lengths=[1,2] --set test_size=8 --set train.device=cpu --set workers=1"
+    ).split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "loopscape.cli", *args, "-o", str(tmp_path / "one")],

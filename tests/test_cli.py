@@ -9,19 +9,7 @@ from loopscape.config import ConfigError, load_config
 from loopscape.experiments.markov import MarkovStudyConfig
 
 runner = CliRunner()
-TINY = [
-    "--epochs",
-    "3",
-    "--seeds",
-    "0,1",
-    "--set",
-    "data.n_train=100",
-    "--set",
-    "data.n_val=50",
-    "--set",
-    "workers=1",
-    "-q",
-]
+TINY = "--epochs 3 --seeds 0,1 --set data.n_train=100 --set data.n_val=50 --set workers=1 -q".split()
 
 
 def test_markov_writes_run_folder_and_refuses_to_overwrite(tmp_path):
@@ -161,25 +149,10 @@ def test_reproduce_rejects_bad_settings_by_name(tmp_path):
     assert r.exit_code == 2 and "shift.optimizer" in r.output and "keep" in r.output
 
 
-ALGO_TINY = [
-    "--steps",
-    "12",
-    "-q",
-    "--set",
-    "model.d_model=16",
-    "--set",
-    "train.eval_every=4",
-    "--set",
-    "train.curriculum_interval=2",
-    "--set",
-    "train_max_len=4",
-    "--set",
-    "test_lengths=[1,4,6]",
-    "--set",
-    "test_size=16",
-    "--set",
-    "workers=1",
-]
+ALGO_TINY = (
+    "--steps 12 -q --set model.d_model=16 --set train.eval_every=4 --set train.curriculum_interval=2 "
+    "--set train_max_len=4 --set test_lengths=[1,4,6] --set test_size=16 --set workers=1"
+).split()
 
 
 def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
