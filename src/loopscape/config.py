@@ -144,10 +144,6 @@ def read_mapping(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
-def read_config_file(path: str | Path) -> dict:
-    return read_mapping(path)
-
-
 def validate_tree(config: Any, prefix: str = "") -> None:
     """Call ``validate(prefix)`` on every dataclass section, depth first."""
     for f in dataclasses.fields(config):
@@ -200,7 +196,7 @@ def load_config(
         files = [files]
     data: dict = {}
     for path in files:
-        data = merge(data, read_config_file(path))
+        data = merge(data, read_mapping(path))
     for key, value in (overrides or {}).items():
         _set(data, key, value)
     config = from_dict(cls, data)

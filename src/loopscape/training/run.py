@@ -148,6 +148,7 @@ class RunState:
         if not self.write:
             return []
         save_weights(self.run_dir / "model.safetensors", model, metadata=metadata)
+        (self.run_dir / "failed.json").unlink(missing_ok=True)  # an earlier session's failure is resumed past
         final = {"logs": log_records(self.run_dir), "model": file_digest(self.run_dir / "model.safetensors")}
         write_json(self.run_dir / "final.json", final)
         return read_jsonl(self.run_dir / "metrics.jsonl")
