@@ -12,8 +12,8 @@ def reference_answer(task: str, query: list[str]) -> list[str]:
         return [str(query.count("1") % 2)]
     if task == "copy":
         return list(query)
-    if task == "binary_sum":
-        return list(bin(query.count("1"))[2:][::-1])  # least significant bit first
+    if task == "binary_sum":  # least significant bit first; zero ones: an empty answer
+        return list(bin(query.count("1"))[2:][::-1]) if "1" in query else []
     if task == "unique_set":
         seen = []
         for v in query:
@@ -25,10 +25,31 @@ def reference_answer(task: str, query: list[str]) -> list[str]:
         a, b = query[:i], query[i + 1 :]
         assert len(a) == len(b)
         return list(format(int("".join(a), 2) + int("".join(b), 2), f"0{len(a) + 1}b"))  # most significant first
-    i = query.index("x")  # multiplication, least significant bits first
+    i = query.index("x")  # multiplication: operands most significant bit first, the product least significant first
     a, b = query[:i], query[i + 1 :]
-    product = int("".join(a[::-1]), 2) * int("".join(b[::-1]), 2)
+    product = int("".join(a), 2) * int("".join(b), 2)
     return list(format(product, f"0{len(a) + len(b)}b")[::-1])
+
+
+WIDTH = {  # the authors' row width at the batch's largest length n (spec's table)
+    "parity": lambda n: n + 2,
+    "copy": lambda n: 2 * n + 2,
+    "addition": lambda n: 3 * n + 3,
+    "binary_sum": lambda n: n + 8,
+    "unique_set": lambda n: 2 * n + 2,
+    "multiplication": lambda n: 4 * n + 4,
+}
+
+
+def reference_row(task: AlgorithmicTask, query: list[str], width: int) -> tuple[list[int], list[int], list[bool]]:
+    """(inputs, targets, mask) of one row, written out from the layout: the query, `=`, pads; the
+    target at the separator is the first answer token, then the rest of the answer, then pads."""
+    ids = [task.vocab.index(t) for t in query]
+    answer = [task.vocab.index(t) for t in reference_answer(task.name, query)]
+    sep = len(ids)
+    inputs = ids + [task.sep] + [task.pad] * (width - sep - 1)
+    targets = ids[1:] + [task.sep] + answer + [task.pad] * (width - sep - len(answer))
+    return inputs, targets, [p >= sep for p in range(width)]
 
 
 def parse(task: AlgorithmicTask, batch, i: int):
@@ -52,9 +73,13 @@ def test_random_rows_match_the_reference(name):
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, 16, (300,), generator=g)
     batch = task.batch(lengths, g)
+    width = WIDTH[name](int(lengths.max()))
+    assert batch.inputs.shape == batch.targets.shape == (300, width)  # the task's fixed width, not the widest row
     for i in range(len(lengths)):
         query, answer = parse(task, batch, i)
         assert answer == reference_answer(name, query), (name, query, answer)
+        row = (batch.inputs[i].tolist(), batch.targets[i].tolist(), batch.mask[i].tolist())
+        assert row == reference_row(task, query, width), (name, query)
         n = int(lengths[i])
         if name in ("addition", "multiplication"):
             op = "+" if name == "addition" else "x"
@@ -74,8 +99,9 @@ def test_random_rows_match_the_reference(name):
         ("addition", "011+011", "0110"),  # 3 + 3 = 6, n + 1 bits, MSB first
         ("addition", "1+1", "10"),
         ("binary_sum", "11101", "001"),  # four ones: 4 = 100b, LSB first
-        ("binary_sum", "000", "0"),
+        ("binary_sum", "000", ""),  # no ones: the answer is empty (the separator already predicts the pad)
         ("multiplication", "11x101", "11110"),  # 3 * 5 = 15 = 01111b, LSB first, n1 + n2 bits
+        ("multiplication", "10x110", "00110"),  # 2 * 6 = 12 = 01100b: operands MSB first, product LSB first
     ],
 )
 def test_reference_on_hand_written_examples(name, query, answer):
@@ -103,8 +129,27 @@ def test_rows_of_one_batch_are_right_padded_and_deterministic():
     a = task.batch(torch.tensor([1, 6]), torch.Generator().manual_seed(5))
     b = task.batch(torch.tensor([1, 6]), torch.Generator().manual_seed(5))
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
-    assert a.inputs.shape[1] == 6 + 1 + 6  # the longest row: query, separator, answer slots
+    assert a.inputs.shape[1] == 2 * (6 + 1)  # the authors' width: the longest row and one more pad
     assert a.mask[0].sum() == a.inputs.shape[1] - 1  # short row: scored from its separator to the end
+    assert a.mask[1].sum() == 6 + 2  # six answer bits and two trailing pads
+
+
+def test_batch_row_width_is_the_widest_row():
+    """The earlier reading: rows as wide as the batch's widest, one end-of-sequence pad."""
+    a = AlgorithmicTask("copy", row_width="batch").batch(torch.tensor([1, 6]), torch.Generator().manual_seed(5))
+    b = AlgorithmicTask("copy").batch(torch.tensor([1, 6]), torch.Generator().manual_seed(5))
+    assert a.inputs.shape[1] == 6 + 1 + 6
+    assert torch.equal(a.inputs, b.inputs[:, :-1]) and torch.equal(a.targets, b.targets[:, :-1])
+
+
+def test_binary_sum_of_no_ones_predicts_the_pad_at_the_separator():
+    task = AlgorithmicTask("binary_sum")
+    g = torch.Generator().manual_seed(0)
+    batch = task.batch(torch.ones(64, dtype=torch.long), g)  # one bit: half the rows hold no one
+    zero = batch.inputs[:, 0] == 0
+    assert zero.any() and (~zero).any()
+    assert (batch.targets[zero, 1] == task.pad).all()  # position 1 is the separator
+    assert (batch.targets[~zero, 1] == 1).all() and batch.inputs.shape[1] == 1 + 8
 
 
 def test_test_batch_has_one_length_and_multiplication_tests_at_n1_2():
@@ -126,5 +171,7 @@ def test_curriculum():
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="task must be one of"):
         AlgorithmicTask("sorting")
+    with pytest.raises(ValueError, match="row_width must be one of"):
+        AlgorithmicTask("parity", row_width="widest")
     with pytest.raises(ValueError, match="lengths"):
         AlgorithmicTask("parity").batch(torch.tensor([0, 2]), torch.Generator())

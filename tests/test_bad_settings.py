@@ -50,7 +50,7 @@ CASES = [
         ["algorithmic", "--task", "chess"],
         f"task must be one of {TASKS} (got 'chess')",
     ),
-    (["algorithmic", "--preset", "huge"], "preset must be one of ('cpu-small', 'paper') (got 'huge')"),
+    (["algorithmic", "--preset", "huge"], "preset must be one of ('cpu-small', 'paper', 'authors') (got 'huge')"),
     (
         ["algorithmic", "-p", "fancy"],
         "paradigms must be a non-empty list from ('single', 'looped', 'shift') (got ['fancy'])",

@@ -26,6 +26,20 @@ def test_every_algorithmic_preset_loads_for_every_task(preset, task):
     assert max(cfg.test_lengths) > cfg.train_max_len  # every preset tests past the training lengths
 
 
+AUTHORS_INTERVAL = {"parity": 500, "copy": 1000, "addition": 1600, "binary_sum": 500, "unique_set": 1000}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_paper_presets_are_the_authors_setting(task):
+    """The spec's table: each task's curriculum interval; 50,001 steps (seed paper) or 100,001 (authors)."""
+    paper, authors, small = (algorithmic_preset(p, task) for p in ("paper", "authors", "cpu-small"))
+    assert paper.train.curriculum_interval == AUTHORS_INTERVAL.get(task, 500)
+    assert (paper.train.steps, authors.train.steps) == (50_001, 100_001)
+    assert authors.train.curriculum_interval == paper.train.curriculum_interval and authors.model == paper.model
+    assert small.train.curriculum_interval == paper.train.curriculum_interval // 4
+    assert paper.model.read_in == small.model.read_in == ("embedding" if task == "unique_set" else "linear")
+
+
 def test_quick_preset_is_a_file_read_by_the_same_loader():
     quick = load_config(ReproduceConfig, preset_file("reproduce-quick.yaml"))
     assert quick.markov.train.epochs == 40 and quick.markov.seeds == [0, 1] and quick.shift.scp.patience == 5

@@ -104,3 +104,46 @@ def test_bad_config_names_the_field():
         LoopedGPTConfig(vocab_size=4, d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_loops must be >= 1 for every sample"):
         looped_gpt(4, d_model=8, n_heads=2)(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"read_in must be one of \('linear', 'embedding'\)"):
+        LoopedGPTConfig(vocab_size=4, d_model=8, n_heads=2, read_in="table")
+
+
+def test_read_in_is_a_linear_map_with_bias_on_one_hot_tokens():
+    torch.manual_seed(0)
+    m = looped_gpt(5, d_model=8, n_heads=2)
+    x = torch.tensor([[0, 3, 4, 1]])
+    one_hot = torch.eye(5)[x]
+    torch.testing.assert_close(m.embed(x), one_hot @ m.read_in.weight.T + m.read_in.bias, rtol=0, atol=0)
+
+
+def test_initialisation_is_the_authors():
+    """Read-in and read-out at PyTorch's default (uniform within 1/sqrt(fan_in), biases too), the backbone
+    N(0, 0.02) with residual projections N(0, 0.02/sqrt(2 layers)), biases 0; Unique Set's table N(0, 1)."""
+    torch.manual_seed(0)
+    V, d, layers = 52, 512, 4
+    m = looped_gpt(V, d_model=d, n_heads=8, n_layers=layers)
+    for lin, fan_in in ((m.read_in, V), (m.head, d)):
+        bound = 1 / fan_in**0.5
+        for p in (lin.weight, lin.bias):
+            assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound  # fills the interval
+            assert abs(p.std().item() - bound / 3**0.5) < 0.1 * bound  # the uniform's sd
+    layer = m.layers[0]
+    for w, std in ((layer.attn.qkv.weight, 0.02), (layer.mlp.fc.weight, 0.02)):
+        assert abs(w.std().item() - std) < 0.02 * std
+    residual = 0.02 / (2 * layers) ** 0.5
+    for w in (layer.attn.proj.weight, layer.mlp.proj.weight):
+        assert abs(w.std().item() - residual) < 0.02 * residual
+    assert all(b.abs().max() == 0 for b in (layer.attn.qkv.bias, layer.attn.proj.bias, layer.mlp.fc.bias))
+    table = looped_gpt(V, d_model=d, n_heads=8, read_in="embedding").read_in.weight
+    assert abs(table.std().item() - 1.0) < 0.02
+    # the injected input is O(1) per coordinate, not 0.02: at d = 32 on Parity's 4 tokens its norm is about 2.3
+    parity = looped_gpt(4, d_model=32, n_heads=4)
+    assert 1.2 < parity.embed(torch.arange(4)).norm(dim=-1).mean() < 3.5
+
+
+def test_normal_init_is_the_earlier_reading():
+    torch.manual_seed(0)
+    m = looped_gpt(6, d_model=256, n_heads=8, init="normal", read_in="embedding", head_bias=False)
+    assert m.head.bias is None and isinstance(m.read_in, torch.nn.Embedding)
+    for w in (m.read_in.weight, m.head.weight, m.layers[0].attn.proj.weight, m.layers[0].mlp.proj.weight):
+        assert abs(w.std().item() - 0.02) < 0.002

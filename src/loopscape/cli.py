@@ -239,7 +239,10 @@ def algorithmic(
         help="Comma-separated: single, looped, shift (SHIFT's saving needs looped too).",
     ),
     preset: str = typer.Option(
-        "cpu-small", "--preset", help="cpu-small (minutes on 2 CPU cores) or paper (Appendix E.2 on a GPU)."
+        "cpu-small",
+        "--preset",
+        help="cpu-small (minutes on 2 CPU cores), paper (Appendix E.2 on a GPU, the seed paper's 50,001 steps) or "
+        "authors (paper, for the 100,001 steps of Fan et al.'s configs).",
     ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Output folder (default runs/algorithmic-<task>-<time>)."
@@ -260,14 +263,14 @@ def algorithmic(
     Data-parallel under torchrun."""
     from loopscape.experiments.algorithmic import (
         AlgorithmicStudyConfig,
-        preset_path,
+        preset_files,
         run_algorithmic,
         run_algorithmic_seeds,
     )
 
     try:
         # the preset, then the config file, then the flags and --set
-        files = [preset_path(preset, task)] + ([config] if config else [])
+        files = preset_files(preset, task) + ([config] if config else [])
         pairs = {"paradigms": [p.strip() for p in paradigm.split(",") if p.strip()]}
         pairs.update(overrides(set_, seed=seed, **{"train.steps": steps}))
         cfg = load_config(AlgorithmicStudyConfig, files, pairs)

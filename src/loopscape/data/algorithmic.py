@@ -8,10 +8,12 @@ A row is ``query, separator, answer slots``. The model reads
     target:  .   ...  .   a_1 ... a_A  <pad>
 
 position ``m`` (the separator) predicts ``a_1``, the next position ``a_2``,
-and so on; after the answer the target is ``<pad>`` (end of sequence). Rows of
-one batch are right-padded to a common width; the loss mask covers every
-position from the separator to the end of the row, trailing pads included,
-and a row is correct only if every masked position is (exact match).
+and so on; after the answer the target is ``<pad>`` (end of sequence). Rows are
+right-padded to the task's fixed width at the batch's largest length ``n``
+(:data:`ROW_WIDTH`, the authors' code), so every row is scored on some trailing
+pads and the width sets how much of the loss the answer carries. The loss mask
+covers every position from the separator to the end of the row, and a row is
+correct only if every masked position is (exact match).
 
 Batches are generated as tensors on the fly from a ``torch.Generator``: no
 Python loop over samples, so data costs little next to the model.
@@ -25,6 +27,16 @@ import torch
 
 TASKS = ("parity", "copy", "addition", "binary_sum", "unique_set", "multiplication")
 UNIQUE_SET_VALUES = 50
+# the authors' row width (input and target positions) at the batch's largest length n (spec, from their code)
+ROW_WIDTH = {
+    "parity": lambda n: n + 2,
+    "copy": lambda n: 2 * (n + 1),
+    "addition": lambda n: 3 * (n + 1),
+    "binary_sum": lambda n: n + 8,
+    "unique_set": lambda n: 2 * (n + 1),
+    "multiplication": lambda n: 4 * (n + 1),
+}
+ROW_WIDTHS = ("task", "batch")  # the authors' fixed width, or the batch's widest row (an earlier reading)
 
 
 @dataclass
@@ -60,12 +72,13 @@ def _int_to_bits(values: torch.Tensor, n: int, msb_first: bool) -> torch.Tensor:
     return bits.flip(1) if msb_first else bits
 
 
-def _pack(segments: list[tuple[torch.Tensor, torch.Tensor]], pad: int) -> torch.Tensor:
-    """Concatenate per-sample segments ``(tokens (B, S), lengths (B,))`` into right-padded rows."""
+def _pack(segments: list[tuple[torch.Tensor, torch.Tensor]], pad: int, width: int = 0) -> torch.Tensor:
+    """Concatenate per-sample segments ``(tokens (B, S), lengths (B,))`` into rows right-padded
+    to ``width`` (at least the longest row)."""
     B = segments[0][0].shape[0]
     device = segments[0][0].device
     total = sum(lens for _, lens in segments)
-    width = int(total.max())
+    width = max(width, int(total.max()))
     rows = torch.full((B, width + 1), pad, dtype=torch.long, device=device)  # last column: a bin for unused slots
     offset = torch.zeros(B, dtype=torch.long, device=device)
     for tokens, lens in segments:
@@ -82,12 +95,19 @@ class AlgorithmicTask:
     Token ids: for bit tasks ``0`` and ``1`` are ids 0 and 1; Unique Set's
     values 0..49 are ids 0..49; then the operator (``+``/``x``) if any, ``=``
     and ``<pad>``.
+
+    ``row_width``: ``"task"`` pads rows to the authors' fixed width
+    (:data:`ROW_WIDTH`); ``"batch"`` to the batch's widest row, so fewer trailing
+    pads are scored (our earlier reading).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, row_width: str = "task"):
         if name not in TASKS:
             raise ValueError(f"task must be one of {TASKS} (got {name!r})")
+        if row_width not in ROW_WIDTHS:
+            raise ValueError(f"row_width must be one of {ROW_WIDTHS} (got {row_width!r})")
         self.name = name
+        self.row_width = row_width
         values = [str(v) for v in range(UNIQUE_SET_VALUES)] if name == "unique_set" else ["0", "1"]
         op = {"addition": ["+"], "multiplication": ["x"]}.get(name, [])
         self.vocab = values + op + ["=", "<pad>"]
@@ -142,7 +162,9 @@ class AlgorithmicTask:
             query = [(rand_bits(n_max) * live, lengths)]
 
         answer, a_len = self._answer(query, lengths, n1)
-        full = _pack(query + [one(self.sep), (answer, a_len), one(self.pad)], self.pad)
+        width = ROW_WIDTH[self.name](n_max) if self.row_width == "task" else 0
+        # one column more than the rows: inputs are its first `width` tokens, targets its last
+        full = _pack(query + [one(self.sep), (answer, a_len), one(self.pad)], self.pad, width + 1)
         inputs, targets = full[:, :-1].clone(), full[:, 1:].clone()
         q_len = sum(lens for _, lens in query)
         pos = torch.arange(inputs.shape[1], device=device)
@@ -157,10 +179,10 @@ class AlgorithmicTask:
             return (tokens.sum(1, keepdim=True) % 2), torch.ones(B, dtype=torch.long, device=device)
         if self.name == "copy":
             return tokens, lengths
-        if self.name == "binary_sum":
+        if self.name == "binary_sum":  # least significant bit first; a count of zero has an empty answer
             count = tokens.sum(1)
             width = max(1, int(count.max()).bit_length())
-            n_bits = torch.clamp(torch.floor(torch.log2(count.clamp(min=1).double())).long() + 1, min=1)
+            n_bits = torch.where(count > 0, torch.floor(torch.log2(count.clamp(min=1).double())).long() + 1, 0)
             return _int_to_bits(count, width, msb_first=False), n_bits
         if self.name == "unique_set":
             i = torch.arange(tokens.shape[1], device=device)
@@ -172,18 +194,17 @@ class AlgorithmicTask:
             ).indices  # first occurrences, in order, first
             return tokens.gather(1, order), first.sum(1)
         (a, a_len), _, (b, b_len) = query
-        if self.name == "addition":  # MSB first, n + 1 bits
+        # operands are most significant bit first; a sample's bits fill the first a_len columns, so its value is
+        # the whole row's read MSB first, shifted right past the zeroed columns
+        va = _bits_to_int(a, msb_first=True) >> (a.shape[1] - a_len)
+        vb = _bits_to_int(b, msb_first=True) >> (b.shape[1] - b_len)
+        if self.name == "addition":  # the sum most significant bit first, n + 1 bits
             n = a.shape[1]  # = b.shape[1]: both operands have the sample's length
-            # right-align the operands: bit k of a row of length n_i sits at position k
-            shift = n - a_len
-            va = _bits_to_int(a, msb_first=True) >> shift
-            vb = _bits_to_int(b, msb_first=True) >> shift
             bits = _int_to_bits(va + vb, n + 1, msb_first=True)  # (B, n + 1), leading zeros for short rows
             j = torch.arange(n + 1, device=device)
-            out = bits.gather(1, (j[None, :] + shift[:, None]).clamp(max=n))
+            out = bits.gather(1, (j[None, :] + (n - a_len)[:, None]).clamp(max=n))
             return out, a_len + 1
-        # multiplication: operands and product least significant bit first, n1 + n2 bits
-        va, vb = _bits_to_int(a, msb_first=False), _bits_to_int(b, msb_first=False)
+        # multiplication: the product least significant bit first, n1 + n2 bits
         return _int_to_bits(va * vb, a.shape[1] + b.shape[1], msb_first=False), a_len + b_len
 
     def test_batch(
@@ -193,6 +214,10 @@ class AlgorithmicTask:
         lengths = torch.full((size,), n, dtype=torch.long, device=device)
         n1 = torch.full((size,), 2, dtype=torch.long, device=device) if self.name == "multiplication" else None
         return self.batch(lengths, generator, n1)
+
+    def width(self, n: int) -> int:
+        """Row width at largest length ``n`` under ``row_width="task"`` (:data:`ROW_WIDTH`)."""
+        return ROW_WIDTH[self.name](n)
 
     def decode(self, ids: torch.Tensor) -> str:
         """Token ids to text, for examples and error messages (``<pad>`` shown as ``.``)."""

@@ -10,7 +10,9 @@ once per seed and reports over the seeds.
 
 Presets (``PRESETS``) are YAML files, one per task, in
 ``loopscape/configs/algorithmic/<preset>/``: ``paper`` is Appendix E.2 on a
-GPU; ``cpu-small`` trains each paradigm in minutes on 2 CPU cores and is a
+GPU as the seed paper runs it (50,001 steps); ``authors`` is ``paper`` for the
+100,001 steps of Fan et al.'s configs (``configs/algorithmic/authors.yaml`` on
+top); ``cpu-small`` trains each paradigm in minutes on 2 CPU cores and is a
 smoke-scale look, not the paper's numbers.
 """
 
@@ -32,7 +34,7 @@ from loopscape.config import (
     to_dict,
     validate_tree,
 )
-from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
+from loopscape.data.algorithmic import ROW_WIDTHS, TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import (
     lock_run_folder,
@@ -56,7 +58,7 @@ from loopscape.training.distributed import init_distributed
 
 # extra steps allowed to adaptive stopping past T(n) (spec: n+20, n+30 for Unique Set, n1*n2+30 for Multiplication)
 EXTRA_LOOPS = {"unique_set": 30, "multiplication": 30}
-PRESETS = ("cpu-small", "paper")
+PRESETS = ("cpu-small", "paper", "authors")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class AlgorithmicStudyConfig:
     train_max_len: int = 20
     test_lengths: list[int] = field(default_factory=lambda: list(range(1, 41)))
     test_size: int = 256
+    row_width: str = "task"  # the authors' fixed width per task, or "batch": the widest row (AlgorithmicTask)
     model: LoopedGPTConfig = field(default_factory=LoopedGPTConfig)
     train: AlgorithmicTrainConfig = field(default_factory=AlgorithmicTrainConfig)
     workers: int = 0  # processes for the paradigms on CPU (0: one per core, at most one per paradigm)
@@ -89,9 +92,10 @@ class AlgorithmicStudyConfig:
             self.test_lengths,
         )
         require(self.test_size >= 1, f"{p}test_size", "an integer >= 1", self.test_size)
+        require(self.row_width in ROW_WIDTHS, f"{p}row_width", f"one of {ROW_WIDTHS}", self.row_width)
         # activations kept for the backward pass, fp32: about 16 tensors of (batch, width, d_model) per layer
-        # and loop; rows are at most 3 x the longest training length + 4 wide, and loop T(n) <= n^2 times
-        width, loops = 3 * self.train_max_len + 4, self.train_max_len ** (2 if self.task == "multiplication" else 1)
+        # and loop; rows are at most 4 x (the longest training length + 1) wide, and loop T(n) <= n^2 times
+        width, loops = 4 * self.train_max_len + 4, self.train_max_len ** (2 if self.task == "multiplication" else 1)
         size = 4 * 16 * self.train.batch_size * width * self.model.d_model * self.model.n_layers * loops
         require_fits(size, f"{p}train.batch_size", self.train.batch_size, "one training step's activations")
         require(
@@ -103,23 +107,25 @@ class AlgorithmicStudyConfig:
         return Curriculum(self.train_max_len, self.train.curriculum_interval)
 
 
-def preset_path(name: str, task: str) -> Path:
-    """The YAML file of a preset for a task."""
+def preset_files(name: str, task: str) -> list[Path]:
+    """The YAML files of a preset for a task, read in order (``authors``: ``paper``'s, then its own)."""
     if name not in PRESETS:
         raise ConfigError(f"preset must be one of {PRESETS} (got {name!r})")
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS} (got {task!r})")
-    return preset_file("algorithmic", name, f"{task}.yaml")
+    if name == "authors":
+        return [preset_file("algorithmic", "paper", f"{task}.yaml"), preset_file("algorithmic", "authors.yaml")]
+    return [preset_file("algorithmic", name, f"{task}.yaml")]
 
 
 def algorithmic_preset(name: str, task: str, steps: int | None = None) -> AlgorithmicStudyConfig:
     """A preset's config for a task (``steps`` overrides its training steps)."""
-    return load_config(AlgorithmicStudyConfig, preset_path(name, task), {"train.steps": steps} if steps else None)
+    return load_config(AlgorithmicStudyConfig, preset_files(name, task), {"train.steps": steps} if steps else None)
 
 
 def build(config: AlgorithmicStudyConfig, device: torch.device) -> tuple[AlgorithmicTask, LoopedGPT]:
     """The task and the model with the task's vocabulary, initialised from ``config.seed``."""
-    task = AlgorithmicTask(config.task)
+    task = AlgorithmicTask(config.task, config.row_width)
     torch.manual_seed(config.seed)
     return task, LoopedGPT(replace(config.model, vocab_size=task.vocab_size)).to(device)
 

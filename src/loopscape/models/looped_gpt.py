@@ -1,8 +1,9 @@
 """GPT-2 blocks looped with input injection: Single-Attn and Looped-Attn of
 Appendix E.2 ("FOP-Loop-Adaptive", after Fan et al., 2024).
 
-With read-in ``E(x)`` (a token embedding, no positional encoding: NoPE) and a
-block ``B`` of ``n_layers`` pre-LayerNorm GPT-2 layers and a final LayerNorm,
+With read-in ``E(x)`` (a linear map with bias on the one-hot tokens, or an
+embedding table; no positional encoding: NoPE) and a block ``B`` of
+``n_layers`` pre-LayerNorm GPT-2 layers and a final LayerNorm,
 
     h_0 = 0,    h_t = B(h_{t-1} + E(x))      (input injection)
     logits_t = W_out h_t                     (read-out shared by all loops)
@@ -11,15 +12,24 @@ Looped-Attn supervises sample ``i`` at its own step ``T(n_i)``; Single-Attn is
 the same block applied once (``n_loops = 1``). At inference the number of loops
 is chosen by :func:`adaptive_decode` (the model's confidence in its own greedy
 decode) or given (the oracle ``T(n)``).
+
+Initialisation as the authors' code (spec, "Model"): read-in and read-out at
+PyTorch's default (``nn.Linear``: uniform within ``1/sqrt(fan_in)``;
+``nn.Embedding``: ``N(0, 1)``), the GPT-2 backbone at ``N(0, 0.02)`` with the
+residual output projections at ``0.02 / sqrt(2 x layers)``, biases 0.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+READ_INS = ("linear", "embedding")
+INITS = ("authors", "normal")
 
 
 @dataclass
@@ -34,7 +44,13 @@ class LoopedGPTConfig:
     n_layers: GPT-2 layers inside the looped block.
     mlp_ratio: MLP hidden width / ``d_model`` (4 in GPT-2).
     input_injection: add ``E(x)`` before every step (else ``h_0 = E(x)``, ``h_t = B(h_{t-1})``).
-    init_std: normal init of linear and embedding weights (GPT-2: 0.02).
+    read_in: ``"linear"``: a linear map with bias on the one-hot tokens (the
+        authors' bit tasks); ``"embedding"``: an embedding table (their Unique Set).
+    head_bias: a bias in the read-out (the authors': yes).
+    init: ``"authors"`` (above); ``"normal"``: every linear and embedding weight
+        ``N(0, init_std)`` and biases 0 (our earlier reading, with
+        ``read_in="embedding"`` and ``head_bias=False``).
+    init_std: the backbone's std (GPT-2: 0.02); with ``init="normal"`` every weight's.
     """
 
     vocab_size: int | None = None
@@ -43,6 +59,9 @@ class LoopedGPTConfig:
     n_layers: int = 1
     mlp_ratio: int = 4
     input_injection: bool = True
+    read_in: str = "linear"
+    head_bias: bool = True
+    init: str = "authors"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -51,6 +70,11 @@ class LoopedGPTConfig:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {getattr(self, name)})")
+        for name, allowed in (("read_in", READ_INS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be a number > 0 (got {self.init_std})")
 
 
 class CausalSelfAttention(nn.Module):
@@ -74,7 +98,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
 class Layer(nn.Module):
@@ -100,15 +124,35 @@ class LoopedGPT(nn.Module):
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set to build a model (a study fills it in from its task)")
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        V, d = config.vocab_size, config.d_model
+        self.read_in = nn.Linear(V, d) if config.read_in == "linear" else nn.Embedding(V, d)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, V, bias=config.head_bias)
+        self.reset_backbone()
+        if config.init == "normal":
+            for module in (self.read_in, self.head):
                 nn.init.normal_(module.weight, std=config.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    def reset_backbone(self) -> None:
+        """GPT-2's initialisation of the block: ``N(0, init_std)``, residual output projections
+        ``init_std / sqrt(2 n_layers)`` under ``init="authors"`` (two residual branches per layer)."""
+        std = self.config.init_std
+        residual = std / math.sqrt(2 * self.config.n_layers) if self.config.init == "authors" else std
+        for layer in self.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    is_residual = module is layer.attn.proj or module is layer.mlp.proj
+                    nn.init.normal_(module.weight, std=residual if is_residual else std)
+                    nn.init.zeros_(module.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``E(x)``: token ids ``(B, W)`` to ``(B, W, d)``; the linear read-in takes their one-hot codes."""
+        if isinstance(self.read_in, nn.Embedding):
+            return self.read_in(x)
+        return self.read_in(F.one_hot(x, self.config.vocab_size).to(self.read_in.weight.dtype))
 
     def block(self, h: torch.Tensor) -> torch.Tensor:
         """``B(h)``: the looped block, final LayerNorm included."""
