@@ -258,3 +258,28 @@ def test_algorithmic_resume_refuses_other_settings(tmp_path):
         ],
     )
     assert r.exit_code == 2 and "configuration differs" in r.output
+
+
+def test_length_readings_train_each_model_reading_and_score_both_target_readings(tmp_path):
+    out = tmp_path / "lr"
+    args = f"length-readings -o {out} -q --epochs 3 --seeds 0,1 --set data.n_test=200 --set workers=1".split()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "length_readings.json").read_text())["readings"]
+    readings = [(x["attention"], x["positions"], x["test_targets"]) for x in rows]
+    assert len(set(readings)) == 12 == len(rows)  # 2 attention x 3 positions x 2 test targets
+    assert [x for x in readings if rows[readings.index(x)]["default"]] == [("sum", "cyclic", "cyclic")]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        f"{a}-{p}" for a in ("mean", "sum") for p in ("absolute", "cyclic", "none")
+    ]
+    for x in rows:  # every reading scored on 2 seeds at every length
+        assert x["verdict"]["verdict"] != "not tested" and set(x["length"]) == {"4", "8", "11", "14", "17"}
+    cyclic, aligned = rows[0]["length"]["8"], rows[1]["length"]["8"]
+    assert rows[0]["test_targets"] == "cyclic" and rows[1]["test_targets"] == "aligned"
+    assert cyclic["bayes_all"] != aligned["bayes_all"]  # other test sets, other Bayes-optimal accuracy
+    assert rows[0]["length"]["4"] == rows[1]["length"]["4"]  # the training length is the same set
+    table = (out / "length_readings.md").read_text()
+    assert table.count("\n| ") == 13 and "| **sum (paper)** | **cyclic codes** | **cyclic** |" in table
+    r = runner.invoke(app, [*args, "--resume"])  # finished runs are read back, not retrained
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "length_readings.json").read_text())["readings"] == rows

@@ -97,3 +97,20 @@ def test_bayes_ceiling_by_hand():
     tokens = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 2], [1, 1, 0], [1, 1, 2]])
     s = SequenceSet(tokens, torch.zeros(5, dtype=torch.float64))
     assert bayes_ceiling(s).tolist() == [True, True, False, True, False]
+
+
+def test_aligned_language_ends_every_test_sequence_with_the_training_targets_transition():
+    lang = MarkovLanguage(3, 4, seed=0)  # T_1, T_2, T_3
+    T1, T2, T3 = lang.transitions
+    for L in (8, 11, 14, 17):
+        np.testing.assert_array_equal(lang.transition(L - 1), T1)  # the paper's cyclic reading: T_1 makes the target
+        aligned = lang.aligned(L)
+        np.testing.assert_array_equal(aligned.transition(L - 1), T3)
+        np.testing.assert_array_equal(aligned.transition(L - 2), T2)
+        np.testing.assert_array_equal(aligned.transition(L - 3), T1)  # still cyclic, only the phase moved
+    np.testing.assert_array_equal(lang.aligned(4).transitions, lang.transitions)  # the training length: unchanged
+    assert lang.transitions is not lang.aligned(8).transitions and np.array_equal(lang.transition(1), T1)
+    # the IC of a sequence under the aligned law, by hand: L = 5 uses T_3, T_1, T_2, T_3
+    x = np.array([[0, 1, 2, 0, 1]])
+    by_hand = np.log2(3) - np.log2(T3[0, 1] * T1[1, 2] * T2[2, 0] * T3[0, 1])
+    assert lang.aligned(5).information_content(x)[0] == pytest.approx(by_hand)

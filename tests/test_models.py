@@ -66,3 +66,20 @@ def test_invalid_model_settings():
         LinearAttn(LinearAttnConfig(vocab_size=3, embedding="learned"))
     with pytest.raises(ValueError, match="vocab_size must be set"):  # a study's section until the data fills it in
         LinearAttn(LinearAttnConfig())
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_normalise_by_length_is_f_divided_by_n(n_loops):
+    """At one input length n, f / n is the unnormalised model with W_V / n (f is linear in W_V)."""
+    torch.manual_seed(0)
+    plain = looped_attn(n_loops=n_loops, max_len=3, positions="cyclic")
+    mean = looped_attn(n_loops=n_loops, max_len=3, positions="cyclic", normalise_by_length=True)
+    mean.load_state_dict(plain.state_dict())
+    for n in (3, 7):
+        x = torch.randint(0, 3, (5, n))
+        with torch.no_grad():
+            scaled = looped_attn(n_loops=n_loops, max_len=3, positions="cyclic")
+            scaled.load_state_dict(plain.state_dict())
+            scaled.W_V.div_(n)
+        torch.testing.assert_close(mean(x), scaled(x))
+        assert not torch.allclose(mean(x), plain(x))

@@ -29,6 +29,8 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or TOML file with se
 SetOpt = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set train.batch_size=64 (repeatable).")
 SeedsOpt = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2 (overrides `seeds`).")
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (overrides `train.epochs`).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --output.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
 def _version(value: bool) -> None:
@@ -110,8 +112,8 @@ def reproduce(
         help="Everything on a small scale (under a minute; for CI and a first look). "
         "Numbers are not comparable to the paper's.",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    resume: bool = ResumeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4),
     length generalisation (Table 1), as one HTML report."""
@@ -138,8 +140,8 @@ def markov(
     seeds: str | None = SeedsOpt,
     epochs: int | None = EpochsOpt,
     set_: list[str] | None = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    resume: bool = ResumeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Section 4.1: Single-Attn vs Looped-Attn on the Markov language; accuracy per IC group and
     Hessian spectra (Figures 3a-3d, 9b, 9c; Observations 1-2)."""
@@ -156,6 +158,37 @@ def markov(
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
 
 
+@app.command("length-readings")
+def length_readings(
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Run folder (default runs/length-readings-<time>)."
+    ),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = SeedsOpt,
+    epochs: int | None = EpochsOpt,
+    set_: list[str] | None = SetOpt,
+    resume: bool = ResumeOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Table 1 under the readings the paper leaves open: attention with or without 1/n, position codes
+    cyclic / absolute / none, test targets cyclic or aligned (a `loopscape markov` config)."""
+    from loopscape.experiments.length import run_length_readings
+    from loopscape.experiments.markov import MarkovStudyConfig
+
+    try:
+        cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
+        out = _output("length-readings", output, resume)
+        study = run_length_readings(cfg, out, resume=resume, show_progress=not quiet)
+    except FAILURES as err:
+        _fail(err)
+    for row in study.results["readings"]:
+        typer.echo(
+            f"{row['verdict']['verdict']:>18}  attention {row['attention']}, positions {row['positions']}, "
+            f"test targets {row['test_targets']}{' (default)' if row['default'] else ''}"
+        )
+    typer.echo(f"Table: {out / 'length_readings.md'}")
+
+
 @app.command()
 def sweep(
     output: Path | None = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/sweep-<time>)."),
@@ -169,7 +202,7 @@ def sweep(
     resume: bool = typer.Option(
         False, "--resume", help="Continue --output: finish missing cells, re-summarise finished ones."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Sweep the settings the paper leaves open (embedding, width, batch size, init scale) and report
     which reproduce Observation 1."""
@@ -256,8 +289,8 @@ def algorithmic(
     ),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (overrides `train.steps`)."),
     set_: list[str] | None = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    resume: bool = ResumeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Appendix E.2: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Figures 11, 14).
     Data-parallel under torchrun."""

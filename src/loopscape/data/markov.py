@@ -32,6 +32,7 @@ with backward messages.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -104,6 +105,19 @@ class MarkovLanguage:
     def transition(self, step: int) -> np.ndarray:
         """``T_step`` for ``step = 1, 2, ...``, cycling past ``L - 1`` (Appendix E.1.3)."""
         return self.transitions[(step - 1) % (self.length - 1)]
+
+    def aligned(self, length: int) -> MarkovLanguage:
+        """The same language with its transitions rotated so that a sequence of ``length`` ends
+        with ``T_{L-1}``, the transition that makes every training target.
+
+        The paper applies the transitions cyclically from the start (E.1.3): at
+        ``L = 4`` and test lengths 8, 11, 14, 17 every test target is made by
+        ``T_1``. This is the other reading of "applied cyclically", for Table 1
+        under open readings (``data.test_targets: aligned``).
+        """
+        rotated = copy.copy(self)
+        rotated.transitions = np.roll(self.transitions, -((self.length - length) % (self.length - 1)), axis=0)
+        return rotated
 
     # -- exact probabilities -------------------------------------------------------
     def log2_prob(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -203,6 +217,9 @@ def bayes_ceiling(train: SequenceSet) -> torch.Tensor:
     return torch.tensor([best[inp] == y for inp, y in zip(inputs, train.targets.tolist())])
 
 
+TEST_TARGETS = ("cyclic", "aligned")
+
+
 @dataclass
 class MarkovDataConfig:
     """The Markov language and its data sets (Appendix E.1.1, E.1.3)."""
@@ -216,6 +233,9 @@ class MarkovDataConfig:
     include_all: bool = True  # training set = every sequence once + tilted draws (E.1.1)
     test_lengths: list[int] = field(default_factory=lambda: [8, 11, 14, 17])
     n_test: int = 5000
+    # test targets: "cyclic", the transitions applied cyclically from the start (the paper, E.1.3), or
+    # "aligned", rotated so the last one is the training targets' (MarkovLanguage.aligned)
+    test_targets: str = "cyclic"
 
     def validate(self, p: str = "") -> None:
         require(self.vocab_size >= 2, f"{p}vocab_size", "an integer >= 2", self.vocab_size)
@@ -224,6 +244,7 @@ class MarkovDataConfig:
         require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
         require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
         require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
+        require(self.test_targets in TEST_TARGETS, f"{p}test_targets", f"one of {TEST_TARGETS}", self.test_targets)
         require(len(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of lengths", self.test_lengths)
         for L in self.test_lengths:
             require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)

@@ -9,6 +9,7 @@ order, hands each what it needs from the ones before, and composes the report::
     OUT/theory/            `loopscape theory`'s output (Sections 4.2-4.3, 5)
     OUT/shift/             the SHIFT study: population runs, shift.json, figures (Section 5, Figure 4)
     OUT/figures/           Figure 9 (length generalisation, Section 4.4, Table 1)
+    OUT/length-readings/   Table 1 under open readings: one training per model reading (``length_readings``)
     OUT/algorithmic/<task>/  optional: Appendix E.2 per task
     OUT/report.html, OUT/report.json
 
@@ -27,7 +28,7 @@ import yaml
 from loopscape.config import require, to_dict
 from loopscape.data.algorithmic import TASKS
 from loopscape.experiments.algorithmic import PRESETS, algorithmic_preset, run_algorithmic_study
-from loopscape.experiments.length import run_length_study
+from loopscape.experiments.length import run_length_readings, run_length_study
 from loopscape.experiments.markov import MarkovStudyConfig, final_models, run_markov_study
 from loopscape.experiments.shift import ShiftStudyConfig, run_shift_study
 from loopscape.experiments.theory import TheoryStudyConfig, run_theory
@@ -61,6 +62,7 @@ class ReproduceConfig:
     shift: ShiftStudyConfig = field(default_factory=ShiftStudyConfig)
     theory: TheoryStudyConfig = field(default_factory=TheoryStudyConfig)
     algorithmic: AlgorithmicPartConfig = field(default_factory=AlgorithmicPartConfig)
+    length_readings: bool = True  # Table 1 again under the readings the paper leaves open (5 more trainings)
     scale: str = "full"
 
     def validate(self, p: str = "") -> None:
@@ -96,6 +98,21 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
         else ""
     )
     length = timed("length", run_length_study, cfg.markov, models, ic_max, out / "figures", note)
+    readings = []
+    if cfg.length_readings:
+        study_models = final_models(out / "markov", cfg.markov)
+        folder = out / "length-readings"
+        readings.append(
+            timed(
+                "length_readings",
+                run_length_readings,
+                cfg.markov,
+                folder,
+                part_resume(folder),
+                study_models=study_models,
+                **progress,
+            )
+        )
     algorithmic = []
     for task in cfg.algorithmic.tasks:
         config = algorithmic_preset(cfg.algorithmic.preset, task, steps=cfg.algorithmic.steps)
@@ -104,7 +121,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
             timed(f"algorithmic_{task}", run_algorithmic_study, config, folder, resume and folder.exists(), **progress)
         )
 
-    studies = [markov, theory, shift, length, *algorithmic]
+    studies = [markov, theory, shift, length, *readings, *algorithmic]
     verdicts = [v for study in studies for v in study.verdicts]
     lead = scale_notice(cfg.scale, verdicts) + (
         "Reproduction of the Markov-language experiments of 'What makes looped transformers perform better than "
@@ -130,6 +147,8 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
         "shift_verdicts": {**shift.memory["verdicts"], "length_generalisation": length.memory["verdict"]},
         "length_generalisation": length.results,
     }
+    if readings:
+        report["length_readings"] = readings[0].results["readings"]
     write_json(out / "report.json", report)
     return report
 

@@ -10,7 +10,9 @@ With the input embedding ``E_0 in R^{d x n}`` and query ``z_0`` its last column,
                   E_t = E_{t-1} + f(E_{t-1}),            t = 1..T
     logits:       y_hat = W_h z_T.
 
-Single-Attn is Looped-Attn with ``T = 1``. The embedding ``g`` is fixed (not
+Single-Attn is Looped-Attn with ``T = 1``. The paper's ``f`` sums over the
+``n`` tokens; ``normalise_by_length`` divides it by ``n``, as many
+linear-attention implementations do (a reading the paper does not take). The embedding ``g`` is fixed (not
 trainable, Appendix D). Code stores ``E`` row-major, ``(batch, n, d)``, i.e.
 the paper's ``E^T``; the equations below are written in the paper's layout.
 """
@@ -57,6 +59,8 @@ class LinearAttnConfig:
         init_scale: ``W ~ U(-s/sqrt(d), s/sqrt(d))`` with ``s = init_scale``;
             1.0 is PyTorch's ``nn.Linear`` default.
         embedding_seed: seed of the ``"random"`` embedding.
+        normalise_by_length: ``f(E, z) / n`` (``n`` the input length), so a longer input
+            does not make every update larger; the paper's ``f`` has no ``1/n`` (False).
     """
 
     vocab_size: int | None = None
@@ -67,6 +71,7 @@ class LinearAttnConfig:
     positions: str = "absolute"
     init_scale: float = 1.0
     embedding_seed: int = 0
+    normalise_by_length: bool = False
 
     def validate(self, p: str = "") -> None:
         require(
@@ -161,7 +166,8 @@ class LinearAttn(nn.Module):
         self.config.n_loops = value
 
     def attn(self, E: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-        """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z``.
+        """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z`` (Eq. 1; divided by
+        ``n`` with ``normalise_by_length``).
 
         ``E`` is ``(..., n, d)`` and ``Z`` is ``(..., m, d)`` (rows are the paper's
         columns); ``f(E, z)`` is ``m = 1`` and ``f(E)`` is ``Z = E``. Leading axes
@@ -169,6 +175,8 @@ class LinearAttn(nn.Module):
         ``S`` models at once (:mod:`loopscape.training.population`).
         """
         scores = _times(Z, self.W_Q.mT @ self.W_K) @ E.mT  # z^T W_Q^T W_K E  -> (..., m, n)
+        if self.config.normalise_by_length:
+            scores = scores / E.shape[-2]
         return _times(scores @ E, self.W_V.mT)  # (W_V E E^T W_K^T W_Q z)^T
 
     def forward(self, x: torch.Tensor, all_loops: bool = False) -> torch.Tensor:
