@@ -100,7 +100,6 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
     length = timed("length", run_length_study, cfg.markov, models, ic_max, out / "figures", note)
     readings = []
     if cfg.length_readings:
-        study_models = final_models(out / "markov", cfg.markov)
         folder = out / "length-readings"
         readings.append(
             timed(
@@ -109,7 +108,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
                 cfg.markov,
                 folder,
                 part_resume(folder),
-                study_models=study_models,
+                study_models=models,
                 **progress,
             )
         )
