@@ -27,7 +27,7 @@ CASES = [
     (["markov", "--set", "model.vocab_size=4"], "model.vocab_size must be null or data.vocab_size (3) (got 4)"),
     (
         ["markov", "--set", "train.nosuch=1"],
-        "train.nosuch must be one of ['batch_size', 'checkpoint_every', 'epochs', 'lr'] (got 'nosuch')",
+        "train.nosuch must be one of ['batch_size', 'checkpoint_every', 'epochs', 'lr', 'tensorboard'] (got 'nosuch')",
     ),
     (["markov", "--set", "train=1"], "train must be a table of settings (got 1)"),
     (["markov", "--set", "=3"], "override must look like key.sub=value (got '=3')"),

@@ -66,6 +66,7 @@ class AlgorithmicTrainConfig:
     scp: SCPConfig = field(default_factory=SCPConfig)  # counted in evaluations
     precision: str = "fp32"
     compile: bool = False
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars (run_dir/tensorboard)
     device: str = "auto"
 
     def validate(self, p: str = "") -> None:
@@ -239,7 +240,9 @@ def train_algorithmic(
         "n": 0,
         "loops": 0.0,
     }  # running means between evaluations
-    run = RunState(run_dir, config.steps, config.checkpoint_every, unit="step", write=rank == 0)
+    run = RunState(
+        run_dir, config.steps, config.checkpoint_every, unit="step", write=rank == 0, tensorboard=config.tensorboard
+    )
     extra = run.resume(model, optimizer, generator) if resume else {}
     if extra:
         totals, window = extra["totals"], extra["window"]

@@ -34,6 +34,7 @@ class MarkovTrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     checkpoint_every: int = 50
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars (run_dir/tensorboard)
 
     def validate(self, p: str = "") -> None:
         require(self.epochs >= 1, f"{p}epochs", "an integer >= 1", self.epochs)
@@ -96,7 +97,7 @@ def train_markov(
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
-    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch")
+    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(model, optimizer, generator) if resume else {}
     if schedule is not None and "schedule" in extra:
         schedule.load_state_dict(extra["schedule"])

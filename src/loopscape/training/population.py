@@ -177,7 +177,7 @@ def train_population(
     pop = Population(template, models)
     optimizer = MemberAdam(pop.stacked.parameters(), lr=config.lr)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch")
+    run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(pop, optimizer) if resume else {}
     if extra:
         for g, text in zip(generators, extra["generators"]):

@@ -92,9 +92,18 @@ def verify_finished(run_dir: str | Path) -> None:
 class RunState:
     """Resume point, metrics log, checkpoint cadence and final weights of one run folder."""
 
-    def __init__(self, run_dir: str | Path, total: int, checkpoint_every: int, unit: str, write: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total: int,
+        checkpoint_every: int,
+        unit: str,
+        write: bool = True,
+        tensorboard: bool = False,
+    ):
         self.run_dir = Path(run_dir)
         self.total, self.checkpoint_every, self.unit, self.write = total, checkpoint_every, unit, write
+        self.tensorboard = tensorboard  # mirror the metrics rows as TensorBoard scalars in run_dir/tensorboard
         self.start = 0  # units done before this process started
 
     @property
@@ -117,11 +126,13 @@ class RunState:
         return extra
 
     def open_log(self) -> JsonlLog | _NoLog:
-        """``metrics.jsonl`` for appending, cut back to the resume point (emptied on a fresh start)."""
+        """``metrics.jsonl`` for appending, cut back to the resume point (emptied on a fresh start);
+        with ``tensorboard``, each row is also written as scalars (``metrics.jsonl`` stays the source of truth)."""
         if not self.write:
             return _NoLog()
         start, unit = self.start, self.unit
-        return JsonlLog(self.run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r[unit] <= start)
+        log = JsonlLog(self.run_dir / "metrics.jsonl", keep=lambda r: start > 0 and r[unit] <= start)
+        return TensorBoardLog(log, self.run_dir / "tensorboard", unit, start) if self.tensorboard else log
 
     def checkpoint_due(self, done: int) -> bool:
         return done % self.checkpoint_every == 0 or done == self.total
@@ -152,6 +163,40 @@ class RunState:
         final = {"logs": log_records(self.run_dir), "model": file_digest(self.run_dir / "model.safetensors")}
         write_json(self.run_dir / "final.json", final)
         return read_jsonl(self.run_dir / "metrics.jsonl")
+
+
+class TensorBoardLog:
+    """A metrics log that also writes every numeric value of a row as a TensorBoard scalar at the
+    row's ``unit`` (a list, one value per population member, as ``key/member<k>``). On resume
+    the events past the resume point are purged, as ``metrics.jsonl`` is cut back."""
+
+    def __init__(self, log: JsonlLog, folder: Path, unit: str, start: int):
+        from loopscape.integrations._extra import require_extra
+
+        tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
+        self.log, self.unit = log, unit
+        self.writer = tensorboard.SummaryWriter(str(folder), purge_step=start + 1 if start else None)
+
+    def append(self, row: dict) -> None:
+        self.log.append(row)
+        step = row[self.unit]
+        for key, value in row.items():
+            if key == self.unit:
+                continue
+            named = (
+                [(f"{key}/member{k}", v) for k, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+            )
+            for name, v in named:
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(name, v, step)
+        self.writer.flush()
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+        self.log.close()
 
 
 class _NoLog:

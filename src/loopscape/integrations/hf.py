@@ -1,0 +1,95 @@
+"""SHIFT from the Hugging Face Trainer: :class:`ShiftCallback`, a ``TrainerCallback``
+configured like HF's own callbacks (``EarlyStoppingCallback``)::
+
+    model = loopify(AutoModelForCausalLM.from_pretrained(path), layers=(4, 8), n_loops=1)
+    trainer = Trainer(model, args, ..., callbacks=[ShiftCallback(n_loops=3, at=1000)])
+
+Training steps up to the switch step run one loop, later ones ``n_loops``
+(the convention of :class:`~loopscape.shift.schedule.ShiftSchedule`). With
+neither ``at`` nor ``milestones``, SCP decides on each evaluation
+(``eval_loss`` and the last logged ``grad_norm``). Every log row gains
+``n_loops``, and ``shift_step`` once the switch is decided. The callback's
+state is saved in each checkpoint's ``trainer_state.json`` and read back on
+resume, so a run resumed across the switch is the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from loopscape.integrations._extra import require_extra
+from loopscape.integrations.loopify import get_n_loops
+from loopscape.integrations.schedule import schedule_from_settings
+from loopscape.integrations.shift import ShiftController
+
+transformers = require_extra("transformers", "hf")
+
+
+class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
+    """SHIFT's schedule as a ``TrainerCallback`` (arguments: :func:`schedule_from_settings`).
+
+    ``optimizer``: ``"keep"`` the optimiser's state at the switch, or ``"reset"`` it.
+    """
+
+    def __init__(
+        self,
+        n_loops: int = 2,
+        at: int | None = None,
+        scp: dict | None = None,
+        milestones: dict | None = None,
+        optimizer: str = "keep",
+    ):
+        self.settings = {"n_loops": n_loops, "at": at, "scp": scp, "milestones": milestones, "optimizer": optimizer}
+        self.controller = ShiftController(schedule_from_settings(n_loops, at, scp, milestones, optimizer))
+        self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
+        self._grad_norm: float | None = None
+        self._writer = None  # TensorBoard, when the Trainer reports to it
+
+    def state(self) -> dict:
+        return {"args": self.settings, "attributes": {"shift_state": self.controller.state_dict()}}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.controller.attach(model, optimizer)
+        # on resume the Trainer has read trainer_state.json, ours included, whether or not it restores callbacks
+        restored = self.shift_state
+        stored = state.stateful_callbacks.get(type(self).__name__)
+        if restored is None and isinstance(stored, dict):
+            restored = stored.get("attributes", {}).get("shift_state")
+        if restored is not None:
+            self.controller.load_state_dict(restored)
+        self.controller.before_step(state.global_step + 1)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            self.controller.optimizer = optimizer
+        self.controller.before_step(state.global_step + 1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        if logs.get("grad_norm") is not None:
+            self._grad_norm = float(logs["grad_norm"])
+        ours = {"n_loops": get_n_loops(self.controller.model)}
+        if self.controller.schedule.shift_step is not None:
+            ours["shift_step"] = self.controller.schedule.shift_step
+        logs.update(ours)  # for the loggers after this callback (printer, progress bar)
+        if state.log_history:  # the Trainer appended its copy of this row before calling the callbacks
+            state.log_history[-1].update(ours)
+        if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
+            # HF's TensorBoard callback ran before this one: write ours beside its events
+            if self._writer is None:
+                tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
+                folder = getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
+                self._writer = tensorboard.SummaryWriter(folder or os.path.join(args.output_dir, "runs", "loopscape"))
+            for key, value in ours.items():
+                self._writer.add_scalar(f"loopscape/{key}", value, state.global_step)
+            self._writer.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        self.controller.after_evaluation(state.global_step, loss, self._grad_norm)

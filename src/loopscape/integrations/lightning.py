@@ -1,0 +1,73 @@
+"""SHIFT from Lightning: :class:`ShiftCallback`, a ``lightning.pytorch.Callback``::
+
+    trainer = L.Trainer(max_steps=5000, callbacks=[ShiftCallback(n_loops=3, at=1000)])
+
+The LightningModule holds the model to loop (loopified, or with an
+``n_loops`` attribute), anywhere among its submodules. Steps up to the switch
+step run one loop, later ones ``n_loops``; with neither ``at`` nor
+``milestones`` SCP decides after each validation, on ``monitor`` (the logged
+validation loss) and the mean gradient norm since the last validation. It
+logs ``n_loops`` (and ``shift_step`` once decided) through the module's
+logger (TensorBoard by default), and saves its state with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loopscape.integrations._extra import require_extra
+from loopscape.integrations.loopify import get_n_loops
+from loopscape.integrations.schedule import schedule_from_settings
+from loopscape.integrations.shift import ShiftController
+
+pl = require_extra("lightning.pytorch", "lightning")
+
+
+class ShiftCallback(pl.Callback):
+    """SHIFT's schedule as a Lightning callback (arguments as the HF ``ShiftCallback``'s, plus ``monitor``)."""
+
+    def __init__(
+        self,
+        n_loops: int = 2,
+        at: int | None = None,
+        scp: dict | None = None,
+        milestones: dict | None = None,
+        optimizer: str = "keep",
+        monitor: str = "val_loss",
+    ):
+        self.controller = ShiftController(schedule_from_settings(n_loops, at, scp, milestones, optimizer))
+        self.monitor = monitor
+        self._grad = {"sum": 0.0, "n": 0}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.controller.attach(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.controller.optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.controller.before_step(trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("n_loops", float(get_n_loops(pl_module)))
+        if self.controller.schedule.shift_step is not None:
+            pl_module.log("shift_step", float(self.controller.schedule.shift_step))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            self._grad["sum"] += float(torch.stack(grads).norm())
+            self._grad["n"] += 1
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get(self.monitor)
+        grad = self._grad["sum"] / self._grad["n"] if self._grad["n"] else None
+        self._grad = {"sum": 0.0, "n": 0}
+        self.controller.after_evaluation(trainer.global_step, None if loss is None else float(loss), grad)
+
+    def state_dict(self) -> dict:
+        return {**self.controller.state_dict(), "grad": dict(self._grad)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.controller.load_state_dict(state_dict)
+        self._grad = dict(state_dict["grad"])

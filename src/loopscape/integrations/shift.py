@@ -1,0 +1,79 @@
+"""SHIFT on any model and in any training loop: :class:`ShiftController`
+applies the one :class:`~loopscape.shift.schedule.ShiftSchedule` to a model
+(loopified, or with an ``n_loops`` attribute) and its optimiser. The HF and
+Lightning callbacks are thin adapters of it; a plain PyTorch loop uses it
+directly::
+
+    shift = ShiftController(ShiftSchedule.fixed(n_loops=3, at=1000), model, optimizer)
+    for step in range(1, steps + 1):
+        shift.before_step(step)          # sets the model's loop count for this step
+        ...                              # forward, backward, optimizer.step()
+        if step % eval_every == 0:
+            shift.after_evaluation(step, val_loss, grad_norm)
+
+Under ``torch.distributed`` the decision is rank 0's, broadcast to every rank,
+so all ranks switch at the same step even if their evaluations differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loopscape.integrations.loopify import get_n_loops, set_n_loops
+from loopscape.shift.schedule import ShiftSchedule
+
+
+class ShiftController:
+    """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared at a
+    change of loop count when the schedule says ``optimizer="reset"``)."""
+
+    def __init__(self, schedule: ShiftSchedule, model: nn.Module | None = None, optimizer=None):
+        if not isinstance(schedule, ShiftSchedule):
+            raise ValueError(f"schedule must be a loopscape ShiftSchedule (got {type(schedule).__name__})")
+        self.schedule, self.model, self.optimizer = schedule, None, optimizer
+        self.switches: list[tuple[int, int]] = []  # (step, loop count from that step on)
+        if model is not None:
+            self.attach(model, optimizer)
+
+    def attach(self, model: nn.Module, optimizer=None) -> None:
+        get_n_loops(model)  # one clear line if there is nothing to loop
+        self.model, self.optimizer = model, optimizer if optimizer is not None else self.optimizer
+
+    def before_step(self, step: int) -> int:
+        """Set the loop count of training step ``step`` (counted from 1); returns it. A change from
+        step ``step - 1`` is recorded in ``switches`` (and resets the optimiser if the schedule says so)."""
+        k = self.schedule.n_loops_at(step)
+        if step > 1 and k != self.schedule.n_loops_at(step - 1):
+            self.switches.append((step, k))
+            if self.schedule.resets_optimizer and self.optimizer is not None:
+                self.optimizer.state.clear()
+        if k != get_n_loops(self.model):
+            set_n_loops(self.model, k)
+        return k
+
+    def after_evaluation(self, step: int, val_loss: float | None, grad_norm: float | None = None) -> bool:
+        """Report the evaluation after step ``step``; True if step ``step + 1`` runs another loop count."""
+        if self.schedule.criterion is not None and self.schedule.shift_step is None:
+            if val_loss is None or grad_norm is None:
+                raise ValueError(
+                    "SCP needs a validation loss and a gradient norm at every evaluation "
+                    f"(got val_loss={val_loss}, grad_norm={grad_norm}): evaluate on a validation set and log the "
+                    "gradient norm at least as often"
+                )
+        self.schedule.observe(step, val_loss, grad_norm)
+        if dist.is_available() and dist.is_initialized():
+            device = next(self.model.parameters()).device if dist.get_backend() == "nccl" else "cpu"
+            decided = self.schedule.shift_step
+            decided = torch.tensor([-1 if decided is None else decided], device=device)
+            dist.broadcast(decided, src=0)
+            self.schedule.shift_step = None if int(decided) < 0 else int(decided)
+        return self.schedule.n_loops_at(step + 1) != self.schedule.n_loops_at(step)
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "switches": [list(s) for s in self.switches]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.switches = [tuple(s) for s in state["switches"]]

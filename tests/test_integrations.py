@@ -1,0 +1,246 @@
+"""SHIFT where users train: the HF Trainer and Lightning callbacks, and a plain loop (ShiftController)."""
+
+import json
+
+import pytest
+import torch
+
+from loopscape.integrations.loopify import get_n_loops, loopify
+from loopscape.integrations.shift import ShiftController
+from loopscape.models.linear_attn import looped_attn
+from loopscape.shift.schedule import ShiftSchedule
+
+transformers = pytest.importorskip("transformers")
+V = 30
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    # no dropout: Lightning does not restore the random state on resume (the HF Trainer does)
+    config = transformers.GPT2Config(
+        vocab_size=V, n_positions=16, n_embd=16, n_layer=3, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    return loopify(transformers.GPT2LMHeadModel(config), layers=(1, 2), n_loops=1)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        self.x = torch.randint(0, V, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def hf_trainer(out, callback, max_steps=12, save_steps=100):
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=save_steps,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(16, 1), callbacks=[callback]
+    )
+
+
+def test_hf_callback_switches_after_the_fixed_step_and_logs_it(tmp_path):
+    from loopscape.integrations.hf import ShiftCallback
+
+    trainer = hf_trainer(tmp_path, ShiftCallback(n_loops=3, at=5))
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["n_loops"] for r in rows] == [1] * 5 + [3] * 7  # steps 1..5 Single, 6..12 looped
+    assert all(r["shift_step"] == 5 for r in rows) and get_n_loops(trainer.model) == 3
+
+
+def test_hf_callback_resumed_across_the_switch_is_the_same_run(tmp_path):
+    from loopscape.integrations.hf import ShiftCallback
+
+    settings = {"n_loops": 2, "scp": {"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1}}
+    whole = hf_trainer(tmp_path / "a", ShiftCallback(**settings))
+    whole.train()
+    shift = whole.state.log_history[-2]["shift_step"]
+    assert 2 <= shift < 12  # SCP fired on an evaluation (every 2 steps)
+    cut = hf_trainer(tmp_path / "b", ShiftCallback(**settings), save_steps=2)
+    cut.train()
+    resumed = hf_trainer(tmp_path / "b", ShiftCallback(**settings), save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / f"checkpoint-{shift + 2}"))  # after the switch
+    assert resumed.state.log_history[-2]["shift_step"] == shift
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q)
+    state = json.loads((tmp_path / "b" / f"checkpoint-{shift + 2}" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["ShiftCallback"]["attributes"]["shift_state"]["schedule"]["shift_step"] == shift
+
+
+def test_plain_loop_resets_the_optimizer_only_when_asked():
+    model = looped_attn(n_loops=1, max_len=3)
+    params = list(model.parameters())
+    for reset in ("keep", "reset"):
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        shift = ShiftController(ShiftSchedule.fixed(3, at=2, optimizer=reset), model, opt)
+        for step in range(1, 5):
+            k = shift.before_step(step)
+            assert k == (1 if step <= 2 else 3) and model.n_loops == k
+            had_state = bool(opt.state)
+            model(torch.randint(0, 3, (4, 3))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 3:
+                assert had_state == (reset == "keep")
+        assert shift.switches == [(3, 3)]
+
+
+def test_a_model_with_nothing_to_loop_and_scp_without_numbers_are_one_line():
+    with pytest.raises(ValueError, match="has nothing to loop"):
+        ShiftController(ShiftSchedule.fixed(2, at=1), torch.nn.Linear(2, 2))
+    from loopscape.shift.criterion import ShiftCriterion
+
+    shift = ShiftController(ShiftSchedule.scp(2, ShiftCriterion()), looped_attn(n_loops=1, max_len=3))
+    with pytest.raises(ValueError, match=r"SCP needs a validation loss and a gradient norm .*grad_norm=None"):
+        shift.after_evaluation(10, 0.5, None)
+
+
+def lightning_run(out, callback, max_steps=12, resume=None, every=None):
+    L = pytest.importorskip("lightning")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_gpt2()
+            self.loops_seen = []
+
+        def training_step(self, batch, i):
+            self.loops_seen.append(get_n_loops(self.model))
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, i):
+            self.log("val_loss", self.model(**batch).loss)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    L.seed_everything(0, verbose=False)
+    module = Module()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=every, save_top_k=-1) if every else None
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        callbacks=[callback] + ([ckpt] if ckpt else []),
+        accelerator="cpu",
+        logger=L.pytorch.loggers.TensorBoardLogger(out, name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(every),
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(Tokens(8, 0), batch_size=4)  # 2 steps an epoch: even steps end one
+    val = torch.utils.data.DataLoader(Tokens(16, 1), batch_size=8)
+    trainer.fit(module, loader, val, ckpt_path=resume)
+    return module, trainer
+
+
+def test_lightning_callback_switches_saves_its_state_and_resumes_across_the_switch(tmp_path):
+    from loopscape.integrations.lightning import ShiftCallback
+
+    module, trainer = lightning_run(tmp_path / "fixed", ShiftCallback(n_loops=3, at=5))
+    assert module.loops_seen == [1] * 5 + [3] * 7
+    assert trainer.callback_metrics["n_loops"] == 3 and trainer.callback_metrics["shift_step"] == 5
+    assert list((tmp_path / "fixed" / "tb").rglob("events.out.tfevents.*"))  # TensorBoard event files
+
+    settings = {"n_loops": 2, "scp": {"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1}}
+    whole, _ = lightning_run(tmp_path / "a", ShiftCallback(**settings))
+    shift = whole.loops_seen.index(2)  # steps 1..shift were Single
+    assert 2 <= shift < 12
+    lightning_run(tmp_path / "b", ShiftCallback(**settings), every=2)
+    saved = sorted((tmp_path / "b").glob(f"*step={shift + 2}.ckpt"))  # an epoch's end: the loader starts afresh
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=False)["callbacks"]
+    resumed, _ = lightning_run(tmp_path / "c", ShiftCallback(**settings), resume=str(saved[0]))
+    assert resumed.loops_seen == [2] * (12 - shift - 2)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def _rank_switches(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from loopscape.shift.criterion import ShiftCriterion
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = looped_attn(n_loops=1, max_len=3)
+    shift = ShiftController(ShiftSchedule.scp(3, ShiftCriterion(patience=2, wait=1, max_wait=1)), model)
+    loops = []
+    for step in range(1, 21):
+        loops.append(shift.before_step(step))
+        if step % 2 == 0:  # rank 1 sees a loss that keeps improving: alone, it would never shift
+            shift.after_evaluation(step, 1.0 if rank == 0 else 1.0 / step, 1.0)
+    torch.save(loops, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_switches_at_rank_0s_step(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_switches, args=(port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0 == rank1 and 1 in rank0 and 3 in rank0  # the same switch step on both ranks
+
+
+def test_hf_callback_writes_its_scalars_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loopscape.integrations.hf import ShiftCallback
+
+    trainer = hf_trainer(tmp_path, ShiftCallback(n_loops=2, at=3), max_steps=6)
+    trainer.args.report_to = ["tensorboard"]
+    trainer.train()
+    (events,) = (tmp_path / "runs" / "loopscape").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    loops = {e.step: e.value for e in acc.Scalars("loopscape/n_loops")}
+    assert loops[3] == 1 and loops[4] == 2 and loops[6] == 2
+
+
+def test_loopscape_trainers_mirror_metrics_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from loopscape.cli import app
+
+    out = tmp_path / "m"
+    args = f"markov -o {out} -q --epochs 3 --seeds 0 --set hessian.enabled=false --set train.tensorboard=true"
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    run = out / "runs" / "looped_attn" / "seed0"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train_loss")}
+    assert logged == pytest.approx({r["epoch"]: r["train_loss"] for r in rows})
+
+
+def test_a_missing_extra_is_one_line_naming_it():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['transformers'] = None; import loopscape.integrations.hf"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ImportError: loopscape's hf integration needs the 'transformers' package: pip install 'loopscape[hf]'"
+    )
