@@ -244,3 +244,38 @@ def test_a_missing_extra_is_one_line_naming_it():
     assert out.stderr.strip().splitlines()[-1] == (
         "ImportError: loopscape's hf integration needs the 'transformers' package: pip install 'loopscape[hf]'"
     )
+
+
+def test_retrofit_runs_three_arms_and_counts_the_looped_layers_once_per_loop(tmp_path):
+    from typer.testing import CliRunner
+
+    from loopscape.cli import app
+    from loopscape.data.algorithmic import AlgorithmicTask
+    from loopscape.experiments.retrofit import RetrofitConfig, build_decoder, step_flops
+
+    cfg = RetrofitConfig(d_model=16, n_layers=3, n_heads=2, loop_layers=[1, 2])
+    task = AlgorithmicTask("parity")
+    model = build_decoder(cfg, task, 0)
+    batch = task.batch(torch.tensor([2, 3]), torch.Generator().manual_seed(0))
+    plain = step_flops(model, batch)
+    layer = sum(p.numel() for p in model.model.layers[1].parameters())
+    loopify(model, layers=(1, 2), n_loops=3)
+    assert step_flops(model, batch) - plain == 6 * batch.inputs.numel() * 2 * layer  # two more passes of layer 1
+
+    out = tmp_path / "rf"
+    args = (
+        f"retrofit -o {out} -q --seeds 0,1 --set d_model=16 --set n_heads=2 --set n_layers=3 --set loop_layers=[1,2] "
+        "--set stage1_steps=6 --set stage2_steps=6 --set test_lengths=[1,2,3,4,5] --set train_max_len=3 "
+        "--set test_size=16 --set curriculum_interval=2"
+    )
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "retrofit.json").read_text())
+    for run in report["runs"].values():
+        assert run["plain"]["flops"] < run["shift"]["flops"] < run["scratch"]["flops"]
+        assert set(run["shift"]["per_length"]) == {"1", "2", "3", "4", "5"}
+    assert report["verdicts"][0]["verdict"] in ("holds", "fails")
+    assert "Retrofit (Appendix B)" in (out / "report.html").read_text()
+    bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "loop_layers=[2,9]"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1].startswith("error: loop_layers must be [start, stop] with 0 <= start")

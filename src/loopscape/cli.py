@@ -68,7 +68,7 @@ def overrides(sets: list[str] | None, **flags) -> dict:
 
 
 # what a command reports in one line instead of a traceback
-FAILURES = (ConfigError, DivergenceError, OSError, MemoryError, BrokenProcessPool)
+FAILURES = (ConfigError, DivergenceError, OSError, MemoryError, BrokenProcessPool, ImportError)
 
 
 def _fail(err: Exception) -> None:
@@ -187,6 +187,29 @@ def length_readings(
             f"test targets {row['test_targets']}{' (default)' if row['default'] else ''}"
         )
     typer.echo(f"Table: {out / 'length_readings.md'}")
+
+
+@app.command()
+def retrofit(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder (default runs/retrofit-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = SeedsOpt,
+    model: Path | None = typer.Option(None, "--model", help="A local checkpoint (save_pretrained folder) as Stage I."),
+    set_: list[str] | None = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Appendix B: loop the middle layers of a trained decoder and continue, against continuing it plain
+    and a looped model from scratch (needs the [hf] extra)."""
+    from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
+
+    try:
+        flags = {"model_path": str(model) if model else None}
+        cfg = load_config(RetrofitConfig, config, overrides(set_, seeds=seeds, **flags))
+        result = run_retrofit(cfg, _output("retrofit", output, False), show_progress=not quiet)
+    except FAILURES as err:
+        _fail(err)
+    for v in result["verdicts"]:
+        typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
 
 
 @app.command()

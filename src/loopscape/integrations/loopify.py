@@ -68,7 +68,8 @@ class LoopedLayers(nn.ModuleList):
             return list(self)
         return super().__getitem__(idx)
 
-    def _range(self) -> list[nn.Module]:
+    def range_layers(self) -> list[nn.Module]:
+        """The looped layers ``start..stop-1``."""
         return list(super().__iter__())[self.start : self.stop]
 
     def _looped(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -78,7 +79,7 @@ class LoopedLayers(nn.ModuleList):
         self.loop_states = []
         for t in range(self.n_loops):
             h = e if t == 0 else (h + e if self.injection == "add" else h)
-            for layer in self._range():
+            for layer in self.range_layers():
                 out = layer(h, *args, **kwargs)
                 h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
             if self.record:

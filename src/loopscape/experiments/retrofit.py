@@ -1,0 +1,302 @@
+"""`loopscape retrofit`: Appendix B on a small Hugging Face decoder.
+
+Appendix B proposes to "begin with a well-trained standard, non-recursive model
+... introduce recursion into some of its blocks and continue to train". Here:
+
+* **Stage I** trains a small Llama-layout decoder (RoPE positions) on one of
+  the algorithmic tasks (rows as token sequences, the task's length
+  curriculum, loss on the answer positions), or starts from a local
+  checkpoint (``model_path``).
+* Then three **arms** with the same further budget of ``stage2_steps`` steps:
+  ``plain`` continues the model as it is; ``shift`` loopifies the middle
+  layers (:func:`loopscape.loopify`) and continues (SHIFT from a trained
+  model); ``scratch`` trains the looped model from its initialisation for the
+  whole budget, ``stage1_steps + stage2_steps``.
+
+Each arm is scored by exact match at every test length: within the training
+lengths and past them. Compute is counted in FLOPs and wall time (see
+:func:`step_flops`). The verdict rule is stated in :func:`verdicts`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from loopscape.config import require, to_dict
+from loopscape.data.algorithmic import TASKS, AlgorithmicBatch, AlgorithmicTask, Curriculum
+from loopscape.integrations._extra import require_extra
+from loopscape.integrations.loopify import looped_layers, loopify
+from loopscape.io import atomic_write_text, prepare_run_folder, write_json
+from loopscape.models.looped_gpt import exact_match
+from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
+from loopscape.reporting.stats import mean_sd_se
+
+ARMS = ("plain", "shift", "scratch")
+GAP_PTS = 5.0  # "matches": within this many points of the looped-from-scratch arm
+
+
+@dataclass
+class RetrofitConfig:
+    """The study's settings; the defaults run in minutes on 2 CPU cores."""
+
+    task: str = "parity"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    loop_layers: list[int] = field(default_factory=lambda: [1, 3])  # the middle range, looped
+    n_loops: int = 3
+    injection: str = "add"
+    stage1_steps: int = 600
+    stage2_steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    train_max_len: int = 8
+    curriculum_interval: int = 40
+    test_lengths: list[int] = field(default_factory=lambda: list(range(1, 13)))
+    test_size: int = 128
+    model_path: str | None = None  # a local checkpoint (save_pretrained folder) instead of Stage I
+
+    def validate(self, p: str = "") -> None:
+        require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
+        require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
+        for name in ("d_model", "n_layers", "n_heads", "stage1_steps", "stage2_steps", "batch_size", "test_size"):
+            require(getattr(self, name) >= 1, f"{p}{name}", "an integer >= 1", getattr(self, name))
+        require(self.d_model % self.n_heads == 0, f"{p}n_heads", f"a divisor of d_model ({self.d_model})", self.n_heads)
+        a, b = (self.loop_layers + [0, 0])[:2]
+        require(
+            len(self.loop_layers) == 2 and 0 <= a < b <= self.n_layers,
+            f"{p}loop_layers",
+            f"[start, stop] with 0 <= start < stop <= n_layers ({self.n_layers})",
+            self.loop_layers,
+        )
+        require(self.n_loops >= 2, f"{p}n_loops", "an integer >= 2", self.n_loops)
+        require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
+        require(self.train_max_len >= 1, f"{p}train_max_len", "an integer >= 1", self.train_max_len)
+        require(self.curriculum_interval >= 1, f"{p}curriculum_interval", "an integer >= 1", self.curriculum_interval)
+        require(
+            bool(self.test_lengths) and min(self.test_lengths) >= 1,
+            f"{p}test_lengths",
+            "a non-empty list of integers >= 1",
+            self.test_lengths,
+        )
+        require(
+            max(self.test_lengths) > self.train_max_len,
+            f"{p}test_lengths",
+            f"lengths that include some past train_max_len ({self.train_max_len})",
+            self.test_lengths,
+        )
+
+
+def build_decoder(cfg: RetrofitConfig, task: AlgorithmicTask, seed: int) -> torch.nn.Module:
+    """A small Llama-layout causal LM over the task's tokens (or the local checkpoint)."""
+    transformers = require_extra("transformers", "hf")
+    if cfg.model_path is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=task.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=4 * cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=4 * max(cfg.test_lengths) + 8,
+        bos_token_id=task.pad,
+        eos_token_id=task.pad,
+        pad_token_id=task.pad,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def step_flops(model: torch.nn.Module, batch: AlgorithmicBatch) -> float:
+    """Training FLOPs of one step: 6 x tokens x parameters a token passes through (the looped layers
+    counted once per loop; attention's score products left out, small at these widths)."""
+    looped = looped_layers(model)
+    params = sum(p.numel() for p in model.parameters())
+    if looped is not None:
+        in_range = sum(p.numel() for layer in looped.range_layers() for p in layer.parameters())
+        params += (looped.n_loops - 1) * in_range
+    return 6.0 * batch.inputs.numel() * params
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: AlgorithmicTask,
+    curriculum: Curriculum,
+    steps: range,
+    generator: torch.Generator,
+    cfg: RetrofitConfig,
+) -> dict:
+    """Train for ``steps`` (curriculum step numbers); returns the FLOPs and wall time spent."""
+    flops, t0 = 0.0, time.perf_counter()
+    model.train()
+    for step in steps:
+        batch = task.batch(curriculum.lengths(step, cfg.batch_size, generator), generator)
+        logits = model(input_ids=batch.inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits[batch.mask], batch.targets[batch.mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        flops += step_flops(model, batch)
+    return {"flops": flops, "time_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, task: AlgorithmicTask, cfg: RetrofitConfig, seed: int) -> dict:
+    """Exact match per test length, and its mean within and past the training lengths."""
+    model.eval()
+    per_length = {}
+    for n in cfg.test_lengths:
+        batch = task.test_batch(n, cfg.test_size, torch.Generator().manual_seed(seed * 1000 + n))
+        pred = model(input_ids=batch.inputs, use_cache=False).logits.argmax(-1)
+        per_length[n] = 100 * exact_match(pred, batch.targets, batch.mask).float().mean().item()
+    within = [a for n, a in per_length.items() if n <= cfg.train_max_len]
+    past = [a for n, a in per_length.items() if n > cfg.train_max_len]
+    return {
+        "per_length": per_length,
+        "within": sum(within) / len(within) if within else None,
+        "past": sum(past) / len(past) if past else None,
+    }
+
+
+def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
+    """Stage I, then the three arms, for one seed."""
+    task = AlgorithmicTask(cfg.task)
+    curriculum = Curriculum(cfg.train_max_len, cfg.curriculum_interval)
+    total = cfg.stage1_steps + cfg.stage2_steps
+    generator = torch.Generator().manual_seed(seed)
+    base = build_decoder(cfg, task, seed)
+    optimizer = torch.optim.AdamW(base.parameters(), lr=cfg.lr)
+    stage1 = {"flops": 0.0, "time_s": 0.0}
+    if cfg.model_path is None:
+        stage1 = train(base, optimizer, task, curriculum, range(1, cfg.stage1_steps + 1), generator, cfg)
+    out = {"stage1": {**stage1, **accuracy(base, task, cfg, seed)}}
+    later = range(cfg.stage1_steps + 1, total + 1)
+    for arm in ("plain", "shift"):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        opt.load_state_dict(optimizer.state_dict())  # continue training: the optimiser state goes on
+        if arm == "shift":
+            loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection)
+        gen = torch.Generator().manual_seed(seed)
+        gen.set_state(generator.get_state())  # the same data stream for both arms
+        spent = train(model, opt, task, curriculum, later, gen, cfg)
+        out[arm] = {
+            "flops": stage1["flops"] + spent["flops"],
+            "time_s": stage1["time_s"] + spent["time_s"],
+            **accuracy(model, task, cfg, seed),
+        }
+    scratch = loopify(
+        build_decoder(cfg, task, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
+    )
+    spent = train(
+        scratch,
+        torch.optim.AdamW(scratch.parameters(), lr=cfg.lr),
+        task,
+        curriculum,
+        range(1, total + 1),
+        torch.Generator().manual_seed(seed),
+        cfg,
+    )
+    out["scratch"] = {**spent, **accuracy(scratch, task, cfg, seed)}
+    return out
+
+
+def verdicts(runs: dict[int, dict]) -> list[dict]:
+    """The rule: SHIFT from a trained model **holds** if, past the training length, its mean
+    accuracy over seeds is at most ``GAP_PTS`` points below the looped-from-scratch arm's and it
+    spent fewer FLOPs; **fails** otherwise; **not tested** with fewer than 2 seeds."""
+    claim = "Retrofitting recursion into a trained model reaches the looped model's accuracy for less compute"
+    source = "Appendix B"
+    paper = "proposed, no numbers given"
+    if len(runs) < 2:
+        return [verdict_row(claim, source, "one seed: no spread to judge by", paper, NOT_TESTED)]
+    gap = mean_sd_se([r["shift"]["past"] - r["scratch"]["past"] for r in runs.values()])
+    ratio = mean_sd_se([r["scratch"]["flops"] / r["shift"]["flops"] for r in runs.values()])
+    holds = gap["mean"] >= -GAP_PTS and ratio["mean"] > 1
+    ours = (
+        f"past the training length SHIFT minus scratch {gap['mean']:+.1f} pts (se {gap['se']:.1f}); "
+        f"scratch / SHIFT FLOPs {ratio['mean']:.2f}x"
+    )
+    return [verdict_row(claim, source, ours, paper, "holds" if holds else "fails")]
+
+
+def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> str:
+    a, b = cfg.loop_layers
+    lines = [
+        "# Retrofit: recursion into a trained model (Appendix B)",
+        "",
+        f"Task {cfg.task}, training lengths 1..{cfg.train_max_len}, tested at {cfg.test_lengths[0]}.."
+        f"{cfg.test_lengths[-1]}. A Llama-layout decoder, d = {cfg.d_model}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads, RoPE. Stage I: {cfg.stage1_steps} steps, one loop. Then "
+        f"{cfg.stage2_steps} more steps per arm: **plain** continues as it is; **shift** loops layers "
+        f"{a}..{b - 1} {cfg.n_loops} times (injection: {cfg.injection}) and continues; **scratch** is the "
+        f"looped model trained from its initialisation for all {cfg.stage1_steps + cfg.stage2_steps} steps. "
+        f"Seeds {cfg.seeds}. Exact-match accuracy, %; FLOPs and wall time include Stage I.",
+        "",
+        "| seed | arm | within training lengths | past them | training FLOPs | wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, run in runs.items():
+        for arm in ("stage1", *ARMS):
+            r = run[arm]
+            past = "-" if r["past"] is None else f"{r['past']:.1f}"
+            lines.append(f"| {seed} | {arm} | {r['within']:.1f} | {past} | {r['flops']:.3g} | {r['time_s']:.0f} s |")
+    lines += ["", "| arm | within (mean, sd) | past (mean, sd) | FLOPs (mean) |", "|---|---|---|---|"]
+    for arm in ARMS:
+        w = mean_sd_se([r[arm]["within"] for r in runs.values()])
+        p = mean_sd_se([r[arm]["past"] for r in runs.values()]) if cfg.train_max_len < max(cfg.test_lengths) else None
+        past = "-" if p is None else f"{p['mean']:.1f}{_sd(p)}"
+        flops = sum(r[arm]["flops"] for r in runs.values()) / len(runs)
+        lines.append(f"| {arm} | {w['mean']:.1f}{_sd(w)} | {past} | {flops:.3g} |")
+    lines += [
+        "",
+        f"Verdict: **{rows[0]['verdict']}** ({rows[0]['ours']}).",
+        "",
+        f"Rule: SHIFT from a trained model holds if, past the training length, its mean accuracy over seeds is at "
+        f"most {GAP_PTS:g} points below the looped-from-scratch arm's and it spent fewer FLOPs; it fails otherwise; "
+        "not tested with fewer than 2 seeds.",
+    ]
+    return "\n".join(lines)
+
+
+def _sd(stats: dict) -> str:
+    return "" if stats["sd"] is None else f" ({stats['sd']:.1f})"
+
+
+def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = True) -> dict:
+    """Every seed; writes ``retrofit.json`` and ``report.html`` into ``out``; returns the former's content."""
+    out = Path(out)
+    prepare_run_folder(out, cfg, resume=False)
+    runs = {}
+    for seed in cfg.seeds:
+        if show_progress:
+            print(f"retrofit: seed {seed} ...", flush=True)
+        runs[seed] = run_seed(cfg, seed)
+    rows = verdicts(runs)
+    text = markdown(cfg, runs, rows)
+    result = {"config": to_dict(cfg), "runs": {str(s): r for s, r in runs.items()}, "verdicts": rows}
+    write_json(out / "retrofit.json", result)
+    page = render_report(
+        "loopscape: retrofit (Appendix B)",
+        "Recursion introduced into a trained decoder, against continuing it plain and a looped model from scratch.",
+        rows,
+        [Section("retrofit", "Retrofit (Appendix B)", text)],
+        yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        versions(),
+    )
+    atomic_write_text(out / "report.html", page)
+    atomic_write_text(out / "retrofit.md", text)
+    return result
