@@ -274,6 +274,9 @@ def test_retrofit_runs_three_arms_and_counts_the_looped_layers_once_per_loop(tmp
     for run in report["runs"].values():
         assert run["plain"]["flops"] < run["shift"]["flops"] < run["scratch"]["flops"]
         assert set(run["shift"]["per_length"]) == {"1", "2", "3", "4", "5"}
+        assert run["shift"]["readings"][-1] == [run["shift"]["flops"], run["shift"]["past"]]  # read at the end too
+        reached = run["shift_flops_to_scratch_final"]
+        assert reached is None or reached in [f for f, _ in run["shift"]["readings"]]
     assert report["verdicts"][0]["verdict"] in ("holds", "fails")
     assert "Retrofit (Appendix B)" in (out / "report.html").read_text()
     bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "loop_layers=[2,9]"])

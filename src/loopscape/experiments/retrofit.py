@@ -62,12 +62,22 @@ class RetrofitConfig:
     curriculum_interval: int = 40
     test_lengths: list[int] = field(default_factory=lambda: list(range(1, 13)))
     test_size: int = 128
+    eval_every: int = 100  # steps between accuracy readings of the shift and scratch arms (compute to reach)
     model_path: str | None = None  # a local checkpoint (save_pretrained folder) instead of Stage I
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
         require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
-        for name in ("d_model", "n_layers", "n_heads", "stage1_steps", "stage2_steps", "batch_size", "test_size"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "stage1_steps",
+            "stage2_steps",
+            "batch_size",
+            "test_size",
+            "eval_every",
+        ):
             require(getattr(self, name) >= 1, f"{p}{name}", "an integer >= 1", getattr(self, name))
         require(self.d_model % self.n_heads == 0, f"{p}n_heads", f"a divisor of d_model ({self.d_model})", self.n_heads)
         a, b = (self.loop_layers + [0, 0])[:2]
@@ -137,9 +147,14 @@ def train(
     steps: range,
     generator: torch.Generator,
     cfg: RetrofitConfig,
+    readings: list | None = None,
+    flops_before: float = 0.0,
+    seed: int = 0,
 ) -> dict:
-    """Train for ``steps`` (curriculum step numbers); returns the FLOPs and wall time spent."""
-    flops, t0 = 0.0, time.perf_counter()
+    """Train for ``steps`` (curriculum step numbers); returns the FLOPs and wall time spent. With
+    ``readings``, every ``eval_every`` steps appends ``(FLOPs so far + flops_before, accuracy past the
+    training length)`` (evaluation time is not counted)."""
+    flops, t0, evaluating = 0.0, time.perf_counter(), 0.0
     model.train()
     for step in steps:
         batch = task.batch(curriculum.lengths(step, cfg.batch_size, generator), generator)
@@ -150,7 +165,12 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         flops += step_flops(model, batch)
-    return {"flops": flops, "time_s": time.perf_counter() - t0}
+        if readings is not None and (step % cfg.eval_every == 0 or step == steps[-1]):
+            t1 = time.perf_counter()
+            readings.append((flops_before + flops, accuracy(model, task, cfg, seed)["past"]))
+            model.train()
+            evaluating += time.perf_counter() - t1
+    return {"flops": flops, "time_s": time.perf_counter() - t0 - evaluating}
 
 
 @torch.no_grad()
@@ -192,15 +212,18 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
             loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection)
         gen = torch.Generator().manual_seed(seed)
         gen.set_state(generator.get_state())  # the same data stream for both arms
-        spent = train(model, opt, task, curriculum, later, gen, cfg)
+        readings = []
+        spent = train(model, opt, task, curriculum, later, gen, cfg, readings, stage1["flops"], seed)
         out[arm] = {
             "flops": stage1["flops"] + spent["flops"],
             "time_s": stage1["time_s"] + spent["time_s"],
+            "readings": readings,
             **accuracy(model, task, cfg, seed),
         }
     scratch = loopify(
         build_decoder(cfg, task, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
     )
+    readings = []
     spent = train(
         scratch,
         torch.optim.AdamW(scratch.parameters(), lr=cfg.lr),
@@ -209,8 +232,15 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
         range(1, total + 1),
         torch.Generator().manual_seed(seed),
         cfg,
+        readings,
+        seed=seed,
     )
-    out["scratch"] = {**spent, **accuracy(scratch, task, cfg, seed)}
+    out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, task, cfg, seed)}
+    target = out["scratch"]["past"]
+    reached = next((f for f, acc in out["shift"]["readings"] if acc >= target), None)
+    # compute SHIFT (Stage I included) spent until its accuracy past the training length first reached the
+    # scratch arm's final one; None if it never did
+    out["shift_flops_to_scratch_final"] = reached
     return out
 
 
@@ -261,7 +291,17 @@ def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> st
         past = "-" if p is None else f"{p['mean']:.1f}{_sd(p)}"
         flops = sum(r[arm]["flops"] for r in runs.values()) / len(runs)
         lines.append(f"| {arm} | {w['mean']:.1f}{_sd(w)} | {past} | {flops:.3g} |")
+    reach = [
+        f"seed {seed}: {r['shift_flops_to_scratch_final'] / r['scratch']['flops']:.2f}x"
+        if r["shift_flops_to_scratch_final"] is not None
+        else f"seed {seed}: never"
+        for seed, r in runs.items()
+    ]
     lines += [
+        "",
+        "Compute SHIFT from the trained model spent (Stage I included) until its accuracy past the training "
+        "length first reached the scratch arm's final one, as a share of the scratch arm's compute (read every "
+        f"{cfg.eval_every} steps): " + "; ".join(reach) + ".",
         "",
         f"Verdict: **{rows[0]['verdict']}** ({rows[0]['ours']}).",
         "",
