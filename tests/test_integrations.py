@@ -282,3 +282,19 @@ def test_retrofit_runs_three_arms_and_counts_the_looped_layers_once_per_loop(tmp
     bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "loop_layers=[2,9]"])
     assert bad.exit_code == 2
     assert bad.output.strip().splitlines()[-1].startswith("error: loop_layers must be [start, stop] with 0 <= start")
+
+
+def test_sampled_depth_draws_the_same_counts_everywhere_and_switches_once():
+    a = ShiftSchedule.sampled_depth(4, at=10, seed=3)
+    b = ShiftSchedule.sampled_depth(4, at=10, seed=3)
+    counts = [a.n_loops_at(s) for s in range(1, 400)]
+    assert counts[:10] == [1] * 10 and counts == [b.n_loops_at(s) for s in range(1, 400)]
+    assert set(counts[10:]) == {1, 2, 3, 4}  # uniform on 1..n_loops after the switch
+    assert abs(sum(counts[10:]) / len(counts[10:]) - 2.5) < 0.2
+    assert counts != [ShiftSchedule.sampled_depth(4, at=10, seed=4).n_loops_at(s) for s in range(1, 400)]
+    shift = ShiftController(a, looped_attn(n_loops=1, max_len=3))
+    for step in range(1, 60):
+        assert shift.before_step(step) == counts[step - 1]
+    assert shift.switches == [(11, counts[10])]  # one stage change, not one per draw
+    with pytest.raises(ValueError, match="sampled depth goes with a fixed switch point"):
+        ShiftSchedule(3, milestones={5: 2}, sampled=True)

@@ -38,9 +38,21 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         scp: dict | None = None,
         milestones: dict | None = None,
         optimizer: str = "keep",
+        sampled_depth: bool = False,
+        seed: int = 0,
     ):
-        self.settings = {"n_loops": n_loops, "at": at, "scp": scp, "milestones": milestones, "optimizer": optimizer}
-        self.controller = ShiftController(schedule_from_settings(n_loops, at, scp, milestones, optimizer))
+        self.settings = {
+            "n_loops": n_loops,
+            "at": at,
+            "scp": scp,
+            "milestones": milestones,
+            "optimizer": optimizer,
+            "sampled_depth": sampled_depth,
+            "seed": seed,
+        }
+        self.controller = ShiftController(
+            schedule_from_settings(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        )
         self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
         self._grad_norm: float | None = None
         self._writer = None  # TensorBoard, when the Trainer reports to it

@@ -33,9 +33,13 @@ class ShiftCallback(pl.Callback):
         scp: dict | None = None,
         milestones: dict | None = None,
         optimizer: str = "keep",
+        sampled_depth: bool = False,
+        seed: int = 0,
         monitor: str = "val_loss",
     ):
-        self.controller = ShiftController(schedule_from_settings(n_loops, at, scp, milestones, optimizer))
+        self.controller = ShiftController(
+            schedule_from_settings(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        )
         self.monitor = monitor
         self._grad = {"sum": 0.0, "n": 0}
 

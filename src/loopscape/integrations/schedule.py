@@ -7,14 +7,25 @@ from loopscape.shift.schedule import ShiftSchedule
 
 
 def schedule_from_settings(
-    n_loops: int, at: int | None, scp: dict | None, milestones: dict | None, optimizer: str
+    n_loops: int,
+    at: int | None,
+    scp: dict | None,
+    milestones: dict | None,
+    optimizer: str,
+    sampled_depth: bool = False,
+    seed: int = 0,
 ) -> ShiftSchedule:
     """``at``: a fixed last Stage-I step; ``milestones``: ``{step: loops}`` (a progressive T(step));
-    otherwise SCP with ``scp``'s settings (``ShiftCriterion``'s keywords; its defaults if None)."""
+    otherwise SCP with ``scp``'s settings (``ShiftCriterion``'s keywords; its defaults if None).
+    ``sampled_depth``: Stage II draws each step's loop count from ``1..n_loops`` (``seed``)."""
     if at is not None and milestones is not None:
         raise ValueError("give at most one of at (a fixed switch step) and milestones (a progressive schedule)")
-    if at is not None:
-        return ShiftSchedule.fixed(n_loops, at=at, optimizer=optimizer)
     if milestones is not None:
-        return ShiftSchedule.progressive({int(s): k for s, k in milestones.items()}, optimizer=optimizer)
-    return ShiftSchedule.scp(n_loops, ShiftCriterion(**(scp or {})), optimizer=optimizer)
+        return ShiftSchedule(
+            n_loops=max(2, *milestones.values()),
+            milestones={int(s): k for s, k in milestones.items()},
+            optimizer=optimizer,
+            sampled=sampled_depth,
+        )
+    criterion = None if at is not None else ShiftCriterion(**(scp or {}))
+    return ShiftSchedule(n_loops, at=at, criterion=criterion, optimizer=optimizer, sampled=sampled_depth, seed=seed)

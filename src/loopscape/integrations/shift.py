@@ -42,10 +42,10 @@ class ShiftController:
         self.model, self.optimizer = model, optimizer if optimizer is not None else self.optimizer
 
     def before_step(self, step: int) -> int:
-        """Set the loop count of training step ``step`` (counted from 1); returns it. A change from
-        step ``step - 1`` is recorded in ``switches`` (and resets the optimiser if the schedule says so)."""
+        """Set the loop count of training step ``step`` (counted from 1); returns it. A step that starts
+        a new stage is recorded in ``switches`` (and resets the optimiser if the schedule says so)."""
         k = self.schedule.n_loops_at(step)
-        if step > 1 and k != self.schedule.n_loops_at(step - 1):
+        if self.schedule.starts_stage(step):
             self.switches.append((step, k))
             if self.schedule.resets_optimizer and self.optimizer is not None:
                 self.optimizer.state.clear()
@@ -69,7 +69,7 @@ class ShiftController:
             decided = torch.tensor([-1 if decided is None else decided], device=device)
             dist.broadcast(decided, src=0)
             self.schedule.shift_step = None if int(decided) < 0 else int(decided)
-        return self.schedule.n_loops_at(step + 1) != self.schedule.n_loops_at(step)
+        return self.schedule.starts_stage(step + 1)
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule.state_dict(), "switches": [list(s) for s in self.switches]}

@@ -23,6 +23,10 @@ Three ways to decide:
 * ``progressive``: a given ``T(step)``, as milestones ``{s: k}``: units after
   ``s`` run ``k`` loops.
 
+With ``sampled=True`` (a fixed point or SCP), Stage II draws each unit's loop
+count uniformly from ``1..n_loops`` (a sampled depth), from ``seed`` and the
+unit's number alone, so a resumed run and every rank draw the same counts.
+
 Convention (one for every trainer): the switch point ``s`` is the last unit of
 Stage I. Units ``1..s`` run one loop, units ``s+1..`` run ``n_loops``; ``s = 0``
 is Looped-Attn from the start. The state is a JSON-able dict
@@ -32,6 +36,7 @@ is Looped-Attn from the start. The state is a JSON-able dict
 from __future__ import annotations
 
 import bisect
+import random
 
 from loopscape.shift.criterion import ShiftCriterion
 
@@ -49,6 +54,8 @@ class ShiftSchedule:
         criterion: ShiftCriterion | None = None,
         milestones: dict[int, int] | None = None,
         optimizer: str = "keep",
+        sampled: bool = False,
+        seed: int = 0,
     ):
         if sum(x is not None for x in (at, criterion, milestones)) != 1:
             raise ValueError(
@@ -62,7 +69,10 @@ class ShiftSchedule:
             raise ValueError(f"at must be an integer >= 0 (got {at})")
         if milestones is not None and not all(s >= 0 and 1 <= k <= n_loops for s, k in milestones.items()):
             raise ValueError(f"milestones must map steps >= 0 to loop counts in 1..{n_loops} (got {milestones})")
+        if sampled and milestones is not None:
+            raise ValueError("sampled depth goes with a fixed switch point (at) or SCP (criterion), not milestones")
         self.n_loops, self.criterion, self.optimizer = n_loops, criterion, optimizer
+        self.sampled, self.seed = sampled, seed
         self.milestones = dict(sorted(milestones.items())) if milestones is not None else None
         # the last unit of Stage I: known in advance, or set when SCP fires
         self.shift_step: int | None = at
@@ -76,6 +86,13 @@ class ShiftSchedule:
     @classmethod
     def scp(cls, n_loops: int, criterion: ShiftCriterion, optimizer: str = "keep") -> ShiftSchedule:
         return cls(n_loops, criterion=criterion, optimizer=optimizer)
+
+    @classmethod
+    def sampled_depth(
+        cls, n_loops: int, at: int | None = None, criterion: ShiftCriterion | None = None, seed: int = 0
+    ) -> ShiftSchedule:
+        """Stage II draws each unit's loop count from ``1..n_loops``; the switch is ``at`` or SCP's."""
+        return cls(n_loops, at=at, criterion=criterion, sampled=True, seed=seed)
 
     @classmethod
     def progressive(cls, milestones: dict[int, int], optimizer: str = "keep") -> ShiftSchedule:
@@ -92,7 +109,18 @@ class ShiftSchedule:
             starts = list(self.milestones)
             i = bisect.bisect_left(starts, step) - 1  # the last milestone s < step
             return self.milestones[starts[i]] if i >= 0 else 1
-        return self.n_loops if self.shift_step is not None and step > self.shift_step else 1
+        if self.shift_step is None or step <= self.shift_step:
+            return 1
+        if self.sampled:  # string seeds are hashed with SHA-512: the same draw in every process
+            return random.Random(f"{self.seed}:{step}").randint(1, self.n_loops)
+        return self.n_loops
+
+    def starts_stage(self, step: int) -> bool:
+        """Whether unit ``step`` starts a new stage: its loop count differs from unit ``step - 1``'s
+        (with a sampled depth, only the first unit after the switch: later draws are not stages)."""
+        if self.sampled:
+            return self.shift_step is not None and step == self.shift_step + 1
+        return self.n_loops_at(step) != self.n_loops_at(step - 1)
 
     def shifted_by(self, step: int) -> bool:
         """Whether Stage II has begun after unit ``step`` (the switch is decided by then)."""
@@ -100,14 +128,14 @@ class ShiftSchedule:
 
     def observe(self, step: int, val_loss: float | None = None, grad_norm: float | None = None) -> bool:
         """Report unit ``step``'s evaluation. Returns True if unit ``step + 1``
-        runs another loop count than unit ``step`` (the trainer applies it then).
+        starts a new stage (:meth:`starts_stage`; the trainer applies it then).
 
         Only SCP reads the numbers; it is fed one evaluation per call.
         """
         if self.criterion is not None and self.shift_step is None:
             if self.criterion.update(val_loss, grad_norm):
                 self.shift_step = step
-        return self.n_loops_at(step + 1) != self.n_loops_at(step)
+        return self.starts_stage(step + 1)
 
     def state_dict(self) -> dict:
         return {
