@@ -251,16 +251,15 @@ def test_retrofit_runs_three_arms_and_counts_the_looped_layers_once_per_loop(tmp
 
     from loopscape.cli import app
     from loopscape.data.algorithmic import AlgorithmicTask
-    from loopscape.experiments.retrofit import RetrofitConfig, build_decoder, step_flops
+    from loopscape.experiments.retrofit import RetrofitConfig, TaskData, build_decoder, step_flops
 
     cfg = RetrofitConfig(d_model=16, n_layers=3, n_heads=2, loop_layers=[1, 2])
-    task = AlgorithmicTask("parity")
-    model = build_decoder(cfg, task, 0)
-    batch = task.batch(torch.tensor([2, 3]), torch.Generator().manual_seed(0))
-    plain = step_flops(model, batch)
+    model = build_decoder(cfg, TaskData(cfg), 0)
+    batch = AlgorithmicTask("parity").batch(torch.tensor([2, 3]), torch.Generator().manual_seed(0))
+    plain = step_flops(model, batch.inputs)
     layer = sum(p.numel() for p in model.model.layers[1].parameters())
     loopify(model, layers=(1, 2), n_loops=3)
-    assert step_flops(model, batch) - plain == 6 * batch.inputs.numel() * 2 * layer  # two more passes of layer 1
+    assert step_flops(model, batch.inputs) - plain == 6 * batch.inputs.numel() * 2 * layer  # two more passes
 
     out = tmp_path / "rf"
     args = (
@@ -298,3 +297,26 @@ def test_sampled_depth_draws_the_same_counts_everywhere_and_switches_once():
     assert shift.switches == [(11, counts[10])]  # one stage change, not one per draw
     with pytest.raises(ValueError, match="sampled depth goes with a fixed switch point"):
         ShiftSchedule(3, milestones={5: 2}, sampled=True)
+
+
+def test_retrofit_on_a_local_text_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from loopscape.cli import app
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "rf"
+    args = (
+        f"retrofit -o {out} -q --seeds 0 --data {text} --set d_model=16 --set n_heads=2 --set n_layers=3 "
+        "--set loop_layers=[1,2] --set stage1_steps=5 --set stage2_steps=5 --set text_context=16 --set test_size=8"
+    )
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "retrofit.json").read_text())["runs"]["0"]
+    assert set(run["shift"]["per_length"]) == {"16", "32"} and 0 <= run["shift"]["past"] <= 100
+    assert "next-character accuracy" in (out / "retrofit.md").read_text()
+    short = tmp_path / "short.txt"
+    short.write_text("abc", encoding="utf-8")
+    bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--data", str(short)])
+    assert bad.exit_code == 2 and "data_path must hold at least" in bad.output

@@ -195,6 +195,7 @@ def retrofit(
     config: Path | None = ConfigOpt,
     seeds: str | None = SeedsOpt,
     model: Path | None = typer.Option(None, "--model", help="A local checkpoint (save_pretrained folder) as Stage I."),
+    data: Path | None = typer.Option(None, "--data", help="A local UTF-8 text file to train on instead of the task."),
     set_: list[str] | None = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -203,7 +204,7 @@ def retrofit(
     from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
 
     try:
-        flags = {"model_path": str(model) if model else None}
+        flags = {"model_path": str(model) if model else None, "data_path": str(data) if data else None}
         cfg = load_config(RetrofitConfig, config, overrides(set_, seeds=seeds, **flags))
         result = run_retrofit(cfg, _output("retrofit", output, False), show_progress=not quiet)
     except FAILURES as err:

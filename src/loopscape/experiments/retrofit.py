@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from loopscape.config import require, to_dict
-from loopscape.data.algorithmic import TASKS, AlgorithmicBatch, AlgorithmicTask, Curriculum
+from loopscape.config import ConfigError, require, to_dict
+from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.integrations._extra import require_extra
 from loopscape.integrations.loopify import looped_layers, loopify
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
@@ -64,6 +64,8 @@ class RetrofitConfig:
     test_size: int = 128
     eval_every: int = 100  # steps between accuracy readings of the shift and scratch arms (compute to reach)
     model_path: str | None = None  # a local checkpoint (save_pretrained folder) instead of Stage I
+    data_path: str | None = None  # a local UTF-8 text file instead of the task (characters as tokens)
+    text_context: int = 64  # with data_path: training windows; tested at this length and at twice it
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
@@ -88,6 +90,13 @@ class RetrofitConfig:
             self.loop_layers,
         )
         require(self.n_loops >= 2, f"{p}n_loops", "an integer >= 2", self.n_loops)
+        require(self.text_context >= 2, f"{p}text_context", "an integer >= 2", self.text_context)
+        require(
+            self.data_path is None or Path(self.data_path).is_file(),
+            f"{p}data_path",
+            "null or a readable text file",
+            self.data_path,
+        )
         require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
         require(self.train_max_len >= 1, f"{p}train_max_len", "an integer >= 1", self.train_max_len)
         require(self.curriculum_interval >= 1, f"{p}curriculum_interval", "an integer >= 1", self.curriculum_interval)
@@ -105,30 +114,105 @@ class RetrofitConfig:
         )
 
 
-def build_decoder(cfg: RetrofitConfig, task: AlgorithmicTask, seed: int) -> torch.nn.Module:
-    """A small Llama-layout causal LM over the task's tokens (or the local checkpoint)."""
+class TaskData:
+    """An algorithmic task as token rows, with its length curriculum; scored by exact match of the
+    answer at every test length."""
+
+    metric = "exact match of the answer"
+
+    def __init__(self, cfg: RetrofitConfig):
+        self.cfg, self.task = cfg, AlgorithmicTask(cfg.task)
+        self.curriculum = Curriculum(cfg.train_max_len, cfg.curriculum_interval)
+        self.vocab_size, self.pad = self.task.vocab_size, self.task.pad
+        self.max_width = self.task.width(max(cfg.test_lengths))
+        self.train_length = cfg.train_max_len
+
+    def batch(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = self.task.batch(self.curriculum.lengths(step, self.cfg.batch_size, generator), generator)
+        return b.inputs, b.targets, b.mask
+
+    def per_length(self, model: torch.nn.Module, seed: int) -> dict[int, float]:
+        out = {}
+        for n in self.cfg.test_lengths:
+            b = self.task.test_batch(n, self.cfg.test_size, torch.Generator().manual_seed(seed * 1000 + n))
+            pred = model(input_ids=b.inputs, use_cache=False).logits.argmax(-1)
+            out[n] = 100 * exact_match(pred, b.targets, b.mask).float().mean().item()
+        return out
+
+
+class TextData:
+    """A local text file, character by character: the first 90% trains on windows of
+    ``text_context`` characters, the rest tests. Scored by next-character accuracy on held-out
+    windows of ``text_context`` characters (within) and on the positions past ``text_context`` of
+    windows twice as long (past)."""
+
+    metric = "next-character accuracy"
+
+    def __init__(self, cfg: RetrofitConfig):
+        text = Path(cfg.data_path).read_text(encoding="utf-8")
+        chars = sorted(set(text))
+        lookup = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([lookup[c] for c in text])
+        cut, need = int(0.9 * len(ids)), 2 * cfg.text_context + 1
+        if cut <= need or len(ids) - cut <= need:
+            raise ConfigError(
+                f"data_path must hold at least {10 * need} characters for windows of text_context "
+                f"{cfg.text_context} (got {len(ids)})"
+            )
+        self.cfg, self.train_ids, self.test_ids = cfg, ids[:cut], ids[cut:]
+        self.vocab_size, self.pad = len(chars), 0
+        self.max_width = 2 * cfg.text_context
+        self.train_length = cfg.text_context
+
+    def _windows(self, ids: torch.Tensor, width: int, size: int, generator: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, len(ids) - width - 1, (size,), generator=generator)
+        return ids[starts[:, None] + torch.arange(width + 1)]
+
+    def batch(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self._windows(self.train_ids, self.cfg.text_context, self.cfg.batch_size, generator)
+        return w[:, :-1], w[:, 1:], torch.ones_like(w[:, 1:], dtype=torch.bool)
+
+    def per_length(self, model: torch.nn.Module, seed: int) -> dict[int, float]:
+        out, n = {}, self.cfg.text_context
+        for width, first in ((n, 0), (2 * n, n)):  # past: only the positions beyond the training context
+            w = self._windows(self.test_ids, width, self.cfg.test_size, torch.Generator().manual_seed(seed + width))
+            pred = model(input_ids=w[:, :-1], use_cache=False).logits.argmax(-1)
+            out[width] = 100 * (pred[:, first:] == w[:, 1 + first :]).float().mean().item()
+        return out
+
+
+def build_metric(cfg: RetrofitConfig) -> str:
+    return (TextData if cfg.data_path is not None else TaskData).metric
+
+
+def build_data(cfg: RetrofitConfig) -> TaskData | TextData:
+    return TextData(cfg) if cfg.data_path is not None else TaskData(cfg)
+
+
+def build_decoder(cfg: RetrofitConfig, data: TaskData | TextData, seed: int) -> torch.nn.Module:
+    """A small Llama-layout causal LM over the data's tokens (or the local checkpoint)."""
     transformers = require_extra("transformers", "hf")
     if cfg.model_path is not None:
         return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path)
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=task.vocab_size,
+        vocab_size=data.vocab_size,
         hidden_size=cfg.d_model,
         intermediate_size=4 * cfg.d_model,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=4 * max(cfg.test_lengths) + 8,
-        bos_token_id=task.pad,
-        eos_token_id=task.pad,
-        pad_token_id=task.pad,
+        max_position_embeddings=data.max_width + 8,
+        bos_token_id=data.pad,
+        eos_token_id=data.pad,
+        pad_token_id=data.pad,
         tie_word_embeddings=False,
         use_cache=False,
     )
     return transformers.LlamaForCausalLM(config)
 
 
-def step_flops(model: torch.nn.Module, batch: AlgorithmicBatch) -> float:
+def step_flops(model: torch.nn.Module, inputs: torch.Tensor) -> float:
     """Training FLOPs of one step: 6 x tokens x parameters a token passes through (the looped layers
     counted once per loop; attention's score products left out, small at these widths)."""
     looped = looped_layers(model)
@@ -136,14 +220,13 @@ def step_flops(model: torch.nn.Module, batch: AlgorithmicBatch) -> float:
     if looped is not None:
         in_range = sum(p.numel() for layer in looped.range_layers() for p in layer.parameters())
         params += (looped.n_loops - 1) * in_range
-    return 6.0 * batch.inputs.numel() * params
+    return 6.0 * inputs.numel() * params
 
 
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    task: AlgorithmicTask,
-    curriculum: Curriculum,
+    data: TaskData | TextData,
     steps: range,
     generator: torch.Generator,
     cfg: RetrofitConfig,
@@ -157,33 +240,29 @@ def train(
     flops, t0, evaluating = 0.0, time.perf_counter(), 0.0
     model.train()
     for step in steps:
-        batch = task.batch(curriculum.lengths(step, cfg.batch_size, generator), generator)
-        logits = model(input_ids=batch.inputs, use_cache=False).logits
-        loss = F.cross_entropy(logits[batch.mask], batch.targets[batch.mask])
+        inputs, targets, mask = data.batch(step, generator)
+        logits = model(input_ids=inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits[mask], targets[mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        flops += step_flops(model, batch)
+        flops += step_flops(model, inputs)
         if readings is not None and (step % cfg.eval_every == 0 or step == steps[-1]):
             t1 = time.perf_counter()
-            readings.append((flops_before + flops, accuracy(model, task, cfg, seed)["past"]))
+            readings.append((flops_before + flops, accuracy(model, data, seed)["past"]))
             model.train()
             evaluating += time.perf_counter() - t1
     return {"flops": flops, "time_s": time.perf_counter() - t0 - evaluating}
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, task: AlgorithmicTask, cfg: RetrofitConfig, seed: int) -> dict:
-    """Exact match per test length, and its mean within and past the training lengths."""
+def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> dict:
+    """Accuracy per test length, and its mean within and past the training length."""
     model.eval()
-    per_length = {}
-    for n in cfg.test_lengths:
-        batch = task.test_batch(n, cfg.test_size, torch.Generator().manual_seed(seed * 1000 + n))
-        pred = model(input_ids=batch.inputs, use_cache=False).logits.argmax(-1)
-        per_length[n] = 100 * exact_match(pred, batch.targets, batch.mask).float().mean().item()
-    within = [a for n, a in per_length.items() if n <= cfg.train_max_len]
-    past = [a for n, a in per_length.items() if n > cfg.train_max_len]
+    per_length = data.per_length(model, seed)
+    within = [a for n, a in per_length.items() if n <= data.train_length]
+    past = [a for n, a in per_length.items() if n > data.train_length]
     return {
         "per_length": per_length,
         "within": sum(within) / len(within) if within else None,
@@ -193,16 +272,15 @@ def accuracy(model: torch.nn.Module, task: AlgorithmicTask, cfg: RetrofitConfig,
 
 def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
     """Stage I, then the three arms, for one seed."""
-    task = AlgorithmicTask(cfg.task)
-    curriculum = Curriculum(cfg.train_max_len, cfg.curriculum_interval)
+    data = build_data(cfg)
     total = cfg.stage1_steps + cfg.stage2_steps
     generator = torch.Generator().manual_seed(seed)
-    base = build_decoder(cfg, task, seed)
+    base = build_decoder(cfg, data, seed)
     optimizer = torch.optim.AdamW(base.parameters(), lr=cfg.lr)
     stage1 = {"flops": 0.0, "time_s": 0.0}
     if cfg.model_path is None:
-        stage1 = train(base, optimizer, task, curriculum, range(1, cfg.stage1_steps + 1), generator, cfg)
-    out = {"stage1": {**stage1, **accuracy(base, task, cfg, seed)}}
+        stage1 = train(base, optimizer, data, range(1, cfg.stage1_steps + 1), generator, cfg)
+    out = {"stage1": {**stage1, **accuracy(base, data, seed)}}
     later = range(cfg.stage1_steps + 1, total + 1)
     for arm in ("plain", "shift"):
         model = copy.deepcopy(base)
@@ -213,29 +291,28 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
         gen = torch.Generator().manual_seed(seed)
         gen.set_state(generator.get_state())  # the same data stream for both arms
         readings = []
-        spent = train(model, opt, task, curriculum, later, gen, cfg, readings, stage1["flops"], seed)
+        spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed)
         out[arm] = {
             "flops": stage1["flops"] + spent["flops"],
             "time_s": stage1["time_s"] + spent["time_s"],
             "readings": readings,
-            **accuracy(model, task, cfg, seed),
+            **accuracy(model, data, seed),
         }
     scratch = loopify(
-        build_decoder(cfg, task, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
+        build_decoder(cfg, data, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
     )
     readings = []
     spent = train(
         scratch,
         torch.optim.AdamW(scratch.parameters(), lr=cfg.lr),
-        task,
-        curriculum,
+        data,
         range(1, total + 1),
         torch.Generator().manual_seed(seed),
         cfg,
         readings,
         seed=seed,
     )
-    out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, task, cfg, seed)}
+    out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, data, seed)}
     target = out["scratch"]["past"]
     reached = next((f for f, acc in out["shift"]["readings"] if acc >= target), None)
     # compute SHIFT (Stage I included) spent until its accuracy past the training length first reached the
@@ -268,13 +345,20 @@ def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> st
     lines = [
         "# Retrofit: recursion into a trained model (Appendix B)",
         "",
-        f"Task {cfg.task}, training lengths 1..{cfg.train_max_len}, tested at {cfg.test_lengths[0]}.."
-        f"{cfg.test_lengths[-1]}. A Llama-layout decoder, d = {cfg.d_model}, {cfg.n_layers} layers, "
+        (
+            f"Text file {cfg.data_path}, characters as tokens, trained on windows of {cfg.text_context}, tested "
+            f"on held-out windows of {cfg.text_context} (within) and {2 * cfg.text_context} (past: its positions "
+            f"beyond {cfg.text_context})"
+            if cfg.data_path is not None
+            else f"Task {cfg.task}, training lengths 1..{cfg.train_max_len}, tested at {cfg.test_lengths[0]}.."
+            f"{cfg.test_lengths[-1]}"
+        )
+        + f". A Llama-layout decoder, d = {cfg.d_model}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} heads, RoPE. Stage I: {cfg.stage1_steps} steps, one loop. Then "
         f"{cfg.stage2_steps} more steps per arm: **plain** continues as it is; **shift** loops layers "
         f"{a}..{b - 1} {cfg.n_loops} times (injection: {cfg.injection}) and continues; **scratch** is the "
         f"looped model trained from its initialisation for all {cfg.stage1_steps + cfg.stage2_steps} steps. "
-        f"Seeds {cfg.seeds}. Exact-match accuracy, %; FLOPs and wall time include Stage I.",
+        f"Seeds {cfg.seeds}. Accuracy: {build_metric(cfg)}, %; FLOPs and wall time include Stage I.",
         "",
         "| seed | arm | within training lengths | past them | training FLOPs | wall time |",
         "|---|---|---|---|---|---|",
@@ -319,6 +403,7 @@ def _sd(stats: dict) -> str:
 def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = True) -> dict:
     """Every seed; writes ``retrofit.json`` and ``report.html`` into ``out``; returns the former's content."""
     out = Path(out)
+    build_data(cfg)  # a text file too short for its windows is refused before the run folder is made
     prepare_run_folder(out, cfg, resume=False)
     runs = {}
     for seed in cfg.seeds:
