@@ -4,6 +4,15 @@
 
     L(theta) = sum_b sum_i w_bi * loss(model(x_bi; theta), y_bi),   sum w = 1,
 
+where ``batches`` is any iterable (a DataLoader, a list) of ``(inputs, targets,
+weights)``, ``(inputs, targets)`` (each sample weighted ``1/N``) or Hugging Face
+dict batches (``input_ids``, ``attention_mask``, ``labels``), whose loss is the
+model's own: next-token cross-entropy on ``labels`` shifted by one, positions
+labelled ``-100`` left out, each scored token weighted ``1/(tokens scored in all
+batches)``. A model may return a tensor or a ``ModelOutput`` (its ``logits``).
+``params`` picks the variables (a name pattern, a module or a list of
+parameters); the others are held fixed.
+
 through Hessian-vector products (forward-over-reverse, ``torch.func.jvp`` of
 ``torch.func.grad``) and batched products (``torch.func.vmap``). Algorithms
 (``loopscape.landscape.linalg``) see only ``shape``, ``dtype``, ``matvec`` and
@@ -22,9 +31,12 @@ if the two differ, as with active dropout or train-mode BatchNorm, unless
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import fnmatch
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
@@ -90,6 +102,78 @@ def weighted_batches(
     return [(x, y, w) for x, y, w in zip(inputs.split(size), targets.split(size), weights.split(size))]
 
 
+def select_parameters(model: nn.Module, params=None) -> list[str]:
+    """Names of the variables: ``None`` every parameter with ``requires_grad``; a name pattern
+    (``fnmatch``, e.g. ``"model.layers.1.*"``); a module of ``model``; or a list of its parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = [n for n, _ in named]
+    elif isinstance(params, str):
+        chosen = [n for n, _ in named if fnmatch.fnmatchcase(n, params)]
+    elif isinstance(params, nn.Module):
+        ids = {id(p) for p in params.parameters()}
+        chosen = [n for n, p in named if id(p) in ids]
+    else:
+        ids = {id(p) for p in params}
+        chosen = [n for n, p in named if id(p) in ids]
+    if not chosen:
+        raise ValueError(
+            f"params must select at least one trainable parameter of the model: a name pattern, a module or a "
+            f"list of parameters (got {params!r}, which matches none)"
+        )
+    return chosen
+
+
+def _logits(out):
+    """A model's output as logits: a tensor, or the ``logits`` of a ``ModelOutput`` / dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError(f"the model's output must be a tensor or carry logits (got {type(out).__name__})")
+    return logits
+
+
+def _global_count(n: int, distributed: bool) -> int:
+    """``n`` summed over the ranks when the data is sharded across them."""
+    if not distributed:
+        return n
+    t = torch.tensor([n], dtype=torch.float64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _read_batches(batches: Iterable, distributed: bool = False) -> list[tuple[str, object]]:
+    """Each batch as ``("tuple", (x, y, w))`` or ``("dict", {...})``, with its weights set so the
+    loss is the mean over every sample (tuples) or every scored token (dicts) of all batches (of
+    all ranks, when ``distributed``)."""
+    out = []
+    for b in batches:
+        if isinstance(b, Mapping):
+            if "labels" not in b:
+                raise ValueError("a dict batch must hold labels (with -100 where nothing is scored)")
+            out.append(("dict", dict(b)))
+        elif isinstance(b, (tuple, list)) and len(b) in (2, 3) and all(isinstance(t, torch.Tensor) for t in b):
+            out.append(("tuple", tuple(b)))
+        else:
+            raise ValueError(
+                "batches must be (inputs, targets), (inputs, targets, weights) or dict batches with labels "
+                f"(got a {type(b).__name__})"
+            )
+    if not out:
+        raise ValueError("batches must hold at least one batch (got none)")
+    kinds = {k for k, _ in out}
+    if len(kinds) > 1 or (kinds == {"tuple"} and len({len(b) for _, b in out}) > 1):
+        raise ValueError("batches must be all of one form: (inputs, targets), (inputs, targets, weights) or dicts")
+    if kinds == {"dict"}:
+        tokens = _global_count(sum(int((b["labels"][..., 1:] != -100).sum()) for _, b in out), distributed)
+        return [("dict", {**b, "weight": torch.tensor(1.0 / tokens, dtype=torch.float64)}) for _, b in out]
+    if len(out[0][1]) == 2:
+        n = _global_count(sum(len(b[0]) for _, b in out), distributed)
+        return [("tuple", (x, y, torch.full((len(x),), 1.0 / n, dtype=torch.float64))) for _, (x, y) in out]
+    return out
+
+
 @contextlib.contextmanager
 def _math_attention() -> Iterator[None]:
     with sdpa_kernel(SDPBackend.MATH):
@@ -100,10 +184,16 @@ class HessianOperator:
     """``H`` of ``model``'s loss over ``batches`` at the model's current parameters.
 
     Args:
-        model: any ``nn.Module``; its parameters with ``requires_grad`` are the variables.
-        batches: ``(inputs, targets, weights)`` triples, e.g. from :func:`weighted_batches`;
-            the weights of all batches sum to 1.
-        loss_fn: per-sample loss ``(outputs, targets) -> (B,)``; cross-entropy by default.
+        model: any ``nn.Module``.
+        batches: any iterable of batches (module docstring): ``(inputs, targets, weights)``
+            triples, e.g. from :func:`weighted_batches` (the weights of all batches sum to 1),
+            ``(inputs, targets)`` pairs, or Hugging Face dict batches with ``labels``.
+        loss_fn: per-sample loss ``(outputs, targets) -> (B,)`` of tuple batches; cross-entropy by default.
+        params: the variables (:func:`select_parameters`); ``None``: every trainable parameter.
+        distributed: the batches are this rank's shard of the data (``torch.distributed``
+            initialised; every rank builds the operator and calls each product together): sample
+            and token counts, losses, gradients and products are summed over the ranks, so every
+            rank holds the Hessian of the whole data.
         dtype: compute in this floating type (``torch.float64`` for exact spectra);
             ``None`` keeps the model's.
         allow_stochastic: skip the determinism check.
@@ -119,17 +209,23 @@ class HessianOperator:
     def __init__(
         self,
         model: nn.Module,
-        batches: Sequence[Batch],
+        batches: Iterable,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_sample,
         dtype: torch.dtype | None = None,
         allow_stochastic: bool = False,
         chunk_size: int | None = 256,
         cache_graph: bool = False,
+        params=None,
+        distributed: bool = False,
     ):
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        self.distributed = distributed
         self.model = model
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        chosen = set(select_parameters(model, params))
+        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
@@ -138,30 +234,37 @@ class HessianOperator:
         self.device = first.device
 
         def cast(t):
-            return t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+            t = t.detach().to(self.device)
+            return t.to(self.dtype) if t.is_floating_point() else t
 
         self.theta = torch.cat([cast(p).reshape(-1) for _, p in named])
         self.buffers = {n: cast(b) for n, b in model.named_buffers()}
-        self.frozen = {n: cast(p) for n, p in model.named_parameters() if not p.requires_grad}
-        self.batches = [tuple(cast(t).to(self.device) for t in b) for b in batches]
+        self.frozen = {n: cast(p) for n, p in model.named_parameters() if n not in chosen}
+        self.batches = [
+            (kind, {k: cast(t) for k, t in b.items()} if kind == "dict" else tuple(cast(t) for t in b))
+            for kind, b in _read_batches(batches, distributed)
+        ]
+        self._no_cache = "use_cache" in inspect.signature(model.forward).parameters
         self.shape = (self.theta.numel(), self.theta.numel())
         self._graph = None
         with self._guard():  # one guard: the second pass below draws fresh random numbers
             if cache_graph:
                 leaf = self.theta.clone().requires_grad_(True)
                 with torch.enable_grad():
-                    a = sum(self._batch_loss(leaf, *b) for b in self.batches)
+                    a = sum(self._batch_loss(leaf, b) for b in self.batches)
                     self._graph = (leaf, torch.autograd.grad(a, leaf, create_graph=True)[0])
             else:
-                a = sum(self._batch_loss(self.theta, *b) for b in self.batches)
-            if not torch.isfinite(a):
+                a = sum(self._batch_loss(self.theta, b) for b in self.batches)
+            total = self._summed(a.detach())  # every rank decides alike, or a refusing rank would hang the others
+            if not torch.isfinite(total):
                 raise NonFiniteLossError(
-                    f"the loss is {a.item()} at these parameters: the model has diverged (NaN or inf), "
+                    f"the loss is {total.item()} at these parameters: the model has diverged (NaN or inf), "
                     "so its Hessian means nothing; check the run's learning rate"
                 )
             if not allow_stochastic:
-                b = sum(self._batch_loss(self.theta, *bt) for bt in self.batches)
-                if not torch.equal(a.detach(), b):
+                b = sum(self._batch_loss(self.theta, bt) for bt in self.batches)
+                differs = self._summed(torch.tensor(float(not torch.equal(a.detach(), b)), dtype=torch.float64))
+                if differs > 0:
                     raise StochasticLossError(
                         f"the loss differs between two evaluations ({a.item():.6g} vs {b.item():.6g}): "
                         "dropout or train-mode BatchNorm is active; call model.eval() or pass allow_stochastic=True"
@@ -172,9 +275,19 @@ class HessianOperator:
         parts = [t.view(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
         return {**self.buffers, **self.frozen, **dict(zip(self.names, parts))}
 
-    def _batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, self._params(theta), (x,))
-        return (self.loss_fn(out, y) * w).sum()
+    def _batch_loss(self, theta: torch.Tensor, batch: tuple[str, object]) -> torch.Tensor:
+        kind, b = batch
+        if kind == "tuple":
+            x, y, w = b
+            out = _logits(functional_call(self.model, self._params(theta), (x,)))
+            return (self.loss_fn(out, y) * w).sum()
+        inputs = {k: t for k, t in b.items() if k not in ("labels", "weight")}
+        if self._no_cache:
+            inputs["use_cache"] = False
+        logits = _logits(functional_call(self.model, self._params(theta), (), inputs))[..., :-1, :]
+        labels = b["labels"][..., 1:]  # next-token prediction: position t is scored on token t + 1
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+        return nll * b["weight"]
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -185,21 +298,28 @@ class HessianOperator:
             finally:
                 self.model.train(training)
 
+    def _summed(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (the operator's data is sharded), else as it is."""
+        if self.distributed:
+            t = t.detach().clone()
+            dist.all_reduce(t)
+        return t
+
     def loss(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         theta = self.theta if theta is None else theta
         with self._guard():
-            return sum(self._batch_loss(theta, *b) for b in self.batches)
+            return self._summed(sum(self._batch_loss(theta, b) for b in self.batches))
 
     def gradient(self) -> torch.Tensor:
         with self._guard():
-            return sum(grad(self._batch_loss)(self.theta, *b) for b in self.batches)
+            return self._summed(sum(grad(self._batch_loss)(self.theta, b) for b in self.batches))
 
     def _hvp(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta)
         for b in self.batches:
 
             def g(th, b=b):
-                return grad(self._batch_loss)(th, *b)
+                return grad(self._batch_loss)(th, b)
 
             out = out + jvp(g, (self.theta,), (v,))[1]
         return out
@@ -215,7 +335,7 @@ class HessianOperator:
         """
 
         def loss(th):
-            return sum(self._batch_loss(th, *b) for b in self.batches)
+            return sum(self._batch_loss(th, b) for b in self.batches)
 
         with self._guard():
             thetas = thetas.to(self.theta)
@@ -226,9 +346,9 @@ class HessianOperator:
         """``H v`` for a vector of length ``P`` (any float dtype; returned in the operator's)."""
         if self._graph is not None:
             leaf, g = self._graph
-            return torch.autograd.grad(g, leaf, v.to(self.theta), retain_graph=True)[0].detach()
+            return self._summed(torch.autograd.grad(g, leaf, v.to(self.theta), retain_graph=True)[0].detach())
         with self._guard():
-            return self._hvp(v.to(self.theta))
+            return self._summed(self._hvp(v.to(self.theta)))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``(P, k)``, by batched products (``vmap``) in chunks."""
@@ -236,12 +356,27 @@ class HessianOperator:
         if self._graph is not None:  # one batched backward through the kept gradient graph
             leaf, g = self._graph
             cols = V.T.split(self.chunk_size or V.shape[1])
-            return torch.cat(
-                [torch.autograd.grad(g, leaf, c, retain_graph=True, is_grads_batched=True)[0] for c in cols]
-            ).T.detach()
+            return self._summed(
+                torch.cat(
+                    [torch.autograd.grad(g, leaf, c, retain_graph=True, is_grads_batched=True)[0] for c in cols]
+                ).T.detach()
+            )
         with self._guard():
             cols = V.T.split(self.chunk_size or V.shape[1])
-            return torch.cat([vmap(self._hvp)(c) for c in cols]).T
+            return self._summed(torch.cat([vmap(self._hvp)(c) for c in cols]).T)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def to_scipy(self):
+        """``H`` as a ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out), for scipy's
+        ``eigsh`` and friends."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v):
+            return self.matvec(torch.as_tensor(v.reshape(-1))).double().cpu().numpy()
+
+        def mm(V):
+            return self.matmat(torch.as_tensor(V)).double().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, matmat=mm, rmatvec=mv, rmatmat=mm, dtype="float64")

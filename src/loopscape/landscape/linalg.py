@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loopscape.config import require_fits
+
 
 class DenseOperator:
     """A dense symmetric matrix behind the operator interface (tests, baselines)."""
@@ -42,8 +44,11 @@ class ExactSpectrum:
 
 
 def dense_matrix(op, chunk: int | None = None) -> torch.Tensor:
-    """Assemble ``H`` column by column from batched products (``H I``), in float64."""
+    """Assemble ``H`` column by column from batched products (``H I``), in float64. A size that would
+    not fit in memory (the identity, ``H`` and its symmetrised copy: ``3 x 8 P^2`` bytes) is refused
+    in one line, before any product."""
     P = op.shape[0]
+    require_fits(3 * 8 * P * P, "params", f"{P:,} parameters", "a dense Hessian and its copies, float64")
     eye = torch.eye(P, dtype=torch.float64)
     step = chunk or P
     return torch.cat([op.matmat(eye[:, i : i + step]).double() for i in range(0, P, step)], dim=1)
@@ -92,6 +97,9 @@ class _Lanczos:
         j = self.m
         if j + 1 >= self.Q.shape[1]:
             grown = min(2 * (self.Q.shape[1] - 1), self.alpha.numel()) + 1
+            # the old basis and the grown one are both alive while copying: refuse in one line, not by running out
+            what = f"a Lanczos basis of {self.Q.shape[0]:,} x {grown:,} and its copy, float64"
+            require_fits(8 * self.Q.shape[0] * (grown + self.Q.shape[1]), "max_iter", grown, what)
             self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], grown - self.Q.shape[1])], dim=1)
         Q = self.Q
         w = self.op.matvec(Q[:, j]).double()

@@ -1,0 +1,153 @@
+"""The Hessian of any model: HF dict batches with the model's own loss, (inputs, targets) from a
+DataLoader, parameter selection, the one-call API and scipy interop, against independent references."""
+
+import pytest
+import torch
+
+from loopscape.landscape import hessian, hessian_trace, spectral_density, top_eigenvalues
+from loopscape.landscape.hessian import HessianOperator, weighted_batches
+from loopscape.landscape.linalg import dense_matrix
+from loopscape.models.linear_attn import looped_attn
+
+transformers = pytest.importorskip("transformers")
+V = 12
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def hf_batches():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, V, (2, 6), generator=g)
+    b = torch.randint(0, V, (3, 4), generator=g)
+    labels_a = a.clone()
+    labels_a[0, 4:] = -100  # padding: not scored
+    mask_a = (labels_a != -100).long()
+    return [
+        {"input_ids": a, "attention_mask": mask_a, "labels": labels_a},
+        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()},
+    ]
+
+
+def test_dict_batches_give_the_hessian_of_the_models_own_loss():
+    """Reference: torch.autograd.functional.hessian of HF's own `.loss` (a mean per batch), combined
+    over batches by their scored tokens, as a function of one LayerNorm's parameters."""
+    model, batches = tiny_gpt2(), hf_batches()
+    name = "transformer.h.1.ln_1.*"
+    H = dense_matrix(hessian(model, batches, params=name))
+    names = ["transformer.h.1.ln_1.weight", "transformer.h.1.ln_1.bias"]
+    params = dict(model.named_parameters())
+    theta = torch.cat([params[n].detach().double().reshape(-1) for n in names])
+    scored = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    model64 = model.double()
+
+    def loss(th):
+        w, b = th.split(8)
+        out = 0
+        for batch, n in zip(batches, scored):
+            res = torch.func.functional_call(model64, {names[0]: w, names[1]: b}, (), {**batch, "use_cache": False})
+            out = out + res.loss * n
+        return out / sum(scored)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        reference = torch.autograd.functional.hessian(loss, theta)
+    torch.testing.assert_close(H, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_pairs_from_a_dataloader_equal_weighted_triples_and_params_select_the_same_block():
+    torch.manual_seed(0)
+    model = looped_attn(n_loops=3, max_len=3)
+    x, y = torch.randint(0, 3, (30, 3)), torch.randint(0, 3, (30,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    H_pairs = dense_matrix(HessianOperator(model, loader, dtype=torch.float64))
+    H_triples = dense_matrix(HessianOperator(model, weighted_batches(x, y, batch_size=11), dtype=torch.float64))
+    torch.testing.assert_close(H_pairs, H_triples, rtol=1e-10, atol=1e-12)
+    by_name = dense_matrix(hessian(model, loader, params="W_K"))
+    by_list = dense_matrix(hessian(model, loader, params=[model.W_K]))
+    d = model.W_K.numel()
+    offset = sum(p.numel() for n, p in model.named_parameters() if n in ("W_V",))  # W_V comes first
+    torch.testing.assert_close(by_name, by_list)
+    torch.testing.assert_close(by_name, H_pairs[offset : offset + d, offset : offset + d], rtol=1e-10, atol=1e-12)
+
+
+def test_one_call_answers_agree_with_the_exact_spectrum_and_scipy():
+    from scipy.sparse.linalg import eigsh
+
+    model, batches = tiny_gpt2(), hf_batches()
+    params = "transformer.h.0.attn.c_proj.*"
+    exact = torch.linalg.eigvalsh(dense_matrix(hessian(model, batches, params=params)))
+    top = top_eigenvalues(model, batches, k=3, params=params)
+    torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
+    with_vectors = top_eigenvalues(model, batches, k=2, params=params, eigenvectors=True)
+    assert with_vectors.eigenvectors.shape == (exact.numel(), 2)
+    trace = hessian_trace(model, batches, params=params, n_matvecs=exact.numel() * 3)
+    assert abs(trace.trace - exact.sum().item()) < 1e-6 * max(1.0, abs(exact.sum().item()))  # Hutch++ at >= P
+    nodes, weights = spectral_density(model, batches, params=params, n_probes=4).measure()
+    assert abs(weights.sum() - 1) < 1e-9 and nodes.min() >= exact.min() - 1e-6 and nodes.max() <= exact.max() + 1e-6
+    largest = eigsh(hessian(model, batches, params=params).to_scipy(), k=3, which="LA", return_eigenvectors=False)
+    torch.testing.assert_close(torch.tensor(sorted(largest, reverse=True)), exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, b: hessian(m, b, params="nothing.*"), r"params must select at least one trainable parameter"),
+        (lambda m, b: hessian(m, [torch.zeros(2)]), r"batches must be \(inputs, targets\)"),
+        (lambda m, b: hessian(m, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]), r"must hold labels"),
+        (lambda m, b: top_eigenvalues(m, b, k=10**6, params="transformer.h.0.ln_1.*"), r"k must be between 1 and"),
+    ],
+)
+def test_bad_input_is_one_line(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_gpt2(), hf_batches())
+
+
+def _shard_hessians(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    toy, x, y = _toy_data()
+    pairs = [(x[rank::2], y[rank::2])]  # each rank holds half of the samples
+    H_toy = dense_matrix(HessianOperator(toy, pairs, dtype=torch.float64, distributed=True))
+    mine = hf_batches()[rank : rank + 1]  # each rank one of the two (unequal) HF batches
+    H_hf = dense_matrix(hessian(tiny_gpt2(), mine, params="transformer.h.1.ln_1.*", distributed=True))
+    torch.save({"toy": H_toy, "hf": H_hf}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _toy_data():
+    torch.manual_seed(0)
+    model = looped_attn(n_loops=3, max_len=3)
+    g = torch.Generator().manual_seed(5)
+    return model, torch.randint(0, 3, (40, 3), generator=g), torch.randint(0, 3, (40,), generator=g)
+
+
+def test_products_over_data_sharded_across_two_processes_equal_one_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_shard_hessians, args=(port, str(tmp_path)), nprocs=2)
+    toy, x, y = _toy_data()
+    one_toy = dense_matrix(HessianOperator(toy, [(x, y)], dtype=torch.float64))
+    one_hf = dense_matrix(hessian(tiny_gpt2(), hf_batches(), params="transformer.h.1.ln_1.*"))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, one in (("toy", one_toy), ("hf", one_hf)):
+            assert (got[key] - one).norm() <= 1e-10 * one.norm(), (rank, key)
+
+
+def test_a_dense_hessian_or_a_lanczos_basis_that_would_not_fit_is_refused_in_one_line(monkeypatch):
+    from loopscape.config import ConfigError
+    from loopscape.landscape.linalg import DenseOperator, lanczos
+
+    monkeypatch.setattr("loopscape.config.machine_memory", lambda: 1_000_000)
+    op = DenseOperator(torch.eye(400, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=r"^params must be small enough to fit in memory \(a dense Hessian"):
+        dense_matrix(op)
+    with pytest.raises(ConfigError, match=r"^max_iter must be small enough to fit in memory \(a Lanczos basis"):
+        lanczos(DenseOperator(torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))), k=300)
