@@ -320,3 +320,56 @@ def test_retrofit_on_a_local_text_file(tmp_path):
     short.write_text("abc", encoding="utf-8")
     bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--data", str(short)])
     assert bad.exit_code == 2 and "data_path must hold at least" in bad.output
+
+
+def probe_batches():
+    x = Tokens(4, 7).x
+    return [{"input_ids": x, "labels": x}]
+
+
+def test_hf_curvature_callback_tracks_logs_plots_and_resumes(tmp_path):
+    from loopscape.integrations.hf import CurvatureCallback
+
+    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6, "trace_matvecs": 6}
+    whole = hf_trainer(tmp_path / "a", CurvatureCallback(probe_batches(), **settings), max_steps=6)
+    whole.train()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and rows[0]["mutual_information"] is None
+    assert all(len(r["top_eigenvalues"]) == 2 and r["top_eigenvalues"][0] >= r["top_eigenvalues"][1] for r in rows)
+    assert all(
+        r["mutual_information"] <= min(r["matrix_entropy"], p["matrix_entropy"]) + 1e-12 for p, r in zip(rows, rows[1:])
+    )  # I(H_s; H_s+1) <= min(E_s, E_s+1)
+    assert (tmp_path / "a" / "curvature" / "curvature.png").stat().st_size > 0
+    assert [h["step"] for h in whole.state.log_history if "curvature/trace" in h] == [3, 6]
+    cut = hf_trainer(tmp_path / "b", CurvatureCallback(probe_batches(), **settings), max_steps=6, save_steps=3)
+    cut.train()
+    resumed = hf_trainer(tmp_path / "b", CurvatureCallback(probe_batches(), **settings), max_steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    again = [json.loads(line) for line in (tmp_path / "b" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [3, 6]
+    for r, s in zip(rows, again):  # the resumed run measures what the uninterrupted one measured
+        assert r["top_eigenvalues"] == pytest.approx(s["top_eigenvalues"], rel=1e-6)
+        assert r["matrix_entropy"] == pytest.approx(s["matrix_entropy"], rel=1e-6)
+        assert (r["mutual_information"] is None) == (s["mutual_information"] is None)
+
+
+def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
+    from loopscape.integrations.lightning import CurvatureCallback
+
+    callback = CurvatureCallback(
+        probe_batches(),
+        every=4,
+        k=2,
+        params="transformer.h.2.*",
+        folder=tmp_path / "curv",
+        module="model",
+        n_probes=2,
+        n_steps=8,
+        trace_matvecs=6,
+    )
+    module, trainer = lightning_run(tmp_path / "run", callback, max_steps=8, every=4)
+    assert [r["step"] for r in callback.probe.rows] == [4, 8]
+    assert "curvature/lambda_1" in trainer.callback_metrics
+    saved = torch.load(sorted((tmp_path / "run").glob("*step=8.ckpt"))[0], weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if "CurvatureCallback" in k)
+    assert [r["step"] for r in state["rows"]] == [4, 8] and (tmp_path / "curv" / "curvature.png").exists()

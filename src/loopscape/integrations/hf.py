@@ -15,12 +15,14 @@ resume, so a run resumed across the switch is the same run.
 
 from __future__ import annotations
 
+import json
 import os
 
 from loopscape.integrations._extra import require_extra
 from loopscape.integrations.loopify import get_n_loops
 from loopscape.integrations.schedule import schedule_from_settings
 from loopscape.integrations.shift import ShiftController
+from loopscape.io import atomic_write_text
 
 transformers = require_extra("transformers", "hf")
 
@@ -105,3 +107,46 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")
         self.controller.after_evaluation(state.global_step, loss, self._grad_norm)
+
+
+class CurvatureCallback(transformers.TrainerCallback):
+    """Curvature tracked during training (:class:`~loopscape.landscape.probe.CurvatureProbe`):
+    every ``every`` steps the top-``k`` eigenvalues, trace, density, Matrix Entropy and MI of the
+    Hessian on ``probe_batches`` (dict batches with ``labels``, kept fixed), written to
+    ``<output_dir>/curvature/curvature.jsonl`` (TensorBoard too when the Trainer reports to it),
+    added to ``trainer.state.log_history``, and plotted at the end (``curvature.png``). Its state is
+    saved in each checkpoint (``curvature_probe.json``) and read back on resume."""
+
+    def __init__(self, probe_batches, every: int = 100, k: int = 5, params=None, **probe_options):
+        self.settings = {"batches": list(probe_batches), "every": every, "k": k, "params": params, **probe_options}
+        self.probe = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device
+
+        device = next(model.parameters()).device
+        self.probe = CurvatureProbe(
+            **{**self.settings, "batches": probe_batches_to_device(self.settings["batches"], device)},
+            folder=os.path.join(args.output_dir, "curvature") if state.is_world_process_zero else None,
+            tensorboard="tensorboard" in (args.report_to or []),
+        )
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
+        if state.global_step > 0 and os.path.exists(saved):
+            with open(saved, encoding="utf-8") as f:
+                self.probe.load_state_dict(json.load(f))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        row = self.probe.maybe_measure(model, state.global_step)
+        if row is not None:
+            logged = {f"curvature/lambda_{i + 1}": v for i, v in enumerate(row["top_eigenvalues"])}
+            logged.update({f"curvature/{k}": row[k] for k in ("trace", "matrix_entropy", "mutual_information")})
+            state.log_history.append({**logged, "step": state.global_step})
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            atomic_write_text(os.path.join(folder, "curvature_probe.json"), json.dumps(self.probe.state_dict()))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.probe.rows:
+            self.probe.plot(os.path.join(args.output_dir, "curvature", "curvature.png"))

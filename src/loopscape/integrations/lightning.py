@@ -75,3 +75,46 @@ class ShiftCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.controller.load_state_dict(state_dict)
         self._grad = dict(state_dict["grad"])
+
+
+class CurvatureCallback(pl.Callback):
+    """Curvature tracked during training (:class:`~loopscape.landscape.probe.CurvatureProbe`) on
+    fixed ``probe_batches``, every ``every`` optimiser steps: logged through the module's logger
+    (``curvature/lambda_1`` ..., ``curvature/trace``, ``curvature/matrix_entropy``,
+    ``curvature/mutual_information``), written to ``folder/curvature.jsonl``, saved with the
+    checkpoint, and plotted at the end. Measured on global rank 0. ``module``: the attribute of the
+    LightningModule whose Hessian is taken (e.g. ``"model"`` for a wrapped HF model); the
+    LightningModule itself if None."""
+
+    def __init__(
+        self, probe_batches, every: int = 100, k: int = 5, params=None, folder=None, module=None, **probe_options
+    ):
+        from loopscape.landscape.probe import CurvatureProbe
+
+        self.module = module
+        self.probe = CurvatureProbe(probe_batches, every=every, k=k, params=params, folder=folder, **probe_options)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        from loopscape.landscape.probe import probe_batches_to_device
+
+        self.probe.batches = probe_batches_to_device(self.probe.batches, pl_module.device)
+        target = pl_module if self.module is None else getattr(pl_module, self.module)
+        row = self.probe.maybe_measure(target, trainer.global_step)
+        if row is not None:
+            logged = {f"curvature/lambda_{i + 1}": v for i, v in enumerate(row["top_eigenvalues"])}
+            logged.update({f"curvature/{k}": row[k] for k in ("trace", "matrix_entropy") if row[k] is not None})
+            if row["mutual_information"] is not None:
+                logged["curvature/mutual_information"] = row["mutual_information"]
+            pl_module.log_dict(logged, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:
+            self.probe.plot(self.probe.folder / "curvature.png")
+
+    def state_dict(self) -> dict:
+        return self.probe.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.probe.load_state_dict(state_dict)

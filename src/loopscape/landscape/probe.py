@@ -1,0 +1,154 @@
+"""Curvature tracked during training, for any model: :class:`CurvatureProbe`.
+
+Every ``every`` steps, on fixed probe batches (any form
+:class:`~loopscape.landscape.hessian.HessianOperator` reads), it measures the
+Hessian's ``k`` largest eigenvalues (Lanczos), its trace (Hutch++) and its
+spectral density (SLQ), and from the density's pseudo-spectrum
+(:meth:`~loopscape.landscape.linalg.SpectralDensity.pseudo_spectrum`) the
+paper's Matrix Entropy and the Mutual Information with the previous
+measurement (Section 4.1; one binning per pair). Rows go to
+``curvature.jsonl`` in ``folder`` (and TensorBoard scalars with
+``tensorboard=True``); the state (rows, last pseudo-spectrum) resumes with a
+run. The HF and Lightning ``CurvatureCallback`` and our trainers call
+:meth:`CurvatureProbe.maybe_measure` after each optimiser step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from loopscape.io import atomic_write_text
+from loopscape.landscape.api import hessian
+from loopscape.landscape.linalg import hutchpp_trace, lanczos, slq_density
+from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
+
+PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number of parameters)
+
+
+class CurvatureProbe:
+    """See the module docstring. ``every``: steps between measurements; ``k``: top eigenvalues;
+    ``params``: which parameters (``HessianOperator``'s ``params``)."""
+
+    def __init__(
+        self,
+        batches,
+        every: int = 100,
+        k: int = 5,
+        params=None,
+        n_probes: int = 8,
+        n_steps: int = 32,
+        trace_matvecs: int = 30,
+        n_bins: int = 50,
+        folder: str | Path | None = None,
+        tensorboard: bool = False,
+    ):
+        if every < 1 or k < 1:
+            raise ValueError(f"every and k must be integers >= 1 (got every={every}, k={k})")
+        self.batches = list(batches)
+        self.every, self.k, self.params = every, k, params
+        self.n_probes, self.n_steps, self.trace_matvecs, self.n_bins = n_probes, n_steps, trace_matvecs, n_bins
+        self.folder = None if folder is None else Path(folder)
+        self.tensorboard = tensorboard
+        self.rows: list[dict] = []
+        self._previous: np.ndarray | None = None
+        self._writer = None
+
+    def maybe_measure(self, model: nn.Module, step: int) -> dict | None:
+        """Measure after step ``step`` if it is due (``step % every == 0``); returns the row or None."""
+        if step % self.every or any(r["step"] == step for r in self.rows):
+            return None
+        return self.measure(model, step)
+
+    def measure(self, model: nn.Module, step: int) -> dict:
+        training = model.training
+        model.eval()  # a Hessian of a stochastic loss is noise: dropout off while measuring
+        try:
+            # a kept gradient graph: each product is one backward (the probe batches are small)
+            H = hessian(model, self.batches, self.params, cache_graph=True)
+            P = H.shape[0]
+            top = lanczos(H, k=min(self.k, P), which="LA", tol=1e-6).eigenvalues  # a tracking tolerance
+            trace = hutchpp_trace(H, n_matvecs=self.trace_matvecs, seed=step)
+            density = slq_density(H, n_probes=self.n_probes, n_steps=min(self.n_steps, P), seed=step)
+        finally:
+            model.train(training)
+        pseudo = density.pseudo_spectrum(min(P, PSEUDO_POINTS))
+        row = {
+            "step": step,
+            "top_eigenvalues": [float(x) for x in top],
+            "trace": trace.trace,
+            "trace_stderr": trace.stderr,
+            "matrix_entropy": matrix_entropy(pseudo, n_bins=self.n_bins),
+            "mutual_information": None,
+        }
+        if self._previous is not None and self._previous.size == pseudo.size:
+            edges = shared_edges(self._previous, pseudo, n_bins=self.n_bins)
+            row["mutual_information"] = mutual_information(self._previous, pseudo, edges)
+        self._previous = pseudo
+        self.rows.append(row)
+        self._write(row)
+        return row
+
+    def _write(self, row: dict) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "curvature.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard:
+            if self._writer is None:
+                from loopscape.integrations._extra import require_extra
+
+                tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
+                self._writer = tensorboard.SummaryWriter(str(self.folder / "tensorboard"))
+            for i, value in enumerate(row["top_eigenvalues"]):
+                self._writer.add_scalar(f"curvature/lambda_{i + 1}", value, row["step"])
+            for key in ("trace", "matrix_entropy", "mutual_information"):
+                if row[key] is not None:
+                    self._writer.add_scalar(f"curvature/{key}", row[key], row["step"])
+            self._writer.flush()
+
+    def state_dict(self) -> dict:
+        previous = None if self._previous is None else self._previous.tolist()
+        return {"rows": [dict(r) for r in self.rows], "previous": previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+        self._previous = None if state["previous"] is None else np.asarray(state["previous"], dtype=np.float64)
+        if self.folder is not None:  # the file says what the state says (a resume cuts it back)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "curvature.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def plot(self, path: str | Path) -> None:
+        """Figures 3c/3d-style: the top eigenvalue and the trace, Matrix Entropy and Mutual
+        Information, against the training step."""
+        from loopscape.reporting.figures import plt, save_figure
+
+        steps = [r["step"] for r in self.rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+        a.plot(steps, [r["top_eigenvalues"][0] for r in self.rows], "o-", label="largest eigenvalue")
+        a.plot(steps, [r["trace"] for r in self.rows], "s--", label="trace (Hutch++)")
+        a.set(xlabel="step", title="curvature")
+        a.legend(fontsize=8)
+        b.plot(steps, [r["matrix_entropy"] for r in self.rows], "o-", label="Matrix Entropy")
+        mi = [(r["step"], r["mutual_information"]) for r in self.rows if r["mutual_information"] is not None]
+        if mi:
+            b.plot(*zip(*mi), "s--", label="MI with the previous measurement")
+        b.set(xlabel="step", ylabel="nats", title="spectrum (SLQ pseudo-spectrum)")
+        b.legend(fontsize=8)
+        save_figure(fig, Path(path))
+
+
+def probe_batches_to_device(batches, device: torch.device) -> list:
+    """Probe batches moved to ``device`` (tuples or dicts of tensors)."""
+    out = []
+    for b in batches:
+        if isinstance(b, dict):
+            out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        else:
+            out.append(tuple(t.to(device) for t in b))
+    return out
