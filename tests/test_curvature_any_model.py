@@ -169,3 +169,20 @@ def test_the_paper_metrics_from_a_density_approach_the_exact_ones():
     assert abs(approx_v.d_valley - exact_v.d_valley) <= 10 and approx_v.shape == exact_v.shape == "V"
     assert abs(matrix_entropy(pseudo) - matrix_entropy(eigs)) < 0.1
     assert list(pseudo) == sorted(pseudo) and len(pseudo) == 200
+
+
+def test_curvlinops_and_scipy_operators_run_in_our_algorithms():
+    """curvlinops 3's HessianLinearOperator of the same model and data gives our Lanczos the
+    eigenvalues our own operator gives; so does scipy's view of ours."""
+    curvlinops = pytest.importorskip("curvlinops")
+    from loopscape.landscape.linalg import ForeignOperator, lanczos
+
+    toy, x, y = _toy_data()
+    toy = toy.double()
+    ours = HessianOperator(toy, [(x, y)], dtype=torch.float64)
+    theirs = curvlinops.HessianLinearOperator(toy, torch.nn.CrossEntropyLoss(), [p for p in toy.parameters()], [(x, y)])
+    expected = lanczos(ours, k=4).eigenvalues
+    torch.testing.assert_close(lanczos(ForeignOperator(theirs), k=4).eigenvalues, expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(lanczos(ForeignOperator(ours.to_scipy()), k=4).eigenvalues, expected)
+    with pytest.raises(ValueError, match="op must be a scipy LinearOperator or have shape and @"):
+        ForeignOperator(object())

@@ -37,6 +37,32 @@ class DenseOperator:
 # -- exact -----------------------------------------------------------------------------------
 
 
+class ForeignOperator:
+    """Another library's symmetric operator behind our interface, so every algorithm here runs on
+    it: a ``scipy.sparse.linalg.LinearOperator`` (NumPy in and out), or a PyTorch-style operator
+    with ``shape`` and ``@`` on tensors (curvlinops 3's ``HessianLinearOperator``, a matrix).
+    Products come back in float64 on the CPU."""
+
+    def __init__(self, op):
+        if not (hasattr(op, "shape") and (hasattr(op, "matvec") or hasattr(op, "__matmul__"))):
+            raise ValueError(
+                f"op must be a scipy LinearOperator or have shape and @ on tensors (got {type(op).__name__})"
+            )
+        self.op, self.shape, self.dtype = op, tuple(op.shape), torch.float64
+        self._scipy = type(op).__module__.startswith("scipy")
+        self._device = getattr(op, "device", torch.device("cpu"))
+        self._op_dtype = getattr(op, "dtype", torch.float64) if not self._scipy else None
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._scipy:
+            return torch.from_numpy(np.asarray(self.op.matmat(V.double().cpu().numpy()))).double()
+        dtype = self._op_dtype if isinstance(self._op_dtype, torch.dtype) else torch.float64
+        return (self.op @ V.to(device=self._device, dtype=dtype)).double().cpu()
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+
 @dataclass
 class ExactSpectrum:
     eigenvalues: torch.Tensor  # ascending, float64
