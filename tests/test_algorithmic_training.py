@@ -229,3 +229,43 @@ def test_compiled_layers_match_eager(tmp_path):
     compiled, _ = _run(tmp_path / "c", "looped", 5, compile=True)
     for p, q in zip(eager.parameters(), compiled.parameters()):
         assert torch.allclose(p, q, atol=1e-4)
+
+
+def test_curvature_probe_in_the_trainer_measures_the_training_loss_and_resumes(tmp_path):
+    """SHIFT switching at step 6, probed every 4 steps: the probe's Hessian is that of the training loss on
+    its rows at the paradigm's loop counts, and a run resumed after a crash measures what the whole run did."""
+    from loopscape.landscape.hessian import HessianOperator
+    from loopscape.landscape.linalg import dense_matrix
+    from loopscape.training.algorithmic import ScoredRows, curvature_probe
+
+    settings = {"curvature_every": 6, "curvature_rows": 8, "curvature_k": 2, "curvature_params": "model.ln_f.*"}
+    model, _ = _run(tmp_path / "a", "shift", 12, shift_at=6, **settings)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [6, 12]
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", "shift", 12, shift_at=6, on_step=_crash_at(10), **settings)  # checkpoint at 10
+    _run(tmp_path / "b", "shift", 12, shift_at=6, resume=True, **settings)
+    again = [json.loads(line) for line in (tmp_path / "b" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [6, 12] and again[1]["mutual_information"] is not None
+    for r, s in zip(rows, again):
+        assert r["top_eigenvalues"] == pytest.approx(s["top_eigenvalues"], rel=1e-9)
+
+    # the probe's loss is the trainer's masked mean loss on the probe rows, read after T(n) loops (Stage II)
+    task = AlgorithmicTask("parity")
+    val = task.batch(torch.randint(1, 6, (32,), generator=torch.Generator().manual_seed(1)), torch.Generator())
+    config = AlgorithmicTrainConfig(eval_size=32, **{**settings, "curvature_params": None})
+    probe, probe_rows = curvature_probe(val, config, None)
+    wrapped = ScoredRows(model, probe_rows.n_loops).double()
+    H = HessianOperator(wrapped, probe.batches, dtype=torch.float64, loss_fn=probe.operator_options["loss_fn"])
+    logits = wrapped(probe_rows.inputs)
+    expected = torch.nn.functional.cross_entropy(logits[probe_rows.mask], probe_rows.targets[probe_rows.mask])
+    assert H.loss().item() == pytest.approx(expected.item(), rel=1e-12)
+    assert dense_matrix(
+        HessianOperator(
+            wrapped,
+            probe.batches,
+            dtype=torch.float64,
+            params="model.ln_f.*",
+            loss_fn=probe.operator_options["loss_fn"],
+        )
+    ).shape == (32, 32)

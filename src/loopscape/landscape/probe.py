@@ -32,7 +32,8 @@ PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number
 
 class CurvatureProbe:
     """See the module docstring. ``every``: steps between measurements; ``k``: top eigenvalues;
-    ``params``: which parameters (``HessianOperator``'s ``params``)."""
+    ``params``: which parameters (``HessianOperator``'s ``params``); ``operator_options``: more of
+    ``HessianOperator``'s arguments (e.g. ``loss_fn``)."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class CurvatureProbe:
         n_bins: int = 50,
         folder: str | Path | None = None,
         tensorboard: bool = False,
+        **operator_options,
     ):
         if every < 1 or k < 1:
             raise ValueError(f"every and k must be integers >= 1 (got every={every}, k={k})")
@@ -54,6 +56,7 @@ class CurvatureProbe:
         self.n_probes, self.n_steps, self.trace_matvecs, self.n_bins = n_probes, n_steps, trace_matvecs, n_bins
         self.folder = None if folder is None else Path(folder)
         self.tensorboard = tensorboard
+        self.operator_options = operator_options  # e.g. loss_fn, for HessianOperator
         self.rows: list[dict] = []
         self._previous: np.ndarray | None = None
         self._writer = None
@@ -69,7 +72,7 @@ class CurvatureProbe:
         model.eval()  # a Hessian of a stochastic loss is noise: dropout off while measuring
         try:
             # a kept gradient graph: each product is one backward (the probe batches are small)
-            H = hessian(model, self.batches, self.params, cache_graph=True)
+            H = hessian(model, self.batches, self.params, cache_graph=True, **self.operator_options)
             P = H.shape[0]
             top = lanczos(H, k=min(self.k, P), which="LA", tol=1e-6).eigenvalues  # a tracking tolerance
             trace = hutchpp_trace(H, n_matvecs=self.trace_matvecs, seed=step)

@@ -67,6 +67,10 @@ class AlgorithmicTrainConfig:
     precision: str = "fp32"
     compile: bool = False
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars (run_dir/tensorboard)
+    curvature_every: int | None = None  # CurvatureProbe on the first curvature_rows validation rows (None: off)
+    curvature_rows: int = 64
+    curvature_k: int = 5
+    curvature_params: str | None = None  # a name pattern (e.g. "model.layers.0.*"); None: every parameter
     device: str = "auto"
 
     def validate(self, p: str = "") -> None:
@@ -76,6 +80,14 @@ class AlgorithmicTrainConfig:
         require(self.weight_decay >= 0, f"{p}weight_decay", "a number >= 0", self.weight_decay)
         require(self.grad_clip > 0, f"{p}grad_clip", "a number > 0", self.grad_clip)
         require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
+        require(
+            self.curvature_every is None or self.curvature_every >= 1,
+            f"{p}curvature_every",
+            "null (off) or an integer >= 1",
+            self.curvature_every,
+        )
+        require(self.curvature_rows >= 1, f"{p}curvature_rows", "an integer >= 1", self.curvature_rows)
+        require(self.curvature_k >= 1, f"{p}curvature_k", "an integer >= 1", self.curvature_k)
         require(self.precision in PRECISIONS, f"{p}precision", f"one of {PRECISIONS}", self.precision)
         require(
             not self.device.startswith("cuda") or torch.cuda.is_available(),
@@ -129,6 +141,43 @@ def shift_schedule(paradigm: str, config: AlgorithmicTrainConfig) -> ShiftSchedu
     if config.shift_at is not None:
         return ShiftSchedule.fixed(2, at=config.shift_at)
     return ShiftSchedule.scp(2, criterion=config.scp.build())
+
+
+class ScoredRows(torch.nn.Module):
+    """The looped GPT read at fixed per-row loop counts, for the Hessian of the training loss on fixed
+    rows (:class:`~loopscape.landscape.probe.CurvatureProbe`): ``forward(x)`` is ``model(x, n_loops)``."""
+
+    def __init__(self, model: LoopedGPT, n_loops: torch.Tensor):
+        super().__init__()
+        self.model, self.n_loops = model, n_loops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.n_loops)
+
+
+def scored_rows_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed cross-entropy of its scored positions (targets -100 elsewhere)."""
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(1)
+
+
+def curvature_probe(val: AlgorithmicBatch, config: AlgorithmicTrainConfig, folder: Path | None):
+    """The probe of a run: its first ``curvature_rows`` validation rows, weighted so the probe's loss
+    is the training loss on them (scored positions, each weighing 1/their count)."""
+    from loopscape.landscape.probe import CurvatureProbe
+
+    rows = val.split(max(1, len(val.lengths) // config.curvature_rows), 0)
+    targets = torch.where(rows.mask, rows.targets, -100)
+    weights = torch.full((len(targets),), 1.0 / float(rows.mask.sum()), dtype=torch.float64)
+    batches = [(rows.inputs, targets, weights)]
+    probe = CurvatureProbe(
+        batches,
+        every=config.curvature_every,
+        k=config.curvature_k,
+        params=config.curvature_params,
+        folder=folder,
+        loss_fn=scored_rows_loss,
+    )
+    return probe, rows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -243,11 +292,16 @@ def train_algorithmic(
     run = RunState(
         run_dir, config.steps, config.checkpoint_every, unit="step", write=rank == 0, tensorboard=config.tensorboard
     )
+    probe = probe_rows = None
+    if config.curvature_every is not None and rank == 0:
+        probe, probe_rows = curvature_probe(val, config, Path(run_dir) / "curvature")
     extra = run.resume(model, optimizer, generator) if resume else {}
     if extra:
         totals, window = extra["totals"], extra["window"]
         if schedule is not None:
             schedule.load_state_dict(extra["schedule"])
+        if probe is not None and "curvature" in extra:
+            probe.load_state_dict(extra["curvature"])
     net = model
     if distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -306,10 +360,15 @@ def train_algorithmic(
                             row["shifted_at"] = schedule.shift_step
                     window = dict.fromkeys(window, 0.0)
                     log.append(row)
+                if probe is not None:  # after the step's timing: the probe's cost is not training time
+                    loops = probe_rows.n_loops if looped(step) else torch.ones_like(probe_rows.n_loops)
+                    probe.maybe_measure(ScoredRows(model, loops), step)
                 if run.checkpoint_due(step):
                     extra = {"totals": totals, "window": window, "paradigm": paradigm}
                     if schedule is not None:
                         extra["schedule"] = schedule.state_dict()
+                    if probe is not None:
+                        extra["curvature"] = probe.state_dict()
                     run.save(step, model, optimizer, generator, extra=extra)
                 if on_step is not None and evaluating:
                     on_step(step)
