@@ -184,3 +184,30 @@ def test_a_verdict_row_refuses_an_empty_or_missing_number(ours):
 def test_a_verdict_row_refuses_an_unknown_verdict():
     with pytest.raises(ValueError, match="verdict must be one of"):
         verdict_row("claim", "Section 1", "ours", "paper", "probably")
+
+
+def _curve(entropies, every=500):
+    return [[{"step": every * (i + 1), "matrix_entropy": e, "top_eigenvalues": [1.0]} for i, e in enumerate(entropies)]]
+
+
+@pytest.mark.parametrize(
+    "single, looped, expected",
+    [
+        # 12 measurements over 6000 steps: first quarter = steps <= 1500, last sixth = steps > 5000
+        ([1.0] * 12, [2.0, 1.2, 1.0, 1.5, 2.0, 2.2, 2.3, 2.3, 2.3, 2.3, 2.3, 2.3], "reproduced"),
+        ([1.0] * 12, [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], "partly reproduced"),
+        ([1.0, 2.0] * 6, [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 3.0, 1.0, 3.0], "not reproduced"),
+    ],
+)
+def test_observation2_on_the_looped_gpt(single, looped, expected):
+    from loopscape.reporting.curvature import observation2
+
+    verdict = observation2({"single": _curve(single), "looped": _curve(looped)}, total_steps=6000)
+    assert verdict["verdict"] == expected
+
+
+def test_observation2_on_the_looped_gpt_needs_measurements_in_both_windows():
+    from loopscape.reporting.curvature import observation2
+
+    verdict = observation2({"single": _curve([1.0] * 3, 2000), "looped": _curve([1.0] * 3, 2000)}, total_steps=6000)
+    assert verdict["verdict"] == "not tested" and "in the first quarter" in verdict["reason"]
