@@ -211,3 +211,11 @@ def test_observation2_on_the_looped_gpt_needs_measurements_in_both_windows():
 
     verdict = observation2({"single": _curve([1.0] * 3, 2000), "looped": _curve([1.0] * 3, 2000)}, total_steps=6000)
     assert verdict["verdict"] == "not tested" and "in the first quarter" in verdict["reason"]
+
+
+def test_observation2_on_the_looped_gpt_refuses_a_degenerate_histogram():
+    """Entropies all near 0 (the spectrum in the first bin): 'static' would be an artefact, so not tested."""
+    from loopscape.reporting.curvature import observation2
+
+    verdict = observation2({"single": _curve([0.01] * 12), "looped": _curve([0.02, 0.001] * 6)}, total_steps=6000)
+    assert verdict["verdict"] == "not tested" and "cannot see the spectrum" in verdict["reason"]

@@ -13,7 +13,9 @@ Entropy ``E(t)`` of each paradigm's SLQ pseudo-spectrum (its own binning per mea
 
 Reproduced if all four hold; partly if Single-Attn is static or Looped-Attn shows at least two
 of its three phases; not reproduced otherwise; not tested with fewer than 2 measurements in the
-first quarter or in the last sixth.
+first quarter or in the last sixth, or when the measure is degenerate: every entropy of every
+paradigm below ``c``, i.e. nearly the whole spectrum in the first of the ``n_bins`` bins on
+``[0, max |lambda|]``, where "static" would only say that the histogram cannot see the spectrum.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ RULE = (
     "c = 0.1 log(n_bins). Single-Attn static: range of E over all measurements <= c. Looped-Attn collapse: min E "
     "over the first quarter of training <= E(first) - c; diversification: E rises >= c above that minimum later; "
     "stabilisation: range of E over the last sixth <= c. Reproduced if all four hold; partly if Single-Attn is "
-    "static or Looped-Attn shows >= 2 phases."
+    "static or Looped-Attn shows >= 2 phases; not tested if every entropy is below c (a degenerate histogram)."
 )
 
 
@@ -60,6 +62,13 @@ def observation2(curves: dict[str, list[list[dict]]], total_steps: int) -> dict:
     es = mean_curve(curves["single"], "matrix_entropy")[1]
     tl, el = mean_curve(curves["looped"], "matrix_entropy")
     early, late = tl <= total_steps / 4, tl > total_steps - total_steps / 6
+    largest = max(r["matrix_entropy"] for runs in curves.values() for rows in runs for r in rows)
+    if largest < c:
+        reason = (
+            f"the Matrix Entropy never exceeds {largest:.3f} nats (c = {c:.3f}): nearly every eigenvalue falls in the "
+            f"first of {N_BINS} bins on [0, max |lambda|], so the histogram cannot see the spectrum"
+        )
+        return {"verdict": NOT_TESTED, "reason": reason, "rule": RULE, "largest_entropy": largest}
     if early.sum() < 2 or late.sum() < 2:
         reason = f"{int(early.sum())} measurement(s) in the first quarter, {int(late.sum())} in the last sixth"
         return {"verdict": NOT_TESTED, "reason": reason, "rule": RULE}
