@@ -136,7 +136,7 @@ def test_products_over_data_sharded_across_two_processes_equal_one_process(tmp_p
     one_toy = dense_matrix(HessianOperator(toy, [(x, y)], dtype=torch.float64))
     one_hf = dense_matrix(hessian(tiny_gpt2(), hf_batches(), params="transformer.h.1.ln_1.*"))
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for key, one in (("toy", one_toy), ("hf", one_hf)):
             assert (got[key] - one).norm() <= 1e-10 * one.norm(), (rank, key)
 

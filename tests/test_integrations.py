@@ -165,7 +165,7 @@ def test_lightning_callback_switches_saves_its_state_and_resumes_across_the_swit
     assert 2 <= shift < 12
     lightning_run(tmp_path / "b", ShiftCallback(**settings), every=2)
     saved = sorted((tmp_path / "b").glob(f"*step={shift + 2}.ckpt"))  # an epoch's end: the loader starts afresh
-    assert len(saved) == 1 and torch.load(saved[0], weights_only=False)["callbacks"]
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["callbacks"]
     resumed, _ = lightning_run(tmp_path / "c", ShiftCallback(**settings), resume=str(saved[0]))
     assert resumed.loops_seen == [2] * (12 - shift - 2)
     for p, q in zip(whole.parameters(), resumed.parameters()):
@@ -196,7 +196,7 @@ def test_every_rank_switches_at_rank_0s_step(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_rank_switches, args=(port, str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0 == rank1 and 1 in rank0 and 3 in rank0  # the same switch step on both ranks
 
 
@@ -370,6 +370,6 @@ def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
     module, trainer = lightning_run(tmp_path / "run", callback, max_steps=8, every=4)
     assert [r["step"] for r in callback.probe.rows] == [4, 8]
     assert "curvature/lambda_1" in trainer.callback_metrics
-    saved = torch.load(sorted((tmp_path / "run").glob("*step=8.ckpt"))[0], weights_only=False)
+    saved = torch.load(sorted((tmp_path / "run").glob("*step=8.ckpt"))[0], weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if "CurvatureCallback" in k)
     assert [r["step"] for r in state["rows"]] == [4, 8] and (tmp_path / "curv" / "curvature.png").exists()

@@ -64,6 +64,6 @@ def test_lightning_ranks_switch_together(tmp_path):
         torch.utils.data.DataLoader(rows(256, 0), batch_size=8),
         torch.utils.data.DataLoader(rows(64, 1), batch_size=32),
     )
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(rank0) == 30 and rank0 == rank1
     assert rank0[0] == 1 and rank0[-1] == 3  # the switch came, at the same step on both ranks
