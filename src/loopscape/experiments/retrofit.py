@@ -288,7 +288,7 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
         opt.load_state_dict(optimizer.state_dict())  # continue training: the optimiser state goes on
         if arm == "shift":
             loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator()
         gen.set_state(generator.get_state())  # the same data stream for both arms
         readings = []
         spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed)

@@ -22,7 +22,8 @@ from loopscape.integrations._extra import require_extra
 from loopscape.integrations.loopify import get_n_loops
 from loopscape.integrations.schedule import schedule_from_settings
 from loopscape.integrations.shift import ShiftController
-from loopscape.io import atomic_write_text
+from loopscape.io import atomic_write_text, read_json_file
+from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
 
 transformers = require_extra("transformers", "hf")
 
@@ -122,8 +123,6 @@ class CurvatureCallback(transformers.TrainerCallback):
         self.probe = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device
-
         device = next(model.parameters()).device
         self.probe = CurvatureProbe(
             **{**self.settings, "batches": probe_batches_to_device(self.settings["batches"], device)},
@@ -132,15 +131,12 @@ class CurvatureCallback(transformers.TrainerCallback):
         )
         saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
         if state.global_step > 0 and os.path.exists(saved):
-            with open(saved, encoding="utf-8") as f:
-                self.probe.load_state_dict(json.load(f))
+            self.probe.load_state_dict(read_json_file(saved))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         row = self.probe.maybe_measure(model, state.global_step)
         if row is not None:
-            logged = {f"curvature/lambda_{i + 1}": v for i, v in enumerate(row["top_eigenvalues"])}
-            logged.update({f"curvature/{k}": row[k] for k in ("trace", "matrix_entropy", "mutual_information")})
-            state.log_history.append({**logged, "step": state.global_step})
+            state.log_history.append({**scalars(row), "step": state.global_step})
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -57,20 +57,20 @@ class ShiftCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            self._grad["sum"] += float(torch.stack(grads).norm())
+        if grads:  # kept on the device: read once per validation, not synchronised every step
+            self._grad["sum"] = self._grad["sum"] + torch.stack(grads).norm()
             self._grad["n"] += 1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         loss = trainer.callback_metrics.get(self.monitor)
-        grad = self._grad["sum"] / self._grad["n"] if self._grad["n"] else None
+        grad = float(self._grad["sum"]) / self._grad["n"] if self._grad["n"] else None
         self._grad = {"sum": 0.0, "n": 0}
         self.controller.after_evaluation(trainer.global_step, None if loss is None else float(loss), grad)
 
     def state_dict(self) -> dict:
-        return {**self.controller.state_dict(), "grad": dict(self._grad)}
+        return {**self.controller.state_dict(), "grad": {"sum": float(self._grad["sum"]), "n": self._grad["n"]}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.controller.load_state_dict(state_dict)
@@ -94,20 +94,20 @@ class CurvatureCallback(pl.Callback):
         self.module = module
         self.probe = CurvatureProbe(probe_batches, every=every, k=k, params=params, folder=folder, **probe_options)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
-            return
+    def setup(self, trainer, pl_module, stage: str) -> None:
         from loopscape.landscape.probe import probe_batches_to_device
 
         self.probe.batches = probe_batches_to_device(self.probe.batches, pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        from loopscape.landscape.probe import scalars
+
         target = pl_module if self.module is None else getattr(pl_module, self.module)
         row = self.probe.maybe_measure(target, trainer.global_step)
         if row is not None:
-            logged = {f"curvature/lambda_{i + 1}": v for i, v in enumerate(row["top_eigenvalues"])}
-            logged.update({f"curvature/{k}": row[k] for k in ("trace", "matrix_entropy") if row[k] is not None})
-            if row["mutual_information"] is not None:
-                logged["curvature/mutual_information"] = row["mutual_information"]
-            pl_module.log_dict(logged, rank_zero_only=True)
+            pl_module.log_dict(scalars(row), rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:

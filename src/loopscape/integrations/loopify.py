@@ -75,7 +75,7 @@ class LoopedLayers(nn.ModuleList):
     def _looped(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.n_loops > 1 and kwargs.get("use_cache") and _past(args, kwargs) is not None:
             raise ValueError(CACHE_REFUSED)
-        e, h, rest = hidden_states, None, ()
+        e, h, rest = hidden_states, None, None
         self.loop_states = []
         for t in range(self.n_loops):
             h = e if t == 0 else (h + e if self.injection == "add" else h)

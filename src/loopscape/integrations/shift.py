@@ -26,8 +26,8 @@ from loopscape.shift.schedule import ShiftSchedule
 
 
 class ShiftController:
-    """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared at a
-    change of loop count when the schedule says ``optimizer="reset"``)."""
+    """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared when a new
+    stage starts and the schedule says ``optimizer="reset"``)."""
 
     def __init__(self, schedule: ShiftSchedule, model: nn.Module | None = None, optimizer=None):
         if not isinstance(schedule, ShiftSchedule):
@@ -54,7 +54,7 @@ class ShiftController:
         return k
 
     def after_evaluation(self, step: int, val_loss: float | None, grad_norm: float | None = None) -> bool:
-        """Report the evaluation after step ``step``; True if step ``step + 1`` runs another loop count."""
+        """Report the evaluation after step ``step``; True if step ``step + 1`` starts a new stage."""
         if self.schedule.criterion is not None and self.schedule.shift_step is None:
             if val_loss is None or grad_norm is None:
                 raise ValueError(

@@ -15,14 +15,13 @@ run. The HF and Lightning ``CurvatureCallback`` and our trainers call
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from loopscape.io import atomic_write_text
+from loopscape.io import JsonlLog, rewrite_jsonl
 from loopscape.landscape.api import hessian
 from loopscape.landscape.linalg import hutchpp_trace, lanczos, slq_density
 from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
@@ -99,20 +98,16 @@ class CurvatureProbe:
     def _write(self, row: dict) -> None:
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "curvature.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        with JsonlLog(self.folder / "curvature.jsonl") as log:
+            log.append(row)
         if self.tensorboard:
             if self._writer is None:
                 from loopscape.integrations._extra import require_extra
 
                 tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
                 self._writer = tensorboard.SummaryWriter(str(self.folder / "tensorboard"))
-            for i, value in enumerate(row["top_eigenvalues"]):
-                self._writer.add_scalar(f"curvature/lambda_{i + 1}", value, row["step"])
-            for key in ("trace", "matrix_entropy", "mutual_information"):
-                if row[key] is not None:
-                    self._writer.add_scalar(f"curvature/{key}", row[key], row["step"])
+            for name, value in scalars(row).items():
+                self._writer.add_scalar(name, value, row["step"])
             self._writer.flush()
 
     def state_dict(self) -> dict:
@@ -124,7 +119,7 @@ class CurvatureProbe:
         self._previous = None if state["previous"] is None else np.asarray(state["previous"], dtype=np.float64)
         if self.folder is not None:  # the file says what the state says (a resume cuts it back)
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.folder / "curvature.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+            rewrite_jsonl(self.folder / "curvature.jsonl", self.rows)
 
     def plot(self, path: str | Path) -> None:
         """Figures 3c/3d-style: the top eigenvalue and the trace, Matrix Entropy and Mutual
@@ -144,6 +139,16 @@ class CurvatureProbe:
         b.set(xlabel="step", ylabel="nats", title="spectrum (SLQ pseudo-spectrum)")
         b.legend(fontsize=8)
         save_figure(fig, Path(path))
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """A measurement as named scalars for loggers: ``curvature/lambda_1`` ... ``curvature/lambda_k``,
+    ``curvature/trace``, ``curvature/matrix_entropy`` and, from the second on, ``curvature/mutual_information``."""
+    out = {f"curvature/lambda_{i + 1}": v for i, v in enumerate(row["top_eigenvalues"])}
+    out.update(
+        {f"curvature/{k}": row[k] for k in ("trace", "matrix_entropy", "mutual_information") if row[k] is not None}
+    )
+    return out
 
 
 def probe_batches_to_device(batches, device: torch.device) -> list:

@@ -165,7 +165,8 @@ def curvature_probe(val: AlgorithmicBatch, config: AlgorithmicTrainConfig, folde
     is the training loss on them (scored positions, each weighing 1/their count)."""
     from loopscape.landscape.probe import CurvatureProbe
 
-    rows = val.split(max(1, len(val.lengths) // config.curvature_rows), 0)
+    n = config.curvature_rows
+    rows = AlgorithmicBatch(*(t[:n] for t in (val.inputs, val.targets, val.mask, val.n_loops, val.lengths)))
     targets = torch.where(rows.mask, rows.targets, -100)
     weights = torch.full((len(targets),), 1.0 / float(rows.mask.sum()), dtype=torch.float64)
     batches = [(rows.inputs, targets, weights)]
@@ -360,7 +361,7 @@ def train_algorithmic(
                             row["shifted_at"] = schedule.shift_step
                     window = dict.fromkeys(window, 0.0)
                     log.append(row)
-                if probe is not None:  # after the step's timing: the probe's cost is not training time
+                if probe is not None and step % probe.every == 0:  # after the step's timing: not training time
                     loops = probe_rows.n_loops if looped(step) else torch.ones_like(probe_rows.n_loops)
                     probe.maybe_measure(ScoredRows(model, loops), step)
                 if run.checkpoint_due(step):
