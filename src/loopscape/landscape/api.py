@@ -1,7 +1,7 @@
 """One call for the common curvature questions about any model and any data.
 
     top_eigenvalues(model, data, k=5)         # the k largest Hessian eigenvalues (Lanczos)
-    spectral_density(model, data)             # SLQ estimate of the eigenvalue density
+    spectral_density(model, data)             # SLQ estimate of the eigenvalue density (top 20 deflated)
     hessian_trace(model, data)                # Hutch++ estimate of the trace
 
 ``data`` is any iterable of batches :class:`~loopscape.landscape.hessian.HessianOperator`
@@ -39,15 +39,17 @@ def top_eigenvalues(
     k: int = 5,
     params=None,
     eigenvectors: bool = False,
+    tol: float = 1e-10,
     dtype: torch.dtype | None = torch.float64,
     **options,
 ) -> torch.Tensor | LanczosResult:
-    """The ``k`` largest eigenvalues, largest first (Lanczos with full re-orthogonalisation);
-    with ``eigenvectors=True`` the whole :class:`LanczosResult` (Ritz vectors, residuals)."""
+    """The ``k`` largest eigenvalues, largest first (Lanczos with full re-orthogonalisation, to a
+    residual of ``tol`` times the largest); with ``eigenvectors=True`` the whole
+    :class:`LanczosResult` (Ritz vectors, residuals)."""
     H = hessian(model, data, params, dtype, **options)
     if not 1 <= k <= H.shape[0]:
         raise ValueError(f"k must be between 1 and the number of parameters selected ({H.shape[0]}) (got {k})")
-    result = lanczos(H, k=k, which="LA", return_vectors=eigenvectors)
+    result = lanczos(H, k=k, which="LA", tol=tol, return_vectors=eigenvectors)
     return result if eigenvectors else result.eigenvalues
 
 
@@ -58,12 +60,16 @@ def spectral_density(
     n_probes: int = 10,
     n_steps: int = 64,
     seed: int = 0,
+    deflate: int = 20,
     dtype: torch.dtype | None = torch.float64,
     **options,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature: ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each."""
+    """Stochastic Lanczos quadrature: ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each,
+    after the ``deflate`` largest eigenvalues are taken exactly (at most a quarter of the parameters;
+    :func:`~loopscape.landscape.linalg.slq_density`)."""
     H = hessian(model, data, params, dtype, **options)
-    return slq_density(H, n_probes=n_probes, n_steps=min(n_steps, H.shape[0]), seed=seed)
+    deflate = min(deflate, H.shape[0] // 4)
+    return slq_density(H, n_probes=n_probes, n_steps=min(n_steps, H.shape[0] - deflate), seed=seed, deflate=deflate)
 
 
 def hessian_trace(

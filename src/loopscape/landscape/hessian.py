@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
@@ -248,13 +248,11 @@ class HessianOperator:
         self.shape = (self.theta.numel(), self.theta.numel())
         self._graph = None
         with self._guard():  # one guard: the second pass below draws fresh random numbers
-            if cache_graph:
-                leaf = self.theta.clone().requires_grad_(True)
+            if cache_graph:  # H v = the vjp of the gradient: the gradient's graph is recorded once, here
                 with torch.enable_grad():
-                    a = sum(self._batch_loss(leaf, b) for b in self.batches)
-                    self._graph = (leaf, torch.autograd.grad(a, leaf, create_graph=True)[0])
+                    _, self._graph, a = vjp(grad_and_value(self._total_loss), self.theta, has_aux=True)
             else:
-                a = sum(self._batch_loss(self.theta, b) for b in self.batches)
+                a = self._total_loss(self.theta)
             total = self._summed(a.detach())  # every rank decides alike, or a refusing rank would hang the others
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
@@ -262,7 +260,7 @@ class HessianOperator:
                     "so its Hessian means nothing; check the run's learning rate"
                 )
             if not allow_stochastic:
-                b = sum(self._batch_loss(self.theta, bt) for bt in self.batches)
+                b = self._total_loss(self.theta)
                 differs = self._summed(torch.tensor(float(not torch.equal(a.detach(), b)), dtype=torch.float64))
                 if differs > 0:
                     raise StochasticLossError(
@@ -305,10 +303,13 @@ class HessianOperator:
             dist.all_reduce(t)
         return t
 
+    def _total_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        return sum(self._batch_loss(theta, b) for b in self.batches)
+
     def loss(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         theta = self.theta if theta is None else theta
         with self._guard():
-            return self._summed(sum(self._batch_loss(theta, b) for b in self.batches))
+            return self._summed(self._total_loss(theta))
 
     def gradient(self) -> torch.Tensor:
         with self._guard():
@@ -334,19 +335,15 @@ class HessianOperator:
         stacks epochs this way.
         """
 
-        def loss(th):
-            return sum(self._batch_loss(th, b) for b in self.batches)
-
         with self._guard():
             thetas = thetas.to(self.theta)
-            return vmap(jacrev(jacrev(loss)))(thetas), vmap(loss)(thetas)
+            return vmap(jacrev(jacrev(self._total_loss)))(thetas), vmap(self._total_loss)(thetas)
 
     # -- linear-operator interface ------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a vector of length ``P`` (any float dtype; returned in the operator's)."""
         if self._graph is not None:
-            leaf, g = self._graph
-            return self._summed(torch.autograd.grad(g, leaf, v.to(self.theta), retain_graph=True)[0].detach())
+            return self._summed(self._graph(v.to(self.theta))[0].detach())
         with self._guard():
             return self._summed(self._hvp(v.to(self.theta)))
 
@@ -354,13 +351,8 @@ class HessianOperator:
         """``H V`` for ``V`` of shape ``(P, k)``, by batched products (``vmap``) in chunks."""
         V = V.to(self.theta)
         if self._graph is not None:  # one batched backward through the kept gradient graph
-            leaf, g = self._graph
             cols = V.T.split(self.chunk_size or V.shape[1])
-            return self._summed(
-                torch.cat(
-                    [torch.autograd.grad(g, leaf, c, retain_graph=True, is_grads_batched=True)[0] for c in cols]
-                ).T.detach()
-            )
+            return self._summed(torch.cat([vmap(self._graph)(c)[0] for c in cols]).T.detach())
         with self._guard():
             cols = V.T.split(self.chunk_size or V.shape[1])
             return self._summed(torch.cat([vmap(self._hvp)(c) for c in cols]).T)

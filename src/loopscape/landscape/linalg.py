@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loopscape.config import require_fits
+from loopscape.config import machine_memory, require_fits
 
 
 class DenseOperator:
@@ -106,54 +106,70 @@ class LanczosResult:
     converged: bool
 
 
+def _krylov_device(op) -> torch.device:
+    """Where the Krylov basis lives: the operator's device (products never leave it)."""
+    return torch.device(getattr(op, "device", "cpu"))
+
+
 class _Lanczos:
-    """Lanczos recurrence, one step at a time, float64, optional full re-orthogonalisation."""
+    """Lanczos recurrences, one step at a time, float64 on the operator's device, optional full
+    re-orthogonalisation. ``v0`` of shape ``(b, P)`` runs ``b`` independent recurrences in lockstep
+    (SLQ's probes): each step is one ``op.matmat`` for all of them."""
 
     def __init__(self, op, v0: torch.Tensor, max_steps: int, reorth: bool):
         self.op, self.reorth = op, reorth
+        V0 = v0.reshape(-1, v0.shape[-1]).to(_krylov_device(op), torch.float64)
+        b = V0.shape[0]
         # the basis grows by doubling: max_steps may be P, far more than a run needs
-        self.Q = torch.zeros(v0.numel(), min(max_steps, 32) + 1, dtype=torch.float64)
-        self.alpha = torch.zeros(max_steps, dtype=torch.float64)
-        self.beta = torch.zeros(max_steps, dtype=torch.float64)
-        self.Q[:, 0] = v0 / torch.linalg.vector_norm(v0)
+        self.Q = V0.new_zeros(b, min(max_steps, 32) + 1, V0.shape[1])
+        self.alpha = V0.new_zeros(b, max_steps)
+        self.beta = V0.new_zeros(b, max_steps)
+        self.Q[:, 0] = V0 / torch.linalg.vector_norm(V0, dim=1, keepdim=True)
         self.m = 0  # steps taken
-        self.breakdown = False  # an invariant subspace was found: the Ritz values are exact
+        self.steps = [0] * b  # steps each recurrence took before it broke down
+        self.stopped = [False] * b  # an invariant subspace was found: that recurrence's Ritz values are exact
+
+    @property
+    def breakdown(self) -> bool:
+        return all(self.stopped)
+
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.op.matvec(V[0])[None] if V.shape[0] == 1 else self.op.matmat(V.T).T
+        return out.to(V.device, torch.float64)
 
     def step(self) -> None:
         j = self.m
-        if j + 1 >= self.Q.shape[1]:
-            grown = min(2 * (self.Q.shape[1] - 1), self.alpha.numel()) + 1
+        b, cols, P = self.Q.shape
+        if j + 1 >= cols:
+            grown = min(2 * (cols - 1), self.alpha.shape[1]) + 1
             # the old basis and the grown one are both alive while copying: refuse in one line, not by running out
-            what = f"a Lanczos basis of {self.Q.shape[0]:,} x {grown:,} and its copy, float64"
-            require_fits(8 * self.Q.shape[0] * (grown + self.Q.shape[1]), "max_iter", grown, what)
-            self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], grown - self.Q.shape[1])], dim=1)
+            what = f"a Lanczos basis of {b} x {P:,} x {grown:,} and its copy, float64"
+            require_fits(8 * b * P * (grown + cols), "max_iter", grown, what)
+            self.Q = torch.cat([self.Q, self.Q.new_zeros(b, grown - cols, P)], dim=1)
         Q = self.Q
-        w = self.op.matvec(Q[:, j]).double()
-        self.alpha[j] = w @ Q[:, j]
-        w = w - self.alpha[j] * Q[:, j] - (self.beta[j - 1] * Q[:, j - 1] if j > 0 else 0)
+        W = self._products(Q[:, j])
+        alpha = (W * Q[:, j]).sum(1)
+        W = W - alpha[:, None] * Q[:, j] - (self.beta[:, j - 1, None] * Q[:, j - 1] if j > 0 else 0)
         if self.reorth:  # twice is enough (Kahan-Parlett)
             for _ in range(2):
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        self.beta[j] = torch.linalg.vector_norm(w)
+                W = W - torch.einsum("bkp,bk->bp", Q[:, : j + 1], torch.einsum("bkp,bp->bk", Q[:, : j + 1], W))
+        beta = torch.linalg.vector_norm(W, dim=1)
         self.m += 1
-        if self.beta[j] <= 1e-12 * max(1.0, abs(self.alpha[j].item())):
-            self.breakdown = True
-        else:
-            Q[:, j + 1] = w / self.beta[j]
+        for i in range(b):
+            if self.stopped[i]:  # its basis vector is zero: its products are zero, its coefficients stay 0
+                continue
+            self.alpha[i, j], self.beta[i, j] = alpha[i], beta[i]
+            self.steps[i] += 1
+            if beta[i] <= 1e-12 * max(1.0, abs(alpha[i].item())):
+                self.stopped[i] = True
+            else:
+                Q[i, j + 1] = W[i] / beta[i]
 
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (ascending) and eigenvectors of the tridiagonal matrix T_m."""
-        m = self.m
-        T = torch.diag(self.alpha[:m]) + torch.diag(self.beta[: m - 1], 1) + torch.diag(self.beta[: m - 1], -1)
+    def ritz(self, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of recurrence ``i``'s tridiagonal matrix T_m."""
+        m, a, c = self.steps[i], self.alpha[i], self.beta[i]
+        T = torch.diag(a[:m]) + torch.diag(c[: m - 1], 1) + torch.diag(c[: m - 1], -1)
         return torch.linalg.eigh(T)
-
-
-def _lanczos_tridiag(op, v0: torch.Tensor, steps: int, reorth: bool):
-    """``steps`` Lanczos steps (fewer on breakdown); returns the Ritz pairs of T."""
-    lz = _Lanczos(op, v0, steps, reorth)
-    while lz.m < steps and not lz.breakdown:
-        lz.step()
-    return lz.ritz()
 
 
 def lanczos(
@@ -194,11 +210,11 @@ def lanczos(
         theta, S = lz.ritz()
         order = torch.argsort(theta, descending=(which == "LA"))[:k]
         theta, S = theta[order], S[:, order]
-        res = (lz.beta[lz.m - 1] * S[-1, :]).abs() if not lz.breakdown else torch.zeros(len(order))
+        res = (lz.beta[0, lz.m - 1] * S[-1, :]).abs() if not lz.breakdown else torch.zeros(len(order))
         converged = lz.breakdown or bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
         if converged or done:
-            vecs = lz.Q[:, : lz.m] @ S if return_vectors else None
-            return LanczosResult(theta, vecs, res, lz.m, converged or lz.m >= P)
+            vecs = (lz.Q[0, : lz.m].T @ S).cpu() if return_vectors else None
+            return LanczosResult(theta.cpu(), vecs, res.cpu(), lz.m, converged or lz.m >= P)
 
 
 # -- spectral density (SLQ) -----------------------------------------------------------------------------
@@ -215,6 +231,28 @@ class SpectralDensity:
     nodes: torch.Tensor  # (probes, steps)
     weights: torch.Tensor  # (probes, steps)
     sigma: float
+    residuals: torch.Tensor | None = None  # (probes, steps): ||H y - theta y|| of each Ritz pair, inf where padded
+    dim: int | None = None  # P, the operator's size
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest eigenvalues as the probes' Krylov spaces see them, largest first, with
+        their residual bounds: for each rank ``j`` the largest ``j``-th Ritz value over the probes
+        (each is a lower bound on ``lambda_j``, by Cauchy interlacing)."""
+        valid = torch.isfinite(self.residuals)
+        ranked = torch.where(valid, self.nodes, -torch.inf).sort(dim=1, descending=True)
+        order = ranked.indices[:, :k]
+        values, res = ranked.values[:, :k], self.residuals.gather(1, order)
+        best = values.argmax(dim=0)
+        cols = torch.arange(values.shape[1])
+        return values[best, cols], res[best, cols]
+
+    def trace(self) -> TraceEstimate:
+        """Hutchinson on the probes, for free: ``v^T H v = P alpha_1 = P sum_i w_i theta_i`` for a
+        Rademacher ``v``; the standard error is over the probes."""
+        samples = self.dim * (self.weights * self.nodes).sum(dim=1)
+        n = samples.numel()
+        stderr = samples.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+        return TraceEstimate(samples.mean().item(), stderr, 0)
 
     def density(self, grid: torch.Tensor | np.ndarray) -> np.ndarray:
         x = torch.as_tensor(grid, dtype=torch.float64)[:, None, None]
@@ -239,29 +277,80 @@ class SpectralDensity:
         return points[order][np.minimum(np.searchsorted(cdf, levels), len(cdf) - 1)]
 
 
+class _Deflated:
+    """``(I - U U^T) H (I - U U^T)``: the operator with the orthonormal columns of ``U`` projected off."""
+
+    def __init__(self, op, U: torch.Tensor):
+        self.op, self.U, self.shape = op, U, op.shape
+        self.device = U.device
+
+    def project(self, V: torch.Tensor) -> torch.Tensor:
+        V = V.to(self.U)
+        return V - self.U @ (self.U.T @ V)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.project(self.op.matmat(self.project(V)))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+
 def slq_density(
-    op, n_probes: int = 10, n_steps: int = 96, seed: int = 0, sigma: float | None = None
+    op,
+    n_probes: int = 10,
+    n_steps: int = 96,
+    seed: int = 0,
+    sigma: float | None = None,
+    block: int | None = None,
+    deflate: int = 0,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with Rademacher probes (Ghorbani et al. 2019; Lin et al. 2016).
 
     Each probe runs ``n_steps`` Lanczos steps with full re-orthogonalisation;
     the nodes are the Ritz values and the weights the squared first components
     of the Ritz vectors. ``sigma`` defaults to 1% of the observed spectral range.
+    ``block`` probes run in lockstep, sharing each step's product (``op.matmat``):
+    by default all of them, as many as a quarter of this machine's memory holds.
+
+    ``deflate`` > 0 first finds the ``deflate`` largest eigenpairs (:func:`lanczos`, tolerance
+    1e-6) and takes them exactly, each with mass ``1/P``; the probes, projected off them, see
+    only the rest of the spectrum, which keeps mass ``(P - deflate)/P``. A few outliers carry most
+    of SLQ's error (each probe weighs an eigenvalue by a chi-square draw), so this buys accuracy
+    at the price of one Lanczos run.
     """
     P = op.shape[0]
-    steps = min(n_steps, P)
+    exact = None
+    if deflate:
+        exact = lanczos(op, k=deflate, which="LA", tol=1e-6, return_vectors=True)
+        op = _Deflated(op, exact.eigenvectors.to(_krylov_device(op)))
+    steps = min(n_steps, P - deflate)
     g = torch.Generator().manual_seed(seed)
-    nodes, weights = [], []
-    for _ in range(n_probes):
-        v = torch.randint(0, 2, (P,), generator=g).double() * 2 - 1
-        theta, S = _lanczos_tridiag(op, v, steps, reorth=True)
-        pad = steps - theta.numel()  # an early breakdown gives fewer nodes: pad with zero weight
-        nodes.append(torch.cat([theta, theta.new_full((pad,), theta[-1].item())]))
-        weights.append(torch.cat([S[0, :] ** 2, theta.new_zeros(pad)]))
-    nodes_t, weights_t = torch.stack(nodes), torch.stack(weights)
+    probes = [torch.randint(0, 2, (P,), generator=g).double() * 2 - 1 for _ in range(n_probes)]
+    if deflate:
+        probes = [op.project(v).cpu() for v in probes]
+    if block is None:  # each probe keeps a basis of P x (steps + 1) and, while it grows, a copy
+        block = max(1, min(n_probes, machine_memory() // 4 // (16 * P * (steps + 1))))
+    nodes, weights, residuals = [], [], []
+    for first in range(0, n_probes, block):
+        lz = _Lanczos(op, torch.stack(probes[first : first + block]), steps, reorth=True)
+        while lz.m < steps and not lz.breakdown:
+            lz.step()
+        for i, m in enumerate(lz.steps):
+            theta, S = (t.cpu() for t in lz.ritz(i))
+            pad = steps - m  # an early breakdown gives fewer nodes: pad with zero weight
+            nodes.append(torch.cat([theta, theta.new_full((pad,), theta[-1].item())]))
+            weights.append(torch.cat([S[0, :] ** 2, theta.new_zeros(pad)]))
+            res = torch.zeros(m) if lz.stopped[i] else (lz.beta[i, m - 1].cpu() * S[-1, :]).abs()
+            residuals.append(torch.cat([res, res.new_full((pad,), torch.inf)]))
+    nodes_t, weights_t, residuals_t = torch.stack(nodes), torch.stack(weights), torch.stack(residuals)
+    if exact is not None:  # every probe's measure: the exact outliers, then the rest at its share of the mass
+        rows = nodes_t.shape[0]
+        nodes_t = torch.cat([exact.eigenvalues.expand(rows, -1), nodes_t], dim=1)
+        weights_t = torch.cat([weights_t.new_full((rows, deflate), 1 / P), weights_t * (P - deflate) / P], dim=1)
+        residuals_t = torch.cat([exact.residuals.expand(rows, -1), residuals_t], dim=1)
     if sigma is None:
         sigma = max(0.01 * (nodes_t.max() - nodes_t.min()).item(), 1e-12)
-    return SpectralDensity(nodes_t, weights_t, sigma)
+    return SpectralDensity(nodes_t, weights_t, sigma, residuals_t, P)
 
 
 # -- trace (Hutch++) --------------------------------------------------------------------------------------
@@ -280,12 +369,13 @@ def hutchpp_trace(op, n_matvecs: int = 60, seed: int = 0) -> TraceEstimate:
     P = op.shape[0]
     m = max(3, n_matvecs // 3)
     g = torch.Generator().manual_seed(seed)
-    S = torch.randint(0, 2, (P, m), generator=g).double() * 2 - 1
-    G = torch.randint(0, 2, (P, m), generator=g).double() * 2 - 1
-    Q, _ = torch.linalg.qr(op.matmat(S).double())
-    top = torch.trace(Q.T @ op.matmat(Q).double()).item()
+    device = _krylov_device(op)
+    S = (torch.randint(0, 2, (P, m), generator=g).double() * 2 - 1).to(device)
+    G = (torch.randint(0, 2, (P, m), generator=g).double() * 2 - 1).to(device)
+    Q, _ = torch.linalg.qr(op.matmat(S).to(device, torch.float64))
+    top = torch.trace(Q.T @ op.matmat(Q).to(device, torch.float64)).item()
     G = G - Q @ (Q.T @ G)
-    samples = (G * op.matmat(G).double()).sum(dim=0)
+    samples = (G * op.matmat(G).to(device, torch.float64)).sum(dim=0)
     rest = samples.mean().item()
     stderr = samples.std(unbiased=True).item() / math.sqrt(m) if m > 1 else float("nan")
     return TraceEstimate(top + rest, stderr, 3 * m)
