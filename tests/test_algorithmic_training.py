@@ -242,6 +242,8 @@ def test_curvature_probe_in_the_trainer_measures_the_training_loss_and_resumes(t
     model, _ = _run(tmp_path / "a", "shift", 12, shift_at=6, **settings)
     rows = [json.loads(line) for line in (tmp_path / "a" / "curvature" / "curvature.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6, 12]
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < metrics[-1]["curvature_time_s"] and metrics[0]["curvature_time_s"] < metrics[-1]["curvature_time_s"]
     with pytest.raises(Crash):
         _run(tmp_path / "b", "shift", 12, shift_at=6, on_step=_crash_at(10), **settings)  # checkpoint at 10
     _run(tmp_path / "b", "shift", 12, shift_at=6, resume=True, **settings)

@@ -330,7 +330,7 @@ def probe_batches():
 def test_hf_curvature_callback_tracks_logs_plots_and_resumes(tmp_path):
     from loopscape.integrations.hf import CurvatureCallback
 
-    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6, "trace_matvecs": 6}
+    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6}
     whole = hf_trainer(tmp_path / "a", CurvatureCallback(probe_batches(), **settings), max_steps=6)
     whole.train()
     rows = [json.loads(line) for line in (tmp_path / "a" / "curvature" / "curvature.jsonl").read_text().splitlines()]
@@ -365,7 +365,6 @@ def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
         module="model",
         n_probes=2,
         n_steps=8,
-        trace_matvecs=6,
     )
     module, trainer = lightning_run(tmp_path / "run", callback, max_steps=8, every=4)
     assert [r["step"] for r in callback.probe.rows] == [4, 8]

@@ -1,6 +1,8 @@
 """Every verdict rule of the Markov report on hand-made results: each outcome, "not tested" included,
 and no empty, None or NaN cell in a verdict row."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -219,3 +221,19 @@ def test_observation2_on_the_looped_gpt_refuses_a_degenerate_histogram():
 
     verdict = observation2({"single": _curve([0.01] * 12), "looped": _curve([0.02, 0.001] * 6)}, total_steps=6000)
     assert verdict["verdict"] == "not tested" and "cannot see the spectrum" in verdict["reason"]
+
+
+def test_tracking_cost_is_the_probes_time_over_the_training_steps_time(tmp_path):
+    """Summed over the seeds from each run's last metrics row; a paradigm not tracked on every seed is left out."""
+    from loopscape.reporting.curvature import tracking_cost
+
+    def write(seed, paradigm, rows):
+        folder = tmp_path / f"seed-{seed}" / paradigm
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(0, "single", [{"time_s": 1.0, "curvature_time_s": 0.0}, {"time_s": 30.0, "curvature_time_s": 2.0}])
+    write(1, "single", [{"time_s": 10.0, "curvature_time_s": 1.0}])
+    write(0, "looped", [{"time_s": 10.0, "curvature_time_s": 1.0}])
+    write(1, "looped", [{"time_s": 10.0}])
+    assert tracking_cost(tmp_path, [0, 1], ["single", "looped", "shift"]) == {"single": 3.0 / 40.0}

@@ -118,7 +118,7 @@ class CurvatureCallback(transformers.TrainerCallback):
     added to ``trainer.state.log_history``, and plotted at the end (``curvature.png``). Its state is
     saved in each checkpoint (``curvature_probe.json``) and read back on resume."""
 
-    def __init__(self, probe_batches, every: int = 100, k: int = 5, params=None, **probe_options):
+    def __init__(self, probe_batches, every: int = 500, k: int = 5, params=None, **probe_options):
         self.settings = {"batches": list(probe_batches), "every": every, "k": k, "params": params, **probe_options}
         self.probe = None
 

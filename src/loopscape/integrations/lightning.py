@@ -87,7 +87,7 @@ class CurvatureCallback(pl.Callback):
     LightningModule itself if None."""
 
     def __init__(
-        self, probe_batches, every: int = 100, k: int = 5, params=None, folder=None, module=None, **probe_options
+        self, probe_batches, every: int = 500, k: int = 5, params=None, folder=None, module=None, **probe_options
     ):
         from loopscape.landscape.probe import CurvatureProbe
 

@@ -1,16 +1,20 @@
 """Curvature tracked during training, for any model: :class:`CurvatureProbe`.
 
 Every ``every`` steps, on fixed probe batches (any form
-:class:`~loopscape.landscape.hessian.HessianOperator` reads), it measures the
-Hessian's ``k`` largest eigenvalues (Lanczos), its trace (Hutch++) and its
-spectral density (SLQ), and from the density's pseudo-spectrum
-(:meth:`~loopscape.landscape.linalg.SpectralDensity.pseudo_spectrum`) the
+:class:`~loopscape.landscape.hessian.HessianOperator` reads), it runs one
+stochastic Lanczos quadrature: ``n_probes`` Rademacher probes, ``n_steps``
+Lanczos steps each, in lockstep (one batched product per step). That one
+Krylov run gives all it reports: the spectral density (SLQ), the ``k``
+largest eigenvalues (the probes' largest Ritz values, with their residual
+bounds), the trace (Hutchinson: ``v^T H v`` is the run's first coefficient)
+and, from the density's pseudo-spectrum
+(:meth:`~loopscape.landscape.linalg.SpectralDensity.pseudo_spectrum`), the
 paper's Matrix Entropy and the Mutual Information with the previous
-measurement (Section 4.1; one binning per pair). Rows go to
-``curvature.jsonl`` in ``folder`` (and TensorBoard scalars with
-``tensorboard=True``); the state (rows, last pseudo-spectrum) resumes with a
-run. The HF and Lightning ``CurvatureCallback`` and our trainers call
-:meth:`CurvatureProbe.maybe_measure` after each optimiser step.
+measurement (Section 4.1; one binning per pair). Products are in the model's
+own precision. Rows go to ``curvature.jsonl`` in ``folder`` (and TensorBoard
+scalars with ``tensorboard=True``); the state (rows, last pseudo-spectrum)
+resumes with a run. The HF and Lightning ``CurvatureCallback`` and our
+trainers call :meth:`CurvatureProbe.maybe_measure` after each optimiser step.
 """
 
 from __future__ import annotations
@@ -23,36 +27,41 @@ from torch import nn
 
 from loopscape.io import JsonlLog, rewrite_jsonl
 from loopscape.landscape.api import hessian
-from loopscape.landscape.linalg import hutchpp_trace, lanczos, slq_density
+from loopscape.landscape.linalg import slq_density
 from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
 
 PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number of parameters)
 
 
 class CurvatureProbe:
-    """See the module docstring. ``every``: steps between measurements; ``k``: top eigenvalues;
-    ``params``: which parameters (``HessianOperator``'s ``params``); ``operator_options``: more of
-    ``HessianOperator``'s arguments (e.g. ``loss_fn``)."""
+    """See the module docstring. ``every``: steps between measurements (500, as the Hugging Face
+    Trainer's ``save_steps`` and ``logging_steps``); ``k``: top eigenvalues (at most ``n_steps``);
+    ``params``: which parameters (``HessianOperator``'s ``params``); ``n_probes`` x ``n_steps``: the
+    products of one measurement; ``dtype``: the products' (``None``: the model's);
+    ``operator_options``: more of ``HessianOperator``'s arguments (e.g. ``loss_fn``)."""
 
     def __init__(
         self,
         batches,
-        every: int = 100,
+        every: int = 500,
         k: int = 5,
         params=None,
-        n_probes: int = 8,
-        n_steps: int = 32,
-        trace_matvecs: int = 30,
+        n_probes: int = 4,
+        n_steps: int = 16,
         n_bins: int = 50,
         folder: str | Path | None = None,
         tensorboard: bool = False,
+        dtype: torch.dtype | None = None,
         **operator_options,
     ):
-        if every < 1 or k < 1:
-            raise ValueError(f"every and k must be integers >= 1 (got every={every}, k={k})")
+        if every < 1 or k < 1 or n_probes < 1 or n_steps < 2 or k > n_steps:
+            raise ValueError(
+                "every, k, n_probes must be integers >= 1, n_steps >= 2 and k <= n_steps "
+                f"(got every={every}, k={k}, n_probes={n_probes}, n_steps={n_steps})"
+            )
         self.batches = list(batches)
-        self.every, self.k, self.params = every, k, params
-        self.n_probes, self.n_steps, self.trace_matvecs, self.n_bins = n_probes, n_steps, trace_matvecs, n_bins
+        self.every, self.k, self.params, self.dtype = every, k, params, dtype
+        self.n_probes, self.n_steps, self.n_bins = n_probes, n_steps, n_bins
         self.folder = None if folder is None else Path(folder)
         self.tensorboard = tensorboard
         self.operator_options = operator_options  # e.g. loss_fn, for HessianOperator
@@ -70,18 +79,19 @@ class CurvatureProbe:
         training = model.training
         model.eval()  # a Hessian of a stochastic loss is noise: dropout off while measuring
         try:
-            # a kept gradient graph: each product is one backward (the probe batches are small)
-            H = hessian(model, self.batches, self.params, cache_graph=True, **self.operator_options)
+            # a kept gradient graph: each Krylov step is one batched backward through it (the probe batches are small)
+            H = hessian(model, self.batches, self.params, self.dtype, cache_graph=True, **self.operator_options)
             P = H.shape[0]
-            top = lanczos(H, k=min(self.k, P), which="LA", tol=1e-6).eigenvalues  # a tracking tolerance
-            trace = hutchpp_trace(H, n_matvecs=self.trace_matvecs, seed=step)
             density = slq_density(H, n_probes=self.n_probes, n_steps=min(self.n_steps, P), seed=step)
         finally:
             model.train(training)
+        top, residuals = density.top(min(self.k, P))
+        trace = density.trace()
         pseudo = density.pseudo_spectrum(min(P, PSEUDO_POINTS))
         row = {
             "step": step,
             "top_eigenvalues": [float(x) for x in top],
+            "top_residuals": [float(x) for x in residuals],
             "trace": trace.trace,
             "trace_stderr": trace.stderr,
             "matrix_entropy": matrix_entropy(pseudo, n_bins=self.n_bins),

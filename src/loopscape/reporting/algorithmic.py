@@ -11,7 +11,7 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 
 from loopscape.io import atomic_write_text, read_jsonl
-from loopscape.reporting.curvature import curvature_section, read_curves
+from loopscape.reporting.curvature import curvature_section, read_curves, tracking_cost
 from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
@@ -426,7 +426,8 @@ def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
     cfg = runs[min(runs)]["config"]
     curves = read_curves(out, sorted(runs), list(runs[min(runs)]["paradigms"]))
     if curves:  # tracked with train.curvature_every: Observation 2 on the looped GPT
-        curvature, rows = curvature_section(out, curves, cfg["train"]["steps"])
+        cost = tracking_cost(out, sorted(runs), list(curves))
+        curvature, rows = curvature_section(out, curves, cfg["train"]["steps"], cost)
         sections.append(curvature)
         verdicts = verdicts + rows
     lead = f"Appendix E.2 on {summary['task']}, the same settings trained with {len(runs)} seeds."

@@ -49,6 +49,24 @@ def read_curves(out: Path, seeds: list[int], paradigms: list[str]) -> dict[str, 
     return curves
 
 
+def tracking_cost(out: Path, seeds: list[int], paradigms: list[str]) -> dict[str, float]:
+    """``{paradigm: time the curvature probe took / time of the training steps}``, over the seeds,
+    from each run's last metrics row (``curvature_time_s``, ``time_s``)."""
+    cost = {}
+    for p in paradigms:
+        spent = steps = 0.0
+        for s in seeds:
+            path = out / f"seed-{s}" / p / "metrics.jsonl"
+            last = json.loads(path.read_text().splitlines()[-1]) if path.exists() else {}
+            if "curvature_time_s" not in last:
+                break
+            spent, steps = spent + last["curvature_time_s"], steps + last["time_s"]
+        else:
+            if steps > 0:
+                cost[p] = spent / steps
+    return cost
+
+
 def mean_curve(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray]:
     steps = np.array([r["step"] for r in runs[0]])
     return steps, np.mean([[r[key] if key != "top" else r["top_eigenvalues"][0] for r in rows] for rows in runs], 0)
@@ -112,7 +130,9 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def curvature_section(out: Path, curves: dict[str, list[list[dict]]], total_steps: int) -> tuple[Section, list]:
+def curvature_section(
+    out: Path, curves: dict[str, list[list[dict]]], total_steps: int, cost: dict[str, float] | None = None
+) -> tuple[Section, list]:
     verdict = observation2(curves, total_steps)
     plot_curves(curves, out / "figures" / "curvature_gpt.png")
     lines = [
@@ -125,6 +145,9 @@ def curvature_section(out: Path, curves: dict[str, list[list[dict]]], total_step
         f"Verdict: **{verdict['verdict']}**. Rule: {RULE}",
         "",
     ]
+    if cost:
+        shares = ", ".join(f"{NAMES.get(p, p)} {100 * c:.1f}%" for p, c in cost.items())
+        lines += [f"Tracking cost: the measurements took {shares} of the training steps' time (over the seeds).", ""]
     if verdict["verdict"] == NOT_TESTED:
         lines.append(f"Not tested: {verdict['reason']}.")
     else:
