@@ -235,3 +235,19 @@ def test_curvlinops_and_scipy_operators_run_in_our_algorithms():
     torch.testing.assert_close(lanczos(ForeignOperator(ours.to_scipy()), k=4).eigenvalues, expected)
     with pytest.raises(ValueError, match="op must be a scipy LinearOperator or have shape and @"):
         ForeignOperator(object())
+
+
+def test_batched_products_are_chunked_to_the_memory_budget():
+    """A budget below two columns' estimated memory gives one column per product, the same numbers
+    as all columns at once; the default budget on this tiny model takes them all at once."""
+    model, batches = tiny_gpt2(), hf_batches()
+    whole = hessian(model, batches, params="transformer.h.0.*", cache_graph=True)
+    columns = torch.randn(whole.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert whole.columns_per_product() >= 6
+    one_per = whole._saved_bytes() * 3 * 1.5  # COLUMN_COPIES = 3: room for one column, not two
+    tight = hessian(model, batches, params="transformer.h.0.*", cache_graph=True, memory_budget=one_per)
+    assert tight.columns_per_product() == 1
+    torch.testing.assert_close(tight.matmat(columns), whole.matmat(columns), rtol=1e-10, atol=1e-12)
+    fixed = hessian(model, batches, params="transformer.h.0.*", chunk_size=4)
+    assert fixed.columns_per_product() == 4
+    torch.testing.assert_close(fixed.matmat(columns), whole.matmat(columns), rtol=1e-8, atol=1e-10)

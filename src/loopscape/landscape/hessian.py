@@ -42,7 +42,14 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from loopscape.config import machine_memory
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
+
+
+# a batched product through the gradient's graph holds about this many copies of the forward's saved
+# activations per column (an estimate, for sizing chunks: the double backward makes a gradient for each)
+COLUMN_COPIES = 3
 
 
 class StochasticLossError(RuntimeError):
@@ -197,7 +204,11 @@ class HessianOperator:
         dtype: compute in this floating type (``torch.float64`` for exact spectra);
             ``None`` keeps the model's.
         allow_stochastic: skip the determinism check.
-        chunk_size: columns per ``vmap`` call in :meth:`matmat` (memory bound).
+        chunk_size: columns per ``vmap`` call in :meth:`matmat`; ``None``: as many as
+            ``memory_budget`` holds, by an estimate of one column's memory (the activations the
+            loss's forward saves, times ``COLUMN_COPIES``).
+        memory_budget: bytes one batched product may take; ``None``: half the free memory of a
+            CUDA device, a quarter of this machine's memory otherwise.
         cache_graph: keep the gradient's autograd graph (all batches' activations)
             and answer :meth:`matvec` with one backward through it
             (reverse-over-reverse; :meth:`matmat` as one batched backward)
@@ -213,17 +224,19 @@ class HessianOperator:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_sample,
         dtype: torch.dtype | None = None,
         allow_stochastic: bool = False,
-        chunk_size: int | None = 256,
+        chunk_size: int | None = None,
         cache_graph: bool = False,
         params=None,
         distributed: bool = False,
+        memory_budget: int | None = None,
     ):
         if distributed and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.distributed = distributed
         self.model = model
         self.loss_fn = loss_fn
-        self.chunk_size = chunk_size
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self._columns = chunk_size  # columns per batched product, sized on first use when None
         chosen = set(select_parameters(model, params))
         named = [(n, p) for n, p in model.named_parameters() if n in chosen]
         self.names = [n for n, _ in named]
@@ -351,11 +364,35 @@ class HessianOperator:
         """``H V`` for ``V`` of shape ``(P, k)``, by batched products (``vmap``) in chunks."""
         V = V.to(self.theta)
         if self._graph is not None:  # one batched backward through the kept gradient graph
-            cols = V.T.split(self.chunk_size or V.shape[1])
+            cols = V.T.split(self.columns_per_product())
             return self._summed(torch.cat([vmap(self._graph)(c)[0] for c in cols]).T.detach())
         with self._guard():
-            cols = V.T.split(self.chunk_size or V.shape[1])
+            cols = V.T.split(self.columns_per_product())
             return self._summed(torch.cat([vmap(self._hvp)(c) for c in cols]).T)
+
+    def columns_per_product(self) -> int:
+        """Columns per batched product: ``chunk_size``, or what ``memory_budget`` holds."""
+        if self._columns is None:
+            budget = self.memory_budget
+            if budget is None:
+                cuda = self.device.type == "cuda"
+                budget = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else machine_memory() // 4
+            self._columns = self.chunk_size or max(1, int(budget // (COLUMN_COPIES * self._saved_bytes())))
+        return self._columns
+
+    def _saved_bytes(self) -> int:
+        """Bytes the loss's forward saves for its backward (activations, mostly), by one recorded forward."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        leaf = self.theta.detach().requires_grad_(True)
+        with self._guard(), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._total_loss(leaf)
+        return max(saved, 1)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
