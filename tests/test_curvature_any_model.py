@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopscape.landscape import hessian, hessian_trace, spectral_density, top_eigenvalues
-from loopscape.landscape.hessian import HessianOperator, weighted_batches
+from loopscape.landscape.hessian import COLUMN_COPIES, HessianOperator, weighted_batches
 from loopscape.landscape.linalg import dense_matrix
 from loopscape.models.linear_attn import looped_attn
 
@@ -244,7 +244,7 @@ def test_batched_products_are_chunked_to_the_memory_budget():
     whole = hessian(model, batches, params="transformer.h.0.*", cache_graph=True)
     columns = torch.randn(whole.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert whole.columns_per_product() >= 6
-    one_per = whole._saved_bytes() * 3 * 1.5  # COLUMN_COPIES = 3: room for one column, not two
+    one_per = whole._saved_bytes() * COLUMN_COPIES * 1.5  # room for one column, not two
     tight = hessian(model, batches, params="transformer.h.0.*", cache_graph=True, memory_budget=one_per)
     assert tight.columns_per_product() == 1
     torch.testing.assert_close(tight.matmat(columns), whole.matmat(columns), rtol=1e-10, atol=1e-12)

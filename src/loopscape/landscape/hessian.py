@@ -377,7 +377,7 @@ class HessianOperator:
             if budget is None:
                 cuda = self.device.type == "cuda"
                 budget = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else machine_memory() // 4
-            self._columns = self.chunk_size or max(1, int(budget // (COLUMN_COPIES * self._saved_bytes())))
+            self._columns = max(1, int(budget // (COLUMN_COPIES * self._saved_bytes())))
         return self._columns
 
     def _saved_bytes(self) -> int:

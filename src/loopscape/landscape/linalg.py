@@ -327,7 +327,7 @@ def slq_density(
     g = torch.Generator().manual_seed(seed)
     probes = [torch.randint(0, 2, (P,), generator=g).double() * 2 - 1 for _ in range(n_probes)]
     if deflate:
-        probes = [op.project(v).cpu() for v in probes]
+        probes = [op.project(v) for v in probes]
     if block is None:  # each probe keeps a basis of P x (steps + 1) and, while it grows, a copy
         block = max(1, min(n_probes, machine_memory() // 4 // (16 * P * (steps + 1))))
     nodes, weights, residuals = [], [], []

@@ -20,11 +20,11 @@ paradigm below ``c``, i.e. nearly the whole spectrum in the first of the ``n_bin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from loopscape.io import read_jsonl
 from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.html import NOT_TESTED, Section, verdict_row
 
@@ -45,7 +45,7 @@ def read_curves(out: Path, seeds: list[int], paradigms: list[str]) -> dict[str, 
     for p in paradigms:
         files = [out / f"seed-{s}" / p / "curvature" / "curvature.jsonl" for s in seeds]
         if all(f.exists() for f in files):
-            curves[p] = [[json.loads(line) for line in f.read_text().splitlines() if line] for f in files]
+            curves[p] = [read_jsonl(f) for f in files]
     return curves
 
 
@@ -56,8 +56,8 @@ def tracking_cost(out: Path, seeds: list[int], paradigms: list[str]) -> dict[str
     for p in paradigms:
         spent = steps = 0.0
         for s in seeds:
-            path = out / f"seed-{s}" / p / "metrics.jsonl"
-            last = json.loads(path.read_text().splitlines()[-1]) if path.exists() else {}
+            rows = read_jsonl(out / f"seed-{s}" / p / "metrics.jsonl")
+            last = rows[-1] if rows else {}
             if "curvature_time_s" not in last:
                 break
             spent, steps = spent + last["curvature_time_s"], steps + last["time_s"]
