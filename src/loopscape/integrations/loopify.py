@@ -88,10 +88,11 @@ class LoopedLayers(nn.ModuleList):
 
 
 def _past(args: tuple, kwargs: dict):
-    if "past_key_values" in kwargs:
-        return kwargs["past_key_values"]
-    if "layer_past" in kwargs:
-        return kwargs["layer_past"]
+    """The cache a decoder layer was handed: ``past_key_values`` (transformers < 5.24 Llama
+    layout), ``cache`` (5.24 on) or ``layer_past`` (GPT-2), or positionally."""
+    for name in ("past_key_values", "cache", "layer_past"):
+        if name in kwargs:
+            return kwargs[name]
     return args[0] if args and not isinstance(args[0], torch.Tensor) else None
 
 
