@@ -291,3 +291,14 @@ def test_killing_a_single_process_run_resumes_bit_for_bit(tmp_path, command):
     assert logs
     for f in logs:
         assert numbers(f) == numbers(tmp_path / "whole" / f.relative_to(run)), f
+
+
+def test_a_worker_that_cannot_take_the_run_folder_says_why_not_that_it_died(tmp_path):
+    # the workers lock cannot be created in a folder that is gone: the parent gets the worker's own
+    # error (which the CLI prints as one line naming the file), not a pool broken "abruptly"
+    from loopscape.experiments.parallel import run_jobs
+
+    gone = tmp_path / "gone"
+    with pytest.raises(FileNotFoundError) as err:
+        run_jobs(print, [(0,), (1,)], [1, 1], "jobs", workers=2, show_progress=False, folder=gone)
+    assert err.value.filename == str(gone / ".workers.lock")

@@ -38,16 +38,22 @@ def epoch_progress(run_dir: str | Path, resume: bool, progress_q) -> Callable[[i
 
 
 _PROGRESS = None  # in a worker: the queue its jobs report progress on
+_INIT_ERROR: Exception | None = None  # in a worker: why its initialiser failed
 
 
 def _init_worker(parent: int, folder: str | None, progress) -> None:
     """Worker initialiser: take the progress queue, share the run folder's workers lock, and exit
     when the parent dies (a killed parent must not leave workers writing into a folder a resumed
-    run writes)."""
-    global _PROGRESS
+    run writes). A failure is kept for the worker's first job to raise: raised here, it would
+    only reach the parent as a worker that died abruptly, which reads like the system's killing."""
+    global _PROGRESS, _INIT_ERROR
     _PROGRESS = progress
-    if folder is not None:
-        hold_as_worker(Path(folder))
+    try:
+        if folder is not None:
+            hold_as_worker(Path(folder))
+    except Exception as err:
+        _INIT_ERROR = err
+        return
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -58,6 +64,8 @@ def _init_worker(parent: int, folder: str | None, progress) -> None:
 
 
 def _call(fn: Callable, *job):
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     return fn(*job, _PROGRESS)
 
 
