@@ -11,6 +11,7 @@ installed without its dependencies (docs/curvature.md)::
 
     python benchmarks/bench_curvature_gpt.py --d 128
     python benchmarks/bench_curvature_gpt.py --d 256
+    python benchmarks/bench_curvature_gpt.py --d 128 --device cuda   # on a GPU
 
 Accuracy is judged against a trusted reference, never against us:
 
@@ -24,7 +25,7 @@ Accuracy is judged against a trusted reference, never against us:
 - densities are compared by their Wasserstein-1 distance to the exact spectrum (``eigvalsh`` of the
   dense reference Hessian) of a smaller block (``--density-d``), where it can be computed.
 
-Speed: each method's own accuracy knob is swept (our tolerance, eigsh's tolerance,
+Speed: each method's own accuracy knob is swept (our tolerance and block size, eigsh's tolerance,
 hessian-eigenthings' Krylov size, PyHessian's tolerance; SLQ probes x steps, ours also deflated),
 each run timed end to end from model and data (operator construction included): top-5 runs best of
 ``--repeat``; SLQ runs once per seed (``--seeds``), time and W1 averaged over the seeds, since a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 import warnings
@@ -132,13 +134,20 @@ class Reference:
         return rel(self.matvec(v), fd)
 
     def top(self, k: int = 5) -> np.ndarray:
-        lin = LinearOperator((self.P, self.P), matvec=lambda v: self.matvec(torch.from_numpy(v.ravel())).numpy())
+        lin = LinearOperator(
+            (self.P, self.P), matvec=lambda v: self.matvec(torch.from_numpy(v.ravel()).to(self.g.device)).cpu().numpy()
+        )
         return np.sort(eigsh(lin, k=k, which="LA", tol=1e-10, return_eigenvectors=False))[::-1]
 
     def dense(self) -> torch.Tensor:
         """Column by column, one product each (no batching: nothing between us and autograd)."""
-        eye = torch.eye(self.P, dtype=torch.float64)
+        eye = torch.eye(self.P, dtype=torch.float64, device=self.g.device)
         return torch.stack([self.matvec(eye[i]) for i in range(self.P)], dim=1)
+
+
+def on(device: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Trained on the CPU (the same model everywhere), then moved."""
+    return model.to(device), x.to(device), y.to(device)
 
 
 def rel(a, b) -> float:
@@ -146,11 +155,18 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_of(fn, repeat: int):
     times, result = [], None
     for _ in range(repeat):
+        synchronize()
         t0 = time.perf_counter()
         result = fn()
+        synchronize()
         times.append(time.perf_counter() - t0)
     return min(times), result
 
@@ -181,7 +197,7 @@ def pyhessian_object(model, x, y, zero_grad: bool = True):
 
     if zero_grad:
         model.zero_grad(set_to_none=True)
-    return hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    return hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
 
 
 def product_of(name: str, model, x, y, v: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
@@ -203,9 +219,15 @@ def product_of(name: str, model, x, y, v: torch.Tensor, zero_grad: bool = True) 
 def top5_runs(model, x, y, repeat: int, pyhessian_tols) -> dict[str, list[dict]]:
     """Each method's top-5 eigenvalues along its own accuracy knob: (setting, seconds, eigenvalues, products)."""
     runs: dict[str, list[dict]] = {"ours": [], "curvlinops": [], "hessian-eigenthings": [], "pyhessian": []}
-    for tol in (1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-6):
-        s, res = best_of(lambda tol=tol: lanczos(ours_operator(model, x, y), k=5, which="LA", tol=tol), repeat)
-        runs["ours"].append({"tol": tol, "s": s, "eig": res.eigenvalues.numpy(), "products": res.iterations})
+    for block, tol in itertools.product(OUR_BLOCKS, (1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-6)):
+
+        def ours(tol=tol, block=block):
+            return lanczos(ours_operator(model, x, y), k=5, which="LA", tol=tol, block=block)
+
+        s, res = best_of(ours, repeat)
+        runs["ours"].append(
+            {"tol": tol, "block": block, "s": s, "eig": res.eigenvalues.numpy(), "products": res.iterations}
+        )
     with sdpa_kernel(SDPBackend.MATH):  # what every baseline needs for double backward through attention
         for tol in (1e-1, 1e-2, 1e-3, 1e-4, 0.0):
 
@@ -223,7 +245,7 @@ def top5_runs(model, x, y, repeat: int, pyhessian_tols) -> dict[str, list[dict]]
                 return he.lanczos(eigenthings_operator(model, x, y), k=5, max_iter=steps, which="LA", seed=0)
 
             s, res = best_of(het, repeat)
-            eig = np.sort(res.eigenvalues.double().numpy())[::-1]
+            eig = np.sort(res.eigenvalues.double().cpu().numpy())[::-1]
             runs["hessian-eigenthings"].append({"max_iter": steps, "s": s, "eig": eig, "products": steps})
         for tol in pyhessian_tols:
 
@@ -235,6 +257,7 @@ def top5_runs(model, x, y, repeat: int, pyhessian_tols) -> dict[str, list[dict]]
     return runs
 
 
+OUR_BLOCKS = (1, 4, 8)  # single-vector and block Lanczos (one batched product of `block` columns per step)
 SETTINGS = ((4, 16), (4, 32), (8, 32), (8, 64), (16, 64))  # SLQ probes x Lanczos steps, every method
 DEFLATE = 20  # our deflated runs: the 20 largest eigenvalues taken exactly
 
@@ -251,6 +274,7 @@ def density_runs(model, x, y, settings, seeds, exact=None) -> dict[str, list[dic
                 try:
                     for seed in seeds if name != "pyhessian" else seeds[:1]:
                         torch.manual_seed(seed)  # the baselines draw their probes from the global generator
+                        synchronize()
                         t0 = time.perf_counter()
                         with sdpa_kernel(SDPBackend.MATH):  # the baselines need it; ours chooses it itself
                             pts, ws = fn(seed)
@@ -278,12 +302,14 @@ def density_methods(model, x, y, probes: int, steps: int, deflate: int) -> dict:
 
     def eigenthings(seed):
         r = he.spectral_density(eigenthings_operator(model, x, y), num_runs=probes, lanczos_steps=steps, seed=seed)
-        return r.raw_eigenvalues.double().reshape(-1).numpy(), r.raw_weights.double().reshape(-1).numpy() / probes
+        pts, ws = (t.double().reshape(-1).cpu().numpy() for t in (r.raw_eigenvalues, r.raw_weights))
+        return pts, ws / probes
 
     def curvlinops(seed):
         grid, dens = lanczos_approximate_spectrum(curvlinops_operator(model, x, y), steps, num_repeats=probes)
-        mass = dens.double().numpy() * float(grid[1] - grid[0])
-        return grid.double().numpy(), mass / mass.sum()
+        grid, dens = (t.double().cpu().numpy() for t in (grid, dens))
+        mass = dens * float(grid[1] - grid[0])
+        return grid, mass / mass.sum()
 
     def pyhessian(seed):
         pts, ws = pyhessian_object(model, x, y).density(iter=steps, n_v=probes)
@@ -326,15 +352,18 @@ def main() -> None:
     ap.add_argument("--density-d", type=int, default=24, help="block width of the density comparison (exact spectrum)")
     ap.add_argument("--seeds", type=int, default=3, help="SLQ runs per setting and method (W1 and time averaged)")
     ap.add_argument("--skip-density", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where models, data and every method's products live")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
-    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
+    if args.device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(args.device)
 
     # -- top-5 ----------------------------------------------------------------------------------
-    model, x, y = trained_model(args.d, args.layers, args.batch)
+    model, x, y = on(args.device, *trained_model(args.d, args.layers, args.batch))
     ref = Reference(model, x, y)
-    v = torch.randn(ref.P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(ref.P, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(args.device)
     v /= v.norm()
     t0 = time.perf_counter()
     top = ref.top()
@@ -373,11 +402,11 @@ def main() -> None:
 
     # -- density: W1 against the exact spectrum of a smaller block ----------------------------------------
     if not args.skip_density:
-        small, xs, ys = trained_model(args.density_d, args.layers, args.batch)
+        small, xs, ys = on(args.device, *trained_model(args.density_d, args.layers, args.batch))
         sref = Reference(small, xs, ys)
         t0 = time.perf_counter()
         H = sref.dense()
-        exact = torch.linalg.eigvalsh((H + H.T) / 2).numpy()
+        exact = torch.linalg.eigvalsh((H + H.T) / 2).cpu().numpy()
         del H
         dens = {"d": args.density_d, "params": sref.P, "exact_s": round(time.perf_counter() - t0, 1)}
         dens["exact_range"] = [float(exact.min()), float(exact.max())]

@@ -156,6 +156,67 @@ def test_lanczos_without_reorthogonalisation_shows_ghosts():
     torch.testing.assert_close(clean.eigenvalues, torch.sort(eig, descending=True).values[:6], rtol=1e-8, atol=0)
 
 
+class CountingOperator(DenseOperator):
+    """Counts the batched products (``matmat`` calls) and their columns."""
+
+    def __init__(self, A):
+        super().__init__(A)
+        self.calls = self.columns = 0
+
+    def matmat(self, V):
+        self.calls, self.columns = self.calls + 1, self.columns + V.shape[1]
+        return super().matmat(V)
+
+
+@pytest.mark.parametrize("block", [2, 3, 5])
+def test_block_lanczos_matches_eigh_with_true_residuals_and_one_product_per_step(block):
+    A, eig = spiked()
+    op = CountingOperator(A)
+    top = lanczos(op, k=5, which="LA", block=block, return_vectors=True)
+    assert top.converged
+    torch.testing.assert_close(top.eigenvalues, torch.sort(eig, descending=True).values[:5], rtol=1e-8, atol=0)
+    # the reported residuals are the Ritz pairs' own, and the Ritz vectors orthonormal
+    Y = top.eigenvectors
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(A @ Y - Y * top.eigenvalues, dim=0), top.residuals, rtol=1e-3, atol=1e-12
+    )
+    torch.testing.assert_close(Y.T @ Y, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    # each step is one batched product of `block` columns, the Krylov dimension is their number
+    assert op.columns == top.iterations == block * op.calls
+    bottom = lanczos(DenseOperator(A), k=3, which="SA", block=block)
+    torch.testing.assert_close(bottom.eigenvalues, torch.sort(eig).values[:3], rtol=1e-8, atol=1e-10)
+
+
+def test_block_lanczos_goes_on_past_an_invariant_subspace():
+    # rank 3: the second block already spans everything the operator reaches from the first;
+    # the recurrence refills it with fresh directions instead of breaking down, and the zero
+    # eigenvalues come out exactly, with orthonormal vectors
+    U = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    A = U @ U.T
+    result = lanczos(DenseOperator(A), k=5, block=2, return_vectors=True)
+    assert result.converged
+    exact = torch.linalg.eigvalsh(A).flip(0)[:5]
+    torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-10, atol=1e-12)
+    Y = result.eigenvectors
+    torch.testing.assert_close(Y.T @ Y, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(A @ Y, Y * result.eigenvalues, rtol=0, atol=1e-10)
+
+
+def test_block_lanczos_spanning_the_whole_space_is_exact_and_a_bad_block_is_refused():
+    A = torch.randn(10, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    A = A + A.T
+    full = lanczos(DenseOperator(A), k=8, which="SA", block=2)  # five blocks of two: all of R^10
+    assert full.converged and full.iterations == 10
+    torch.testing.assert_close(full.eigenvalues, torch.linalg.eigvalsh(A)[:8], rtol=0, atol=1e-12)
+    short = lanczos(DenseOperator(A), k=7, which="SA", block=3)  # three blocks of three: 9 of 10 dimensions
+    assert not short.converged and short.iterations == 9
+    for block in (0, 4):
+        with pytest.raises(
+            ValueError, match=rf"^block must be between 1 and the Krylov dimension limit less k \(3\) \(got {block}\)$"
+        ):
+            lanczos(DenseOperator(A), k=7, block=block)
+
+
 def wasserstein1(x, wx, y, wy):
     grid = np.sort(np.concatenate([x, y]))
     cx = np.array([wx[x <= t].sum() for t in grid])
