@@ -82,6 +82,8 @@ def test_one_call_answers_agree_with_the_exact_spectrum_and_scipy():
     exact = torch.linalg.eigvalsh(dense_matrix(hessian(model, batches, params=params)))
     top = top_eigenvalues(model, batches, k=3, params=params)
     torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
+    by_block = top_eigenvalues(model, batches, k=3, params=params, block=3)  # batched products, same answer
+    torch.testing.assert_close(by_block, exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
     with_vectors = top_eigenvalues(model, batches, k=2, params=params, eigenvectors=True)
     assert with_vectors.eigenvectors.shape == (exact.numel(), 2)
     trace = hessian_trace(model, batches, params=params, n_matvecs=exact.numel() * 3)
@@ -99,6 +101,10 @@ def test_one_call_answers_agree_with_the_exact_spectrum_and_scipy():
         (lambda m, b: hessian(m, [torch.zeros(2)]), r"batches must be \(inputs, targets\)"),
         (lambda m, b: hessian(m, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]), r"must hold labels"),
         (lambda m, b: top_eigenvalues(m, b, k=10**6, params="transformer.h.0.ln_1.*"), r"k must be between 1 and"),
+        (
+            lambda m, b: top_eigenvalues(m, b, k=2, params="transformer.h.0.ln_1.*", block=0),
+            r"^block must be between 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line(call, message):
