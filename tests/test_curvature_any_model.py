@@ -158,6 +158,21 @@ def test_a_dense_hessian_or_a_lanczos_basis_that_would_not_fit_is_refused_in_one
         dense_matrix(op)
     with pytest.raises(ConfigError, match=r"^max_iter must be small enough to fit in memory \(a Lanczos basis"):
         lanczos(DenseOperator(torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))), k=300)
+    with pytest.raises(ConfigError, match=r"^max_iter must be small enough to fit in memory \(a block Lanczos basis"):
+        lanczos(DenseOperator(torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))), k=300, block=50)
+
+
+def test_on_a_gpu_the_size_check_counts_the_gpus_memory(monkeypatch):
+    # a basis or dense Hessian that lives on a CUDA device must fit there, not in the host's memory
+    from types import SimpleNamespace
+
+    from loopscape.config import ConfigError, require_fits
+
+    monkeypatch.setattr("loopscape.config.machine_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**30))
+    require_fits(2 * 2**30, "max_iter", 64, "a Lanczos basis")  # the host holds it
+    with pytest.raises(ConfigError, match=r"\(a Lanczos basis: about 2.0 GiB, cuda:0 has 1.0 GiB\) \(got 64\)$"):
+        require_fits(2 * 2**30, "max_iter", 64, "a Lanczos basis", torch.device("cuda:0"))
 
 
 def test_the_paper_metrics_from_a_density_approach_the_exact_ones():

@@ -159,14 +159,25 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def require_fits(needed_bytes: float, field: str, value: Any, what: str) -> None:
-    """Refuse a size whose estimated memory (``what``: what is counted) exceeds this machine's."""
-    have = machine_memory()
+def device_memory(device: Any = None) -> int:
+    """Bytes of memory where tensors on ``device`` live: a CUDA device's own, else this machine's."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch  # here only: reading a config needs no torch
+
+        return torch.cuda.get_device_properties(device).total_memory
+    return machine_memory()
+
+
+def require_fits(needed_bytes: float, field: str, value: Any, what: str, device: Any = None) -> None:
+    """Refuse a size whose estimated memory (``what``: what is counted) exceeds this machine's, or
+    that of the CUDA ``device`` where it will live."""
+    have = device_memory(device)
+    where = f"{device} has" if device is not None and str(device).startswith("cuda") else "this machine has"
     require(
         needed_bytes <= have,
         field,
         f"small enough to fit in memory ({what}: about {needed_bytes / 2**30:,.1f} GiB, "
-        f"this machine has {have / 2**30:,.1f} GiB)",
+        f"{where} {have / 2**30:,.1f} GiB)",
         value,
     )
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loopscape.config import machine_memory, require_fits
+from loopscape.config import device_memory, require_fits
 
 
 class DenseOperator:
@@ -74,7 +74,8 @@ def dense_matrix(op, chunk: int | None = None) -> torch.Tensor:
     not fit in memory (the identity, ``H`` and its symmetrised copy: ``3 x 8 P^2`` bytes) is refused
     in one line, before any product."""
     P = op.shape[0]
-    require_fits(3 * 8 * P * P, "params", f"{P:,} parameters", "a dense Hessian and its copies, float64")
+    what = "a dense Hessian and its copies, float64"
+    require_fits(3 * 8 * P * P, "params", f"{P:,} parameters", what, _krylov_device(op))
     eye = torch.eye(P, dtype=torch.float64)
     step = chunk or P
     return torch.cat([op.matmat(eye[:, i : i + step]).double() for i in range(0, P, step)], dim=1)
@@ -144,7 +145,7 @@ class _Lanczos:
             grown = min(2 * (cols - 1), self.alpha.shape[1]) + 1
             # the old basis and the grown one are both alive while copying: refuse in one line, not by running out
             what = f"a Lanczos basis of {b} x {P:,} x {grown:,} and its copy, float64"
-            require_fits(8 * b * P * (grown + cols), "max_iter", grown, what)
+            require_fits(8 * b * P * (grown + cols), "max_iter", grown, what, self.Q.device)
             self.Q = torch.cat([self.Q, self.Q.new_zeros(b, grown - cols, P)], dim=1)
         Q = self.Q
         W = self._products(Q[:, j])
@@ -183,8 +184,8 @@ class _BlockLanczos:
         self.op, self.b, self.max_blocks = op, X0.shape[1], max_blocks
         self.g = torch.Generator().manual_seed(seed + 1)
         Q0 = torch.linalg.qr(X0.to(_krylov_device(op), torch.float64))[0]
-        # the basis grows by doubling, as _Lanczos's: max_blocks may be P / b, far more than a run needs
-        self.basis = Q0.new_zeros(Q0.shape[0], self.b * min(max_blocks, 8))
+        self.basis = Q0.new_zeros(Q0.shape[0], 0)
+        self._reserve(2 * self.b)
         self.basis[:, : self.b] = Q0
         self.A: list[torch.Tensor] = []  # diagonal blocks of T
         self.B: list[torch.Tensor] = []  # B_j couples block j + 1 to block j
@@ -192,6 +193,17 @@ class _BlockLanczos:
     @property
     def dim(self) -> int:
         return self.b * len(self.A)
+
+    def _reserve(self, cols: int) -> None:
+        """Room for ``cols`` basis vectors. The basis grows by doubling, as _Lanczos's (``max_blocks``
+        may be ``P / b``, far more than a run needs); old and grown are both alive while copying."""
+        P, have = self.basis.shape
+        if cols <= have:
+            return
+        grown = min(max(cols, 2 * have), self.max_blocks * self.b)
+        what = f"a block Lanczos basis of {P:,} x {grown:,} and its copy, float64"
+        require_fits(8 * P * (grown + have), "max_iter", grown, what, self.basis.device)
+        self.basis = torch.cat([self.basis, self.basis.new_zeros(P, grown - have)], dim=1)
 
     def _orthogonalise(self, W: torch.Tensor, cols: int) -> torch.Tensor:
         basis = self.basis[:, :cols]
@@ -211,16 +223,7 @@ class _BlockLanczos:
         self.B.append(torch.where(kept[:, None], s[:, None] * Vh, 0.0))
         if j + 1 >= self.max_blocks:
             return
-        if (j + 2) * b > self.basis.shape[1]:
-            P, cols = self.basis.shape
-            grown = min(2 * cols, self.max_blocks * b)
-            require_fits(
-                8 * P * (grown + cols),
-                "max_iter",
-                grown,
-                f"a block Lanczos basis of {P:,} x {grown:,} and its copy, float64",
-            )
-            self.basis = torch.cat([self.basis, self.basis.new_zeros(P, grown - cols)], dim=1)
+        self._reserve((j + 2) * b)
         self.basis[:, (j + 1) * b : (j + 2) * b] = U
         if not kept.all():  # an invariant subspace: go on from fresh directions, coupled by zero
             fill = torch.randn(U.shape[0], int((~kept).sum()), generator=self.g, dtype=torch.float64).to(U.device)
@@ -430,7 +433,7 @@ def slq_density(
     if deflate:
         probes = [op.project(v) for v in probes]
     if block is None:  # each probe keeps a basis of P x (steps + 1) and, while it grows, a copy
-        block = max(1, min(n_probes, machine_memory() // 4 // (16 * P * (steps + 1))))
+        block = max(1, min(n_probes, device_memory(_krylov_device(op)) // 4 // (16 * P * (steps + 1))))
     nodes, weights, residuals = [], [], []
     for first in range(0, n_probes, block):
         lz = _Lanczos(op, torch.stack(probes[first : first + block]), steps, reorth=True)
