@@ -160,6 +160,9 @@ def test_a_dense_hessian_or_a_lanczos_basis_that_would_not_fit_is_refused_in_one
         lanczos(DenseOperator(torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))), k=300)
     with pytest.raises(ConfigError, match=r"^max_iter must be small enough to fit in memory \(a block Lanczos basis"):
         lanczos(DenseOperator(torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))), k=300, block=50)
+    monkeypatch.setattr("loopscape.config.machine_memory", lambda: 100_000)  # not even the first 33 vectors
+    with pytest.raises(ConfigError, match=r"^max_iter must be .* \(a Lanczos basis of 1 x 400 x 33, float64: about"):
+        lanczos(op, k=2)
 
 
 def test_on_a_gpu_the_size_check_counts_the_gpus_memory(monkeypatch):

@@ -122,7 +122,11 @@ class _Lanczos:
         V0 = v0.reshape(-1, v0.shape[-1]).to(_krylov_device(op), torch.float64)
         b = V0.shape[0]
         # the basis grows by doubling: max_steps may be P, far more than a run needs
-        self.Q = V0.new_zeros(b, min(max_steps, 32) + 1, V0.shape[1])
+        cols, P = min(max_steps, 32) + 1, V0.shape[1]
+        require_fits(
+            8 * b * P * cols, "max_iter", cols - 1, f"a Lanczos basis of {b} x {P:,} x {cols}, float64", V0.device
+        )
+        self.Q = V0.new_zeros(b, cols, P)
         self.alpha = V0.new_zeros(b, max_steps)
         self.beta = V0.new_zeros(b, max_steps)
         self.Q[:, 0] = V0 / torch.linalg.vector_norm(V0, dim=1, keepdim=True)
