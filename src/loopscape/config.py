@@ -159,9 +159,13 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _is_cuda(device: Any) -> bool:
+    return device is not None and str(device).startswith("cuda")
+
+
 def device_memory(device: Any = None) -> int:
     """Bytes of memory where tensors on ``device`` live: a CUDA device's own, else this machine's."""
-    if device is not None and str(device).startswith("cuda"):
+    if _is_cuda(device):
         import torch  # here only: reading a config needs no torch
 
         return torch.cuda.get_device_properties(device).total_memory
@@ -172,7 +176,7 @@ def require_fits(needed_bytes: float, field: str, value: Any, what: str, device:
     """Refuse a size whose estimated memory (``what``: what is counted) exceeds this machine's, or
     that of the CUDA ``device`` where it will live."""
     have = device_memory(device)
-    where = f"{device} has" if device is not None and str(device).startswith("cuda") else "this machine has"
+    where = f"{device} has" if _is_cuda(device) else "this machine has"
     require(
         needed_bytes <= have,
         field,

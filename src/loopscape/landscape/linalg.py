@@ -170,11 +170,22 @@ class _Lanczos:
             else:
                 Q[i, j + 1] = W[i] / beta[i]
 
-    def ritz(self, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (ascending) and eigenvectors of recurrence ``i``'s tridiagonal matrix T_m."""
+    @property
+    def dim(self) -> int:
+        return self.m
+
+    def ritz(self, i: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending), eigenvectors of recurrence ``i``'s tridiagonal matrix T_m and
+        each pair's residual ``||H y - theta y|| = |beta_m s_{m,i}|`` (zero once it broke down)."""
         m, a, c = self.steps[i], self.alpha[i], self.beta[i]
         T = torch.diag(a[:m]) + torch.diag(c[: m - 1], 1) + torch.diag(c[: m - 1], -1)
-        return torch.linalg.eigh(T)
+        theta, S = torch.linalg.eigh(T)
+        res = torch.zeros_like(theta) if self.stopped[i] else (c[m - 1] * S[-1, :]).abs()
+        return theta, S, res
+
+    def vectors(self, S: torch.Tensor) -> torch.Tensor:
+        """Ritz vectors of recurrence 0."""
+        return self.Q[0, : self.m].T @ S
 
 
 class _BlockLanczos:
@@ -193,6 +204,8 @@ class _BlockLanczos:
         self.basis[:, : self.b] = Q0
         self.A: list[torch.Tensor] = []  # diagonal blocks of T
         self.B: list[torch.Tensor] = []  # B_j couples block j + 1 to block j
+
+    breakdown = False  # refilled blocks carry it on to the Krylov limit
 
     @property
     def dim(self) -> int:
@@ -288,38 +301,21 @@ def lanczos(
         raise ValueError(
             f"block must be between 1 and the Krylov dimension limit less k ({max(1, limit - k)}) (got {block})"
         )
-    if block > 1:
-        return _block_lanczos(op, k, which, limit, tol, seed, return_vectors, check_every, block)
     g = torch.Generator().manual_seed(seed)
-    lz = _Lanczos(op, torch.randn(P, generator=g, dtype=torch.float64), limit, reorth)
+    if block == 1:
+        lz = _Lanczos(op, torch.randn(P, generator=g, dtype=torch.float64), limit, reorth)
+    else:
+        lz = _BlockLanczos(op, torch.randn(P, block, generator=g, dtype=torch.float64), limit // block, seed)
+    every = max(1, check_every // block)  # in steps
     while True:
         lz.step()
-        done = lz.breakdown or lz.m >= limit
-        if not done and (lz.m < k + 1 or lz.m % check_every):
-            continue
-        theta, S = lz.ritz()
-        order = torch.argsort(theta, descending=(which == "LA"))[:k]
-        theta, S = theta[order], S[:, order]
-        res = (lz.beta[0, lz.m - 1] * S[-1, :]).abs() if not lz.breakdown else torch.zeros(len(order))
-        converged = lz.breakdown or bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
-        if converged or done:
-            vecs = (lz.Q[0, : lz.m].T @ S).cpu() if return_vectors else None
-            return LanczosResult(theta.cpu(), vecs, res.cpu(), lz.m, converged or lz.m >= P)
-
-
-def _block_lanczos(op, k, which, limit, tol, seed, return_vectors, check_every, b) -> LanczosResult:
-    P = op.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    lz = _BlockLanczos(op, torch.randn(P, b, generator=g, dtype=torch.float64), limit // b, seed)
-    while True:
-        lz.step()
-        done = lz.dim + b > limit
-        if not done and (lz.dim < k + b or len(lz.A) % max(1, check_every // b)):
+        done = lz.breakdown or lz.dim + block > limit
+        if not done and (lz.dim < k + block or (lz.dim // block) % every):
             continue
         theta, S, res = lz.ritz()
         order = torch.argsort(theta, descending=(which == "LA"))[:k]
         theta, S, res = theta[order], S[:, order], res[order]
-        converged = bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
+        converged = lz.breakdown or bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
         if converged or done:
             vecs = lz.vectors(S).cpu() if return_vectors else None
             return LanczosResult(theta.cpu(), vecs, res.cpu(), lz.dim, converged or lz.dim >= P)
@@ -444,11 +440,10 @@ def slq_density(
         while lz.m < steps and not lz.breakdown:
             lz.step()
         for i, m in enumerate(lz.steps):
-            theta, S = (t.cpu() for t in lz.ritz(i))
+            theta, S, res = (t.cpu() for t in lz.ritz(i))
             pad = steps - m  # an early breakdown gives fewer nodes: pad with zero weight
             nodes.append(torch.cat([theta, theta.new_full((pad,), theta[-1].item())]))
             weights.append(torch.cat([S[0, :] ** 2, theta.new_zeros(pad)]))
-            res = torch.zeros(m) if lz.stopped[i] else (lz.beta[i, m - 1].cpu() * S[-1, :]).abs()
             residuals.append(torch.cat([res, res.new_full((pad,), torch.inf)]))
     nodes_t, weights_t, residuals_t = torch.stack(nodes), torch.stack(weights), torch.stack(residuals)
     if exact is not None:  # every probe's measure: the exact outliers, then the rest at its share of the mass
