@@ -1,12 +1,18 @@
 """The one configuration path: files in order, then overrides; presets are files like any other."""
 
+from dataclasses import fields, is_dataclass, replace
+
 import pytest
 
 from loopscape.config import ConfigError, load_config, preset_file
 from loopscape.data.algorithmic import TASKS
-from loopscape.experiments.algorithmic import PRESETS, AlgorithmicStudyConfig, algorithmic_preset
+from loopscape.experiments.algorithmic import PRESETS, AlgorithmicStudyConfig, algorithmic_preset, preset_files
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.experiments.reproduce import ReproduceConfig
+from loopscape.experiments.retrofit import RetrofitConfig
+from loopscape.experiments.shift import ShiftStudyConfig
+from loopscape.experiments.theory import TheoryStudyConfig
+from loopscape.models.linear_attn import LinearAttnConfig
 
 
 def test_later_files_override_earlier_ones_setting_by_setting(tmp_path):
@@ -52,3 +58,46 @@ def test_a_model_config_that_checks_itself_names_its_field():
         )
     with pytest.raises(ConfigError, match=r"model\.vocab_size must be null"):
         load_config(MarkovStudyConfig, None, {"model.vocab_size": 4})
+
+
+# -- an override changes its field and nothing else (a section read over the study's default, not its class's) ----
+
+
+def _leaves(config, prefix=""):
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+STUDIES = [MarkovStudyConfig, ShiftStudyConfig, TheoryStudyConfig, RetrofitConfig, ReproduceConfig]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda c: c.__name__)
+def test_setting_any_field_to_its_default_leaves_the_whole_config_unchanged(study):
+    default = load_config(study)
+    for key, value in _leaves(default):
+        assert load_config(study, overrides={key: value}) == default, key
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_overrides_on_an_algorithmic_preset_change_nothing_else(preset):
+    default = algorithmic_preset(preset, "parity")
+    for key, value in _leaves(default):
+        assert load_config(AlgorithmicStudyConfig, preset_files(preset, "parity"), {key: value}) == default, key
+
+
+def test_the_markov_study_model_differs_from_its_class_and_an_override_keeps_it():
+    """The bug this guards: `--set model.init_scale=0.5` rebuilt `model` from LinearAttnConfig's
+    class defaults (1 loop, 16 absolute positions) instead of the study's (3 loops, 3 cyclic codes)."""
+    study = MarkovStudyConfig()
+    assert study.model != LinearAttnConfig()  # otherwise this test would prove nothing
+    cfg = load_config(MarkovStudyConfig, overrides={"model.init_scale": 0.5})
+    assert cfg == replace(study, model=replace(study.model, init_scale=0.5))
+    assert (cfg.model.n_loops, cfg.model.max_len, cfg.model.positions) == (3, 3, "cyclic")
+    rep = load_config(ReproduceConfig, overrides={"markov.model.init_scale": 0.5})
+    assert rep.markov == cfg
+    quick = load_config(ReproduceConfig, [preset_file("reproduce-quick.yaml")], {"markov.model.init_scale": 0.5})
+    assert quick.markov.model == cfg.model and quick.markov.train.epochs == 40

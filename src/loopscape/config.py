@@ -81,12 +81,28 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys.
+
+    A section given in part is read over ``cls``'s own default for that field, not over
+    the section class's defaults: ``model: {init_scale: 0.5}`` in a study whose default
+    model has three loops keeps the three loops (an override changes that field and nothing else).
+    """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
-        require(key in names, f"{prefix}{key}", f"one of {sorted(names)}", key)
+        require(key in fields, f"{prefix}{key}", f"one of {sorted(fields)}", key)
+    data = dict(data)
+    for key, value in data.items():
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            data[key] = merge(dataclasses.asdict(default), value)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
