@@ -17,12 +17,12 @@ CASES = [
     (["markov", "--set", "train.epochs=abc"], "train.epochs must be an integer (got 'abc')"),
     (["markov", "--set", "seeds=[]"], "seeds must be a non-empty list of integers (got [])"),
     (["markov", "--set", "seeds=[1, 1]"], "seeds must be distinct integers (got [1, 1])"),
-    (["markov", "--seeds", "a,b"], "--seeds must be comma-separated integers (got 'a,b')"),
+    (["markov", "--seeds", "a,b"], "--seeds must be comma-separated integers or ranges like 0-399 (got 'a,b')"),
     (["markov", "--set", "data.test_lengths=[]"], "data.test_lengths must be a non-empty list of lengths (got [])"),
     (["markov", "--set", "data.vocab_size=1"], "data.vocab_size must be an integer >= 2 (got 1)"),
     (
         ["markov", "--set", "model.positions=spiral"],
-        "model.positions must be one of ['absolute', 'cyclic'] (got 'spiral')",
+        "model.positions must be one of ['absolute', 'cyclic', 'cyclic_end'] (got 'spiral')",
     ),
     (["markov", "--set", "model.vocab_size=4"], "model.vocab_size must be null or data.vocab_size (3) (got 4)"),
     (

@@ -91,12 +91,12 @@ def test_overrides_on_an_algorithmic_preset_change_nothing_else(preset):
 
 def test_the_markov_study_model_differs_from_its_class_and_an_override_keeps_it():
     """The bug this guards: `--set model.init_scale=0.5` rebuilt `model` from LinearAttnConfig's
-    class defaults (1 loop, 16 absolute positions) instead of the study's (3 loops, 3 cyclic codes)."""
+    class defaults (1 loop, 16 absolute positions) instead of the study's (3 loops, 3 cyclic codes from the end)."""
     study = MarkovStudyConfig()
     assert study.model != LinearAttnConfig()  # otherwise this test would prove nothing
     cfg = load_config(MarkovStudyConfig, overrides={"model.init_scale": 0.5})
     assert cfg == replace(study, model=replace(study.model, init_scale=0.5))
-    assert (cfg.model.n_loops, cfg.model.max_len, cfg.model.positions) == (3, 3, "cyclic")
+    assert (cfg.model.n_loops, cfg.model.max_len, cfg.model.positions) == (3, 3, "cyclic_end")
     rep = load_config(ReproduceConfig, overrides={"markov.model.init_scale": 0.5})
     assert rep.markov == cfg
     quick = load_config(ReproduceConfig, [preset_file("reproduce-quick.yaml")], {"markov.model.init_scale": 0.5})

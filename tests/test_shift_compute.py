@@ -6,7 +6,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopscape.data.markov import MarkovLanguage
-from loopscape.experiments.length import bayes_prediction
 from loopscape.models.linear_attn import looped_attn
 from loopscape.shift import compute
 
@@ -44,7 +43,7 @@ def test_bayes_prediction_is_the_argmax_of_the_tilted_conditional(length):
     lang = MarkovLanguage(3, 4, seed=2)
     seqs, p = lang.tilted_probabilities(2.0, length)
     inputs = torch.from_numpy(seqs[:, :-1])
-    pred = bayes_prediction(lang, inputs)
+    pred = lang.bayes_prediction(inputs)
     # brute force: for each prefix, the target with the largest total tilted probability
     for i in range(0, len(seqs), 3):  # sequences come in groups of V sharing a prefix
         assert pred[i].item() == int(np.argmax(p[i : i + 3]))

@@ -51,11 +51,17 @@ def _main(
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    seeds = []
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            first, dash, last = part.partition("-") if not part.startswith("-") else (part, "", "")
+            seeds += list(range(int(first), int(last) + 1)) if dash else [int(part)]
     except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers (got {text!r})") from None
+        raise ConfigError(f"--seeds must be comma-separated integers or ranges like 0-399 (got {text!r})") from None
+    return seeds
 
 
 def overrides(sets: list[str] | None, **flags) -> dict:
@@ -156,6 +162,28 @@ def markov(
     for v in study.verdicts:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
+
+
+@app.command()
+def languages(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/languages-<time>)."),
+    config: Path | None = ConfigOpt,
+    seeds: str | None = typer.Option(None, "--seeds", help="Data seeds to score, e.g. 0-399 or 0,5,24."),
+    set_: list[str] | None = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score Markov languages (data seeds) by the paper's data facts alone, with no training: largest
+    training IC, simple-sequence shares, low-IC Bayes ceiling, headroom over the bigram rule."""
+    from loopscape.experiments.languages import LanguagesConfig, run_languages
+
+    try:
+        cfg = load_config(LanguagesConfig, config, overrides(set_, seeds=seeds))
+        out = _output("languages", output, False)
+        result = run_languages(cfg, out, show_progress=not quiet)
+    except FAILURES as err:
+        _fail(err)
+    typer.echo(result["markdown"])
+    typer.echo(f"Table: {out / 'languages.md'}  Numbers: {out / 'languages.json'}")
 
 
 @app.command("length-readings")

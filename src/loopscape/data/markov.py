@@ -41,6 +41,11 @@ import torch
 
 from loopscape.config import require, require_fits
 
+ROWS = ("uniform", "dirichlet", "softmax")  # a transition row: normalised U(0,1) entries, Dirichlet(1), softmax(N(0,1))
+TEST_TARGETS = ("cyclic", "aligned")
+# the default language: data seed chosen by the paper's data facts alone (loopscape.data.languages; docs/markov.md)
+DEFAULT_LANGUAGE_SEED = 24
+
 
 @dataclass(frozen=True)
 class SequenceSet:
@@ -91,15 +96,21 @@ class MarkovLanguage:
         seed: seed of the transition matrices.
     """
 
-    def __init__(self, vocab_size: int = 3, length: int = 4, seed: int = 0):
+    def __init__(self, vocab_size: int = 3, length: int = 4, seed: int = 0, rows: str = "uniform"):
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (got {vocab_size})")
         if length < 2:
             raise ValueError(f"length must be >= 2 (got {length})")
+        if rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS} (got {rows!r})")
         self.vocab_size = vocab_size
         self.length = length
         rng = np.random.default_rng(seed)
-        raw = rng.random((length - 1, vocab_size, vocab_size))
+        shape = (length - 1, vocab_size, vocab_size)
+        if rows == "dirichlet":  # uniform on the simplex
+            self.transitions = rng.dirichlet(np.ones(vocab_size), size=shape[:2])
+            return
+        raw = rng.random(shape) if rows == "uniform" else np.exp(rng.standard_normal(shape))
         self.transitions = raw / raw.sum(axis=-1, keepdims=True)  # (L-1, V, V), rows sum to 1
 
     def transition(self, step: int) -> np.ndarray:
@@ -118,6 +129,35 @@ class MarkovLanguage:
         rotated = copy.copy(self)
         rotated.transitions = np.roll(self.transitions, -((self.length - length) % (self.length - 1)), axis=0)
         return rotated
+
+    def test_law(self, length: int, targets: str) -> MarkovLanguage:
+        """The law of a test set at ``length`` (E.1.3): ``"cyclic"``, the transitions applied cyclically
+        from the start (the paper's words); ``"aligned"``, the cycle rotated so that the training
+        targets' transition ``T_{L-1}`` makes the target (the reading that keeps "the same dynamics")."""
+        if targets not in TEST_TARGETS:
+            raise ValueError(f"test targets must be one of {TEST_TARGETS} (got {targets!r})")
+        return self.aligned(length) if targets == "aligned" else self
+
+    def bayes_prediction(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The population's Bayes-optimal next token at any length: the bigram rule
+        ``argmax_y T_k[x_last, y]`` of the transition ``k`` that makes the target. The chain is
+        first-order Markov, so the target depends on the input through its last token alone, and
+        the tilt ``P(X)^alpha`` does not move an argmax."""
+        k = inputs.shape[1]  # the target is token k (0-based), made by transition k
+        return torch.from_numpy(self.transition(k).argmax(axis=1))[inputs[:, -1]]
+
+    def bayes_accuracy(self, alpha: float, length: int) -> float:
+        """The exact accuracy of :meth:`bayes_prediction` on sequences of ``length`` drawn ``∝ P(X)^alpha``:
+        the tilted chain's marginal of the last transition's pair ``(x_{L-2}, x_{L-1})`` from forward messages
+        (the weights of the end are all one), so any length is exact without enumerating ``V^L``."""
+        f = np.ones(self.vocab_size)
+        for k in range(1, length - 1):
+            f = f @ self.transition(k) ** alpha
+            f /= f.sum()
+        last = self.transition(length - 1)
+        joint = f[:, None] * last**alpha  # ∝ P(x_{L-2}, x_{L-1}) under the tilt
+        hits = joint[np.arange(self.vocab_size), last.argmax(axis=1)]
+        return float(hits.sum() / joint.sum())
 
     # -- exact probabilities -------------------------------------------------------
     def log2_prob(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -217,9 +257,6 @@ def bayes_ceiling(train: SequenceSet) -> torch.Tensor:
     return torch.tensor([best[inp] == y for inp, y in zip(inputs, train.targets.tolist())])
 
 
-TEST_TARGETS = ("cyclic", "aligned")
-
-
 @dataclass
 class MarkovDataConfig:
     """The Markov language and its data sets (Appendix E.1.1, E.1.3)."""
@@ -229,13 +266,15 @@ class MarkovDataConfig:
     n_train: int = 500
     n_val: int = 500
     alpha: float = 2.0
-    seed: int = 0
+    # the language: the best fit to the paper's data facts among seeds 0-399 (data.languages; docs/markov.md)
+    seed: int = DEFAULT_LANGUAGE_SEED
+    rows: str = "uniform"  # how a transition row is drawn (ROWS)
     include_all: bool = True  # training set = every sequence once + tilted draws (E.1.1)
     test_lengths: list[int] = field(default_factory=lambda: [8, 11, 14, 17])
     n_test: int = 5000
-    # test targets: "cyclic", the transitions applied cyclically from the start (the paper, E.1.3), or
-    # "aligned", rotated so the last one is the training targets' (MarkovLanguage.aligned)
-    test_targets: str = "cyclic"
+    # test targets: "aligned", the cycle rotated so the training targets' transition makes every test target
+    # (E.1.3's "same dynamics": the phase-consistent reading), or "cyclic", applied from the start (the paper's words)
+    test_targets: str = "aligned"
 
     def validate(self, p: str = "") -> None:
         require(self.vocab_size >= 2, f"{p}vocab_size", "an integer >= 2", self.vocab_size)
@@ -243,6 +282,7 @@ class MarkovDataConfig:
         require(self.n_train >= 1, f"{p}n_train", "an integer >= 1", self.n_train)
         require(self.n_val >= 1, f"{p}n_val", "an integer >= 1", self.n_val)
         require(self.alpha > 0, f"{p}alpha", "a number > 0", self.alpha)
+        require(self.rows in ROWS, f"{p}rows", f"one of {ROWS}", self.rows)
         require(self.n_test >= 1, f"{p}n_test", "an integer >= 1", self.n_test)
         require(self.test_targets in TEST_TARGETS, f"{p}test_targets", f"one of {TEST_TARGETS}", self.test_targets)
         require(len(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of lengths", self.test_lengths)
@@ -270,9 +310,19 @@ def build_task(data: MarkovDataConfig) -> tuple[MarkovLanguage, MarkovTask]:
     from the same generator after the training set (the paper does not say
     what it validates on; SCP in Section 5 needs a validation loss).
     """
-    lang = MarkovLanguage(data.vocab_size, data.length, seed=data.seed)
+    lang = MarkovLanguage(data.vocab_size, data.length, seed=data.seed, rows=data.rows)
     rng = np.random.default_rng(data.seed)
     train_set = lang.training_set(data.n_train, data.alpha, rng, include_all=data.include_all)
     val_set = lang.sample_set(data.n_val, data.alpha, data.length, rng)
     low, high = train_set.ic_groups()
     return lang, MarkovTask(train_set, val_set, low, high)
+
+
+def test_sets(lang: MarkovLanguage, data: MarkovDataConfig) -> dict[int, SequenceSet]:
+    """``n_test`` tilted draws at every test length under ``data.test_targets``, each from its own fixed seed."""
+    return {
+        L: lang.test_law(L, data.test_targets).sample_set(
+            data.n_test, data.alpha, L, np.random.default_rng([data.seed, L])
+        )
+        for L in data.test_lengths
+    }

@@ -13,38 +13,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from loopscape.data.markov import TEST_TARGETS, MarkovLanguage, SequenceSet, build_task
+from loopscape.data.markov import TEST_TARGETS, build_task, test_sets
 from loopscape.experiments.markov import MarkovStudyConfig, final_models, train_all
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.reporting import length as length_report
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
-
-
-def test_language(lang: MarkovLanguage, cfg: MarkovStudyConfig, length: int) -> MarkovLanguage:
-    """The law of the test set at ``length``: the language, or with ``data.test_targets: aligned`` its
-    transitions rotated so the last is the training targets' (:meth:`MarkovLanguage.aligned`)."""
-    return lang.aligned(length) if cfg.data.test_targets == "aligned" else lang
-
-
-def test_sets(lang: MarkovLanguage, cfg: MarkovStudyConfig) -> dict[int, SequenceSet]:
-    """``N_test`` tilted draws at every test length, each from its own fixed seed."""
-    return {
-        L: test_language(lang, cfg, L).sample_set(
-            cfg.data.n_test, cfg.data.alpha, L, np.random.default_rng([cfg.data.seed, L])
-        )
-        for L in cfg.data.test_lengths
-    }
-
-
-def bayes_prediction(lang: MarkovLanguage, inputs: torch.Tensor) -> torch.Tensor:
-    """The Bayes-optimal next token at any length: ``argmax_y T_k[x_last, y]`` for the
-    transition ``k`` that produces the target (the tilt does not move an argmax)."""
-    k = inputs.shape[1]  # the target is token k (0-based), made by transition k
-    return torch.from_numpy(lang.transition(k).argmax(axis=1))[inputs[:, -1]]
 
 
 def length_generalisation(
@@ -53,16 +29,17 @@ def length_generalisation(
     """Table 1 and Figure 9: total accuracy and accuracy on 'simple' sequences
     (IC <= ``ic_threshold``, the largest training IC) at every test length."""
     lang, task = build_task(cfg.data)
-    sets = {cfg.data.length: task.train, **test_sets(lang, cfg)}
+    sets = {cfg.data.length: task.train, **test_sets(lang, cfg.data)}
     result = {}
     for L, s in sets.items():
         simple = s.ic <= ic_threshold
-        bayes = (bayes_prediction(test_language(lang, cfg, L), s.inputs) == s.targets).float()
+        bayes = (lang.test_law(L, cfg.data.test_targets).bayes_prediction(s.inputs) == s.targets).float()
         row = {
             "n": len(s),
             "simple_share": float(simple.float().mean()),
-            "bayes_all": float(bayes.mean()),
+            "bayes_all": float(bayes.mean()),  # the Bayes-optimal rule on this sample
             "bayes_simple": float(bayes[simple].mean()) if simple.any() else None,
+            "bayes_exact": lang.test_law(L, cfg.data.test_targets).bayes_accuracy(cfg.data.alpha, L),
         }
         for name, ms in models.items():
             with torch.no_grad():
@@ -88,7 +65,13 @@ def run_length_study(
     verdict = length_report.length_verdict(results, cfg.data.length)
     length_report.plot_length(results, figures / "fig9_length_generalisation.png")
     markdown = length_report.length_markdown(
-        results, cfg.data.length, verdict, cfg.data.alpha, cfg.model.positions, cfg.model.max_len
+        results,
+        cfg.data.length,
+        verdict,
+        cfg.data.alpha,
+        cfg.model.positions,
+        cfg.model.max_len,
+        cfg.data.test_targets,
     )
     if note:
         markdown += f"\n{note}\n"
@@ -106,24 +89,43 @@ def run_length_study(
 # -- Table 1 under the open readings ----------------------------------------------------------------
 
 ATTENTION_READINGS = ("sum", "mean")  # f as the paper writes it, or divided by the input length n
-POSITION_READINGS = ("cyclic", "absolute", "none")
+POSITION_READINGS = ("cyclic_end", "cyclic", "absolute", "none")
+# position readings that train the same model: at the training length the codes agree (n = max_len)
+TRAINED_AS = {"cyclic_end": "cyclic"}
 
 
 def reading_config(cfg: MarkovStudyConfig, attention: str, positions: str) -> MarkovStudyConfig:
     """The study ``cfg`` with its toy model read one way (Hessian tracking off: only accuracies are read).
 
-    ``positions``: ``cyclic``, one code per training input position reused
-    cyclically; ``absolute``, one code per position up to the longest test input;
-    ``none``, no position code at all (the token one-hot alone).
+    ``positions``: ``cyclic_end``, one code per training input position counted
+    cyclically from the end (the query keeps its training code); ``cyclic``, the same
+    codes counted from the start; ``absolute``, one code per position up to the
+    longest test input; ``none``, no position code at all (the token one-hot alone).
     """
     model = replace(cfg.model, normalise_by_length=attention == "mean")
-    if positions == "cyclic":
-        model = replace(model, positions="cyclic", max_len=cfg.data.length - 1)
+    if positions in ("cyclic", "cyclic_end"):
+        model = replace(model, positions=positions, max_len=cfg.data.length - 1)
     elif positions == "absolute":
         model = replace(model, positions="absolute", max_len=max(cfg.data.test_lengths) - 1)
     else:
         model = replace(model, embedding="token")
     return replace(cfg, model=model, hessian=replace(cfg.hessian, enabled=False))
+
+
+def _trained_as(model):
+    return replace(model, positions=TRAINED_AS.get(model.positions, model.positions))
+
+
+def _read_as(models: dict[str, list[torch.nn.Module]], rcfg: MarkovStudyConfig) -> dict[str, list[torch.nn.Module]]:
+    """The trained weights of ``models`` in ``rcfg``'s model (the same weights read with other position codes)."""
+    out = {}
+    for name in ("single_attn", "looped_attn"):
+        out[name] = []
+        for m in models[name]:
+            read = rcfg.build_model(rcfg.models[name])
+            read.load_state_dict(m.state_dict())
+            out[name].append(read.eval())
+    return out
 
 
 def run_length_readings(
@@ -135,22 +137,26 @@ def run_length_readings(
 ) -> StudyReport:
     """Table 1 under every reading: Single-Attn and Looped-Attn trained for each
     (attention, positions) pair in ``out/<attention>-<positions>/`` (``cfg.seeds``
-    each), each scored on cyclic and on aligned test targets. ``study_models``:
-    models already trained with ``cfg.model`` (the main study's), reused for the
-    reading that is ``cfg.model``. 'Simple' sequences are those with IC at most the largest training IC."""
+    each; position codes counted from the end train the same model as from the start,
+    so they share its folder), each scored on aligned and on cyclic test targets.
+    ``study_models``: models already trained with ``cfg.model`` (the main study's), reused
+    for the readings that train it. 'Simple' sequences are those with IC at most the largest training IC."""
     prepare_run_folder(out, cfg, resume)
     ic_threshold = build_task(cfg.data)[1].train.ic.max().item()
     rows = []
     for attention in ATTENTION_READINGS:
         for positions in POSITION_READINGS:
             rcfg = reading_config(cfg, attention, positions)
-            models = study_models if study_models is not None and rcfg.model == cfg.model else None
-            if models is None:
-                folder = out / f"{attention}-{positions}"
+            reuse = study_models is not None and _trained_as(rcfg.model) == _trained_as(cfg.model)
+            if reuse:
+                models = study_models
+            else:
+                trained = reading_config(cfg, attention, TRAINED_AS.get(positions, positions))
+                folder = out / f"{attention}-{TRAINED_AS.get(positions, positions)}"
                 folder.mkdir(exist_ok=True)
-                train_all(rcfg, folder, resume=resume, show_progress=show_progress)
-                models = final_models(folder, rcfg)
-            models = {k: v for k, v in models.items() if k in ("single_attn", "looped_attn")}
+                train_all(trained, folder, resume=resume, show_progress=show_progress)
+                models = final_models(folder, trained)
+            models = _read_as(models, rcfg)
             for targets in TEST_TARGETS:
                 tcfg = replace(rcfg, data=replace(rcfg.data, test_targets=targets))
                 result = length_generalisation(tcfg, models, ic_threshold)

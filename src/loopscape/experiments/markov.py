@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from loopscape.config import require
+from loopscape.data.languages import PAPER_IC_MAX, PAPER_REPORTED, PAPER_SIMPLE_SHARE, feasibility, fit, language_facts
+from loopscape.data.languages import RULE as LANGUAGE_RULE
 from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
@@ -39,8 +41,9 @@ from loopscape.training.markov import MarkovTrainConfig, train_markov
 from loopscape.training.run import seeded, verify_finished
 
 # Section 4.1's toy model: T = 3; one position code per training input position (no slot that
-# training never reaches), reused cyclically at test lengths with the transitions' period (E.1.3)
-PAPER_TOY_MODEL = LinearAttnConfig(n_loops=3, max_len=3, positions="cyclic")
+# training never reaches), counted cyclically from the end at test lengths, so the query keeps its training
+# code and the codes cycle with the transitions' period (E.1.3; the phase-consistent reading of Table 1)
+PAPER_TOY_MODEL = LinearAttnConfig(n_loops=3, max_len=3, positions="cyclic_end")
 
 
 @dataclass
@@ -101,10 +104,20 @@ class MarkovStudyConfig:
         return LinearAttn(dataclasses.replace(self.model, vocab_size=self.data.vocab_size, n_loops=n_loops))
 
 
-def data_summary(lang: MarkovLanguage, task: MarkovTask) -> dict:
+FEASIBILITY_LANGUAGES = 500  # random languages per data reading in the feasibility table
+
+
+def data_summary(lang: MarkovLanguage, task: MarkovTask, data: MarkovDataConfig) -> dict:
+    """The language's data facts beside the paper's, its headroom, and the feasibility table (no training)."""
     ic = task.train.ic
     ok = bayes_ceiling(task.train).float()
+    facts = language_facts(data)
     return {
+        "paper_facts": {"ic_max": PAPER_IC_MAX, "simple_share": PAPER_SIMPLE_SHARE, "rule": LANGUAGE_RULE},
+        "facts": {"ic_max": facts["ic_max"], "simple_share": facts["simple_share"], **fit(facts)},
+        "headroom": facts["headroom"],
+        "feasibility": feasibility(data, FEASIBILITY_LANGUAGES),
+        "paper_reported": PAPER_REPORTED,
         "transitions": lang.transitions.tolist(),
         "ic_unit": "bits",
         "n_train": len(task.train),
@@ -215,7 +228,7 @@ def run_markov_study(
     out = Path(out)
     prepare_run_folder(out, cfg, resume)
     lang, task = build_task(cfg.data)
-    data = data_summary(lang, task)
+    data = data_summary(lang, task, cfg.data)
     write_json(out / "data.json", data)
     wall = timed_across_resumes(out / "training_wall.json", train_all, cfg, out, resume, show_progress)
     metrics = load_metrics(out, cfg)

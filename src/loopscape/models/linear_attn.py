@@ -28,7 +28,7 @@ from torch import nn
 from loopscape.config import require
 
 EMBEDDINGS = ("onehot", "token", "random")
-POSITIONS = ("absolute", "cyclic")
+POSITIONS = ("absolute", "cyclic", "cyclic_end")
 
 
 @dataclass
@@ -56,6 +56,9 @@ class LinearAttnConfig:
             input longer than ``max_len`` is an error. ``"cyclic"``: code
             ``i mod max_len``, so any length can be read (the Markov language's
             transitions cycle the same way at test lengths, Appendix E.1.3).
+            ``"cyclic_end"``: codes counted cyclically from the end, ``(i - n) mod max_len``,
+            so the query (the last input) keeps the code it had in training at every
+            length; at ``n = max_len`` it is ``"cyclic"`` exactly.
         init_scale: ``W ~ U(-s/sqrt(d), s/sqrt(d))`` with ``s = init_scale``;
             1.0 is PyTorch's ``nn.Linear`` default.
         embedding_seed: seed of the ``"random"`` embedding.
@@ -115,14 +118,15 @@ class FixedEmbedding(nn.Module):
             raise ValueError(f"embedding must be one of {EMBEDDINGS} (got {config.embedding!r})")
         if config.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} (got {config.positions!r})")
-        self.cyclic = config.positions == "cyclic"
+        self.positions = config.positions
         self.register_buffer("token", token)
         self.register_buffer("position", position)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, slots = x.shape[-1], self.position.shape[0]
-        if self.cyclic:
-            return self.token[x] + self.position[torch.arange(n, device=x.device) % slots]
+        if self.positions != "absolute":
+            i = torch.arange(n, device=x.device)
+            return self.token[x] + self.position[(i - n if self.positions == "cyclic_end" else i) % slots]
         if n > slots:
             raise ValueError(
                 f"input length {n} exceeds the embedding's max_len {slots} (positions='absolute'; 'cyclic' reads "
