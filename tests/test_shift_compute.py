@@ -56,3 +56,9 @@ def test_cyclic_positions_read_any_length():
     torch.testing.assert_close(E[:, 3:6], model.embed(x[:, 3:6]))  # positions 3..5 reuse codes 0..2
     with pytest.raises(ValueError, match="max_len"):
         looped_attn(n_loops=3, max_len=3)(x)  # absolute positions refuse longer inputs
+
+
+def test_the_papers_speedup_is_looped_epochs_saved_with_stage_one_free():
+    assert compute.looped_epochs_speedup(600, 124) == pytest.approx(1.2605, abs=1e-4)  # Section 5's 1.26
+    assert compute.looped_epochs_speedup(600, 0) == 1.0  # Looped-Attn from the start
+    assert compute.looped_epochs_speedup(600, None) is None  # never switched: Single-Attn, not SHIFT

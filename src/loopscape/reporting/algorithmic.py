@@ -81,15 +81,19 @@ def verdicts(results: dict) -> list[dict]:
                 NOT_TESTED,
             )
         )
-    elif "single" in par and "looped" in par:
+    elif not {"single", "looped"} <= set(par):
+        out.append(verdict_row(claim, "Fig. 14 (c)", _missing(par, "single", "looped"), "near 100% vs low", NOT_TESTED))
+    else:
         s, lp = beyond(results, "single"), beyond(results, "looped")
         ours = (
             f"{lp:.1f}% vs {s:.1f}% (mean accuracy past length {n}; "
             f"oracle T(n): {beyond(results, 'looped', 'oracle'):.1f}%)"
         )
         out.append(verdict_row(claim, "Fig. 14 (c)", ours, "near 100% vs low", generalisation_verdict(lp - s)))
-    if "shift" in par and "looped" in par:
-        claim = f"{task}: SHIFT ends comparable to Looped-Attn"
+    claim = f"{task}: SHIFT ends comparable to Looped-Attn"
+    if not {"shift", "looped"} <= set(par):
+        out.append(verdict_row(claim, "Fig. 14", _missing(par, "shift", "looped"), "comparable", NOT_TESTED))
+    else:
         if not tested or never_switched:
             why = "no test length past the training lengths" if not tested else SHIFT_NEVER_SWITCHED
             out.append(verdict_row(claim, "Fig. 14", why, "comparable", NOT_TESTED))
@@ -101,18 +105,30 @@ def verdicts(results: dict) -> list[dict]:
                 # matching a Looped-Attn that does not generalise says nothing
                 v, ours = "inconclusive", ours + " (Looped-Attn does not generalise here: nothing to match)"
             out.append(verdict_row(claim, "Fig. 14", ours, "comparable", v))
-    if saving:
-        claim = f"{task}: SHIFT trains faster than Looped-Attn"
-        if never_switched:
-            out.append(verdict_row(claim, "Fig. 11", SHIFT_NEVER_SWITCHED, "shorter training time", NOT_TESTED))
-        else:
-            v = "reproduced" if shift_faster(saving["time_ratio"]) else "not reproduced"
-            ours = (
-                f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs "
-                f"(shift at step {saving['shift_step']})"
-            )
-            out.append(verdict_row(claim, "Fig. 11", ours, "shorter training time", v))
+    claim = f"{task}: SHIFT trains faster than Looped-Attn, at no loss"
+    if not saving:
+        out.append(verdict_row(claim, "Fig. 11", _missing(par, "shift", "looped"), "shorter training time", NOT_TESTED))
+    elif never_switched:
+        out.append(verdict_row(claim, "Fig. 11", SHIFT_NEVER_SWITCHED, "shorter training time", NOT_TESTED))
+    else:
+        # one seed cannot tell a speed-up from noise, nor a loss of final performance from a bad draw
+        loss = (
+            f", {beyond(results, 'shift') - beyond(results, 'looped'):+.1f} pts past the training length"
+            if (tested and "looped" in par)
+            else ""
+        )
+        ours = (
+            f"{saving['time_ratio']:.2f}x wall time, {saving['flops_ratio']:.2f}x FLOPs (shift at step "
+            f"{saving['shift_step']}){loss}; one seed: judged over seeds (--seeds)"
+        )
+        out.append(verdict_row(claim, "Fig. 11", ours, "shorter training time, no loss", NOT_TESTED))
     return out
+
+
+def _missing(par: dict, *needed: str) -> str:
+    """Why a claim comparing ``needed`` paradigms is not tested in a run of ``par`` alone."""
+    lacking = [NAMES[p] for p in needed if p not in par]
+    return f"this run trained {', '.join(NAMES[p] for p in par)} only; the claim needs {', '.join(lacking)} too"
 
 
 def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
@@ -225,8 +241,9 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
         f"Single-Attn's by >= {GAP_PTS:.0f} points "
         f"(partly: by {COMPARABLE_PTS:.0f} to {GAP_PTS:.0f}; less is noise); SHIFT is 'comparable' within "
         f"{COMPARABLE_PTS:.0f} points of Looped-Attn "
-        "(inconclusive where Looped-Attn itself does not generalise); SHIFT 'trains faster' if Looped-Attn's wall "
-        "time is larger. "
+        "(inconclusive where Looped-Attn itself does not generalise); SHIFT 'trains faster' is judged over seeds "
+        f"(faster on every seed and within {COMPARABLE_PTS:.0f} points of Looped-Attn past the training length, on the "
+        "mean), never on one seed. "
         "Looped models are read by adaptive stopping (one stop per test batch); the oracle T(n) is drawn dashed.",
     ]
     section = Section(
@@ -290,13 +307,25 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
             row["shift_step"] = saving["shift_step"]
             if saving["shift_step"] is not None:  # no switch, no SHIFT run to time
                 row["time_ratio"], row["flops_ratio"] = saving["time_ratio"], saving["flops_ratio"]
+        if "shift" in r["paradigms"] and "looped" in r["paradigms"]:
+            row["shift_minus_looped"] = row["shift"] - row["looped"]
         if "single" in r["paradigms"] and "looped" in r["paradigms"]:
             row["edge"] = row["looped"] - row["single"]
             row["verdict"] = generalisation_verdict(row["edge"])
         rows.append(row)
     columns = [
         c
-        for c in ("single", "looped", "looped_oracle", "shift", "shift_oracle", "edge", "time_ratio", "flops_ratio")
+        for c in (
+            "single",
+            "looped",
+            "looped_oracle",
+            "shift",
+            "shift_oracle",
+            "edge",
+            "shift_minus_looped",
+            "time_ratio",
+            "flops_ratio",
+        )
         if all(c in r for r in rows)
     ]
     first = runs[min(runs)]
@@ -311,6 +340,9 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
         out["seeds_with_edge"] = sum(r["edge"] >= COMPARABLE_PTS for r in rows)
     if any("shift_step" in r for r in rows):
         out["seeds_shift_faster"] = sum(shift_faster(r.get("time_ratio", 0)) for r in rows)
+        # the loss of final performance, over the seeds where SHIFT switched (the others are Single-Attn)
+        lost = [r["shift_minus_looped"] for r in rows if r.get("shift_step") is not None and "shift_minus_looped" in r]
+        out["shift_minus_looped_switched"] = mean_sd_se(lost) if lost else None
     return out
 
 
@@ -323,6 +355,7 @@ def seeds_markdown(summary: dict) -> str:
         "shift": "SHIFT",
         "shift_oracle": "SHIFT, oracle T(n)",
         "edge": "Looped - Single (pts)",
+        "shift_minus_looped": "SHIFT - Looped (pts)",
         "time_ratio": "Looped / SHIFT time",
         "flops_ratio": "Looped / SHIFT FLOPs",
     }
@@ -330,7 +363,15 @@ def seeds_markdown(summary: dict) -> str:
     has_step, has_verdict = any("shift_step" in r for r in summary["seeds"]), "edge_verdict" in summary
 
     def cell(c, x):
-        return "-" if x is None else f"{x:.2f}x" if c.endswith("ratio") else f"{x:+.1f}" if c == "edge" else f"{x:.1f}%"
+        return (
+            "-"
+            if x is None
+            else f"{x:.2f}x"
+            if c.endswith("ratio")
+            else f"{x:+.1f}"
+            if c in ("edge", "shift_minus_looped")
+            else f"{x:.1f}%"
+        )
 
     names = [
         "seed",
@@ -378,17 +419,23 @@ def seeds_verdicts(summary: dict) -> list[dict]:
     if "seeds_shift_faster" in summary:
         f = summary["seeds_shift_faster"]
         switched = sum(r.get("shift_step") is not None for r in summary["seeds"])
-        claim = f"{task}: SHIFT trains faster than Looped-Attn ({k} seeds)"
-        if switched == 0:
-            out.append(
-                verdict_row(
-                    claim, "Fig. 11", f"SCP never fired on any of {k} seeds", "shorter training time", NOT_TESTED
-                )
-            )
+        claim = f"{task}: SHIFT trains faster than Looped-Attn, at no loss ({k} seeds)"
+        paper = "shorter training time, no loss"
+        loss = summary.get("shift_minus_looped_switched")
+        if switched < 2:
+            why = f"SCP fired on {switched} of {k} seeds: a speed-up at no loss needs at least two SHIFT runs"
+            out.append(verdict_row(claim, "Fig. 11", why, paper, NOT_TESTED))
         else:
-            v = "reproduced" if f == k else "partly reproduced" if f else "not reproduced"
+            no_loss = loss is not None and loss["mean"] >= -COMPARABLE_PTS - 1e-9  # points on the boundary count
+            if f == k and no_loss:
+                v = "reproduced"
+            elif f and (no_loss or f == k):
+                v = "partly reproduced"
+            else:
+                v = "not reproduced"
             never = f"; SCP never fired on {k - switched}" if switched < k else ""
-            out.append(verdict_row(claim, "Fig. 11", f"faster on {f} of {k} seeds{never}", "shorter training time", v))
+            lost = "" if loss is None else f"; SHIFT minus Looped-Attn past length {n}: {loss['mean']:+.1f} pts"
+            out.append(verdict_row(claim, "Fig. 11", f"faster on {f} of {k} seeds{never}{lost}", paper, v))
     return out
 
 

@@ -6,15 +6,18 @@ Verdict rules, stated once here and printed in the report:
   SCP's shift epochs over seeds lies in [100, 150]; partly if it lies within
   50 epochs of that range; not reproduced otherwise (or if SCP never shifted).
 * **SHIFT's speed-up at no loss** (paper: about 1.26x, same final accuracy):
-  with SCP's shift, reproduced if the mean wall-clock speed-up over the whole
-  run (same epochs as Looped-Attn) is >= 1.1 and the mean final accuracy is
-  no more than the tolerance below Looped-Attn's; partly if one of the two
-  holds with a speed-up > 1; not reproduced otherwise, or if SCP did not
-  shift on some seed (that run is Single-Attn). The speed-up to the
-  target accuracy is reported beside it; it is not the verdict's measure
-  because on this data both models reach the target within the first tens
-  of epochs, before any shift, which makes it the ratio of Single-Attn's and
-  Looped-Attn's early epochs rather than a property of SHIFT.
+  measured as the paper measures it, Looped-Attn epochs saved with Stage I
+  counted as free (``E / (E - e)`` for a switch at epoch ``e`` of ``E``;
+  600 / (600 - 124) = 1.26). With SCP's shift, reproduced if the mean of that
+  speed-up over seeds is >= 1.1 and the mean final accuracy is no more than
+  the tolerance below Looped-Attn's; partly if one of the two holds with a
+  speed-up > 1; not reproduced otherwise. Not tested with one seed, or if SCP
+  did not shift on some seed (that run is Single-Attn). FLOPs and wall clock
+  (with the machine's load) stand beside it; the wall clock is not the measure,
+  since it moves with whatever else the machine runs. The speed-up to the
+  target accuracy is reported too; it is not the measure because on this data
+  both models reach the target within the first tens of epochs, before any
+  shift.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def scp_point_verdict(epochs: list[int | None], run_epochs: int) -> dict:
 
 
 def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
-    """SHIFT with SCP against Looped-Attn; ``not tested`` where SCP did not shift (that run is Single-Attn)."""
-    speed = entry["wall_s_speedup_total"]["mean"]
+    """SHIFT with SCP against Looped-Attn by the paper's measure; ``not tested`` with one seed or where SCP did
+    not shift (that run is Single-Attn)."""
+    speed = entry["looped_epochs_speedup"]["mean"]
     loss = entry["acc_all_minus_looped"]["mean"]
     fast = speed is not None and speed >= 1.1
     no_loss = loss is not None and loss >= -tolerance_pts
@@ -75,18 +79,22 @@ def speedup_verdict(entry: dict, tolerance_pts: float) -> dict:
     if never:  # a run that never shifted is Single-Attn, not SHIFT: there is no SHIFT run to time
         v = NOT_TESTED
         reason = f"SCP never shifted on {never} of {len(entry['shift_epochs'])} seeds: those runs are Single-Attn"
+    elif len(entry["shift_epochs"]) < 2:
+        v, reason = NOT_TESTED, "one seed: a speed-up at no loss needs seeds"
     elif speed is None or loss is None:
         v, reason = NOT_TESTED, "no speed-up or final accuracy was measured"
     elif fast and no_loss:
         v = "reproduced"
-    elif speed is not None and speed > 1 and (fast or no_loss):
+    elif speed > 1 and (fast or no_loss):
         v = "partly reproduced"
     else:
         v = "not reproduced"
     return {
         "verdict": v,
         "reason": reason,
-        "wall_speedup_total": speed,
+        "looped_epochs_speedup": speed,
+        "flops_speedup_total": entry["flops_speedup_total"]["mean"],
+        "wall_speedup_total": entry["wall_s_speedup_total"]["mean"],
         "wall_speedup_to_target": entry["wall_s_speedup_to_target"]["mean"],
         "acc_all_minus_looped_pts": loss,
     }
@@ -189,15 +197,17 @@ def shift_markdown(res: dict, shift_cfg, run_epochs: int) -> tuple[str, dict]:
         "Speed-ups are Looped-Attn's cost over SHIFT's, per seed against the Looped-Attn run of the same seed, "
         "mean ± std.",
         "",
-        "| policy | shift epochs | wall speed-up to target | wall speed-up, all epochs | FLOPs speed-up to target "
+        "| policy | shift epochs | Looped-Attn epochs saved (paper's measure) | FLOPs speed-up, all epochs "
+        "| wall speed-up to target | wall speed-up, all epochs | FLOPs speed-up to target "
         "| final acc all (%) | high IC (%) | all minus Looped (pts) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, e in res["policies"].items():
         if not key.endswith("/" + opt):
             continue
         lines.append(
-            f"| {key.split('/')[0]} | {e['shift_epochs']} | {fmt_mean_std(e['wall_s_speedup_to_target'])} (reached "
+            f"| {key.split('/')[0]} | {e['shift_epochs']} | {fmt_mean_std(e['looped_epochs_speedup'])} | "
+            f"{fmt_mean_std(e['flops_speedup_total'])} | {fmt_mean_std(e['wall_s_speedup_to_target'])} (reached "
             f"{e['wall_s_speedup_to_target']['reached']}) | "
             f"{fmt_mean_std(e['wall_s_speedup_total'])} | {fmt_mean_std(e['flops_speedup_to_target'])} | "
             f"{fmt_mean_std(e['acc_all'])} | "
@@ -245,16 +255,26 @@ def shift_markdown(res: dict, shift_cfg, run_epochs: int) -> tuple[str, dict]:
         "",
         f"## Verdict on SHIFT's speed-up at no loss: **{speed_v['verdict']}**",
         *([f"Not tested: {speed_v['reason']}.", ""] if speed_v["verdict"] == NOT_TESTED else [""]),
-        f"SCP's mean wall-clock speed-up over the whole run {fmt_number(speed_v['wall_speedup_total'])}x (paper: about "
-        f"{PAPER_SCP['speedup']}x; to the target {fmt_number(speed_v['wall_speedup_to_target'])}x); "
-        f"final accuracy {fmt_number(speed_v['acc_all_minus_looped_pts'])} pts against Looped-Attn (tolerance "
-        f"{tol_pts:.1f}). "
-        "Rule: reproduced if the whole-run speed-up >= 1.1 and no loss beyond the tolerance; partly if one holds "
-        "with a speed-up > 1 "
-        "(the speed-up to the target is not the measure: both models reach the target before any shift).",
+        f"SCP's mean speed-up in Looped-Attn epochs saved (the paper's measure, Stage I free): "
+        f"{fmt_number(speed_v['looped_epochs_speedup'])}x (paper: about {PAPER_SCP['speedup']}x = 600 / (600 - 124)); "
+        f"beside it, FLOPs over the whole run {fmt_number(speed_v['flops_speedup_total'])}x and wall clock "
+        f"{fmt_number(speed_v['wall_speedup_total'])}x (to the target {fmt_number(speed_v['wall_speedup_to_target'])}x"
+        f"; {load_note(res)}); final accuracy {fmt_number(speed_v['acc_all_minus_looped_pts'])} pts against "
+        f"Looped-Attn (tolerance {tol_pts:.1f}). "
+        "Rule: reproduced if the paper's measure >= 1.1 on the mean over seeds and no loss beyond the tolerance; "
+        "partly if one holds with a speed-up > 1; not tested with one seed or a seed that never shifted.",
         "",
     ]
     return "\n".join(lines), {"scp_shift_point": scp_v, "shift_speedup": speed_v}
+
+
+def load_note(res: dict) -> str:
+    """The machine's load beside a wall-clock figure (the figure moves with it)."""
+    load = res.get("machine_load")
+    if not load:
+        return "machine load not recorded"
+    one, five, fifteen = load["loadavg"]
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {load['cpus']} cores"
 
 
 def verdict_rows(verdicts: dict) -> list[dict]:
@@ -266,7 +286,10 @@ def verdict_rows(verdicts: dict) -> list[dict]:
     if speed["reason"] is not None:
         ours = speed["reason"]
     else:
-        ours = f"{speed['wall_speedup_total']:.2f}x wall time, {speed['acc_all_minus_looped_pts']:+.2f} pts"
+        ours = (
+            f"{speed['looped_epochs_speedup']:.2f}x in Looped-Attn epochs ({speed['flops_speedup_total']:.2f}x FLOPs, "
+            f"{speed['wall_speedup_total']:.2f}x wall time), {speed['acc_all_minus_looped_pts']:+.2f} pts"
+        )
     claim = "SHIFT reaches Looped-Attn's accuracy faster, at no loss"
     paper = f"about {PAPER_SCP['speedup']}x, no loss"
     return rows + [verdict_row(claim, "Section 5, Figure 4", ours, paper, speed["verdict"])]

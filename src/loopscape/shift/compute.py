@@ -1,6 +1,11 @@
 """Compute accounting for SHIFT (Section 5, Figure 4).
 
-Two clocks, reported side by side:
+Three measures, reported side by side:
+
+* **Looped-Attn epochs saved** (the paper's measure): a run of ``E`` epochs that
+  switches at epoch ``e`` trains ``E - e`` epochs as Looped-Attn, so its
+  speed-up is ``E / (E - e)`` with Stage I counted as free
+  (:func:`looped_epochs_speedup`; 600 / (600 - 124) = 1.26, Section 5).
 
 * **FLOPs**, analytic: matrix products of the toy model's forward pass
   (2 FLOPs per multiply-add; element-wise work is left out), and a backward
@@ -20,6 +25,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+
+def looped_epochs_speedup(epochs: int, shift_epoch: int | None) -> float | None:
+    """The paper's speed-up: Looped-Attn epochs of a full run over those after the switch, ``E / (E - e)``
+    (Stage I free). ``None`` for a run that never switched (it is Single-Attn, not SHIFT) or switched at the end."""
+    if shift_epoch is None or shift_epoch >= epochs:
+        return None
+    return epochs / (epochs - shift_epoch)
 
 
 def attn_flops(m: int, n: int, d: int) -> int:
