@@ -267,8 +267,12 @@ def test_length_readings_train_each_model_reading_and_score_both_target_readings
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "length_readings.json").read_text())["readings"]
     readings = [(x["attention"], x["positions"], x["test_targets"]) for x in rows]
-    assert len(set(readings)) == 12 == len(rows)  # 2 attention x 3 positions x 2 test targets
-    assert [x for x in readings if rows[readings.index(x)]["default"]] == [("sum", "cyclic", "cyclic")]
+    assert len(set(readings)) == 16 == len(rows)  # 2 attention x 4 positions x 2 test targets
+    assert [x for x in readings if rows[readings.index(x)]["default"]] == [("sum", "cyclic_end", "aligned")]
+    # codes from the end and from the start are one model at the training length: trained once, read two ways
+    by = {x: rows[readings.index(x)] for x in readings}
+    assert by[("sum", "cyclic_end", "aligned")]["length"]["4"] == by[("sum", "cyclic", "aligned")]["length"]["4"]
+    assert by[("sum", "cyclic_end", "aligned")]["length"]["8"] != by[("sum", "cyclic", "aligned")]["length"]["8"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         f"{a}-{p}" for a in ("mean", "sum") for p in ("absolute", "cyclic", "none")
     ]
@@ -279,7 +283,8 @@ def test_length_readings_train_each_model_reading_and_score_both_target_readings
     assert cyclic["bayes_all"] != aligned["bayes_all"]  # other test sets, other Bayes-optimal accuracy
     assert rows[0]["length"]["4"] == rows[1]["length"]["4"]  # the training length is the same set
     table = (out / "length_readings.md").read_text()
-    assert table.count("\n| ") == 13 and "| **sum (paper)** | **cyclic codes** | **cyclic** |" in table
+    assert table.count("\n| ") == 17 and "| **sum (paper)** | **cyclic codes from the end** | **aligned** |" in table
+    assert "the query gets a position code it never had as a query in training" in table  # why not the headline
     r = runner.invoke(app, [*args, "--resume"])  # finished runs are read back, not retrained
     assert r.exit_code == 0, r.output
     assert json.loads((out / "length_readings.json").read_text())["readings"] == rows

@@ -238,7 +238,7 @@ def run_markov_study(
     summary = summarise_markov(metrics, data, cfg)
     summary["training_wall_s"] = wall
     markdown = summary.pop("markdown")
-    verdicts = [observation1_row(summary["observation1"])]
+    verdicts = [observation1_row(summary["observation1"], data)]
     figures = [
         (figs / "fig3a_ic_distribution.png", "Figure 3a: IC distribution of the training set"),
         (figs / "fig3b_accuracy.png", "Figure 3b: training accuracy on low / high IC sequences"),

@@ -70,7 +70,7 @@ def plot_length(length: dict, path: Path) -> None:
             ax.errorbar(x, m, yerr=sd, marker=marker, ls=ls, mfc="none", capsize=3, color=color, label=NAMES[name])
         ax.plot(have, [100 * length[str(L)][f"bayes_{subset}"] for L in have], "k:", label="Bayes-optimal")
         title = "total accuracy" if subset == "all" else "accuracy on simple sequences (Table 1)"
-        ax.set(xlabel="sequence length L (4 = training)", ylabel=f"{title} (%)", title=title, xticks=Ls)
+        ax.set(xlabel="sequence length L (4 = training)", ylabel=f"{title} (%)", title=title, xticks=Ls, ylim=(0, 102))
         ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -86,10 +86,11 @@ def selection_effects(length: dict, train_length: int) -> list[str]:
         models = {n: rb[n]["simple"]["mean"] - ra[n]["simple"]["mean"] for n in NAMES if n in ra and ra[n]["simple"]}
         if bayes > 1 and any(d > 0 for d in models.values()):
             rises = ", ".join(f"{NAMES[n]} {d:+.1f}" for n, d in models.items())
+            na, nb = (round(r["n"] * r["simple_share"]) for r in (ra, rb))
             lines.append(
                 f"- From L = {a} to {b} the accuracy on simple sequences rises for the Bayes-optimal predictor too "
-                f"({bayes:+.1f} pts; {rises} pts): the subset changes (fewer, more predictable sequences), so "
-                "this rise is a selection effect, not better generalisation."
+                f"({bayes:+.1f} pts; {rises} pts; {na} then {nb} simple sequences): the subset changes (fewer, more "
+                "predictable sequences), so this rise is a selection effect, not better generalisation."
             )
     return lines
 
