@@ -29,7 +29,20 @@ CASES = [
         ["markov", "--set", "train.nosuch=1"],
         "train.nosuch must be one of ['batch_size', 'checkpoint_every', 'epochs', 'lr', 'tensorboard'] (got 'nosuch')",
     ),
-    (["markov", "--set", "train=1"], "train must be a table of settings (got 1)"),
+    (
+        ["markov", "--set", "train=1"],
+        "train must be a table of settings (epochs, lr, batch_size, checkpoint_every, tensorboard); set one with "
+        "--set train.<setting>=<value> (got 1)",
+    ),
+    (
+        ["markov", "--seeds", "99999999999999999999"],
+        "seeds must be integers from 0 to 9223372036854775807 (2^63 - 1) (got 99999999999999999999)",
+    ),
+    (
+        ["reproduce", "--set", "markov.model.n_loops=1"],
+        "markov.model.n_loops must be an integer >= 2 (Looped-Attn's T; Single-Attn is the one-loop model, trained "
+        "beside it) (got 1)",
+    ),
     (["markov", "--set", "=3"], "override must look like key.sub=value (got '=3')"),
     (
         ["markov", "--set", "train.lr=[1"],
@@ -140,3 +153,23 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
         1,
         f"error: cannot read or write {tmp_path / 'run' / 'data.json'}: No space left on device",
     )
+
+
+@pytest.mark.parametrize("setting", ["data.vocab_size=300", "data.length=40"])
+def test_a_language_too_large_to_enumerate_is_refused_with_its_size(tmp_path, setting):
+    """The training set enumerates V^L sequences: 300^4 or 3^40 would exhaust memory (or hang) before a line."""
+    extra = ["--set", "model.max_len=39", "--set", "data.test_lengths=[40]"] if "length" in setting else []
+    r = CliRunner().invoke(app, ["markov", "--set", setting, *extra, "-o", str(tmp_path / "out"), "-q"])
+    line = r.output.strip()
+    assert r.exit_code == 2 and "\n" not in line, line
+    assert line.startswith("error: data.vocab_size, length must be small enough to fit in memory (the ")
+    assert "sequences the training set enumerates: about" in line and not (tmp_path / "out").exists()
+
+
+def test_a_refused_output_folder_is_left_exactly_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    r = CliRunner().invoke(app, ["markov", "-o", str(out), "-q", "--epochs", "1"])
+    assert r.exit_code == 2 and "already exists and is not empty" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]  # no .lock, no .workers.lock

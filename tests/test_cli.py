@@ -288,3 +288,9 @@ def test_length_readings_train_each_model_reading_and_score_both_target_readings
     r = runner.invoke(app, [*args, "--resume"])  # finished runs are read back, not retrained
     assert r.exit_code == 0, r.output
     assert json.loads((out / "length_readings.json").read_text())["readings"] == rows
+
+
+def test_help_shows_the_extras_it_names():
+    """rich read `[hf]` as markup and printed 'needs the  extra'."""
+    out = runner.invoke(app, ["--help"], terminal_width=200).output
+    assert "(needs the [hf] extra)" in out

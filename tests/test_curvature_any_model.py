@@ -275,3 +275,11 @@ def test_batched_products_are_chunked_to_the_memory_budget():
     fixed = hessian(model, batches, params="transformer.h.0.*", chunk_size=4)
     assert fixed.columns_per_product() == 4
     torch.testing.assert_close(fixed.matmat(columns), whole.matmat(columns), rtol=1e-8, atol=1e-10)
+
+
+def test_dict_batches_that_score_no_token_are_one_line():
+    ids = torch.randint(0, V, (2, 5))
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]  # the first position is never a next-token target
+    with pytest.raises(ValueError, match="labels must score at least one token"):
+        HessianOperator(tiny_gpt2(), [{"input_ids": ids, "labels": labels}])

@@ -302,3 +302,24 @@ def test_a_worker_that_cannot_take_the_run_folder_says_why_not_that_it_died(tmp_
     with pytest.raises(FileNotFoundError) as err:
         run_jobs(print, [(0,), (1,)], [1, 1], "jobs", workers=2, show_progress=False, folder=gone)
     assert err.value.filename == str(gone / ".workers.lock")
+
+
+def test_a_damaged_done_marker_is_repaired_from_the_verified_run_or_refused(tmp_path):
+    """A finished run whose done.json is torn resumed with exit 0 and left the torn file in place."""
+    from typer.testing import CliRunner
+
+    from loopscape.cli import app
+
+    out = tmp_path / "run"
+    args = ["markov", "-o", str(out), "--epochs", "2", "--seeds", "0", "-q", "--set", "hessian.enabled=false"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    done = out / "runs" / "looped_attn" / "seed0" / "done.json"
+    done.write_text('{"epo')  # torn
+    r = CliRunner().invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(done.read_text()) == {"epochs": 2}  # repaired: the run itself was verified
+    done.write_text('{"epo')
+    weights = done.parent / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # and the run it marks is damaged too
+    r = CliRunner().invoke(app, [*args, "--resume"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "model.safetensors" in r.output, r.output

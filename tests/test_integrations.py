@@ -111,7 +111,7 @@ def test_a_model_with_nothing_to_loop_and_scp_without_numbers_are_one_line():
         shift.after_evaluation(10, 0.5, None)
 
 
-def lightning_run(out, callback, max_steps=12, resume=None, every=None):
+def lightning_run(out, callback, max_steps=12, resume=None, every=None, after_validation=False):
     L = pytest.importorskip("lightning")
 
     class Module(L.LightningModule):
@@ -132,7 +132,14 @@ def lightning_run(out, callback, max_steps=12, resume=None, every=None):
 
     L.seed_everything(0, verbose=False)
     module = Module()
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=every, save_top_k=-1) if every else None
+    if after_validation:  # written at each validation's end, after SCP has seen it
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_top_k=-1, save_on_train_epoch_end=False)
+    else:
+        ckpt = (
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=every, save_top_k=-1)
+            if every
+            else None
+        )
     trainer = L.Trainer(
         max_steps=max_steps,
         val_check_interval=2,
@@ -142,7 +149,7 @@ def lightning_run(out, callback, max_steps=12, resume=None, every=None):
         logger=L.pytorch.loggers.TensorBoardLogger(out, name="tb"),
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=bool(every),
+        enable_checkpointing=bool(every or after_validation),
         num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(Tokens(8, 0), batch_size=4)  # 2 steps an epoch: even steps end one
@@ -163,13 +170,98 @@ def test_lightning_callback_switches_saves_its_state_and_resumes_across_the_swit
     whole, _ = lightning_run(tmp_path / "a", ShiftCallback(**settings))
     shift = whole.loops_seen.index(2)  # steps 1..shift were Single
     assert 2 <= shift < 12
-    lightning_run(tmp_path / "b", ShiftCallback(**settings), every=2)
+    lightning_run(tmp_path / "b", ShiftCallback(**settings), after_validation=True)
     saved = sorted((tmp_path / "b").glob(f"*step={shift + 2}.ckpt"))  # an epoch's end: the loader starts afresh
     assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["callbacks"]
     resumed, _ = lightning_run(tmp_path / "c", ShiftCallback(**settings), resume=str(saved[0]))
     assert resumed.loops_seen == [2] * (12 - shift - 2)
     for p, q in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_lightning_scp_refuses_step_checkpoints_that_precede_validation(tmp_path):
+    """Lightning writes a step checkpoint before that step's validation and does not rerun it on resume: a run
+    resumed from step 4 switched at 16 instead of 10. Refused in one line before any step is trained."""
+    from loopscape.integrations.lightning import ShiftCallback
+
+    settings = {"n_loops": 2, "scp": {"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1}}
+    with pytest.raises(ValueError, match=r"cannot resume exactly from ModelCheckpoint\(every_n_train_steps=2\)"):
+        lightning_run(tmp_path / "a", ShiftCallback(**settings), every=2)
+    module, _ = lightning_run(tmp_path / "b", ShiftCallback(n_loops=2, at=3), every=2)  # a fixed step needs no eval
+    assert module.loops_seen == [1] * 3 + [2] * 9
+
+
+def test_resumed_after_validation_checkpoints_scp_switches_where_the_whole_run_did(tmp_path):
+    """Killed after any checkpoint and resumed, SCP switches at the uninterrupted run's step."""
+    from loopscape.integrations.lightning import ShiftCallback
+
+    settings = {"n_loops": 2, "scp": {"patience": 2, "min_delta": 10.0, "wait": 1, "max_wait": 1}}
+    whole, _ = lightning_run(tmp_path / "a", ShiftCallback(**settings))
+    shift = whole.loops_seen.index(2)
+    lightning_run(tmp_path / "b", ShiftCallback(**settings), after_validation=True)
+    for ckpt in sorted((tmp_path / "b").glob("*.ckpt")):
+        step = int(ckpt.stem.split("step=")[1])
+        if step >= shift:
+            continue
+        resumed, _ = lightning_run(tmp_path / f"c{step}", ShiftCallback(**settings), resume=str(ckpt))
+        assert resumed.loops_seen.index(2) + step == shift, ckpt.name
+
+
+def test_the_controller_applies_a_step_once():
+    """The HF Trainer announces the first step twice (on_train_begin, on_step_begin): with at=0 the switch was
+    recorded twice and the optimiser reset twice."""
+    model = looped_attn(n_loops=1, max_len=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    shift = ShiftController(ShiftSchedule.fixed(3, at=0, optimizer="reset"), model, opt)
+    assert shift.before_step(1) == 3 and shift.before_step(1) == 3
+    assert shift.switches == [(1, 3)]
+
+
+def test_hf_callback_resumed_at_the_switch_step_records_it_once(tmp_path):
+    from loopscape.integrations.hf import ShiftCallback
+
+    at_zero = ShiftCallback(n_loops=3, at=0)
+    hf_trainer(tmp_path, at_zero).train()
+    assert at_zero.controller.switches == [(1, 3)]
+    cut = hf_trainer(tmp_path / "b", ShiftCallback(n_loops=3, at=8), save_steps=8)
+    cut.train()
+    resumed_cb = ShiftCallback(n_loops=3, at=8)
+    resumed = hf_trainer(tmp_path / "b", resumed_cb, save_steps=8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-8"))  # the next step is the switch
+    assert resumed_cb.controller.switches == [(9, 3)]
+
+
+def test_callback_settings_that_contradict_or_cannot_work_are_one_line(tmp_path):
+    from loopscape.integrations.hf import ShiftCallback
+
+    with pytest.raises(ValueError, match="give at most one of at .*got at and scp"):
+        ShiftCallback(n_loops=3, at=5, scp={"patience": 2})
+    trainer = hf_trainer(tmp_path, ShiftCallback(n_loops=3))
+    trainer.args.eval_strategy = "no"
+    with pytest.raises(ValueError, match=r"eval_strategy='no'\) never evaluates"):
+        trainer.train()
+
+
+def test_lightning_scp_names_a_misspelled_monitor(tmp_path):
+    from loopscape.integrations.lightning import ShiftCallback
+
+    with pytest.raises(ValueError, match=r"monitor='val_los'.*logged no 'val_los'.*logged: .*val_loss"):
+        lightning_run(tmp_path, ShiftCallback(n_loops=2, monitor="val_los"))
+
+
+def test_scp_that_never_fires_says_why_at_the_end(tmp_path):
+    from loopscape.integrations.hf import ShiftCallback
+    from loopscape.shift.criterion import ShiftCriterion
+
+    never = ShiftCallback(n_loops=3, scp={"patience": 100})
+    with pytest.warns(UserWarning, match=r"Stage II never started .*no plateau in 6 evaluations"):
+        hf_trainer(tmp_path / "a", never).train()
+    bounded = ShiftCallback(n_loops=3, scp={"patience": 100, "shift_by": 2})
+    trainer = hf_trainer(tmp_path / "b", bounded)
+    trainer.train()
+    assert bounded.controller.schedule.shift_step == 4  # the second evaluation (every 2 steps)
+    assert bounded.controller.schedule.criterion.forced
+    assert "no evaluation" in ShiftCriterion().status()
 
 
 def _rank_switches(rank: int, port: int, out: str) -> None:
@@ -372,3 +464,16 @@ def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
     saved = torch.load(sorted((tmp_path / "run").glob("*step=8.ckpt"))[0], weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if "CurvatureCallback" in k)
     assert [r["step"] for r in state["rows"]] == [4, 8] and (tmp_path / "curv" / "curvature.png").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loopify_refuses_a_base_model_without_an_lm_head(family):
+    if family == "gpt2":
+        base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=8, n_layer=2, n_head=2))
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2
+        )
+        base = transformers.LlamaModel(config)
+    with pytest.raises(ValueError, match=f"got the base model {type(base).__name__}$"):
+        loopify(base, layers=(0, 1))

@@ -228,17 +228,19 @@ def retrofit(
     quiet: bool = QuietOpt,
 ) -> None:
     """Appendix B: loop the middle layers of a trained decoder and continue, against continuing it plain
-    and a looped model from scratch (needs the [hf] extra)."""
+    and a looped model from scratch (needs the \\[hf] extra)."""
     from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
 
     try:
         flags = {"model_path": str(model) if model else None, "data_path": str(data) if data else None}
         cfg = load_config(RetrofitConfig, config, overrides(set_, seeds=seeds, **flags))
-        result = run_retrofit(cfg, _output("retrofit", output, False), show_progress=not quiet)
+        out = _output("retrofit", output, False)
+        result = run_retrofit(cfg, out, show_progress=not quiet)
     except FAILURES as err:
         _fail(err)
     for v in result["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
+    typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'retrofit.json'}")
 
 
 @app.command()
@@ -293,7 +295,7 @@ def theory(
 ) -> None:
     """Run the theory: Theorems 1-2 on random River-Valley instances, Corollaries 1-2, Theorem 3 on the toy models."""
     from loopscape.experiments.theory import TheoryStudyConfig, add_to_markov_summary, run_theory
-    from loopscape.io import lock_run_folder, refuse_to_overwrite
+    from loopscape.io import claim_new_run_folder
 
     try:
         cfg = load_config(TheoryStudyConfig, config, overrides(set_, alignment_seeds=seeds, alignment_epochs=epochs))
@@ -302,8 +304,7 @@ def theory(
                 f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})"
             )
         out = report / "theory" if report is not None else _output("theory", output, False)
-        refuse_to_overwrite(out, resumable=False)
-        lock_run_folder(out)
+        claim_new_run_folder(out, resumable=False)
         study = run_theory(cfg, out, show_progress=not quiet)
         if report is not None:
             add_to_markov_summary(report, study, cfg)

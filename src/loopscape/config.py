@@ -46,6 +46,17 @@ def require(ok: bool, field: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{field} must be {allowed} (got {value!r})")
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def require_seeds(seeds: list[int], field: str) -> None:
+    """A non-empty list of distinct seeds, each one ``torch.manual_seed`` and NumPy accept."""
+    require(len(seeds) >= 1, field, "a non-empty list of integers", seeds)
+    require(len(set(seeds)) == len(seeds), field, "distinct integers", seeds)
+    bad = next((s for s in seeds if not 0 <= s <= MAX_SEED), None)
+    require(bad is None, field, f"integers from 0 to {MAX_SEED} (2^63 - 1)", bad)
+
+
 def _coerce(value: Any, tp: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -59,7 +70,13 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             value = [value]
         return [_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        require(isinstance(value, dict), field, "a table of settings", value)
+        names = ", ".join(f.name for f in dataclasses.fields(tp))
+        require(
+            isinstance(value, dict),
+            field,
+            f"a table of settings ({names}); set one with --set {field}.<setting>=<value>",
+            value,
+        )
         return from_dict(tp, value, prefix=f"{field}.")
     if tp is bool:
         if value in (0, 1) and not isinstance(value, bool):

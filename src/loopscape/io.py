@@ -213,9 +213,17 @@ def read_run_config(path: Path) -> Any:
 def refuse_to_overwrite(out: Path, resumable: bool = True) -> None:
     """A run never writes into a non-empty folder unless it resumes it (``resumable``: the command can).
     The lock files do not count."""
-    if out.exists() and any(p.name not in (LOCK, WORKERS_LOCK) for p in out.iterdir()):
+    if out.is_dir() and any(p.name not in (LOCK, WORKERS_LOCK) for p in out.iterdir()):
         hint = "pass --resume to continue it or choose another --output" if resumable else "choose another --output"
         raise ConfigError(f"output folder {str(out)!r} already exists and is not empty; {hint}")
+
+
+def claim_new_run_folder(out: Path, resumable: bool = True) -> None:
+    """Refuse a non-empty ``out`` before touching it (a refused folder is left exactly as it was), then
+    become its one writer (:func:`lock_run_folder`) and check again: another writer may have come first."""
+    refuse_to_overwrite(out, resumable)
+    lock_run_folder(out)
+    refuse_to_overwrite(out, resumable)
 
 
 def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
@@ -231,6 +239,5 @@ def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
                 f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
             )
         return
-    lock_run_folder(out)
-    refuse_to_overwrite(out)
+    claim_new_run_folder(out)
     atomic_write_text(saved, yaml.safe_dump(to_dict(config), sort_keys=False))

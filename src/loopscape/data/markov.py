@@ -288,6 +288,13 @@ class MarkovDataConfig:
         require(len(self.test_lengths) >= 1, f"{p}test_lengths", "a non-empty list of lengths", self.test_lengths)
         for L in self.test_lengths:
             require(L >= self.length, f"{p}test_lengths", f"lengths >= the training length {self.length}", L)
+        # the training set enumerates all V^L sequences (and draws from them by enumeration)
+        require_fits(
+            4 * 8 * self.length * self.vocab_size**self.length,
+            f"{p}vocab_size, length",
+            [self.vocab_size, self.length],
+            f"the {self.vocab_size}^{self.length} sequences the training set enumerates",
+        )
         # tokens (int64) and IC (float64) of every set, with room for the samplers' working copies
         size = 16 * 4 * ((self.n_train + self.n_val) * self.length + self.n_test * sum(self.test_lengths))
         require_fits(size, f"{p}n_train, n_val, n_test", [self.n_train, self.n_val, self.n_test], "the data sets")

@@ -31,17 +31,17 @@ from loopscape.config import (
     preset_file,
     require,
     require_fits,
+    require_seeds,
     to_dict,
     validate_tree,
 )
 from loopscape.data.algorithmic import ROW_WIDTHS, TASKS, AlgorithmicTask, Curriculum
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import (
-    lock_run_folder,
+    claim_new_run_folder,
     prepare_run_folder,
     read_json_file,
     read_jsonl,
-    refuse_to_overwrite,
     write_json,
 )
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig, adaptive_choice, exact_match, oracle_decode
@@ -281,15 +281,14 @@ def run_algorithmic_seeds(
     """:func:`run_algorithmic` once per seed, in ``out/seed-<k>/``, then the summary over
     seeds (``seeds.json``, ``report.html``). With ``resume``, finished seeds are read
     back, an interrupted one continues and the rest start."""
-    require(len(seeds) == len(set(seeds)) and len(seeds) >= 1, "seeds", "distinct integers, at least one", seeds)
+    require_seeds(seeds, "seeds")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another"
         )
     out = Path(out)
     if not resume:
-        lock_run_folder(out)
-        refuse_to_overwrite(out)
+        claim_new_run_folder(out)
     runs = {}
     for s in seeds:
         run_dir = out / f"seed-{s}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from loopscape.config import require
+from loopscape.config import require, require_seeds
 from loopscape.data.languages import (
     PAPER_IC_MAX,
     PAPER_REPORTED,
@@ -37,8 +37,7 @@ class LanguagesConfig:
     n_feasibility: int = 500  # random languages per data reading in the feasibility table
 
     def validate(self, p: str = "") -> None:
-        require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
-        require(all(s >= 0 for s in self.seeds), f"{p}seeds", "integers >= 0", self.seeds)
+        require_seeds(self.seeds, f"{p}seeds")
         require(self.n_feasibility >= 1, f"{p}n_feasibility", "an integer >= 1", self.n_feasibility)
 
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from loopscape.config import require
+from loopscape.config import require, require_seeds
 from loopscape.data.languages import PAPER_IC_MAX, PAPER_REPORTED, PAPER_SIMPLE_SHARE, feasibility, fit, language_facts
 from loopscape.data.languages import RULE as LANGUAGE_RULE
 from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, bayes_ceiling, build_task
+from loopscape.errors import DamagedRunError
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
 from loopscape.landscape.river_valley import cumulative_force
@@ -74,8 +75,13 @@ class MarkovStudyConfig:
     workers: int = 0  # 0: one per core, at most one per run
 
     def validate(self, p: str = "") -> None:
-        require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
-        require(len(set(self.seeds)) == len(self.seeds), f"{p}seeds", "distinct integers", self.seeds)
+        require_seeds(self.seeds, f"{p}seeds")
+        require(
+            self.model.n_loops >= 2,
+            f"{p}model.n_loops",
+            "an integer >= 2 (Looped-Attn's T; Single-Attn is the one-loop model, trained beside it)",
+            self.model.n_loops,
+        )
         require(self.workers >= 0, f"{p}workers", "an integer >= 0", self.workers)
         require(
             self.model.vocab_size in (None, self.data.vocab_size),
@@ -172,13 +178,28 @@ def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed{seed}"
 
 
+def is_done(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` finished. A damaged ``done.json`` is repaired from the run it marks,
+    once that run is verified (``final.json``: logs and weights as written); an unverifiable run is refused
+    in one line naming its file."""
+    done = run_dir / "done.json"
+    if not done.exists():
+        return False
+    try:
+        read_json_file(done)
+    except DamagedRunError:
+        verify_finished(run_dir)
+        write_json(done, {"epochs": epochs})
+    return True
+
+
 def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
     """Train every (model, seed) not yet done, in parallel worker processes."""
     jobs = [
         (cfg, name, seed, str(run_dir_of(out, name, seed)), resume)
         for name in cfg.models
         for seed in cfg.seeds
-        if not (run_dir_of(out, name, seed) / "done.json").exists()
+        if not is_done(run_dir_of(out, name, seed), cfg.train.epochs)
     ]
     run_jobs(
         _run_one,

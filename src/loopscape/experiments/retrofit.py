@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from loopscape.config import ConfigError, require, to_dict
+from loopscape.config import ConfigError, require, require_seeds, to_dict
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.integrations._extra import require_extra
 from loopscape.integrations.loopify import looped_layers, loopify
@@ -69,7 +69,7 @@ class RetrofitConfig:
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
-        require(len(self.seeds) >= 1, f"{p}seeds", "a non-empty list of integers", self.seeds)
+        require_seeds(self.seeds, f"{p}seeds")
         for name in (
             "d_model",
             "n_layers",

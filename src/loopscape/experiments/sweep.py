@@ -16,7 +16,7 @@ import numpy as np
 
 from loopscape.config import ConfigError, from_dict, read_mapping, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
-from loopscape.io import atomic_write_text, lock_run_folder, read_run_config, refuse_to_overwrite, write_json
+from loopscape.io import atomic_write_text, claim_new_run_folder, lock_run_folder, read_run_config, write_json
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
@@ -45,9 +45,10 @@ def _apply(base_dict: dict, key: str, value) -> str:
 
 def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False, show_progress: bool = True) -> str:
     out = Path(out)
-    lock_run_folder(out)
-    if not resume:
-        refuse_to_overwrite(out)
+    if resume:
+        lock_run_folder(out)
+    else:
+        claim_new_run_folder(out)
     rows = []
     for values in itertools.product(*grid.values()):
         d = copy.deepcopy(to_dict(base))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopscape.config import require
+from loopscape.config import require, require_seeds
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
 from loopscape.io import atomic_write_text, read_json_file, write_json
@@ -57,15 +57,13 @@ class TheoryStudyConfig:
 
     def validate(self, p: str = "") -> None:
         require(self.instances >= 1, f"{p}instances", "an integer >= 1", self.instances)
+        require_seeds(self.alignment_seeds, f"{p}alignment_seeds")
         require(self.steps >= 1, f"{p}steps", "an integer >= 1", self.steps)
         require(
             bool(self.kappas) and all(k > 1 for k in self.kappas),
             f"{p}kappas",
             "a non-empty list of numbers > 1",
             self.kappas,
-        )
-        require(
-            len(self.alignment_seeds) >= 1, f"{p}alignment_seeds", "a non-empty list of seeds", self.alignment_seeds
         )
         require(self.alignment_epochs >= 1, f"{p}alignment_epochs", "an integer >= 1", self.alignment_epochs)
         require(self.alignment_every >= 1, f"{p}alignment_every", "an integer >= 1", self.alignment_every)

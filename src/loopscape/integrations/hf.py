@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from loopscape.integrations._extra import require_extra
 from loopscape.integrations.loopify import get_n_loops
@@ -64,6 +65,13 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         return {"args": self.settings, "attributes": {"shift_state": self.controller.state_dict()}}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+        if self.controller.schedule.criterion is not None and strategy == "no":
+            raise ValueError(
+                "ShiftCallback with SCP decides on evaluations, but TrainingArguments(eval_strategy='no') never "
+                "evaluates: set eval_strategy='steps' with eval_steps (and an eval_dataset), or give at= for a "
+                "fixed switch step"
+            )
         self.controller.attach(model, optimizer)
         # on resume the Trainer has read trainer_state.json, ours included, whether or not it restores callbacks
         restored = self.shift_state
@@ -104,6 +112,9 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        never = self.controller.end_of_training(state.global_step)
+        if never is not None and state.is_world_process_zero:
+            warnings.warn(never, stacklevel=2)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")

@@ -13,6 +13,8 @@ logger (TensorBoard by default), and saves its state with the checkpoint.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from loopscape.integrations._extra import require_extra
@@ -45,6 +47,18 @@ class ShiftCallback(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.controller.attach(pl_module)
+        if self.controller.schedule.criterion is not None:
+            for cb in trainer.checkpoint_callbacks:
+                # saved in on_train_batch_end, before that step's validation: a run resumed from such a
+                # checkpoint never shows SCP the evaluation Lightning does not rerun, and switches later
+                steps = getattr(cb, "_every_n_train_steps", 0) or 0
+                if steps > 0 or getattr(cb, "_train_time_interval", None) is not None:
+                    cadence = f"every_n_train_steps={steps}" if steps > 0 else "train_time_interval"
+                    raise ValueError(
+                        f"ShiftCallback with SCP cannot resume exactly from ModelCheckpoint({cadence}): Lightning "
+                        "saves those before the step's validation and does not rerun it on resume; checkpoint after "
+                        "validation instead (ModelCheckpoint() or every_n_epochs), or give at= for a fixed switch"
+                    )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.controller.optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -65,9 +79,21 @@ class ShiftCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         loss = trainer.callback_metrics.get(self.monitor)
+        schedule = self.controller.schedule
+        if loss is None and schedule.criterion is not None and schedule.shift_step is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
+            raise ValueError(
+                f"ShiftCallback(monitor={self.monitor!r}): SCP needs that validation metric, but the module logged "
+                f"no {self.monitor!r} in validation (logged: {logged}); pass monitor= the name you self.log()"
+            )
         grad = float(self._grad["sum"]) / self._grad["n"] if self._grad["n"] else None
         self._grad = {"sum": 0.0, "n": 0}
         self.controller.after_evaluation(trainer.global_step, None if loss is None else float(loss), grad)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        never = self.controller.end_of_training(trainer.global_step)
+        if never is not None and trainer.is_global_zero:
+            warnings.warn(never, stacklevel=2)
 
     def state_dict(self) -> dict:
         return {**self.controller.state_dict(), "grad": {"sum": float(self._grad["sum"]), "n": self._grad["n"]}}

@@ -104,6 +104,11 @@ def _family(model: nn.Module) -> tuple[nn.Module, str, str]:
             f"(got {type(model).__name__} with model_type {model_type!r})"
         )
     stack, layers, norm = FAMILIES[model_type]
+    if not hasattr(model, stack):
+        raise ValueError(
+            f"model must be a causal LM with its LM head ({stack!r} inside it, e.g. GPT2LMHeadModel or "
+            f"LlamaForCausalLM); got the base model {type(model).__name__}"
+        )
     return getattr(model, stack), layers, norm
 
 

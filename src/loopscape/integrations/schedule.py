@@ -18,8 +18,12 @@ def schedule_from_settings(
     """``at``: a fixed last Stage-I step; ``milestones``: ``{step: loops}`` (a progressive T(step));
     otherwise SCP with ``scp``'s settings (``ShiftCriterion``'s keywords; its defaults if None).
     ``sampled_depth``: Stage II draws each step's loop count from ``1..n_loops`` (``seed``)."""
-    if at is not None and milestones is not None:
-        raise ValueError("give at most one of at (a fixed switch step) and milestones (a progressive schedule)")
+    given = [name for name, v in (("at", at), ("scp", scp), ("milestones", milestones)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"give at most one of at (a fixed switch step), scp (SCP's settings) and milestones (a progressive "
+            f"schedule); got {' and '.join(given)}"
+        )
     if milestones is not None:
         return ShiftSchedule(
             n_loops=max(2, *milestones.values()),

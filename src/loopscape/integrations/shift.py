@@ -34,6 +34,7 @@ class ShiftController:
             raise ValueError(f"schedule must be a loopscape ShiftSchedule (got {type(schedule).__name__})")
         self.schedule, self.model, self.optimizer = schedule, None, optimizer
         self.switches: list[tuple[int, int]] = []  # (step, loop count from that step on)
+        self._applied: int | None = None  # the last step applied: a framework may announce a step twice
         if model is not None:
             self.attach(model, optimizer)
 
@@ -43,7 +44,11 @@ class ShiftController:
 
     def before_step(self, step: int) -> int:
         """Set the loop count of training step ``step`` (counted from 1); returns it. A step that starts
-        a new stage is recorded in ``switches`` (and resets the optimiser if the schedule says so)."""
+        a new stage is recorded in ``switches`` (and resets the optimiser if the schedule says so). A step
+        already applied is not applied again (the HF Trainer announces the first step of a run twice)."""
+        if step == self._applied:
+            return get_n_loops(self.model)
+        self._applied = step
         k = self.schedule.n_loops_at(step)
         if self.schedule.starts_stage(step):
             self.switches.append((step, k))
@@ -70,6 +75,21 @@ class ShiftController:
             dist.broadcast(decided, src=0)
             self.schedule.shift_step = None if int(decided) < 0 else int(decided)
         return self.schedule.starts_stage(step + 1)
+
+    def end_of_training(self, last_step: int) -> str | None:
+        """None if Stage II started by ``last_step``; otherwise one line saying that it never did, and why."""
+        shift = self.schedule.shift_step
+        if shift is not None and shift < last_step:
+            return None
+        if shift is not None:
+            why = f"the switch comes after step {shift}, and training ended at step {last_step}"
+        elif self.schedule.criterion is not None:
+            why = self.schedule.criterion.status() + (
+                "; ShiftCriterion(shift_by=N) bounds the wait from the start of training"
+            )
+        else:
+            why = "the schedule has no switch"
+        return f"SHIFT: Stage II never started ({self.schedule.n_loops} loops): {why}"
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule.state_dict(), "switches": [list(s) for s in self.switches]}

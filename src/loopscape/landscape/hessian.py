@@ -174,6 +174,10 @@ def _read_batches(batches: Iterable, distributed: bool = False) -> list[tuple[st
         raise ValueError("batches must be all of one form: (inputs, targets), (inputs, targets, weights) or dicts")
     if kinds == {"dict"}:
         tokens = _global_count(sum(int((b["labels"][..., 1:] != -100).sum()) for _, b in out), distributed)
+        if tokens == 0:
+            raise ValueError(
+                "batches' labels must score at least one token: every label after the first position is -100"
+            )
         return [("dict", {**b, "weight": torch.tensor(1.0 / tokens, dtype=torch.float64)}) for _, b in out]
     if len(out[0][1]) == 2:
         n = _global_count(sum(len(b[0]) for _, b in out), distributed)

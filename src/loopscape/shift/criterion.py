@@ -15,6 +15,11 @@ and says when to switch from Single-Attn to Looped-Attn:
    settled gradient that is exactly ``E_plateau + W``; otherwise SCP waits
    until it settles, or until ``max_wait`` evaluations after the plateau
    (then it shifts regardless, and says so in ``forced``; ``None`` waits forever).
+3. **A bound from the start (optional).** ``shift_by``: if SCP has not fired by
+   that evaluation, counted from the start of training, it shifts there
+   (``forced``). Off by default (the paper has no such bound); on real data
+   where the validation loss keeps creeping down, it keeps Stage II from never
+   starting. :meth:`ShiftCriterion.status` says why SCP has not fired yet.
 
 Why a coefficient of variation and these defaults: under Adam at a constant
 learning rate the full-batch gradient norm on a plateau never becomes smooth;
@@ -47,6 +52,7 @@ class ShiftCriterion:
     wait: int = 10
     grad_tol: float = 0.5
     max_wait: int | None = 50
+    shift_by: int | None = None  # shift at this evaluation at the latest (from the start of training)
     # state
     evaluations: int = 0
     best: float = math.inf
@@ -63,6 +69,7 @@ class ShiftCriterion:
             ("wait", self.wait >= 1, "an integer >= 1"),
             ("grad_tol", self.grad_tol >= 0, "a number >= 0"),
             ("max_wait", self.max_wait is None or self.max_wait >= self.wait, "None or an integer >= wait"),
+            ("shift_by", self.shift_by is None or self.shift_by >= 1, "None or an integer >= 1"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {allowed} (got {getattr(self, name)!r})")
@@ -82,6 +89,9 @@ class ShiftCriterion:
         self.evaluations += 1
         e = self.evaluations
         self.grad_norms = (self.grad_norms + [float(grad_norm)])[-self.wait :]
+        if self.shift_by is not None and e >= self.shift_by:
+            self.shift_at, self.forced = e, True
+            return True
         if self.plateau_at is None:
             if val_loss < self.best - self.min_delta:
                 self.best, self.since_best = float(val_loss), 0
@@ -97,6 +107,25 @@ class ShiftCriterion:
             self.shift_at, self.forced = e, spread > self.grad_tol
             return True
         return False
+
+    def status(self) -> str:
+        """Where SCP stands, in one line: why it has not fired yet (or when it did), with the values it saw."""
+        if self.shifted:
+            return f"SCP fired at evaluation {self.shift_at}" + (" (forced)" if self.forced else "")
+        if self.evaluations == 0:
+            return "SCP saw no evaluation: evaluate on a validation set (and log the gradient norm) during training"
+        if self.plateau_at is None:
+            return (
+                f"no plateau in {self.evaluations} evaluations: the validation loss was still improving (best "
+                f"{self.best:.4g}, {self.since_best} of patience {self.patience} evaluations without a gain of more "
+                f"than {self.min_delta:g})"
+            )
+        cv = self.spread(self.grad_norms) if self.grad_norms else float("nan")
+        return (
+            f"plateau at evaluation {self.plateau_at}, then the gradient norm did not settle in "
+            f"{self.evaluations - self.plateau_at} evaluations (coefficient of variation {cv:.3g} > {self.grad_tol:g}; "
+            f"wait {self.wait}, max_wait {self.max_wait})"
+        )
 
     @staticmethod
     def spread(grad_norms: list[float]) -> float:
