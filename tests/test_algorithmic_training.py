@@ -221,6 +221,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
 def test_bf16_autocast_trains_and_logs_finite_numbers(tmp_path):
     _, rows = _run(tmp_path / "bf", "looped", 10, precision="bf16")
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
+    _, fp32 = _run(tmp_path / "fp", "looped", 10)
+    # autocast really ran the products in bf16: the same run in fp32 gives other losses (ignored, they would match)
+    assert [r["train_loss"] for r in rows] != [r["train_loss"] for r in fp32]
 
 
 @pytest.mark.slow

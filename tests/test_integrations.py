@@ -445,6 +445,31 @@ def test_hf_curvature_callback_tracks_logs_plots_and_resumes(tmp_path):
         assert (r["mutual_information"] is None) == (s["mutual_information"] is None)
 
 
+def test_hf_curvature_state_lives_in_the_checkpoint_it_resumes_from(tmp_path):
+    """(a) The process dies after HF wrote checkpoint-3 but before the callbacks' on_save; (b) the run resumes
+    from that checkpoint into a new output_dir. Either way the resumed run measures what the whole run did."""
+    from loopscape.integrations.hf import CurvatureCallback
+
+    class DieOnSave(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("killed after the checkpoint was written")
+
+    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6}
+    whole = hf_trainer(tmp_path / "a", CurvatureCallback(probe_batches(), **settings), max_steps=6)
+    whole.train()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    cut = hf_trainer(tmp_path / "b", CurvatureCallback(probe_batches(), **settings), max_steps=6, save_steps=3)
+    cut.callback_handler.callbacks.insert(0, DieOnSave())  # before ours: our on_save never runs
+    with pytest.raises(RuntimeError, match="killed after the checkpoint"):
+        cut.train()
+    resumed = hf_trainer(tmp_path / "c", CurvatureCallback(probe_batches(), **settings), max_steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))  # a new output_dir
+    again = [json.loads(line) for line in (tmp_path / "c" / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [3, 6]  # the row measured before the kill is carried over
+    assert again[1]["mutual_information"] is not None  # the probe's last spectrum came back with it
+    assert again[1]["mutual_information"] == pytest.approx(rows[1]["mutual_information"], rel=1e-6)
+
+
 def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
     from loopscape.integrations.lightning import CurvatureCallback
 

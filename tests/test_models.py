@@ -30,13 +30,17 @@ def test_looped_attn_forward_by_hand():
 
 
 @pytest.mark.parametrize("embedding", ["onehot", "token", "random"])
-def test_single_attn_is_looped_attn_with_one_loop(embedding):
+def test_single_attn_is_the_papers_equation_written_out(embedding):
+    """y = W_h (z_0 + W_V E E^T W_K^T W_Q z_0), E = g(X) in the paper's (d x n) layout, one sample at a time."""
     torch.manual_seed(0)
-    a = single_attn(embedding=embedding)
-    b = looped_attn(n_loops=1, embedding=embedding)
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 3, (64, 3))
-    assert torch.equal(a(x), b(x))
+    a = single_attn(embedding=embedding).double()
+    x = torch.randint(0, 3, (16, 3))
+    got = a(x)
+    for i in range(len(x)):
+        E = a.embed(x[i]).T  # (d, n)
+        z0 = E[:, -1]
+        z1 = z0 + a.W_V @ E @ E.T @ a.W_K.T @ a.W_Q @ z0
+        torch.testing.assert_close(got[i], a.W_h @ z1, rtol=1e-12, atol=1e-12)
 
 
 def test_query_state_is_last_column_of_embedding_state():

@@ -29,6 +29,7 @@ SPECS = [
     (1, lambda: ShiftSchedule.fixed(3, at=4)),
     (1, lambda: ShiftSchedule.fixed(3, at=4, optimizer="reset")),
     (2, lambda: ShiftSchedule.scp(3, scp())),
+    (3, lambda: ShiftSchedule.sampled_depth(3, at=2, seed=5)),  # a fresh draw every epoch of Stage II
 ]
 
 

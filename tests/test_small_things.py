@@ -53,3 +53,14 @@ def test_boolean_settings_accept_the_usual_spellings(text, value):
 
     key, parsed = parse_override(f"hessian.enabled={text}")
     assert load_config(MarkovStudyConfig, None, {key: parsed}).hessian.enabled is value
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys, monkeypatch):
+    """Off a terminal a live bar shows only its end: plain lines say how far each labelled job got."""
+    from loopscape.experiments import parallel
+
+    monkeypatch.setattr(parallel._LinesOffTerminal, "LINE_EVERY_S", 0.0)
+    out = parallel.run_jobs(lambda x, q: 2 * x, [(1,), (2,)], [5, 5], "demo: training 2 runs (epochs)", workers=1)
+    assert out == [2, 4]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("demo: training 2 runs (epochs): ")]
+    assert [x.split(": ")[2].split(",")[0] for x in lines] == ["5/10 (50%)", "10/10 (100%)"]

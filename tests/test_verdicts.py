@@ -140,7 +140,8 @@ def test_shift_speedup_outcomes(entry, expected):
     assert v["verdict"] == expected
     point = {"verdict": "reproduced", "median": 125.0, "epochs": [120, 130], "reason": None}
     row = shift.verdict_rows({"scp_shift_point": point, "shift_speedup": v})[1]
-    assert row["verdict"] == expected and "None" not in row["ours"]
+    assert row["verdict"] == expected
+    assert row["ours"] == v["reason"] if v["reason"] else row["ours"].startswith(f"{v['looped_epochs_speedup']:.2f}x")
 
 
 def length_results(diffs, n_seeds=3, lengths=(8, 11)):

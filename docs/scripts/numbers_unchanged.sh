@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Do the numbers of the current tree equal those of an earlier commit, on this machine?
 #   bash docs/scripts/numbers_unchanged.sh REV      (e.g. the commit before a refactor)
-# Runs `loopscape markov --epochs 40 --seeds 0,1 --set hessian.enabled=false` and
-# `loopscape reproduce --quick` on REV (a temporary worktree) and on this tree, with
-# the same Python, then compares every number (docs/scripts/compare_runs.py).
+# Runs `loopscape markov --epochs 40 --seeds 0,1 --set hessian.enabled=false`,
+# `loopscape reproduce --quick` and a short algorithmic Parity run (Single-Attn, Looped-Attn, SHIFT with SCP)
+# on REV (a temporary worktree) and on this tree, with the same Python, then compares every
+# number (docs/scripts/compare_runs.py).
 set -euo pipefail
 rev=${1:?usage: numbers_unchanged.sh REV}
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -16,8 +17,11 @@ for side in before after; do
   PYTHONPATH=$src "$python" -m loopscape.cli markov --epochs 40 --seeds 0,1 --set hessian.enabled=false \
     -o "$work/$side-markov" -q >/dev/null
   PYTHONPATH=$src "$python" -m loopscape.cli reproduce --quick -o "$work/$side-reproduce" -q >/dev/null
+  PYTHONPATH=$src "$python" -m loopscape.cli algorithmic --task parity --set train.steps=400 \
+    --set train.eval_every=50 --set 'train.scp={patience: 2, wait: 2, max_wait: 4}' -o "$work/$side-parity" -q >/dev/null
 done
 status=0
 "$python" "$here/docs/scripts/compare_runs.py" "$work/before-markov" "$work/after-markov" || status=1
 "$python" "$here/docs/scripts/compare_runs.py" "$work/before-reproduce" "$work/after-reproduce" || status=1
+"$python" "$here/docs/scripts/compare_runs.py" "$work/before-parity" "$work/after-parity" || status=1
 exit $status

@@ -219,11 +219,6 @@ class AlgorithmicTask:
         """Row width at largest length ``n`` under ``row_width="task"`` (:data:`ROW_WIDTH`)."""
         return ROW_WIDTH[self.name](n)
 
-    def decode(self, ids: torch.Tensor) -> str:
-        """Token ids to text, for examples and error messages (``<pad>`` shown as ``.``)."""
-        sep = "," if self.name == "unique_set" else ""
-        return sep.join("." if int(i) == self.pad else self.vocab[int(i)] for i in ids)
-
 
 @dataclass
 class Curriculum:

@@ -205,7 +205,7 @@ def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_prog
         _run_one,
         jobs,
         [cfg.train.epochs] * len(jobs),
-        f"training {len(jobs)} runs (epochs)",
+        f"{out.name}: training {len(jobs)} runs of {', '.join(sorted({j[1] for j in jobs}))} (epochs)",
         cfg.workers,
         show_progress,
         folder=out,

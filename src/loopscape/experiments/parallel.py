@@ -99,11 +99,13 @@ def run_jobs(
     ]
     with Progress(*columns, disable=not show_progress) as bar:
         task_id = bar.add_task(description, total=sum(units))
+        lines = _LinesOffTerminal(bar, task_id, show_progress)
         if workers == 1:
             results = []
             for job, n in zip(jobs, units):
                 results.append(fn(*job, None))
                 bar.update(task_id, advance=n)
+                lines.maybe_print(force=True)
             return results
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
         progress = ctx.Queue()  # handed to each worker when it starts: no manager process to outlive us
@@ -114,6 +116,32 @@ def run_jobs(
                 time.sleep(0.2)
                 while not progress.empty():
                     bar.update(task_id, advance=progress.get())
+                lines.maybe_print()
             results = [f.result() for f in futures]
             bar.update(task_id, completed=sum(units))
+            lines.maybe_print(force=True)
             return results
+
+
+class _LinesOffTerminal:
+    """Without a terminal (CI logs, nohup) a live bar shows only its final state: print a plain line of
+    progress every ``LINE_EVERY_S`` seconds instead."""
+
+    LINE_EVERY_S = 30.0
+
+    def __init__(self, bar: Progress, task_id, show_progress: bool):
+        self.bar, self.task_id = bar, task_id
+        self.active = show_progress and not bar.console.is_terminal
+        self.last = time.monotonic()
+
+    def maybe_print(self, force: bool = False) -> None:
+        if not self.active or not (force or time.monotonic() - self.last >= self.LINE_EVERY_S):
+            return
+        task = self.bar.tasks[self.task_id]
+        share = task.completed / task.total if task.total else 1.0
+        print(
+            f"{task.description}: {task.completed:.0f}/{task.total:.0f} ({share:.0%}), "
+            f"{time.strftime('%H:%M:%S', time.gmtime(task.elapsed or 0))} elapsed",
+            flush=True,
+        )
+        self.last = time.monotonic()

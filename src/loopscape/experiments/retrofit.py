@@ -31,7 +31,7 @@ import yaml
 
 from loopscape.config import ConfigError, require, require_seeds, to_dict
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
-from loopscape.integrations._extra import require_extra
+from loopscape.extras import require_extra
 from loopscape.integrations.loopify import looped_layers, loopify
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.models.looped_gpt import exact_match

@@ -19,7 +19,7 @@ Writes into ``OUT``::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
 from loopscape.shift import compute
 from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, ShiftSchedule
+from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, ShiftConfig, ShiftSchedule
 from loopscape.training.markov import train_markov
 from loopscape.training.population import load_member, member_curves, train_population
 from loopscape.training.run import seeded, verify_finished
@@ -83,8 +83,8 @@ class ShiftStudyConfig:
 def schedule_of(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> ShiftSchedule:
     """A policy's schedule: SCP, or a fixed shift epoch given as text."""
     if policy == SCP:
-        return ShiftSchedule.scp(n_loops, criterion=scp.build(), optimizer=optimizer)
-    return ShiftSchedule.fixed(n_loops, at=int(policy), optimizer=optimizer)
+        return ShiftConfig(n_loops, scp=asdict(scp), optimizer=optimizer).build()
+    return ShiftConfig(n_loops, at=int(policy), optimizer=optimizer).build()
 
 
 def _train_part(

@@ -208,7 +208,7 @@ class _AlongTrajectory:
         pass
 
 
-def theorem3(cfg: TheoryStudyConfig, show_progress: bool = False) -> dict:
+def theorem3(cfg: TheoryStudyConfig) -> dict:
     """Gradient alignment W_K / W_Q, Single-Attn vs Looped-Attn (T = 3) on the default Markov data."""
     study = MarkovStudyConfig()
     _, task = build_task(study.data)

@@ -15,22 +15,22 @@ resume, so a run resumed across the switch is the same run.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 
-from loopscape.integrations._extra import require_extra
-from loopscape.integrations.loopify import get_n_loops
-from loopscape.integrations.schedule import schedule_from_settings
-from loopscape.integrations.shift import ShiftController
-from loopscape.io import atomic_write_text, read_json_file
+from loopscape.extras import require_extra
 from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
+from loopscape.reporting.curvature import plot_curves
+from loopscape.shift.controller import ShiftController, get_n_loops
+from loopscape.shift.schedule import ShiftConfig
 
 transformers = require_extra("transformers", "hf")
 
 
 class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
-    """SHIFT's schedule as a ``TrainerCallback`` (arguments: :func:`schedule_from_settings`).
+    """SHIFT's schedule as a ``TrainerCallback`` (arguments: :class:`~loopscape.shift.schedule.ShiftConfig`'s).
 
     ``optimizer``: ``"keep"`` the optimiser's state at the switch, or ``"reset"`` it.
     """
@@ -45,18 +45,10 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         sampled_depth: bool = False,
         seed: int = 0,
     ):
-        self.settings = {
-            "n_loops": n_loops,
-            "at": at,
-            "scp": scp,
-            "milestones": milestones,
-            "optimizer": optimizer,
-            "sampled_depth": sampled_depth,
-            "seed": seed,
-        }
-        self.controller = ShiftController(
-            schedule_from_settings(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
-        )
+        # its fields are the callback's args, saved with its state (ExportableState)
+        self.config = ShiftConfig(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        self.settings = asdict(self.config)
+        self.controller = ShiftController(self.config.build())
         self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
         self._grad_norm: float | None = None
         self._writer = None  # TensorBoard, when the Trainer reports to it
@@ -121,17 +113,29 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         self.controller.after_evaluation(state.global_step, loss, self._grad_norm)
 
 
-class CurvatureCallback(transformers.TrainerCallback):
+class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
     """Curvature tracked during training (:class:`~loopscape.landscape.probe.CurvatureProbe`):
     every ``every`` steps the top-``k`` eigenvalues, trace, density, Matrix Entropy and MI of the
     Hessian on ``probe_batches`` (dict batches with ``labels``, kept fixed), written to
     ``<output_dir>/curvature/curvature.jsonl`` (TensorBoard too when the Trainer reports to it),
-    added to ``trainer.state.log_history``, and plotted at the end (``curvature.png``). Its state is
-    saved in each checkpoint (``curvature_probe.json``) and read back on resume."""
+    added to ``trainer.state.log_history``, and plotted at the end (``curvature.png``).
+
+    Its state (every row, the last pseudo-spectrum) lives in each checkpoint's ``trainer_state.json``,
+    written by the Trainer with the checkpoint itself: complete whenever the checkpoint is, and read
+    back from the checkpoint a run resumes from, whatever its ``output_dir`` (the rows are written
+    again into the new folder). The probe batches are not JSON: ``restore_callback_states_from_checkpoint``
+    cannot rebuild this callback, so pass it again, as for any callback that holds data."""
 
     def __init__(self, probe_batches, every: int = 500, k: int = 5, params=None, **probe_options):
         self.settings = {"batches": list(probe_batches), "every": every, "k": k, "params": params, **probe_options}
         self.probe = None
+        self.probe_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
+
+    def state(self) -> dict:
+        args = {
+            k: v for k, v in self.settings.items() if k != "batches" and isinstance(v, (int, float, str, type(None)))
+        }
+        return {"args": args, "attributes": {"probe_state": None if self.probe is None else self.probe.state_dict()}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         device = next(model.parameters()).device
@@ -140,20 +144,18 @@ class CurvatureCallback(transformers.TrainerCallback):
             folder=os.path.join(args.output_dir, "curvature") if state.is_world_process_zero else None,
             tensorboard="tensorboard" in (args.report_to or []),
         )
-        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
-        if state.global_step > 0 and os.path.exists(saved):
-            self.probe.load_state_dict(read_json_file(saved))
+        restored = self.probe_state
+        stored = state.stateful_callbacks.get(type(self).__name__)
+        if restored is None and isinstance(stored, dict):  # the Trainer has read the checkpoint's trainer_state.json
+            restored = stored.get("attributes", {}).get("probe_state")
+        if restored is not None and state.global_step > 0:
+            self.probe.load_state_dict(restored)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         row = self.probe.maybe_measure(model, state.global_step)
         if row is not None:
             state.log_history.append({**scalars(row), "step": state.global_step})
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            atomic_write_text(os.path.join(folder, "curvature_probe.json"), json.dumps(self.probe.state_dict()))
-
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.probe.rows:
-            self.probe.plot(os.path.join(args.output_dir, "curvature", "curvature.png"))
+            plot_curves({"run": [self.probe.rows]}, Path(args.output_dir) / "curvature" / "curvature.png")

@@ -17,16 +17,16 @@ import warnings
 
 import torch
 
-from loopscape.integrations._extra import require_extra
-from loopscape.integrations.loopify import get_n_loops
-from loopscape.integrations.schedule import schedule_from_settings
-from loopscape.integrations.shift import ShiftController
+from loopscape.extras import require_extra
+from loopscape.shift.controller import ShiftController, get_n_loops
+from loopscape.shift.schedule import ShiftConfig
 
 pl = require_extra("lightning.pytorch", "lightning")
 
 
 class ShiftCallback(pl.Callback):
-    """SHIFT's schedule as a Lightning callback (arguments as the HF ``ShiftCallback``'s, plus ``monitor``)."""
+    """SHIFT's schedule as a Lightning callback (arguments: :class:`~loopscape.shift.schedule.ShiftConfig`'s, plus
+    ``monitor``)."""
 
     def __init__(
         self,
@@ -39,9 +39,8 @@ class ShiftCallback(pl.Callback):
         seed: int = 0,
         monitor: str = "val_loss",
     ):
-        self.controller = ShiftController(
-            schedule_from_settings(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
-        )
+        self.config = ShiftConfig(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        self.controller = ShiftController(self.config.build())
         self.monitor = monitor
         self._grad = {"sum": 0.0, "n": 0}
 
@@ -137,7 +136,9 @@ class CurvatureCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:
-            self.probe.plot(self.probe.folder / "curvature.png")
+            from loopscape.reporting.curvature import plot_curves
+
+            plot_curves({"run": [self.probe.rows]}, self.probe.folder / "curvature.png")
 
     def state_dict(self) -> dict:
         return self.probe.state_dict()

@@ -27,6 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loopscape.shift.controller import get_n_loops, set_n_loops  # the loop count of any looped model
+
+__all__ = ["LoopedLayers", "get_n_loops", "loop_logits", "loopify", "looped_layers", "set_n_loops"]
+
 INJECTIONS = ("add", "none")
 # model_type -> (attribute path of the decoder stack, its layer list, its final norm); the Llama layout is shared
 # by Qwen2 and Mistral
@@ -50,12 +54,32 @@ class LoopedLayers(nn.ModuleList):
     decoder's forward does) sees the range as one looped step.
     """
 
-    def __init__(self, layers: nn.ModuleList, start: int, stop: int, n_loops: int, injection: str):
+    def __init__(
+        self, layers: nn.ModuleList, start: int, stop: int, n_loops: int, injection: str, config=None, generation=None
+    ):
         super().__init__(list(layers))
-        self.start, self.stop = start, stop
-        self.n_loops, self.injection = n_loops, injection
+        self.start, self.stop, self.injection = start, stop, injection
+        # the model's config and generation config: the loop settings are saved there whenever n_loops is set
+        self._configs = (config, generation)
+        self.n_loops = n_loops
         self.record = False  # keep each loop's output in `loop_states` (a logit lens over loops)
         self.loop_states: list[torch.Tensor] = []
+
+    @property
+    def n_loops(self) -> int:
+        return self._n_loops
+
+    @n_loops.setter
+    def n_loops(self, value: int) -> None:
+        _check_loops(value)
+        self._n_loops = value
+        config, generation = self._configs
+        if config is not None:
+            config.loopscape = {"layers": [self.start, self.stop], "n_loops": value, "injection": self.injection}
+            # the cache is not kept per loop (module docstring): a looped model decodes without it
+            config.use_cache = value == 1
+        if generation is not None:
+            generation.use_cache = value == 1
 
     def __iter__(self):
         layers = list(super().__iter__())
@@ -140,59 +164,16 @@ def loopify(
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     _check_loops(n_loops)
     plain = nn.ModuleList(list(nn.ModuleList.__iter__(current)))
-    setattr(stack, name, LoopedLayers(plain, layers[0], layers[1], n_loops, injection))
-    _save_settings(model)
+    looped = LoopedLayers(
+        plain, layers[0], layers[1], n_loops, injection, model.config, getattr(model, "generation_config", None)
+    )
+    setattr(stack, name, looped)
     return model
 
 
 def _check_loops(n_loops) -> None:
     if not isinstance(n_loops, int) or n_loops < 1:
         raise ValueError(f"n_loops must be an integer >= 1 (got {n_loops!r})")
-
-
-def _save_settings(root: nn.Module) -> None:
-    """Record the loop settings in the config of the HF model (``root`` or one of its submodules)."""
-    looped = looped_layers(root)
-    model = next(m for m in root.modules() if getattr(getattr(m, "config", None), "model_type", None) in FAMILIES)
-    model.config.loopscape = {
-        "layers": [looped.start, looped.stop],
-        "n_loops": looped.n_loops,
-        "injection": looped.injection,
-    }
-    # the cache is not kept per loop (module docstring): a looped model decodes without it
-    use_cache = looped.n_loops == 1
-    model.config.use_cache = use_cache
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.use_cache = use_cache
-
-
-def _holder(model: nn.Module) -> nn.Module:
-    """Where the loop count lives: the model's :class:`LoopedLayers`, or the first module (the model
-    itself or a submodule, e.g. of a LightningModule) with an ``n_loops`` attribute."""
-    looped = looped_layers(model)
-    if looped is not None:
-        return looped
-    holder = next((m for m in model.modules() if hasattr(m, "n_loops")), None)
-    if holder is None:
-        raise ValueError(
-            f"model must be loopified (loopscape.loopify) or hold a module with an n_loops attribute: "
-            f"{type(model).__name__} has nothing to loop"
-        )
-    return holder
-
-
-def set_n_loops(model: nn.Module, n_loops: int) -> None:
-    """Set the loop count of a loopified model (SHIFT's Stage II) or of a model holding one of
-    loopscape's toys (an ``n_loops`` attribute)."""
-    _check_loops(n_loops)
-    holder = _holder(model)
-    holder.n_loops = n_loops
-    if isinstance(holder, LoopedLayers):
-        _save_settings(model)
-
-
-def get_n_loops(model: nn.Module) -> int:
-    return int(_holder(model).n_loops)
 
 
 @torch.no_grad()

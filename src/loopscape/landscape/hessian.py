@@ -328,10 +328,6 @@ class HessianOperator:
         with self._guard():
             return self._summed(self._total_loss(theta))
 
-    def gradient(self) -> torch.Tensor:
-        with self._guard():
-            return self._summed(sum(grad(self._batch_loss)(self.theta, b) for b in self.batches))
-
     def _hvp(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta)
         for b in self.batches:

@@ -414,7 +414,8 @@ def slq_density(
     the nodes are the Ritz values and the weights the squared first components
     of the Ritz vectors. ``sigma`` defaults to 1% of the observed spectral range.
     ``block`` probes run in lockstep, sharing each step's product (``op.matmat``):
-    by default all of them, as many as a quarter of this machine's memory holds.
+    by default all of them, as many as a quarter of the memory where the Krylov basis lives holds
+    (the CUDA device's for an operator on a GPU, this machine's otherwise).
 
     ``deflate`` > 0 first finds the ``deflate`` largest eigenpairs (:func:`lanczos`, tolerance
     1e-6) and takes them exactly, each with mass ``1/P``; the probes, projected off them, see

@@ -112,7 +112,7 @@ class CurvatureProbe:
             log.append(row)
         if self.tensorboard:
             if self._writer is None:
-                from loopscape.integrations._extra import require_extra
+                from loopscape.extras import require_extra
 
                 tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
                 self._writer = tensorboard.SummaryWriter(str(self.folder / "tensorboard"))
@@ -130,25 +130,6 @@ class CurvatureProbe:
         if self.folder is not None:  # the file says what the state says (a resume cuts it back)
             self.folder.mkdir(parents=True, exist_ok=True)
             rewrite_jsonl(self.folder / "curvature.jsonl", self.rows)
-
-    def plot(self, path: str | Path) -> None:
-        """Figures 3c/3d-style: the top eigenvalue and the trace, Matrix Entropy and Mutual
-        Information, against the training step."""
-        from loopscape.reporting.figures import plt, save_figure
-
-        steps = [r["step"] for r in self.rows]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        a.plot(steps, [r["top_eigenvalues"][0] for r in self.rows], "o-", label="largest eigenvalue")
-        a.plot(steps, [r["trace"] for r in self.rows], "s--", label="trace (Hutch++)")
-        a.set(xlabel="step", title="curvature")
-        a.legend(fontsize=8)
-        b.plot(steps, [r["matrix_entropy"] for r in self.rows], "o-", label="Matrix Entropy")
-        mi = [(r["step"], r["mutual_information"]) for r in self.rows if r["mutual_information"] is not None]
-        if mi:
-            b.plot(*zip(*mi), "s--", label="MI with the previous measurement")
-        b.set(xlabel="step", ylabel="nats", title="spectrum (SLQ pseudo-spectrum)")
-        b.legend(fontsize=8)
-        save_figure(fig, Path(path))
 
 
 def scalars(row: dict) -> dict[str, float]:

@@ -32,7 +32,7 @@ COMPARABLE_PTS = 5.0
 SHIFT_NEVER_SWITCHED = "SCP never fired: the SHIFT run is Single-Attn throughout, no SHIFT to judge"
 
 
-def headline(entry: dict, paradigm: str) -> list[float]:
+def headline(entry: dict) -> list[float]:
     """Accuracy per test length by the paper's reading: adaptive stopping (per batch) for looped models,
     one step for Single-Attn and for a SHIFT run that never switched (scored as Single-Attn)."""
     acc = entry["length_accuracy"]
@@ -45,7 +45,7 @@ def beyond(results: dict, paradigm: str, reading: str | None = None) -> float:
     n = results["config"]["train_max_len"]
     entry = results["paradigms"][paradigm]
     readings = entry["length_accuracy"]
-    acc = readings[reading] if reading and reading in readings else headline(entry, paradigm)
+    acc = readings[reading] if reading and reading in readings else headline(entry)
     pairs = [(L, a) for L, a in zip(results["test_lengths"], acc) if L > n]
     return 100 * float(np.mean([a for _, a in pairs])) if pairs else float("nan")
 
@@ -157,7 +157,7 @@ def plot_length(runs: list[dict], path: Path) -> None:
     L = first["test_lengths"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for p in first["paradigms"]:
-        acc = 100 * np.array([headline(r["paradigms"][p], p) for r in runs])
+        acc = 100 * np.array([headline(r["paradigms"][p]) for r in runs])
         as_single = any("single" in r["paradigms"][p]["length_accuracy"] for r in runs) and p != "single"
         reading = "" if p == "single" else " (never switched: as Single-Attn)" if as_single else " (adaptive)"
         ax.plot(L, acc.mean(0), ms=4, color=COLOURS[p], label=NAMES[p] + reading, mfc="none", **STYLES[p])
@@ -214,7 +214,7 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
 
     for p, e in results["paradigms"].items():
         f = e["final"]
-        at_n = dict(zip(results["test_lengths"], headline(e, p))).get(n)
+        at_n = dict(zip(results["test_lengths"], headline(e))).get(n)
         oracle = beyond(results, p, "oracle") if "oracle" in e["length_accuracy"] else None
         lines.append(
             f"| {NAMES[p]} | {e['params']:,} | {pct(100 * f['train_acc'])} | {pct(100 * f['val_acc'])} | "

@@ -116,15 +116,23 @@ def observation2(curves: dict[str, list[list[dict]]], total_steps: int) -> dict:
 
 
 def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
-    """Figures 3c/9b-style for the GPT: Matrix Entropy and the largest eigenvalue against the step."""
+    """Figures 3c/9b-style, the one drawing of tracked curvature: Matrix Entropy (with the Mutual
+    Information of successive measurements, where every run has it) and the largest eigenvalue against
+    the step, mean over the runs of each name (a callback's single run is ``{"run": [rows]}``)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for p, runs in curves.items():
+        name = NAMES.get(p, p)
         steps, e = mean_curve(runs, "matrix_entropy")
-        a.plot(steps, e, "o-", ms=3, label=NAMES.get(p, p))
+        line = a.plot(steps, e, "o-", ms=3, label=f"{name}: Matrix Entropy")[0]
+        mi = [[r for r in rows if r.get("mutual_information") is not None] for rows in runs]
+        if all(mi) and len({len(m) for m in mi}) == 1:
+            mi_steps = [r["step"] for r in mi[0]]
+            mean_mi = np.mean([[r["mutual_information"] for r in m] for m in mi], 0)
+            a.plot(mi_steps, mean_mi, "s--", ms=3, color=line.get_color(), label=f"{name}: MI with the previous")
         steps, top = mean_curve(runs, "top")
-        b.semilogy(steps, top, "o-", ms=3, label=NAMES.get(p, p))
-    a.set(xlabel="training step", ylabel="Matrix Entropy (nats)", title="Hessian Matrix Entropy (mean over seeds)")
-    b.set(xlabel="training step", ylabel="largest eigenvalue", title="top Hessian eigenvalue (mean over seeds)")
+        b.semilogy(steps, top, "o-", ms=3, label=name)
+    a.set(xlabel="training step", ylabel="nats", title="Hessian Matrix Entropy and MI (mean over runs)")
+    b.set(xlabel="training step", ylabel="largest eigenvalue", title="top Hessian eigenvalue (mean over runs)")
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     save_figure(fig, path)

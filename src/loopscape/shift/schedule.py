@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from dataclasses import dataclass
 
 from loopscape.shift.criterion import ShiftCriterion
 
@@ -147,3 +148,47 @@ class ShiftSchedule:
         self.shift_step = state["shift_step"]
         if self.criterion is not None and state["criterion"] is not None:
             self.criterion.load_state_dict(state["criterion"])
+
+
+@dataclass
+class ShiftConfig:
+    """How SHIFT switches, as plain settings: the one place where settings become a :class:`ShiftSchedule`
+    (the HF and Lightning callbacks, the SHIFT study's policies and the algorithmic trainer all build
+    theirs here).
+
+    ``at``: a fixed last Stage-I unit; ``milestones``: ``{unit: loops}``, a progressive T(step); otherwise
+    SCP with ``scp``'s settings (:class:`~loopscape.shift.criterion.ShiftCriterion`'s keywords, its
+    defaults if None). ``sampled_depth``: Stage II draws each unit's loop count from ``1..n_loops``
+    (``seed``). At most one of ``at``, ``scp`` and ``milestones``."""
+
+    n_loops: int = 2
+    at: int | None = None
+    scp: dict | None = None
+    milestones: dict | None = None
+    optimizer: str = "keep"
+    sampled_depth: bool = False
+    seed: int = 0
+
+    def build(self) -> ShiftSchedule:
+        given = [name for name in ("at", "scp", "milestones") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                "give at most one of at (a fixed switch step), scp (SCP's settings) and milestones (a progressive "
+                f"schedule); got {' and '.join(given)}"
+            )
+        if self.milestones is not None:
+            return ShiftSchedule(
+                n_loops=max(2, *self.milestones.values()),
+                milestones={int(s): k for s, k in self.milestones.items()},
+                optimizer=self.optimizer,
+                sampled=self.sampled_depth,
+            )
+        criterion = None if self.at is not None else ShiftCriterion(**(self.scp or {}))
+        return ShiftSchedule(
+            self.n_loops,
+            at=self.at,
+            criterion=criterion,
+            optimizer=self.optimizer,
+            sampled=self.sampled_depth,
+            seed=self.seed,
+        )

@@ -29,7 +29,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curric
 from loopscape.errors import DivergenceError
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
 from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import ShiftSchedule
+from loopscape.shift.schedule import ShiftConfig, ShiftSchedule
 from loopscape.training.run import RunState, check_finite
 
 PARADIGMS = ("single", "looped", "shift")
@@ -139,8 +139,8 @@ def shift_schedule(paradigm: str, config: AlgorithmicTrainConfig) -> ShiftSchedu
     if paradigm != "shift":
         return None
     if config.shift_at is not None:
-        return ShiftSchedule.fixed(2, at=config.shift_at)
-    return ShiftSchedule.scp(2, criterion=config.scp.build())
+        return ShiftConfig(2, at=config.shift_at).build()
+    return ShiftConfig(2, scp=asdict(config.scp)).build()
 
 
 class ScoredRows(torch.nn.Module):

@@ -203,6 +203,8 @@ def train_population(
                     checked({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
                 )
             for epoch in range(run.start + 1, config.epochs + 1):
+                # asked every epoch: a sampled depth draws again each epoch, as train_markov's schedule does
+                loops = torch.tensor([s.n_loops_at(epoch) for s in schedules])
                 t0 = time.perf_counter()
                 order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
                 for idx in order.split(config.batch_size, dim=1):
@@ -217,10 +219,8 @@ def train_population(
                 )
                 log.append(row)
                 for k, s in enumerate(schedules):
-                    if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]):
-                        loops[k] = s.n_loops_at(epoch + 1)
-                        if s.resets_optimizer:
-                            optimizer.reset(k)
+                    if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]) and s.resets_optimizer:
+                        optimizer.reset(k)
                 if run.checkpoint_due(epoch):
                     extra = {
                         "generators": [generator_state(g) for g in generators],

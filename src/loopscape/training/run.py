@@ -171,7 +171,7 @@ class TensorBoardLog:
     the events past the resume point are purged, as ``metrics.jsonl`` is cut back."""
 
     def __init__(self, log: JsonlLog, folder: Path, unit: str, start: int):
-        from loopscape.integrations._extra import require_extra
+        from loopscape.extras import require_extra
 
         tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
         self.log, self.unit = log, unit

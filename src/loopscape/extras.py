@@ -1,4 +1,4 @@
-"""One line naming the extra to install when an integration's framework is missing."""
+"""One line naming the extra to install when an optional package (a framework, TensorBoard) is missing."""
 
 from __future__ import annotations
 

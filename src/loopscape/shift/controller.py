@@ -1,0 +1,124 @@
+"""SHIFT on any model and in any training loop: :class:`ShiftController`
+applies the one :class:`~loopscape.shift.schedule.ShiftSchedule` to a model
+(anything holding a module with an ``n_loops`` attribute: a loopified HF model's
+``LoopedLayers``, loopscape's toys and looped GPT) and its optimiser. The HF and
+Lightning callbacks are thin adapters of it; a plain PyTorch loop uses it
+directly::
+
+    shift = ShiftController(ShiftSchedule.fixed(n_loops=3, at=1000), model, optimizer)
+    for step in range(1, steps + 1):
+        shift.before_step(step)          # sets the model's loop count for this step
+        ...                              # forward, backward, optimizer.step()
+        if step % eval_every == 0:
+            shift.after_evaluation(step, val_loss, grad_norm)
+
+Under ``torch.distributed`` the decision is rank 0's, broadcast to every rank,
+so all ranks switch at the same step even if their evaluations differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loopscape.shift.schedule import ShiftSchedule
+
+
+def loop_holder(model: nn.Module) -> nn.Module:
+    """Where the loop count lives: the first module of ``model`` (itself or a submodule, e.g. of a
+    LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedLayers``, which saves
+    its settings in the model's config whenever it is set, or one of loopscape's models."""
+    holder = next((m for m in model.modules() if hasattr(m, "n_loops")), None)
+    if holder is None:
+        raise ValueError(
+            f"model must be loopified (loopscape.loopify) or hold a module with an n_loops attribute: "
+            f"{type(model).__name__} has nothing to loop"
+        )
+    return holder
+
+
+def set_n_loops(model: nn.Module, n_loops: int) -> None:
+    """Set the loop count of a loopified model (SHIFT's Stage II) or of a model holding one of
+    loopscape's looped models (an ``n_loops`` attribute)."""
+    if not isinstance(n_loops, int) or n_loops < 1:
+        raise ValueError(f"n_loops must be an integer >= 1 (got {n_loops!r})")
+    loop_holder(model).n_loops = n_loops
+
+
+def get_n_loops(model: nn.Module) -> int:
+    return int(loop_holder(model).n_loops)
+
+
+class ShiftController:
+    """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared when a new
+    stage starts and the schedule says ``optimizer="reset"``)."""
+
+    def __init__(self, schedule: ShiftSchedule, model: nn.Module | None = None, optimizer=None):
+        if not isinstance(schedule, ShiftSchedule):
+            raise ValueError(f"schedule must be a loopscape ShiftSchedule (got {type(schedule).__name__})")
+        self.schedule, self.model, self.optimizer, self.holder = schedule, None, optimizer, None
+        self.switches: list[tuple[int, int]] = []  # (step, loop count from that step on)
+        self._applied: int | None = None  # the last step applied: a framework may announce a step twice
+        if model is not None:
+            self.attach(model, optimizer)
+
+    def attach(self, model: nn.Module, optimizer=None) -> None:
+        self.holder = loop_holder(model)  # found once; one clear line if there is nothing to loop
+        self.model, self.optimizer = model, optimizer if optimizer is not None else self.optimizer
+
+    def before_step(self, step: int) -> int:
+        """Set the loop count of training step ``step`` (counted from 1); returns it. A step that starts
+        a new stage is recorded in ``switches`` (and resets the optimiser if the schedule says so). A step
+        already applied is not applied again (the HF Trainer announces the first step of a run twice)."""
+        if step == self._applied:
+            return int(self.holder.n_loops)
+        self._applied = step
+        k = self.schedule.n_loops_at(step)
+        if self.schedule.starts_stage(step):
+            self.switches.append((step, k))
+            if self.schedule.resets_optimizer and self.optimizer is not None:
+                self.optimizer.state.clear()
+        if k != self.holder.n_loops:
+            self.holder.n_loops = k
+        return k
+
+    def after_evaluation(self, step: int, val_loss: float | None, grad_norm: float | None = None) -> bool:
+        """Report the evaluation after step ``step``; True if step ``step + 1`` starts a new stage."""
+        if self.schedule.criterion is not None and self.schedule.shift_step is None:
+            if val_loss is None or grad_norm is None:
+                raise ValueError(
+                    "SCP needs a validation loss and a gradient norm at every evaluation "
+                    f"(got val_loss={val_loss}, grad_norm={grad_norm}): evaluate on a validation set and log the "
+                    "gradient norm at least as often"
+                )
+        self.schedule.observe(step, val_loss, grad_norm)
+        if dist.is_available() and dist.is_initialized():
+            device = next(self.model.parameters()).device if dist.get_backend() == "nccl" else "cpu"
+            decided = self.schedule.shift_step
+            decided = torch.tensor([-1 if decided is None else decided], device=device)
+            dist.broadcast(decided, src=0)
+            self.schedule.shift_step = None if int(decided) < 0 else int(decided)
+        return self.schedule.starts_stage(step + 1)
+
+    def end_of_training(self, last_step: int) -> str | None:
+        """None if Stage II started by ``last_step``; otherwise one line saying that it never did, and why."""
+        shift = self.schedule.shift_step
+        if shift is not None and shift < last_step:
+            return None
+        if shift is not None:
+            why = f"the switch comes after step {shift}, and training ended at step {last_step}"
+        elif self.schedule.criterion is not None:
+            why = self.schedule.criterion.status() + (
+                "; ShiftCriterion(shift_by=N) bounds the wait from the start of training"
+            )
+        else:
+            why = "the schedule has no switch"
+        return f"SHIFT: Stage II never started ({self.schedule.n_loops} loops): {why}"
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "switches": [list(s) for s in self.switches]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.switches = [tuple(s) for s in state["switches"]]
