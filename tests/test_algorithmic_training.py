@@ -117,13 +117,13 @@ def test_single_reads_one_step_looped_reads_T_n(tmp_path):
 def test_shift_at_a_fixed_step_switches_and_keeps_going(tmp_path):
     _, rows = _run(tmp_path / "x", "shift", 20, shift_at=11)
     assert [r["paradigm"] for r in rows] == ["single", "single", "looped", "looped"]
-    assert rows[-1]["shifted_at"] == 11
+    assert rows[-1]["shift_step"] == 11
 
 
 def test_fixed_shift_step_is_the_last_single_attn_step(tmp_path):
     """One convention with the Markov trainer and SCP: shift_at = s trains steps 1..s as Single-Attn."""
     _, rows = _run(tmp_path / "x", "shift", 20, shift_at=10)
-    assert [(r["step"], r["paradigm"], r.get("shifted_at")) for r in rows] == [
+    assert [(r["step"], r["paradigm"], r.get("shift_step")) for r in rows] == [
         (5, "single", None),
         (10, "single", 10),
         (15, "looped", 10),
@@ -143,7 +143,7 @@ def test_checkpoints_count_steps(tmp_path):
 
 def test_shift_by_scp_records_its_step(tmp_path):
     _, rows = _run(tmp_path / "x", "shift", 40, scp=SCPConfig(patience=1, min_delta=10.0, wait=1, max_wait=1))
-    shifted = rows[-1]["shifted_at"]
+    shifted = rows[-1]["shift_step"]
     assert shifted is not None and all(r["paradigm"] == ("single" if r["step"] <= shifted else "looped") for r in rows)
 
 

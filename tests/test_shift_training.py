@@ -124,3 +124,16 @@ def test_schedule_settings_are_checked():
         ShiftSchedule.fixed(1, at=1)
     with pytest.raises(ValueError, match="milestones"):
         ShiftSchedule(3, milestones={2: 5})
+
+
+def test_the_switch_has_one_name_on_disk_and_old_run_folders_still_read():
+    from loopscape.shift.schedule import SWITCH_KEY, recorded_switch
+
+    assert SWITCH_KEY == "shift_step"
+    assert [recorded_switch(r) for r in ({"shift_step": 9}, {"shifted_at": 7}, {"shift_epoch": 5}, {"step": 3})] == [
+        9,
+        7,
+        5,
+        None,
+    ]
+    assert recorded_switch({"shift_step": None}) is None  # a run that recorded that it never switched

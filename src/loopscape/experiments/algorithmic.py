@@ -52,6 +52,7 @@ from loopscape.reporting.algorithmic import (
     write_seeds_report,
 )
 from loopscape.reporting.html import StudyReport
+from loopscape.shift.schedule import recorded_switch
 from loopscape.training.algorithmic import PARADIGMS, AlgorithmicTrainConfig, resolve_device, train_algorithmic
 from loopscape.training.checkpoint import load_weights
 from loopscape.training.distributed import init_distributed
@@ -195,7 +196,7 @@ def _train_job(config_dict: dict, paradigm: str, run_dir: str, resume: bool, pro
 def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
     """SHIFT's compute against Looped-Attn's over the same number of steps (Figure 11)."""
     s, lp = shift_rows[-1], looped_rows[-1]
-    shifted = next((r["shifted_at"] for r in shift_rows if "shifted_at" in r), None)
+    shifted = next((s for s in map(recorded_switch, shift_rows) if s is not None), None)
     return {
         "shift_step": shifted,
         "flops_ratio": lp["flops"] / s["flops"],
@@ -248,7 +249,7 @@ def run_algorithmic(
         task, model = build(config, device)
         load_weights(out / p / "model.safetensors", model)
         # a SHIFT run whose switch never came is Single-Attn: it is scored as one, with a note
-        never = p == "shift" and not any("shifted_at" in r for r in metrics[p])
+        never = p == "shift" and all(recorded_switch(r) is None for r in metrics[p])
         scored_as = "single" if never else p
         results["paradigms"][p] = {
             "params": model.num_params(),

@@ -35,7 +35,7 @@ from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
 from loopscape.shift import compute
 from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, ShiftConfig, ShiftSchedule
+from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, SWITCH_KEY, ShiftConfig, ShiftSchedule, recorded_switch
 from loopscape.training.markov import train_markov
 from loopscape.training.population import load_member, member_curves, train_population
 from loopscape.training.run import seeded, verify_finished
@@ -108,7 +108,7 @@ def _train_part(
             "seed": s,
             "policy": p,
             "optimizer": o,
-            "shift_epoch": sc.shift_step,
+            SWITCH_KEY: sc.shift_step,
             **({"plateau_at": sc.criterion.plateau_at, "forced": sc.criterion.forced} if sc.criterion else {}),
         }
         for (s, p, o), sc in zip(members, schedules)
@@ -128,7 +128,7 @@ def _train_measured(
     schedule = schedule_of(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, schedule=schedule)
-    write_json(Path(run_dir) / "done.json", {"shift_epoch": schedule.shift_step})
+    write_json(Path(run_dir) / "done.json", {SWITCH_KEY: schedule.shift_step})
     return run_dir
 
 
@@ -201,7 +201,7 @@ def analyse_shift(
     for i, m in enumerate(info):
         b = baseline[m["seed"]]
         row = {**m, "final": {g: float(curves[g][i, -1]) for g in ("acc_all", "acc_low", "acc_high", "val_loss")}}
-        row["looped_epochs_speedup"] = compute.looped_epochs_speedup(cfg.train.epochs, m["shift_epoch"])
+        row["looped_epochs_speedup"] = compute.looped_epochs_speedup(cfg.train.epochs, recorded_switch(m))
         for clock, c in cum.items():
             e_hit, cost = compute.time_to_target(acc[i], c[i], target)
             e_base, cost_base = compute.time_to_target(acc[b], c[b], target)
@@ -220,7 +220,7 @@ def analyse_shift(
     base = {s: per_member[i] for s, i in baseline.items()}
     for policy, opt in shift.policies():
         rows = [r for r in per_member if (r["policy"], r["optimizer"]) == (policy, opt)]
-        entry = {"shift_epochs": [r["shift_epoch"] for r in rows]}
+        entry = {"shift_epochs": [recorded_switch(r) for r in rows]}
         paper = [r["looped_epochs_speedup"] for r in rows if r["looped_epochs_speedup"] is not None]
         entry["looped_epochs_speedup"] = mean_std(paper) | {"reached": len(paper)}
         for clock in cum:
@@ -245,7 +245,7 @@ def analyse_shift(
         predicted = float(compute.cumulative(sched, wall)[-1])
         checks["measured_scp_run"] = {
             "seed": cfg.seeds[0],
-            "shift_epoch": read_json_file(measured / "done.json")["shift_epoch"],
+            "shift_epoch": recorded_switch(read_json_file(measured / "done.json")),
             "measured_wall_s": float(sum(r["time_s"] for r in rows)),
             "predicted_wall_s": predicted,
         }
@@ -276,7 +276,7 @@ def scp_models(cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path) -> li
     for part in sorted((out / "population").glob("part*")):
         for k, m in enumerate(read_json_file(part / "members.json")):
             if (m["policy"], m["optimizer"]) == (SCP, shift.optimizer):
-                T = cfg.model.n_loops if m["shift_epoch"] is not None else 1
+                T = cfg.model.n_loops if recorded_switch(m) is not None else 1
                 models.append(load_member(part / "model.safetensors", template, k, T).eval())
     return models
 

@@ -15,6 +15,7 @@ from loopscape.reporting.curvature import curvature_section, read_curves, tracki
 from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
+from loopscape.shift.schedule import recorded_switch
 
 NAMES = {"single": "Single-Attn", "looped": "Looped-Attn", "shift": "SHIFT"}
 COLOURS = {"single": "tab:blue", "looped": "tab:red", "shift": "tab:green"}
@@ -138,7 +139,7 @@ def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes, ("train_acc", "val_acc")):
             ax.plot(steps, [100 * r[key] for r in rows], color=COLOURS[p], label=NAMES[p], ls=STYLES[p]["ls"], lw=1.4)
-        shifted = next((r["shifted_at"] for r in rows if "shifted_at" in r), None)
+        shifted = next((s for s in map(recorded_switch, rows) if s is not None), None)
         if shifted is not None:
             for ax in axes:
                 ax.axvline(shifted, color=COLOURS[p], ls=":", lw=1)

@@ -42,6 +42,15 @@ from dataclasses import dataclass
 from loopscape.shift.criterion import ShiftCriterion
 
 OPTIMIZER_AT_SHIFT = ("keep", "reset")
+# the switch point's one name on disk (metrics rows, members.json, done.json); older run folders used the others
+SWITCH_KEY = "shift_step"
+OLD_SWITCH_KEYS = ("shifted_at", "shift_epoch")
+
+
+def recorded_switch(record: dict) -> int | None:
+    """The switch point a row or file of a run folder records, under ``shift_step`` or an older name; None if
+    it records none (or records that there was none)."""
+    return next((record[k] for k in (SWITCH_KEY, *OLD_SWITCH_KEYS) if k in record), None)
 
 
 class ShiftSchedule:

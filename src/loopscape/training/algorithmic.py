@@ -42,7 +42,7 @@ from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curric
 from loopscape.errors import DivergenceError
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
 from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import ShiftConfig, ShiftSchedule
+from loopscape.shift.schedule import SWITCH_KEY, ShiftConfig, ShiftSchedule
 from loopscape.training.run import RunState, check_finite
 
 PARADIGMS = ("single", "looped", "shift")
@@ -365,7 +365,7 @@ def train_algorithmic(
                     if schedule is not None:
                         schedule.observe(step, val_loss, row["grad_norm"])
                         if schedule.shifted_by(step):
-                            row["shifted_at"] = schedule.shift_step
+                            row[SWITCH_KEY] = schedule.shift_step
                     window = dict.fromkeys(window, 0.0)
                     log.append(row)
                 if run.checkpoint_due(step):
