@@ -1,5 +1,7 @@
 """The population trainer against the single-model trainer, its Adam, and resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -103,3 +105,21 @@ def test_saved_member_is_the_members_model(tmp_path):
     for k in range(len(SPECS)):
         m = load_member(tmp_path / "pop" / "model.safetensors", template, k, int(loops[k]))
         torch.testing.assert_close(m(TASK.val.inputs), pop(TASK.val.inputs, loops)[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_population_records_each_switch_once(tmp_path):
+    """The next epoch's stage is applied before each checkpoint; resumed, it is not applied (recorded, reset) again."""
+    from loopscape.shift.controller import ShiftController
+
+    cfg = MarkovTrainConfig(epochs=8, batch_size=16, checkpoint_every=4)
+    schedule = ShiftSchedule.fixed(3, at=4, optimizer="reset")
+    whole = train_population([fresh(1)], [1], [schedule], TASK, cfg, tmp_path / "a")
+    cut = MarkovTrainConfig(epochs=4, batch_size=16, checkpoint_every=4)
+    train_population([fresh(1)], [1], [ShiftSchedule.fixed(3, at=4, optimizer="reset")], TASK, cut, tmp_path / "b")
+    (state,) = [json.loads(p.read_text()) for p in (tmp_path / "b").rglob("state.json")]
+    extra = state["extra"]
+    assert extra["schedules"][0]["switches"] == [[5, 3]] and extra["schedules"][0]["applied"] == 5
+    resumed = ShiftController(ShiftSchedule.fixed(3, at=4, optimizer="reset"))
+    resumed.load_state_dict(extra["schedules"][0])
+    assert resumed.switches == [(5, 3)]
+    assert [r["n_loops"] for r in whole] == [[1]] * 5 + [[3]] * 4

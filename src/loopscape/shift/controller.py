@@ -29,6 +29,8 @@ def loop_holder(model: nn.Module) -> nn.Module:
     """Where the loop count lives: the first module of ``model`` (itself or a submodule, e.g. of a
     LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedLayers``, which saves
     its settings in the model's config whenever it is set, or one of loopscape's models."""
+    if hasattr(model, "n_loops"):  # the model itself (or any object with a loop count, e.g. one population member)
+        return model
     holder = next((m for m in model.modules() if hasattr(m, "n_loops")), None)
     if holder is None:
         raise ValueError(
@@ -70,16 +72,15 @@ class ShiftController:
     def before_step(self, step: int) -> int:
         """Set the loop count of training step ``step`` (counted from 1); returns it. A step that starts
         a new stage is recorded in ``switches`` (and resets the optimiser if the schedule says so). A step
-        already applied is not applied again (the HF Trainer announces the first step of a run twice)."""
-        if step == self._applied:
-            return int(self.holder.n_loops)
-        self._applied = step
+        already applied (the HF Trainer announces the first step of a run twice; a checkpoint may be written
+        after the next step was applied) only sets the loop count: it is not recorded or reset again."""
         k = self.schedule.n_loops_at(step)
-        if self.schedule.starts_stage(step):
+        if step != self._applied and self.schedule.starts_stage(step):
             self.switches.append((step, k))
             if self.schedule.resets_optimizer and self.optimizer is not None:
                 self.optimizer.state.clear()
-        if k != self.holder.n_loops:
+        self._applied = step
+        if k != self.holder.n_loops:  # set again on a resumed run: the holder starts from its own default
             self.holder.n_loops = k
         return k
 
@@ -117,8 +118,13 @@ class ShiftController:
         return f"SHIFT: Stage II never started ({self.schedule.n_loops} loops): {why}"
 
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule.state_dict(), "switches": [list(s) for s in self.switches]}
+        return {
+            "schedule": self.schedule.state_dict(),
+            "switches": [list(s) for s in self.switches],
+            "applied": self._applied,  # a resumed run does not apply (record, reset) that step again
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.switches = [tuple(s) for s in state["switches"]]
+        self._applied = state.get("applied")

@@ -22,6 +22,7 @@ from torch import nn
 from loopscape.config import require
 from loopscape.data.markov import MarkovTask
 from loopscape.errors import DivergenceError
+from loopscape.shift.controller import ShiftController
 from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.run import RunState, check_finite
 
@@ -99,15 +100,18 @@ def train_markov(
     generator = torch.Generator().manual_seed(seed)
     run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(model, optimizer, generator) if resume else {}
-    if schedule is not None and "schedule" in extra:
-        schedule.load_state_dict(extra["schedule"])
+    shift = ShiftController(schedule, model, optimizer) if schedule is not None else None
+    if shift is not None and "schedule" in extra:
+        if "switches" in extra:
+            shift.load_state_dict(extra)
+        else:  # a checkpoint written before the controller: the schedule's state alone
+            schedule.load_state_dict(extra["schedule"])
 
     def loops(epoch: int) -> dict:
         """Set the epoch's loop count (epoch 0, the initial evaluation, uses epoch 1's)."""
-        if schedule is None:
+        if shift is None:
             return {}
-        model.n_loops = schedule.n_loops_at(max(epoch, 1))
-        return {"n_loops": model.n_loops}
+        return {"n_loops": shift.before_step(max(epoch, 1))}
 
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
@@ -142,14 +146,13 @@ def train_markov(
                 log.append(row)
                 for t in trackers:
                     t.update(epoch, model)
-                if schedule is not None:
-                    if schedule.observe(epoch, row["val_loss"], row["grad_norm"]) and schedule.resets_optimizer:
-                        optimizer.state.clear()
-                    loops(epoch + 1)
+                if shift is not None:
+                    shift.after_evaluation(epoch, row["val_loss"], row["grad_norm"])
+                    loops(epoch + 1)  # the next epoch's stage, applied before this epoch's checkpoint
                 if run.checkpoint_due(epoch):
                     for t in trackers:  # what a tracker still holds is written before the run can resume past it
                         getattr(t, "flush", lambda: None)()
-                    extra = {"schedule": schedule.state_dict()} if schedule is not None else None
+                    extra = shift.state_dict() if shift is not None else None  # {"schedule", "switches"}
                     run.save(epoch, model, optimizer, generator, extra=extra)
                 if on_epoch is not None:
                     on_epoch(epoch)

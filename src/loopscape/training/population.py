@@ -38,6 +38,7 @@ from torch.func import functional_call, stack_module_state
 
 from loopscape.data.markov import MarkovTask
 from loopscape.errors import DivergenceError
+from loopscape.shift.controller import ShiftController
 from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.checkpoint import generator_state, set_generator_state
 from loopscape.training.markov import MarkovTrainConfig, scores
@@ -78,6 +79,30 @@ class MemberAdam(torch.optim.Optimizer):
         for state in self.state.values():
             for value in state.values():
                 value[member] = 0
+
+
+class _Member:
+    """Member ``k`` as its :class:`~loopscape.shift.controller.ShiftController` sees it: a loop count
+    (its entry of the population's ``loops``) and an optimiser whose state clears only its own moments."""
+
+    def __init__(self, loops: torch.Tensor, optimizer: MemberAdam, k: int):
+        self.loops, self.k, self.state = loops, k, _MemberState(optimizer, k)
+
+    @property
+    def n_loops(self) -> int:
+        return int(self.loops[self.k])
+
+    @n_loops.setter
+    def n_loops(self, value: int) -> None:
+        self.loops[self.k] = value
+
+
+class _MemberState:
+    def __init__(self, optimizer: MemberAdam, k: int):
+        self.optimizer, self.k = optimizer, k
+
+    def clear(self) -> None:
+        self.optimizer.reset(self.k)
 
 
 class Population(nn.Module):
@@ -179,12 +204,16 @@ def train_population(
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(pop, optimizer) if resume else {}
+    loops = torch.ones(len(schedules), dtype=torch.long)  # each member's loop count, set by its controller
+    members = [_Member(loops, optimizer, k) for k in range(len(schedules))]
+    shifts = [ShiftController(s, m, optimizer=m) for s, m in zip(schedules, members)]  # m.state: its moments
     if extra:
         for g, text in zip(generators, extra["generators"]):
             set_generator_state(g, text)
-        for s, state in zip(schedules, extra["schedules"]):
-            s.load_state_dict(state)
-    loops = torch.tensor([s.n_loops_at(run.start + 1) for s in schedules])
+        for c, state in zip(shifts, extra["schedules"]):
+            c.load_state_dict(state) if "switches" in state else c.schedule.load_state_dict(state)
+    for c in shifts:
+        c.before_step(run.start + 1)
     n = len(task.train)
     inputs, targets = task.train.inputs, task.train.targets
 
@@ -203,8 +232,8 @@ def train_population(
                     checked({"epoch": 0, **_evaluate(pop, loops, task), "time_s": 0.0, "n_loops": loops.tolist()})
                 )
             for epoch in range(run.start + 1, config.epochs + 1):
-                # asked every epoch: a sampled depth draws again each epoch, as train_markov's schedule does
-                loops = torch.tensor([s.n_loops_at(epoch) for s in schedules])
+                for c in shifts:  # applied already after the last evaluation; a sampled depth draws anew there
+                    c.before_step(epoch)
                 t0 = time.perf_counter()
                 order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (S, n)
                 for idx in order.split(config.batch_size, dim=1):
@@ -218,13 +247,13 @@ def train_population(
                     {"epoch": epoch, **_evaluate(pop, loops, task), "time_s": elapsed, "n_loops": loops.tolist()}
                 )
                 log.append(row)
-                for k, s in enumerate(schedules):
-                    if s.observe(epoch, row["val_loss"][k], row["grad_norm"][k]) and s.resets_optimizer:
-                        optimizer.reset(k)
+                for k, c in enumerate(shifts):
+                    c.after_evaluation(epoch, row["val_loss"][k], row["grad_norm"][k])
+                    c.before_step(epoch + 1)  # the next epoch's stage, applied before this epoch's checkpoint
                 if run.checkpoint_due(epoch):
                     extra = {
                         "generators": [generator_state(g) for g in generators],
-                        "schedules": [s.state_dict() for s in schedules],
+                        "schedules": [c.state_dict() for c in shifts],
                     }
                     run.save(epoch, pop, optimizer, extra=extra)
                 if on_epoch is not None:
