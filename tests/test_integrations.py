@@ -254,8 +254,12 @@ def test_scp_that_never_fires_says_why_at_the_end(tmp_path):
     from loopscape.shift.criterion import ShiftCriterion
 
     never = ShiftCallback(n_loops=3, scp={"patience": 100})
+    trainer = hf_trainer(tmp_path / "a", never)
     with pytest.warns(UserWarning, match=r"Stage II never started .*no plateau in 6 evaluations"):
-        hf_trainer(tmp_path / "a", never).train()
+        trainer.train()
+    seen = [r["scp_evaluations"] for r in trainer.state.log_history if "loss" in r]
+    # in the logs as it happens: HF logs a step before evaluating it, and evaluates every 2 steps
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     bounded = ShiftCallback(n_loops=3, scp={"patience": 100, "shift_by": 2})
     trainer = hf_trainer(tmp_path / "b", bounded)
     trainer.train()

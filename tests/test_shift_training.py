@@ -137,3 +137,11 @@ def test_the_switch_has_one_name_on_disk_and_old_run_folders_still_read():
         None,
     ]
     assert recorded_switch({"shift_step": None}) is None  # a run that recorded that it never switched
+
+
+def test_the_stage_is_one_until_the_switch_and_two_after():
+    from loopscape.shift.schedule import ShiftSchedule
+
+    schedule = ShiftSchedule.fixed(5, at=3)
+    assert [schedule.stage(s) for s in range(1, 7)] == [1, 1, 1, 2, 2, 2]
+    assert [schedule.stage(s) for s in range(1, 7)] == [1 + (schedule.n_loops_at(s) > 1) for s in range(1, 7)]

@@ -87,6 +87,7 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         ours = {"n_loops": get_n_loops(self.controller.model)}
         if self.controller.schedule.shift_step is not None:
             ours["shift_step"] = self.controller.schedule.shift_step
+        ours.update(self.controller.scp_progress())
         logs.update(ours)  # for the loggers after this callback (printer, progress bar)
         if state.log_history:  # the Trainer appended its copy of this row before calling the callbacks
             state.log_history[-1].update(ours)

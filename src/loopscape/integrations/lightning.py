@@ -67,6 +67,8 @@ class ShiftCallback(pl.Callback):
         pl_module.log("n_loops", float(get_n_loops(pl_module)))
         if self.controller.schedule.shift_step is not None:
             pl_module.log("shift_step", float(self.controller.schedule.shift_step))
+        for key, value in self.controller.scp_progress().items():
+            pl_module.log(key, float(value))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]

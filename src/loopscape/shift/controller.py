@@ -102,6 +102,17 @@ class ShiftController:
             self.schedule.shift_step = None if int(decided) < 0 else int(decided)
         return self.schedule.starts_stage(step + 1)
 
+    def scp_progress(self) -> dict[str, int]:
+        """What SCP has seen so far, for the logs as it happens (empty without SCP or once it fired):
+        ``scp_evaluations``, ``scp_since_best`` (evaluations without a gain) and ``scp_plateau_at``."""
+        c = self.schedule.criterion
+        if c is None or c.shifted:
+            return {}
+        out = {"scp_evaluations": c.evaluations, "scp_since_best": c.since_best}
+        if c.plateau_at is not None:
+            out["scp_plateau_at"] = c.plateau_at
+        return out
+
     def end_of_training(self, last_step: int) -> str | None:
         """None if Stage II started by ``last_step``; otherwise one line saying that it never did, and why."""
         shift = self.schedule.shift_step

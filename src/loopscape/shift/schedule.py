@@ -132,6 +132,11 @@ class ShiftSchedule:
             return self.shift_step is not None and step == self.shift_step + 1
         return self.n_loops_at(step) != self.n_loops_at(step - 1)
 
+    def stage(self, step: int) -> int:
+        """The stage of unit ``step``: 1 (Stage I, Single-Attn) up to the switch, 2 (Stage II) after it; for a
+        trainer whose looped stage sets its own loop counts (the algorithmic trainer's per-row ``T(n)``)."""
+        return 2 if self.shifted_by(step - 1) else 1
+
     def shifted_by(self, step: int) -> bool:
         """Whether Stage II has begun after unit ``step`` (the switch is decided by then)."""
         return self.shift_step is not None and self.shift_step <= step

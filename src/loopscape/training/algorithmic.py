@@ -279,7 +279,7 @@ def train_algorithmic(
     schedule = shift_schedule(paradigm, config)
 
     def looped(step: int) -> bool:
-        return paradigm == "looped" or (schedule is not None and schedule.n_loops_at(step) > 1)
+        return paradigm == "looped" or (schedule is not None and schedule.stage(step) == 2)
 
     totals = {"flops": 0.0, "time_s": 0.0}
     window = {
