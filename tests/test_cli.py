@@ -31,6 +31,11 @@ def test_markov_writes_run_folder_and_refuses_to_overwrite(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["observation1"]["verdict"] == "not tested"  # 3 epochs: the claim is about epochs after 150
     assert "3 epochs" in summary["observation1"]["reason"] and "not tested" in r.output
+    # the data facts and the headroom go into summary.json (so report.json), and beside the paper's in data.json
+    lang, data = summary["language"], json.loads((out / "data.json").read_text())
+    assert lang["headroom"] == data["headroom"] and lang["paper_facts"]["ic_max"] == 14.57
+    h = lang["headroom"]["all"]
+    assert h["headroom"] == pytest.approx(h["bayes_ceiling"] - h["bigram_rule"])
     before = (out / "summary.json").read_bytes()
     r = runner.invoke(app, ["markov", "-o", str(out), *TINY])
     assert r.exit_code == 2 and "already exists" in r.output

@@ -232,6 +232,10 @@ def summarise_markov(metrics: dict[str, dict[str, np.ndarray]], data: dict, cfg)
         "table": {m: {k: v.tolist() for k, v in row.items()} for m, row in table.items()},
         "paper": PAPER,
         "bayes_ceiling": ceiling,
+        # the language's data facts beside the paper's, the headroom over the bigram rule, the feasibility table
+        "language": {
+            k: data[k] for k in ("paper_facts", "facts", "headroom", "feasibility", "paper_reported") if k in data
+        },
         "observation1": verdict,
         "markdown": "\n".join(lines),
     }
