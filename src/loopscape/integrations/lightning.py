@@ -18,6 +18,8 @@ import warnings
 import torch
 
 from loopscape.extras import require_extra
+from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
+from loopscape.reporting.curvature import plot_curves
 from loopscape.shift.controller import ShiftController, get_n_loops
 from loopscape.shift.schedule import ShiftConfig
 
@@ -116,21 +118,15 @@ class CurvatureCallback(pl.Callback):
     def __init__(
         self, probe_batches, every: int = 500, k: int = 5, params=None, folder=None, module=None, **probe_options
     ):
-        from loopscape.landscape.probe import CurvatureProbe
-
         self.module = module
         self.probe = CurvatureProbe(probe_batches, every=every, k=k, params=params, folder=folder, **probe_options)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from loopscape.landscape.probe import probe_batches_to_device
-
         self.probe.batches = probe_batches_to_device(self.probe.batches, pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:
             return
-        from loopscape.landscape.probe import scalars
-
         target = pl_module if self.module is None else getattr(pl_module, self.module)
         row = self.probe.maybe_measure(target, trainer.global_step)
         if row is not None:
@@ -138,8 +134,6 @@ class CurvatureCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:
-            from loopscape.reporting.curvature import plot_curves
-
             plot_curves({"run": [self.probe.rows]}, self.probe.folder / "curvature.png")
 
     def state_dict(self) -> dict:

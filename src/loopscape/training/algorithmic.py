@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from loopscape.config import require
 from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curriculum
 from loopscape.errors import DivergenceError
+from loopscape.landscape.probe import CurvatureProbe
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
 from loopscape.shift.criterion import SCPConfig
 from loopscape.shift.schedule import SWITCH_KEY, ShiftConfig, ShiftSchedule
@@ -163,8 +164,6 @@ def scored_rows_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def curvature_probe(val: AlgorithmicBatch, config: AlgorithmicTrainConfig, folder: Path | None):
     """The probe of a run: its first ``curvature_rows`` validation rows, weighted so the probe's loss
     is the training loss on them (scored positions, each weighing 1/their count)."""
-    from loopscape.landscape.probe import CurvatureProbe
-
     n = config.curvature_rows
     rows = AlgorithmicBatch(*(t[:n] for t in (val.inputs, val.targets, val.mask, val.n_loops, val.lengths)))
     targets = torch.where(rows.mask, rows.targets, -100)
