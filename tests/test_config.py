@@ -4,7 +4,7 @@ from dataclasses import fields, is_dataclass, replace
 
 import pytest
 
-from loopscape.config import ConfigError, load_config, preset_file
+from loopscape.config import ConfigError, load_config, preset_file, to_dict
 from loopscape.data.algorithmic import TASKS
 from loopscape.experiments.algorithmic import PRESETS, AlgorithmicStudyConfig, algorithmic_preset, preset_files
 from loopscape.experiments.markov import MarkovStudyConfig
@@ -101,3 +101,20 @@ def test_the_markov_study_model_differs_from_its_class_and_an_override_keeps_it(
     assert rep.markov == cfg
     quick = load_config(ReproduceConfig, [preset_file("reproduce-quick.yaml")], {"markov.model.init_scale": 0.5})
     assert quick.markov.model == cfg.model and quick.markov.train.epochs == 40
+
+
+def test_a_folder_written_before_a_setting_existed_resumes(tmp_path):
+    """A run folder's config.yaml from before `data.rows` existed: the same settings, so it resumes."""
+    import yaml
+
+    from loopscape.io import same_config
+
+    cfg = MarkovStudyConfig()
+    old = to_dict(cfg)
+    del old["data"]["rows"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert same_config(tmp_path / "config.yaml", cfg)
+    assert not same_config(tmp_path / "config.yaml", replace(cfg, seeds=[0]))
+    old["data"]["gone"] = 1  # a setting that no longer exists
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert not same_config(tmp_path / "config.yaml", cfg)

@@ -506,3 +506,41 @@ def test_loopify_refuses_a_base_model_without_an_lm_head(family):
         base = transformers.LlamaModel(config)
     with pytest.raises(ValueError, match=f"got the base model {type(base).__name__}$"):
         loopify(base, layers=(0, 1))
+
+
+def test_hf_callbacks_resume_from_a_checkpoint_written_without_their_state(tmp_path):
+    """A checkpoint of an earlier loopscape (or of a run without the callback) has no stateful_callbacks entry for
+    it: the Trainer's next save raised KeyError. The older curvature_probe.json is still read."""
+    from loopscape.integrations.hf import CurvatureCallback, ShiftCallback
+
+    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6}
+    cut = hf_trainer(tmp_path, CurvatureCallback(probe_batches(), **settings), max_steps=6, save_steps=3)
+    cut.train()
+    ckpt = tmp_path / "checkpoint-3"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    probe_state = state["stateful_callbacks"].pop("CurvatureCallback")["attributes"]["probe_state"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    (ckpt / "curvature_probe.json").write_text(json.dumps(probe_state))  # where earlier versions kept it
+    callbacks = [CurvatureCallback(probe_batches(), **settings), ShiftCallback(n_loops=2, at=4)]
+    resumed = hf_trainer(tmp_path, callbacks[0], max_steps=6, save_steps=3)
+    resumed.add_callback(callbacks[1])
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    rows = [json.loads(line) for line in (tmp_path / "curvature" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and rows[1]["mutual_information"] is not None
+    with pytest.raises(ValueError, match="CurvatureCallback needs probe_batches"):
+        hf_trainer(tmp_path / "x", CurvatureCallback(), max_steps=2).train()
+
+
+def test_a_wrapper_with_its_own_n_loops_does_not_hide_the_looped_layers():
+    from loopscape.shift.controller import loop_holder
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_loops = 4  # a hyperparameter of the wrapper, not the model's loop count
+            self.model = tiny_gpt2()
+
+    wrapped = Wrapper()
+    assert type(loop_holder(wrapped)).__name__ == "LoopedLayers"
+    ShiftController(ShiftSchedule.fixed(3, at=0), wrapped).before_step(1)
+    assert get_n_loops(wrapped.model) == 3 and wrapped.n_loops == 4

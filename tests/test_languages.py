@@ -117,3 +117,10 @@ def test_data_settings_other_than_the_seed_keep_the_language_facts_reproducible(
     a = rank_languages(MarkovDataConfig(), [24])[0]
     b = rank_languages(dataclasses.replace(MarkovDataConfig(), seed=3), [24])[0]
     assert a == b  # the scored seed replaces data.seed: nothing else of the config's seed leaks in
+
+
+def test_no_common_test_length_means_no_share_error_not_nan():
+    facts = {"ic_max": 14.0, "simple_share": {5: 1.0}, "headroom": {"low": {"bayes_ceiling": 1.0}}}
+    assert fit(facts)["share_error_pts"] is None
+    ranked = rank_languages(MarkovDataConfig(test_lengths=[5, 6], n_test=50), [0, 24])
+    assert all(r["share_error_pts"] is None for r in ranked)

@@ -145,3 +145,18 @@ def test_the_stage_is_one_until_the_switch_and_two_after():
     schedule = ShiftSchedule.fixed(5, at=3)
     assert [schedule.stage(s) for s in range(1, 7)] == [1, 1, 1, 2, 2, 2]
     assert [schedule.stage(s) for s in range(1, 7)] == [1 + (schedule.n_loops_at(s) > 1) for s in range(1, 7)]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"milestones": {}}, "milestones must map at least one step"),
+        ({"scp": {"patiense": 3}}, "scp must hold ShiftCriterion's settings .* \\(got patiense\\)"),
+        ({"at": 3, "milestones": {5: 2}}, "give at most one of .*got at and milestones"),
+    ],
+)
+def test_shift_settings_that_cannot_build_a_schedule_are_one_line(settings, message):
+    from loopscape.shift.schedule import ShiftConfig
+
+    with pytest.raises(ValueError, match=message):
+        ShiftConfig(3, **settings).build()

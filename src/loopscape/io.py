@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from loopscape.config import ConfigError, to_dict
+from loopscape.config import ConfigError, from_dict, to_dict
 from loopscape.errors import DamagedRunError
 
 
@@ -226,6 +226,18 @@ def claim_new_run_folder(out: Path, resumable: bool = True) -> None:
     refuse_to_overwrite(out, resumable)
 
 
+def same_config(path: Path, config: Any) -> bool:
+    """Whether run folder file ``path`` (a ``config.yaml``) holds ``config``. Settings added to loopscape
+    since the folder was written take their defaults, so an older folder with the same settings resumes."""
+    saved = read_run_config(path)
+    if saved == to_dict(config):
+        return True
+    try:
+        return isinstance(saved, dict) and to_dict(from_dict(type(config), saved)) == to_dict(config)
+    except ConfigError:  # a setting that no longer exists, or a value no longer allowed
+        return False
+
+
 def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
     """Create ``out`` with the run's ``config.yaml`` (any config dataclass), as its one writer
     (:func:`lock_run_folder`); refuse to touch an existing folder unless resuming it with the same config."""
@@ -234,7 +246,7 @@ def prepare_run_folder(out: Path, config: Any, resume: bool) -> None:
         if not saved.exists():
             raise ConfigError(f"--resume needs an existing run folder with config.yaml (none in {str(out)!r})")
         lock_run_folder(out)
-        if read_run_config(saved) != to_dict(config):
+        if not same_config(saved, config):
             raise ConfigError(
                 f"--resume: the configuration differs from the one in {str(saved)!r}; resume with the same settings"
             )

@@ -25,6 +25,7 @@ counts how often random languages allow the paper's reported numbers at all.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -90,7 +91,12 @@ def fit(facts: dict) -> dict:
     if facts["headroom"]["low"]["bayes_ceiling"] < MIN_LOW_CEILING:
         why.append(f"low-IC Bayes {100 * facts['headroom']['low']['bayes_ceiling']:.1f}%")
     common = [L for L in PAPER_SIMPLE_SHARE if L in facts.get("simple_share", {})]
-    error = 100 * float(np.mean([abs(facts["simple_share"][L] - PAPER_SIMPLE_SHARE[L]) for L in common]))
+    # None when no test length is one of Table 1's: nothing to compare (ranked last)
+    error = (
+        100 * float(np.mean([abs(facts["simple_share"][L] - PAPER_SIMPLE_SHARE[L]) for L in common]))
+        if common
+        else None
+    )
     return {"eligible": not why, "why_not": ", ".join(why), "share_error_pts": error}
 
 
@@ -103,7 +109,8 @@ def rank_languages(data: MarkovDataConfig, seeds, progress=None) -> list[dict]:
         rows.append({**facts, **fit(facts)})
         if progress is not None:
             progress()
-    rows.sort(key=lambda r: (not r["eligible"], r["share_error_pts"], abs(r["ic_max"] - PAPER_IC_MAX), r["seed"]))
+    error = lambda r: math.inf if r["share_error_pts"] is None else r["share_error_pts"]  # noqa: E731
+    rows.sort(key=lambda r: (not r["eligible"], error(r), abs(r["ic_max"] - PAPER_IC_MAX), r["seed"]))
     return rows
 
 

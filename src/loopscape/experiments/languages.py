@@ -26,6 +26,7 @@ from loopscape.data.languages import (
 )
 from loopscape.data.markov import DEFAULT_LANGUAGE_SEED, MarkovDataConfig
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
+from loopscape.reporting.stats import fmt_number
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _row(r: dict, lengths: list[int]) -> str:
     h = r["headroom"]
     shares = " / ".join(f"{100 * r['simple_share'][L]:.1f}" for L in lengths)
     return (
-        f"| {r['seed']} | {r['ic_max']:.2f} | {shares} | {r['share_error_pts']:.2f} | "
+        f"| {r['seed']} | {r['ic_max']:.2f} | {shares} | {fmt_number(r['share_error_pts'])} | "
         f"{100 * h['low']['bayes_ceiling']:.1f} | {100 * h['all']['bayes_ceiling']:.1f} | "
         f"{100 * h['high']['bayes_ceiling']:.1f} | {100 * h['all']['headroom']:.1f} | "
         f"{100 * h['high']['headroom']:.1f} | {'yes' if r['eligible'] else 'no: ' + r['why_not']} |"

@@ -16,7 +16,7 @@ import numpy as np
 
 from loopscape.config import ConfigError, from_dict, read_mapping, to_dict, validate_tree
 from loopscape.experiments.markov import run_markov_study
-from loopscape.io import atomic_write_text, claim_new_run_folder, lock_run_folder, read_run_config, write_json
+from loopscape.io import atomic_write_text, claim_new_run_folder, lock_run_folder, same_config, write_json
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
@@ -57,7 +57,7 @@ def run_sweep(base, grid: dict[str, list], out: str | Path, resume: bool = False
         validate_tree(cfg)
         cell = out / "cells" / name
         saved = cell / "config.yaml"
-        if saved.exists() and read_run_config(saved) != to_dict(cfg):
+        if saved.exists() and not same_config(saved, cfg):
             raise ConfigError(f"sweep cell {str(cell)!r} was run with other settings; use a new --output")
         if show_progress:
             print(f"[sweep] {name}")

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loopscape.extras import require_extra
+from loopscape.io import read_json_file
 from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
 from loopscape.reporting.curvature import plot_curves
 from loopscape.shift.controller import ShiftController, get_n_loops
@@ -72,6 +73,7 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
             restored = stored.get("attributes", {}).get("shift_state")
         if restored is not None:
             self.controller.load_state_dict(restored)
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())  # as CurvatureCallback's
         self.controller.before_step(state.global_step + 1)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -127,8 +129,10 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
     again into the new folder). The probe batches are not JSON: ``restore_callback_states_from_checkpoint``
     cannot rebuild this callback, so pass it again, as for any callback that holds data."""
 
-    def __init__(self, probe_batches, every: int = 500, k: int = 5, params=None, **probe_options):
-        self.settings = {"batches": list(probe_batches), "every": every, "k": k, "params": params, **probe_options}
+    def __init__(self, probe_batches=None, every: int = 500, k: int = 5, params=None, **probe_options):
+        # None only when HF rebuilds the callback from its saved arguments (which cannot hold tensors)
+        batches = None if probe_batches is None else list(probe_batches)
+        self.settings = {"batches": batches, "every": every, "k": k, "params": params, **probe_options}
         self.probe = None
         self.probe_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
 
@@ -139,6 +143,12 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
         return {"args": args, "attributes": {"probe_state": None if self.probe is None else self.probe.state_dict()}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.settings["batches"] is None:
+            raise ValueError(
+                "CurvatureCallback needs probe_batches; TrainingArguments(restore_callback_states_from_checkpoint="
+                "True) rebuilds callbacks from saved arguments, which cannot hold batches: leave it off (the callback "
+                "restores its own state from the checkpoint)"
+            )
         device = next(model.parameters()).device
         self.probe = CurvatureProbe(
             **{**self.settings, "batches": probe_batches_to_device(self.settings["batches"], device)},
@@ -149,8 +159,13 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
         stored = state.stateful_callbacks.get(type(self).__name__)
         if restored is None and isinstance(stored, dict):  # the Trainer has read the checkpoint's trainer_state.json
             restored = stored.get("attributes", {}).get("probe_state")
+        if restored is None and state.global_step > 0:  # a checkpoint written before the state moved there
+            older = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
+            restored = read_json_file(older) if os.path.exists(older) else None
         if restored is not None and state.global_step > 0:
             self.probe.load_state_dict(restored)
+        # a checkpoint written without this callback has no entry for it, and the Trainer's save expects one
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         row = self.probe.maybe_measure(model, state.global_step)

@@ -54,6 +54,8 @@ class LoopedLayers(nn.ModuleList):
     decoder's forward does) sees the range as one looped step.
     """
 
+    holds_loops = True  # the SHIFT controller sets the loop count here, not on a wrapper's n_loops attribute
+
     def __init__(
         self, layers: nn.ModuleList, start: int, stop: int, n_loops: int, injection: str, config=None, generation=None
     ):

@@ -22,6 +22,7 @@ import numpy as np
 
 from loopscape.reporting.figures import LABELS, PHASE_EPOCH
 from loopscape.reporting.html import NOT_TESTED, verdict_row
+from loopscape.reporting.stats import fmt_number
 
 PAPER = {
     "looped_attn": {"acc_high@150": 44.65, "acc_high@final": 54.72, "acc_all@final": 72.29},
@@ -137,7 +138,7 @@ def data_fact_lines(data: dict) -> list[str]:
         "| 100 ('perfect accuracy', Observation 1) |",
         "",
         f"Eligible by the rule: {'yes' if facts['eligible'] else 'no (' + facts['why_not'] + ')'}; mean share error "
-        f"{facts['share_error_pts']:.2f} pts. Rule: {paper['rule']}",
+        f"{fmt_number(facts['share_error_pts'])} pts. Rule: {paper['rule']}",
         "",
         "### Headroom: what the training set allows beyond the bigram rule",
         "",

@@ -29,9 +29,11 @@ def loop_holder(model: nn.Module) -> nn.Module:
     """Where the loop count lives: the first module of ``model`` (itself or a submodule, e.g. of a
     LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedLayers``, which saves
     its settings in the model's config whenever it is set, or one of loopscape's models."""
-    if hasattr(model, "n_loops"):  # the model itself (or any object with a loop count, e.g. one population member)
+    if not isinstance(model, nn.Module):  # any object with a loop count, e.g. one population member
         return model
-    holder = next((m for m in model.modules() if hasattr(m, "n_loops")), None)
+    # a module that declares it holds the loop count (loopify's LoopedLayers) wins over a wrapper's attribute
+    holder = next((m for m in model.modules() if getattr(type(m), "holds_loops", False)), None)
+    holder = holder or next((m for m in model.modules() if hasattr(m, "n_loops")), None)
     if holder is None:
         raise ValueError(
             f"model must be loopified (loopscape.loopify) or hold a module with an n_loops attribute: "

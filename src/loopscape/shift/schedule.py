@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from loopscape.shift.criterion import ShiftCriterion
 
@@ -191,12 +191,18 @@ class ShiftConfig:
                 f"schedule); got {' and '.join(given)}"
             )
         if self.milestones is not None:
+            if not self.milestones:
+                raise ValueError("milestones must map at least one step to a loop count (got {})")
             return ShiftSchedule(
                 n_loops=max(2, *self.milestones.values()),
                 milestones={int(s): k for s, k in self.milestones.items()},
                 optimizer=self.optimizer,
                 sampled=self.sampled_depth,
             )
+        known = {f.name for f in fields(ShiftCriterion)}
+        unknown = sorted(set(self.scp or {}) - known)
+        if unknown:
+            raise ValueError(f"scp must hold ShiftCriterion's settings {sorted(known)} (got {', '.join(unknown)})")
         criterion = None if self.at is not None else ShiftCriterion(**(self.scp or {}))
         return ShiftSchedule(
             self.n_loops,
