@@ -160,3 +160,19 @@ def test_shift_settings_that_cannot_build_a_schedule_are_one_line(settings, mess
 
     with pytest.raises(ValueError, match=message):
         ShiftConfig(3, **settings).build()
+
+
+def test_the_controller_reads_states_written_before_it_existed():
+    """Markov checkpoints kept {"schedule": ...}, population checkpoints the schedule's state bare."""
+    from loopscape.shift.controller import ShiftController
+    from loopscape.shift.criterion import ShiftCriterion
+    from loopscape.shift.schedule import ShiftSchedule
+
+    fired = ShiftSchedule.scp(3, ShiftCriterion(patience=1, min_delta=10.0, wait=1, max_wait=1))
+    for e in (1, 2, 3):
+        fired.observe(e, 1.0, 1.0)
+    assert fired.shift_step is not None
+    for old in ({"schedule": fired.state_dict()}, fired.state_dict()):
+        c = ShiftController(ShiftSchedule.scp(3, ShiftCriterion()))
+        c.load_state_dict(old)
+        assert c.schedule.shift_step == fired.shift_step and c.switches == []

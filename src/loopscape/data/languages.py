@@ -55,8 +55,6 @@ RULE = (
     "smaller difference in largest IC, then to the smaller seed. No model is trained: only data facts decide."
 )
 
-GROUPS = ("all", "low", "high")
-
 
 def headroom(lang: MarkovLanguage, task: MarkovTask) -> dict[str, dict[str, float]]:
     """Per IC group (all / low / high): the training-set Bayes ceiling (the accuracy there of the
@@ -72,10 +70,11 @@ def headroom(lang: MarkovLanguage, task: MarkovTask) -> dict[str, dict[str, floa
     return out
 
 
-def language_facts(data: MarkovDataConfig, shares: bool = True) -> dict:
+def language_facts(data: MarkovDataConfig, shares: bool = True, built=None) -> dict:
     """The data facts of the language ``data`` describes: largest training IC (bits), the headroom
-    table, and (``shares``) the share of simple sequences in each test set the study would draw."""
-    lang, task = build_task(data)
+    table, and (``shares``) the share of simple sequences in each test set the study would draw.
+    ``built``: ``build_task(data)``'s ``(language, task)`` when the caller has them already."""
+    lang, task = built if built is not None else build_task(data)
     ic_max = task.train.ic.max().item()
     facts = {"seed": data.seed, "ic_max": ic_max, "headroom": headroom(lang, task)}
     if shares:

@@ -117,7 +117,7 @@ def data_summary(lang: MarkovLanguage, task: MarkovTask, data: MarkovDataConfig)
     """The language's data facts beside the paper's, its headroom, and the feasibility table (no training)."""
     ic = task.train.ic
     ok = bayes_ceiling(task.train).float()
-    facts = language_facts(data)
+    facts = language_facts(data, built=(lang, task))
     return {
         "paper_facts": {"ic_max": PAPER_IC_MAX, "simple_share": PAPER_SIMPLE_SHARE, "rule": LANGUAGE_RULE},
         "facts": {"ic_max": facts["ic_max"], "simple_share": facts["simple_share"], **fit(facts)},

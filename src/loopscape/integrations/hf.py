@@ -30,6 +30,19 @@ from loopscape.shift.schedule import ShiftConfig
 transformers = require_extra("transformers", "hf")
 
 
+def _saved_attribute(callback, state, attribute: str):
+    """A stateful callback's saved ``attribute`` on resume: set on it by the Trainer when it restores callbacks,
+    else read from the ``trainer_state.json`` the Trainer resumed from (it reads that file either way). Also adds
+    the callback's entry to ``state.stateful_callbacks`` when the checkpoint had none (written by an earlier
+    version or without this callback): the Trainer's next save expects one."""
+    value = getattr(callback, attribute)
+    stored = state.stateful_callbacks.get(type(callback).__name__)
+    if value is None and isinstance(stored, dict):
+        value = stored.get("attributes", {}).get(attribute)
+    state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+    return value
+
+
 class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
     """SHIFT's schedule as a ``TrainerCallback`` (arguments: :class:`~loopscape.shift.schedule.ShiftConfig`'s).
 
@@ -66,14 +79,9 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
                 "fixed switch step"
             )
         self.controller.attach(model, optimizer)
-        # on resume the Trainer has read trainer_state.json, ours included, whether or not it restores callbacks
-        restored = self.shift_state
-        stored = state.stateful_callbacks.get(type(self).__name__)
-        if restored is None and isinstance(stored, dict):
-            restored = stored.get("attributes", {}).get("shift_state")
+        restored = _saved_attribute(self, state, "shift_state")
         if restored is not None:
             self.controller.load_state_dict(restored)
-        state.stateful_callbacks.setdefault(type(self).__name__, self.state())  # as CurvatureCallback's
         self.controller.before_step(state.global_step + 1)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -155,17 +163,12 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
             folder=os.path.join(args.output_dir, "curvature") if state.is_world_process_zero else None,
             tensorboard="tensorboard" in (args.report_to or []),
         )
-        restored = self.probe_state
-        stored = state.stateful_callbacks.get(type(self).__name__)
-        if restored is None and isinstance(stored, dict):  # the Trainer has read the checkpoint's trainer_state.json
-            restored = stored.get("attributes", {}).get("probe_state")
+        restored = _saved_attribute(self, state, "probe_state")
         if restored is None and state.global_step > 0:  # a checkpoint written before the state moved there
             older = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
             restored = read_json_file(older) if os.path.exists(older) else None
         if restored is not None and state.global_step > 0:
             self.probe.load_state_dict(restored)
-        # a checkpoint written without this callback has no entry for it, and the Trainer's save expects one
-        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         row = self.probe.maybe_measure(model, state.global_step)

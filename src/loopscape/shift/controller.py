@@ -138,6 +138,9 @@ class ShiftController:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "switches" not in state:  # a checkpoint from before the controller: the schedule's state, bare or keyed
+            self.schedule.load_state_dict(state.get("schedule", state))
+            return
         self.schedule.load_state_dict(state["schedule"])
         self.switches = [tuple(s) for s in state["switches"]]
         self._applied = state.get("applied")

@@ -102,10 +102,7 @@ def train_markov(
     extra = run.resume(model, optimizer, generator) if resume else {}
     shift = ShiftController(schedule, model, optimizer) if schedule is not None else None
     if shift is not None and "schedule" in extra:
-        if "switches" in extra:
-            shift.load_state_dict(extra)
-        else:  # a checkpoint written before the controller: the schedule's state alone
-            schedule.load_state_dict(extra["schedule"])
+        shift.load_state_dict(extra)
 
     def loops(epoch: int) -> dict:
         """Set the epoch's loop count (epoch 0, the initial evaluation, uses epoch 1's)."""

@@ -211,7 +211,7 @@ def train_population(
         for g, text in zip(generators, extra["generators"]):
             set_generator_state(g, text)
         for c, state in zip(shifts, extra["schedules"]):
-            c.load_state_dict(state) if "switches" in state else c.schedule.load_state_dict(state)
+            c.load_state_dict(state)
     for c in shifts:
         c.before_step(run.start + 1)
     n = len(task.train)
