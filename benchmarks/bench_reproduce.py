@@ -20,7 +20,7 @@ import torch
 
 from loopscape.data.markov import build_task
 from loopscape.experiments.markov import MarkovStudyConfig
-from loopscape.experiments.shift import ShiftStudyConfig, schedule_of
+from loopscape.experiments.shift import ShiftStudyConfig
 from loopscape.training.markov import MarkovTrainConfig, train_markov
 from loopscape.training.population import train_population
 from loopscape.training.run import seeded
@@ -58,13 +58,12 @@ def population_vs_one_by_one(epochs: int = 30) -> dict:
     )  # the first optimiser imports torch._dynamo (~2 s): not either side's cost
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        train_population(
-            models(), [0] * len(policies), [schedule_of(p, o, 3, shift.scp) for p, o in policies], task, tc, f"{d}/pop"
-        )
+        schedules = [shift.shift_config(p, o, 3).build() for p, o in policies]
+        train_population(models(), [0] * len(policies), schedules, task, tc, f"{d}/pop")
         together = time.perf_counter() - t0
         t0 = time.perf_counter()
         for k, (m, (p, o)) in enumerate(zip(models(), policies)):
-            train_markov(m, task, tc, f"{d}/m{k}", seed=0, schedule=schedule_of(p, o, 3, shift.scp))
+            train_markov(m, task, tc, f"{d}/m{k}", seed=0, schedule=shift.shift_config(p, o, 3).build())
         alone = time.perf_counter() - t0
     return {
         "members": len(policies),

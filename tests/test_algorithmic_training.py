@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from loopscape.data.algorithmic import AlgorithmicTask, Curriculum
 from loopscape.models.looped_gpt import looped_gpt
-from loopscape.shift.criterion import SCPConfig
+from loopscape.shift.schedule import ShiftConfig
 from loopscape.training.algorithmic import (
     AlgorithmicTrainConfig,
     lr_at,
@@ -42,6 +42,8 @@ def _run(tmp, paradigm, steps, resume=False, on_step=None, **cfg):
     task = AlgorithmicTask("parity")
     model = looped_gpt(task.vocab_size, **SMALL)
     cfg = {"eval_every": 5, **cfg}
+    if "shift_at" in cfg:
+        cfg["shift"] = ShiftConfig(at=cfg.pop("shift_at"))
     config = AlgorithmicTrainConfig(
         steps=steps, eval_size=32, checkpoint_every=10, curriculum_interval=3, batch_size=16, lr=1e-3, **cfg
     )
@@ -142,7 +144,9 @@ def test_checkpoints_count_steps(tmp_path):
 
 
 def test_shift_by_scp_records_its_step(tmp_path):
-    _, rows = _run(tmp_path / "x", "shift", 40, scp=SCPConfig(patience=1, min_delta=10.0, wait=1, max_wait=1))
+    _, rows = _run(
+        tmp_path / "x", "shift", 40, shift=ShiftConfig(scp=dict(patience=1, min_delta=10.0, wait=1, max_wait=1))
+    )
     shifted = rows[-1]["shift_step"]
     assert shifted is not None and all(r["paradigm"] == ("single" if r["step"] <= shifted else "looped") for r in rows)
 
@@ -274,3 +278,21 @@ def test_curvature_probe_in_the_trainer_measures_the_training_loss_and_resumes(t
             loss_fn=probe.operator_options["loss_fn"],
         )
     ).shape == (32, 32)
+
+
+def test_old_shift_settings_read_into_the_shift_section(tmp_path):
+    """A run folder or --set line from before train.shift: shift_at and scp move into it, and a fixed switch
+    drops scp as it always did; milestones are refused in one line (the looped stage is per-row T(n))."""
+    from loopscape.config import ConfigError, from_dict
+
+    old = from_dict(AlgorithmicTrainConfig, {"shift_at": 6, "scp": {"patience": 2}})
+    assert old.shift == ShiftConfig(at=6)
+    old = from_dict(AlgorithmicTrainConfig, {"shift_at": None, "scp": {"patience": 2, "wait": 1}})
+    assert old.shift == ShiftConfig(scp={"patience": 2, "wait": 1})
+    with pytest.raises(ConfigError, match=r"^train\.shift must be a fixed switch"):
+        from_dict(AlgorithmicTrainConfig, {"shift": {"milestones": {3: 2}}}).validate("train.")
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.shift: give at most one of at .* \(set train\.shift\.scp=null for a fixed switch\)$",
+    ):
+        from_dict(AlgorithmicTrainConfig, {"shift": {"at": 3, "scp": {}}}).validate("train.")

@@ -179,7 +179,20 @@ def test_algorithmic_writes_a_report_with_figures_11_and_14(tmp_path):
     r = runner.invoke(app, ["algorithmic", "--task", "copy", "-o", str(out), *ALGO_TINY])
     assert r.exit_code == 2 and "--resume" in r.output  # an existing run is never overwritten
     r = runner.invoke(
-        app, ["algorithmic", "--task", "copy", "-o", str(out), "--resume", "--set", "train.shift_at=6", *ALGO_TINY]
+        app,
+        [
+            "algorithmic",
+            "--task",
+            "copy",
+            "-o",
+            str(out),
+            "--resume",
+            "--set",
+            "train.shift.at=6",
+            "--set",
+            "train.shift.scp=null",
+            *ALGO_TINY,
+        ],
     )
     assert r.exit_code == 0, r.output
 

@@ -4,7 +4,7 @@
 # Runs `loopscape markov --epochs 40 --seeds 0,1 --set hessian.enabled=false`,
 # `loopscape reproduce --quick` and a short algorithmic Parity run (Single-Attn, Looped-Attn, SHIFT with SCP)
 # on REV (a temporary worktree) and on this tree, with the same Python, then compares every
-# number (docs/scripts/compare_runs.py).
+# number (docs/scripts/compare_runs.py). Parity's SCP is set by its older name, train.scp, which both sides read.
 set -euo pipefail
 rev=${1:?usage: numbers_unchanged.sh REV}
 here=$(cd "$(dirname "$0")/../.." && pwd)

@@ -110,9 +110,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     A section given in part is read over ``cls``'s own default for that field, not over
     the section class's defaults: ``model: {init_scale: 0.5}`` in a study whose default
     model has three loops keeps the three loops (an override changes that field and nothing else).
+    A class with a static ``upgrade(data) -> data`` first maps settings it renamed to their new
+    names, so older run folders and command lines still read.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "upgrade"):  # settings renamed since a run folder was written: read under their new names
+        data = cls.upgrade(dict(data))
     for key in data:
         require(key in fields, f"{prefix}{key}", f"one of {sorted(fields)}", key)
     data = dict(data)

@@ -35,7 +35,7 @@ from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
 from loopscape.shift import compute
 from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, SWITCH_KEY, ShiftConfig, ShiftSchedule, recorded_switch
+from loopscape.shift.schedule import OPTIMIZER_AT_SHIFT, SWITCH_KEY, ShiftConfig, recorded_switch
 from loopscape.training.markov import train_markov
 from loopscape.training.population import load_member, member_curves, train_population
 from loopscape.training.run import seeded, verify_finished
@@ -79,12 +79,12 @@ class ShiftStudyConfig:
         main = [(str(s), self.optimizer) for s in self.shift_epochs] + [(SCP, self.optimizer)]
         return main + [(c, self.other_optimizer) for c in self.compare_optimizer]
 
-
-def schedule_of(policy: str, optimizer: str, n_loops: int, scp: SCPConfig) -> ShiftSchedule:
-    """A policy's schedule: SCP, or a fixed shift epoch given as text."""
-    if policy == SCP:
-        return ShiftConfig(n_loops, scp=asdict(scp), optimizer=optimizer).build()
-    return ShiftConfig(n_loops, at=int(policy), optimizer=optimizer).build()
+    def shift_config(self, policy: str, optimizer: str, n_loops: int) -> ShiftConfig:
+        """A policy as the one SHIFT setting every trainer and callback builds from: SCP with this study's
+        ``scp``, or a fixed shift epoch given as text."""
+        if policy == SCP:
+            return ShiftConfig(n_loops, scp=asdict(self.scp), optimizer=optimizer)
+        return ShiftConfig(n_loops, at=int(policy), optimizer=optimizer)
 
 
 def _train_part(
@@ -98,7 +98,7 @@ def _train_part(
     for seed, _, _ in members:
         with seeded(seed):
             models.append(cfg.build_model(1))
-    schedules = [schedule_of(p, o, cfg.model.n_loops, shift.scp) for _, p, o in members]
+    schedules = [shift.shift_config(p, o, cfg.model.n_loops).build() for _, p, o in members]
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_population(
         models, [m[0] for m in members], schedules, task, cfg.train, run_dir, resume=resume, on_epoch=on_epoch
@@ -125,7 +125,7 @@ def _train_measured(
     _, task = build_task(cfg.data)
     with seeded(seed):
         model = cfg.build_model(1)
-    schedule = schedule_of(SCP, shift.optimizer, cfg.model.n_loops, shift.scp)
+    schedule = shift.shift_config(SCP, shift.optimizer, cfg.model.n_loops).build()
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, schedule=schedule)
     write_json(Path(run_dir) / "done.json", {SWITCH_KEY: schedule.shift_step})

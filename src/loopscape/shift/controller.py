@@ -56,7 +56,9 @@ def get_n_loops(model: nn.Module) -> int:
 
 class ShiftController:
     """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared when a new
-    stage starts and the schedule says ``optimizer="reset"``)."""
+    stage starts and the schedule says ``optimizer="reset"``). Without a model it sets no loop count:
+    a trainer that reads the stage itself (the algorithmic trainer's per-row ``T(n)``) asks
+    ``schedule.stage(step)``."""
 
     def __init__(self, schedule: ShiftSchedule, model: nn.Module | None = None, optimizer=None):
         if not isinstance(schedule, ShiftSchedule):
@@ -82,7 +84,7 @@ class ShiftController:
             if self.schedule.resets_optimizer and self.optimizer is not None:
                 self.optimizer.state.clear()
         self._applied = step
-        if k != self.holder.n_loops:  # set again on a resumed run: the holder starts from its own default
+        if self.holder is not None and k != self.holder.n_loops:  # a resumed holder starts from its own default
             self.holder.n_loops = k
         return k
 
@@ -97,7 +99,7 @@ class ShiftController:
                 )
         self.schedule.observe(step, val_loss, grad_norm)
         if dist.is_available() and dist.is_initialized():
-            device = next(self.model.parameters()).device if dist.get_backend() == "nccl" else "cpu"
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             decided = self.schedule.shift_step
             decided = torch.tensor([-1 if decided is None else decided], device=device)
             dist.broadcast(decided, src=0)

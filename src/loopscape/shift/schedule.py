@@ -39,6 +39,7 @@ import bisect
 import random
 from dataclasses import dataclass, fields
 
+from loopscape.config import ConfigError
 from loopscape.shift.criterion import ShiftCriterion
 
 OPTIMIZER_AT_SHIFT = ("keep", "reset")
@@ -182,6 +183,15 @@ class ShiftConfig:
     optimizer: str = "keep"
     sampled_depth: bool = False
     seed: int = 0
+
+    def validate(self, p: str = "") -> None:
+        """One :class:`~loopscape.config.ConfigError` line naming the setting if these settings build no schedule."""
+        try:
+            self.build()
+        except (ValueError, TypeError) as err:
+            where = f"{p.rstrip('.')}: " if p else ""
+            hint = f" (set {p}scp=null for a fixed switch)" if self.at is not None and self.scp is not None else ""
+            raise ConfigError(f"{where}{err}{hint}") from None
 
     def build(self) -> ShiftSchedule:
         given = [name for name in ("at", "scp", "milestones") if getattr(self, name) is not None]

@@ -29,7 +29,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curric
 from loopscape.errors import DivergenceError
 from loopscape.landscape.probe import CurvatureProbe
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
-from loopscape.shift.criterion import SCPConfig
-from loopscape.shift.schedule import SWITCH_KEY, ShiftConfig, ShiftSchedule
+from loopscape.shift.controller import ShiftController
+from loopscape.shift.schedule import SWITCH_KEY, ShiftConfig
 from loopscape.training.run import RunState, check_finite
 
 PARADIGMS = ("single", "looped", "shift")
@@ -63,8 +63,7 @@ class AlgorithmicTrainConfig:
     eval_every: int = 500
     eval_size: int = 512
     checkpoint_every: int = 2000
-    shift_at: int | None = None  # SHIFT's last Single-Attn step, fixed; None: SCP decides
-    scp: SCPConfig = field(default_factory=SCPConfig)  # counted in evaluations
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # at: the last Single-Attn step; else SCP (evaluations)
     precision: str = "fp32"
     compile: bool = False
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars (run_dir/tensorboard)
@@ -74,13 +73,31 @@ class AlgorithmicTrainConfig:
     curvature_params: str | None = None  # a name pattern (e.g. "model.layers.0.*"); None: every parameter
     device: str = "auto"
 
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """Run folders (and ``--set``) from before the ``shift`` section: ``shift_at`` and ``scp`` move into
+        it; a fixed ``shift_at`` drops ``scp``, as it always did."""
+        at, scp = data.pop("shift_at", None), data.pop("scp", None)
+        if at is not None or scp is not None:
+            shift = dict(data.get("shift") or {})
+            shift.update({"at": at, "scp": None} if at is not None else {"scp": scp})
+            data["shift"] = shift
+        return data
+
     def validate(self, p: str = "") -> None:
         for name in ("steps", "batch_size", "curriculum_interval", "eval_every", "eval_size", "checkpoint_every"):
             require(getattr(self, name) >= 1, f"{p}{name}", "an integer >= 1", getattr(self, name))
         require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
         require(self.weight_decay >= 0, f"{p}weight_decay", "a number >= 0", self.weight_decay)
         require(self.grad_clip > 0, f"{p}grad_clip", "a number > 0", self.grad_clip)
-        require(self.shift_at is None or self.shift_at >= 0, f"{p}shift_at", "null or an integer >= 0", self.shift_at)
+        require(
+            self.shift.milestones is None and not self.shift.sampled_depth,
+            f"{p}shift",
+            "a fixed switch (at) or SCP (scp): the looped stage runs each row's own T(n), so milestones and "
+            "sampled_depth do not apply",
+            {"milestones": self.shift.milestones, "sampled_depth": self.shift.sampled_depth},
+        )
+        self.shift.validate(f"{p}shift.")
         require(
             self.curvature_every is None or self.curvature_every >= 1,
             f"{p}curvature_every",
@@ -131,17 +148,13 @@ def step_flops(config, batch: AlgorithmicBatch, n_loops: torch.Tensor) -> float:
     return 3 * (read_in + block + head)
 
 
-def shift_schedule(paradigm: str, config: AlgorithmicTrainConfig) -> ShiftSchedule | None:
-    """SHIFT's schedule (fixed ``shift_at`` or SCP); None for Single-Attn and Looped-Attn.
-
-    The loop count it gives is read as a stage: one loop is Single-Attn, more
-    is Looped-Attn, where each row runs its own ``T(n)``.
-    """
+def shift_controller(paradigm: str, config: AlgorithmicTrainConfig, optimizer) -> ShiftController | None:
+    """SHIFT (``train.shift``: a fixed switch step or SCP) as the controller every trainer drives; None for
+    Single-Attn and Looped-Attn. It holds no model: the trainer asks its schedule for the stage, and the looped
+    stage reads each row at its own ``T(n)``."""
     if paradigm != "shift":
         return None
-    if config.shift_at is not None:
-        return ShiftConfig(2, at=config.shift_at).build()
-    return ShiftConfig(2, scp=asdict(config.scp)).build()
+    return ShiftController(config.shift.build(), optimizer=optimizer)
 
 
 class ScoredRows(torch.nn.Module):
@@ -275,10 +288,10 @@ def train_algorithmic(
         10_000 + seed
     )  # a fixed set from the full training distribution
     val = task.batch(curriculum.lengths(curriculum.end_step, config.eval_size, val_gen, device), val_gen)
-    schedule = shift_schedule(paradigm, config)
+    shift = shift_controller(paradigm, config, optimizer)
 
     def looped(step: int) -> bool:
-        return paradigm == "looped" or (schedule is not None and schedule.stage(step) == 2)
+        return paradigm == "looped" or (shift is not None and shift.schedule.stage(step) == 2)
 
     totals = {"flops": 0.0, "time_s": 0.0}
     window = {
@@ -298,8 +311,8 @@ def train_algorithmic(
     extra = run.resume(model, optimizer, generator) if resume else {}
     if extra:
         totals, window = extra["totals"], extra["window"]
-        if schedule is not None:
-            schedule.load_state_dict(extra["schedule"])
+        if shift is not None:
+            shift.load_state_dict(extra["schedule"])
         if probe is not None and "curvature" in extra:
             probe.load_state_dict(extra["curvature"])
     net = model
@@ -315,6 +328,8 @@ def train_algorithmic(
                 lr = lr_at(step, config, curriculum.end_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                if shift is not None:
+                    shift.before_step(step)
                 batch = task.batch(curriculum.lengths(step, config.batch_size, generator, device), generator)
                 n_loops = batch.n_loops if looped(step) else torch.ones_like(batch.n_loops)
                 loss_sum, correct, grad_norm = train_step(net, optimizer, batch, n_loops, config, world, rank)
@@ -361,16 +376,16 @@ def train_algorithmic(
                     }
                     if probe is not None:
                         row["curvature_time_s"] = totals.get("curvature_s", 0.0)
-                    if schedule is not None:
-                        schedule.observe(step, val_loss, row["grad_norm"])
-                        if schedule.shifted_by(step):
-                            row[SWITCH_KEY] = schedule.shift_step
+                    if shift is not None:
+                        shift.after_evaluation(step, val_loss, row["grad_norm"])
+                        if shift.schedule.shifted_by(step):
+                            row[SWITCH_KEY] = shift.schedule.shift_step
                     window = dict.fromkeys(window, 0.0)
                     log.append(row)
                 if run.checkpoint_due(step):
                     extra = {"totals": totals, "window": window, "paradigm": paradigm}
-                    if schedule is not None:
-                        extra["schedule"] = schedule.state_dict()
+                    if shift is not None:
+                        extra["schedule"] = shift.state_dict()
                     if probe is not None:
                         extra["curvature"] = probe.state_dict()
                     run.save(step, model, optimizer, generator, extra=extra)
