@@ -1,14 +1,17 @@
 """loopscape: looped transformers, their loss landscapes (River-U/V-Valley), and SHIFT.
 
-``loopscape.loopify`` loops a range of a Hugging Face decoder's layers
-(:mod:`loopscape.integrations.loopify`); it is imported on first use, so
+``loopscape.loopify`` loops a range of a Hugging Face decoder's layers and
+``loopscape.from_pretrained`` loads a looped one back
+(:mod:`loopscape.integrations.loopify`); they are imported on first use, so
 ``import loopscape`` stays light.
 """
 
+_LAZY = {"loopify", "from_pretrained", "set_n_loops", "set_exit"}
+
 
 def __getattr__(name: str):
-    if name == "loopify":
-        from loopscape.integrations.loopify import loopify
+    if name in _LAZY:
+        from loopscape.integrations import loopify
 
-        return loopify
+        return getattr(loopify, name)
     raise AttributeError(f"module 'loopscape' has no attribute {name!r}")

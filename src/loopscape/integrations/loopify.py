@@ -2,145 +2,320 @@
 recursion into some of its blocks and continue to train").
 
 ``loopify(model, layers=(a, b), n_loops=k)`` makes the decoder layers
-``a..b-1`` of a GPT-2 or Llama-family causal LM run ``k`` times. With the
-range's input ``e`` and its layers ``B``, as the looped GPT does (Fan et al.):
+``a..b-1`` of any causal LM run ``k`` times. With the range's input ``e`` and
+its layers ``B``, as the looped GPT does (Fan et al.):
 
     injection="add":   h_1 = B(e),  h_t = B(h_{t-1} + e)      (input injection)
     injection="none":  h_1 = B(e),  h_t = B(h_{t-1})
 
-so ``n_loops = 1`` is the original model. The layers stay where they were in
-the module tree (the state dict's keys do not change, ``save_pretrained`` and
-``from_pretrained`` read and write the usual files); the loop settings live in
-``model.config.loopscape`` and in the :class:`LoopedLayers` list that replaces
-the decoder's layer list. ``n_loops`` can be changed at any time
-(:func:`set_n_loops`, SHIFT's Stage II), and :func:`loop_logits` reads every
-loop's state through the final norm and the LM head (a logit lens over loops).
+so ``n_loops = 1`` is the original model. The model stays an ordinary module
+tree: its layer list is untouched (iterating, indexing, hooks, parameter
+counts and state-dict keys are the original's), and the loop lives in the
+decoder's forward path, as two forward hooks on the range's first and last
+layer held by a :class:`LoopedRange` (a module without parameters added to
+the decoder stack). The settings live in ``model.config.loopscape``, so
+:func:`from_pretrained` gives the looped model back.
 
-The key-value cache is not kept per loop: a looped model (``n_loops > 1``)
-runs without it (``loopify`` turns ``use_cache`` off in the model's config and
-generation config, so ``generate()`` decodes without a cache), and a call that
-asks for it gets one clear error.
+**Cache.** Loop ``t >= 2`` of layer ``l`` is its own virtual layer of the
+model's Hugging Face cache (index ``L + (t-2)(b-a) + (l-a)`` for ``L`` decoder
+layers; loop 1 keeps the layer's own index), made like the layer's own entry
+(full or sliding window). Generation with ``use_cache=True`` therefore keeps
+one key-value entry per (loop, layer), and beam search's reordering, cropping
+and batch selection work through HF's own cache classes.
+
+**Per-token exit** (``exit="kl" | "entropy" | "state"``): after each loop
+from the second on, a token whose criterion falls below ``exit_threshold``
+(with at least ``min_loops`` loops done) stops looping. Policy: an exited
+token keeps its exit state through the deeper loops, and the layers still run
+on that state, so its keys and values at a deeper loop are those of its exit
+state and later tokens always find an entry to attend to at every loop. The
+cached decode then equals a full forward exactly (each token's decisions depend
+only on earlier tokens); what exit saves is depth per token, read in
+:attr:`LoopedRange.loops_used`, not layer calls.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loopscape.shift.controller import get_n_loops, set_n_loops  # the loop count of any looped model
 
-__all__ = ["LoopedLayers", "get_n_loops", "loop_logits", "loopify", "looped_layers", "set_n_loops"]
+__all__ = [
+    "LoopedRange",
+    "from_pretrained",
+    "get_n_loops",
+    "loop_logits",
+    "loopify",
+    "looped_layers",
+    "set_exit",
+    "set_n_loops",
+]
+
+log = logging.getLogger(__name__)
 
 INJECTIONS = ("add", "none")
-# model_type -> (attribute path of the decoder stack, its layer list, its final norm); the Llama layout is shared
-# by Qwen2 and Mistral
-FAMILIES = {
-    "gpt2": ("transformer", "h", "ln_f"),
-    "llama": ("model", "layers", "norm"),
-    "qwen2": ("model", "layers", "norm"),
-    "mistral": ("model", "layers", "norm"),
-}
-CACHE_REFUSED = (
-    "loopify: the key-value cache is not kept per loop; call the looped model with use_cache=False "
-    "(generate() does so by default after loopify)"
+EXITS = (None, "kl", "entropy", "state")
+CACHE_MID_GENERATION = (
+    "loopify: n_loops changed in the middle of a cached generation (the cache holds {held} loops, the model runs "
+    "{now}); call set_n_loops between generate() calls, or generate with use_cache=False"
+)
+CACHE_UNUSABLE = (
+    "loopify: the cache passed to a looped model must be a Hugging Face Cache holding per-layer entries "
+    "(e.g. DynamicCache, or none: the model makes one); got {kind}"
 )
 
 
-class LoopedLayers(nn.ModuleList):
-    """The decoder's layer list, with layers ``start..stop-1`` run ``n_loops`` times.
+class Structure:
+    """Where a causal LM keeps what loopify needs, found by structure (not by ``model_type``): the decoder
+    stack, its ``nn.ModuleList`` of decoder layers, the norm applied before the LM head, and the LM head."""
 
-    It holds the same modules at the same indices as the list it replaces, so
-    parameters and state-dict keys are unchanged; only iteration (what the
-    decoder's forward does) sees the range as one looped step.
-    """
+    def __init__(self, model: nn.Module):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise ValueError(
+                f"model must be a causal LM with its LM head (e.g. GPT2LMHeadModel, LlamaForCausalLM); "
+                f"{type(model).__name__} has no output embeddings (a base model?)"
+            )
+        config = getattr(model, "config", None)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        expected = getattr(text, "num_hidden_layers", None)
+        lists = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1
+        ]
+        if expected is not None:
+            lists = [(n, m) for n, m in lists if len(m) == expected] or lists
+        if not lists:
+            raise ValueError(
+                f"model must hold its decoder layers in an nn.ModuleList of one layer class "
+                f"(looked in {type(model).__name__} and found none)"
+            )
+        name, self.layers = max(lists, key=lambda nm: len(nm[1]))
+        parent_name, _, self.layers_name = name.rpartition(".")
+        self.stack = model.get_submodule(parent_name) if parent_name else model
+        children = list(self.stack.named_children())
+        after = [m for n, m in children[[n for n, _ in children].index(self.layers_name) + 1 :] if _is_norm(m)]
+        if not after:
+            raise ValueError(
+                f"model must apply a final norm after its decoder layers (looked in {type(self.stack).__name__} "
+                f"after .{self.layers_name} for a LayerNorm/RMSNorm module and found none)"
+            )
+        self.norm, self.head = after[0], head
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or type(module).__name__.endswith(
+        ("Norm", "LayerNorm", "RMSNorm")
+    )
+
+
+class LoopedRange(nn.Module):
+    """The loop over decoder layers ``start..stop-1`` (see the module docstring). It holds no parameters
+    and keeps the layers, the final norm and the LM head as plain references (not submodules), so the
+    model's parameters and state dict are the original's."""
 
     holds_loops = True  # the SHIFT controller sets the loop count here, not on a wrapper's n_loops attribute
 
-    def __init__(
-        self, layers: nn.ModuleList, start: int, stop: int, n_loops: int, injection: str, config=None, generation=None
-    ):
-        super().__init__(list(layers))
+    def __init__(self, structure: Structure, start: int, stop: int, n_loops: int, injection: str, config=None):
+        super().__init__()
         self.start, self.stop, self.injection = start, stop, injection
-        # the model's config and generation config: the loop settings are saved there whenever n_loops is set
-        self._configs = (config, generation)
-        self.n_loops = n_loops
+        self._layers = list(structure.layers)  # a plain list: not registered again as submodules
+        self._readout = (structure.norm, structure.head)
+        self._config = config
+        self._settings = {"exit": None, "exit_threshold": 0.0, "min_loops": 1}
+        self._n_loops = n_loops
         self.record = False  # keep each loop's output in `loop_states` (a logit lens over loops)
         self.loop_states: list[torch.Tensor] = []
+        self.loops_used: torch.Tensor | None = None  # (batch, positions) of the last call
+        self.exit_counts: dict[int, int] = {}  # loops used -> tokens, since the last reset_exit_counts()
+        self._inside, self._call = False, None
+        # the modules whose `layer_idx` names their cache entry, per looped layer
+        self._indexed = [
+            [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+            for layer in self.range_layers()
+        ]
+        self._hooks = [
+            self._layers[start].register_forward_pre_hook(self._before_range, with_kwargs=True),
+            self._layers[stop - 1].register_forward_hook(self._after_range, with_kwargs=True),
+        ]
+        self._save()
 
+    # --- settings -------------------------------------------------------------------------------------
     @property
     def n_loops(self) -> int:
         return self._n_loops
 
     @n_loops.setter
     def n_loops(self, value: int) -> None:
-        _check_loops(value)
+        _check_loops(value)  # min_loops above it is read as n_loops (SHIFT's Stage I runs one loop)
         self._n_loops = value
-        config, generation = self._configs
-        if config is not None:
-            config.loopscape = {"layers": [self.start, self.stop], "n_loops": value, "injection": self.injection}
-            # the cache is not kept per loop (module docstring): a looped model decodes without it
-            config.use_cache = value == 1
-        if generation is not None:
-            generation.use_cache = value == 1
+        self._save()
 
-    def __iter__(self):
-        layers = list(super().__iter__())
-        return iter(layers[: self.start] + [self._looped] + layers[self.stop :])
+    @property
+    def exit(self) -> str | None:
+        return self._settings["exit"]
 
-    def __getitem__(self, idx):
-        if isinstance(idx, slice):  # Llama's forward iterates self.layers[:num_hidden_layers]
-            if range(len(self))[idx] != range(len(self)):
-                raise ValueError(f"loopify: looped layers can be sliced only as a whole (got {idx})")
-            return list(self)
-        return super().__getitem__(idx)
+    def set_exit(self, exit: str | None = None, exit_threshold: float = 0.0, min_loops: int = 1) -> None:
+        """Per-token exit (module docstring); ``exit=None`` runs every token ``n_loops`` times."""
+        _check_exit(exit, exit_threshold, min_loops, self.n_loops)
+        self._settings = {"exit": exit, "exit_threshold": float(exit_threshold), "min_loops": min_loops}
+        self._save()
+
+    def settings(self) -> dict:
+        return {
+            "layers": [self.start, self.stop],
+            "n_loops": self.n_loops,
+            "injection": self.injection,
+            **self._settings,
+        }
+
+    def _save(self) -> None:
+        if self._config is not None:
+            self._config.loopscape = self.settings()
 
     def range_layers(self) -> list[nn.Module]:
         """The looped layers ``start..stop-1``."""
-        return list(super().__iter__())[self.start : self.stop]
+        return self._layers[self.start : self.stop]
 
-    def _looped(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.n_loops > 1 and kwargs.get("use_cache") and _past(args, kwargs) is not None:
-            raise ValueError(CACHE_REFUSED)
-        e, h, rest = hidden_states, None, None
-        self.loop_states = []
-        for t in range(self.n_loops):
-            h = e if t == 0 else (h + e if self.injection == "add" else h)
-            for layer in self.range_layers():
-                out = layer(h, *args, **kwargs)
-                h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-            if self.record:
-                self.loop_states.append(h)
+    def reset_exit_counts(self) -> None:
+        self.exit_counts = {}
+
+    def remove(self) -> None:
+        """Undo the loop: remove the hooks (the model is the original again)."""
+        for h in self._hooks:
+            h.remove()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings().items() if v is not None)
+
+    # --- the forward path ---------------------------------------------------------------------------------
+    def _virtual(self, loop: int, j: int) -> int:
+        """The cache index of loop ``loop`` (0-based, >= 1) of the range's ``j``-th layer."""
+        return len(self._layers) + (loop - 1) * (self.stop - self.start) + j
+
+    @contextmanager
+    def _at_loop(self, loop: int, j: int):
+        modules = self._indexed[j]
+        saved = [m.layer_idx for m in modules]
+        for m in modules:
+            m.layer_idx = self._virtual(loop, j)
+        try:
+            yield
+        finally:
+            for m, i in zip(modules, saved):
+                m.layer_idx = i
+
+    def _before_range(self, module, args, kwargs):
+        if self._inside:
+            return None
+        self._call = (args, kwargs)
+        cache = _cache(args, kwargs)
+        if cache is not None:
+            self._make_room(cache)
+        return None
+
+    def _make_room(self, cache) -> None:
+        """Give ``cache`` an entry for every (loop, layer) this call will write, made like the layer's own."""
+        cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: its decoder part
+        held = getattr(cache, "_loopscape_n_loops", None)
+        if held is not None and held != self.n_loops and cache.get_seq_length() > 0:
+            raise ValueError(CACHE_MID_GENERATION.format(held=held, now=self.n_loops))
+        if self.n_loops == 1 and held is None:
+            return
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            if not hasattr(cache, "key_cache"):  # transformers < 4.56: lists that grow on update
+                raise ValueError(CACHE_UNUSABLE.format(kind=type(cache).__name__))
+        elif getattr(cache, "layer_class_to_replicate", None) is None:
+            needed = self._virtual(self.n_loops - 1, self.stop - self.start - 1) + 1
+            for v in range(len(layers), needed):
+                source = layers[self.start + (v - len(self._layers)) % (self.stop - self.start)]
+                if getattr(source, "is_initialized", False) and cache.get_seq_length() > 0:
+                    raise ValueError(CACHE_MID_GENERATION.format(held=held or 1, now=self.n_loops))
+                layers.append(copy.deepcopy(source))
+        cache._loopscape_n_loops = self.n_loops
+
+    def _after_range(self, module, args, kwargs, output):
+        if self._inside:
+            return None
+        h, rest = _split(output)
+        self.loop_states = [h] if self.record else []
+        exit = self.exit
+        if self.n_loops == 1:
+            self.loops_used = None
+            return None
+        call_args, call_kwargs = self._call
+        e = call_args[0] if call_args else call_kwargs["hidden_states"]
+        rest_args = call_args[1:]
+        call_kwargs = {k: v for k, v in call_kwargs.items() if k != "hidden_states"}
+        used = torch.ones(h.shape[:-1], dtype=torch.long, device=h.device)
+        exited = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
+        self._inside = True
+        try:
+            for t in range(1, self.n_loops):
+                x = h + e if self.injection == "add" else h
+                for j, layer in enumerate(self.range_layers()):
+                    with self._at_loop(t, j):
+                        x, rest = _split(layer(x, *rest_args, **call_kwargs))
+                if exit is not None:
+                    x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
+                    value = self._criterion(h, x)
+                    used = torch.where(exited, used, used + 1)
+                    done = used >= min(self._settings["min_loops"], self.n_loops)
+                    exited = exited | ((value < self._settings["exit_threshold"]) & done)
+                h = x
+                if self.record:
+                    self.loop_states.append(h)
+        finally:
+            self._inside, self._call = False, None
+        self.loops_used = used if exit is not None else torch.full_like(used, self.n_loops)
+        if exit is not None:
+            for k, n in zip(*torch.unique(used, return_counts=True)):
+                self.exit_counts[int(k)] = self.exit_counts.get(int(k), 0) + int(n)
+            log.debug("loopify exit: mean %.3f loops per token over %d tokens", used.float().mean(), used.numel())
         return h if rest is None else (h, *rest)
 
+    def _criterion(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """Per token, the exit criterion between successive loops' outputs. ``kl``: KL(p_t || p_{t-1}) of the
+        next-token distributions read through the final norm and LM head (the layers after the range are
+        skipped, a logit lens), Huginn's KL exit (Geiping et al., 2025, "Scaling up test-time compute with
+        latent reasoning", Sec. 6); ``entropy``: |H(p_t) - H(p_{t-1})|, the entropy-change exit of the same
+        work; ``state``: ||h_t - h_{t-1}|| / ||h_t||, the relative change of the latent state (Huginn's
+        convergence measure of the recurrent state)."""
+        if self.exit == "state":
+            return (after - before).float().norm(dim=-1) / after.float().norm(dim=-1).clamp_min(1e-30)
+        norm, head = self._readout
+        logp_before = F.log_softmax(head(norm(before)).float(), dim=-1)
+        logp_after = F.log_softmax(head(norm(after)).float(), dim=-1)
+        if self.exit == "kl":
+            return (logp_after.exp() * (logp_after - logp_before)).sum(-1)
+        entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+        return (entropy(logp_after) - entropy(logp_before)).abs()
 
-def _past(args: tuple, kwargs: dict):
-    """The cache a decoder layer was handed: ``past_key_values`` (transformers < 5.24 Llama
-    layout), ``cache`` (5.24 on) or ``layer_past`` (GPT-2), or positionally."""
-    for name in ("past_key_values", "cache", "layer_past"):
-        if name in kwargs:
+
+def _split(output):
+    return (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+
+
+def _cache(args: tuple, kwargs: dict):
+    """The cache a decoder layer was handed: ``cache`` (transformers >= 5.24), ``past_key_values``,
+    ``layer_past`` (GPT-2), or positionally after the hidden states (GPT-2 5.x)."""
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if kwargs.get(name) is not None:
             return kwargs[name]
-    return args[0] if args and not isinstance(args[0], torch.Tensor) else None
+    return args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) and args[1] is not None else None
 
 
-def _family(model: nn.Module) -> tuple[nn.Module, str, str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"model must be a Hugging Face causal LM of one of the model types {sorted(FAMILIES)} "
-            f"(got {type(model).__name__} with model_type {model_type!r})"
-        )
-    stack, layers, norm = FAMILIES[model_type]
-    if not hasattr(model, stack):
-        raise ValueError(
-            f"model must be a causal LM with its LM head ({stack!r} inside it, e.g. GPT2LMHeadModel or "
-            f"LlamaForCausalLM); got the base model {type(model).__name__}"
-        )
-    return getattr(model, stack), layers, norm
-
-
-def looped_layers(model: nn.Module) -> LoopedLayers | None:
-    """The model's :class:`LoopedLayers`, or None if it is not loopified."""
-    return next((m for m in model.modules() if isinstance(m, LoopedLayers)), None)
+def looped_layers(model: nn.Module) -> LoopedRange | None:
+    """The model's :class:`LoopedRange`, or None if it is not loopified."""
+    return next((m for m in model.modules() if isinstance(m, LoopedRange)), None)
 
 
 def loopify(
@@ -148,34 +323,71 @@ def loopify(
     layers: tuple[int, int] | None = None,
     n_loops: int = 1,
     injection: str = "add",
+    exit: str | None = None,
+    exit_threshold: float = 0.0,
+    min_loops: int = 1,
 ) -> nn.Module:
     """Loop the decoder layers ``layers[0]..layers[1]-1`` of ``model`` ``n_loops`` times, in place;
     returns the model. ``layers=None`` reads the settings saved in ``model.config.loopscape``
-    (a looped model loaded back with ``from_pretrained``)."""
-    stack, name, _ = _family(model)
+    (a looped model loaded back with ``from_pretrained``). ``exit``, ``exit_threshold`` and ``min_loops``:
+    per-token exit (module docstring; ``n_loops`` is then the most loops a token runs)."""
+    structure = Structure(model)
     saved = getattr(model.config, "loopscape", None)
     if layers is None:
         if saved is None:
             raise ValueError("layers must be a pair (start, stop) of decoder layer indices (got None)")
         layers, n_loops, injection = tuple(saved["layers"]), saved["n_loops"], saved["injection"]
-    current = getattr(stack, name)
-    n = len(current)
+        exit, exit_threshold, min_loops = saved.get("exit"), saved.get("exit_threshold", 0.0), saved.get("min_loops", 1)
+    n = len(structure.layers)
     if not (isinstance(layers, (tuple, list)) and len(layers) == 2 and 0 <= layers[0] < layers[1] <= n):
         raise ValueError(f"layers must be a pair (start, stop) with 0 <= start < stop <= {n} (got {layers!r})")
     if injection not in INJECTIONS:
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     _check_loops(n_loops)
-    plain = nn.ModuleList(list(nn.ModuleList.__iter__(current)))
-    looped = LoopedLayers(
-        plain, layers[0], layers[1], n_loops, injection, model.config, getattr(model, "generation_config", None)
-    )
-    setattr(stack, name, looped)
+    _check_exit(exit, exit_threshold, min_loops, n_loops)
+    old = looped_layers(model)
+    if old is not None:  # loopify again: the new settings replace the old loop
+        old.remove()
+    looped = LoopedRange(structure, layers[0], layers[1], n_loops, injection, model.config)
+    looped.set_exit(exit, exit_threshold, min_loops)
+    structure.stack.looped_range = looped
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "use_cache", None) is False:
+            config.use_cache = True  # a looped model keeps its cache per loop
     return model
 
 
+def set_exit(model: nn.Module, exit: str | None = None, exit_threshold: float = 0.0, min_loops: int = 1) -> None:
+    """Change a loopified model's per-token exit (saved in ``config.loopscape``)."""
+    looped = looped_layers(model)
+    if looped is None:
+        raise ValueError(f"model must be loopified (loopscape.loopify) to set its exit ({type(model).__name__})")
+    looped.set_exit(exit, exit_threshold, min_loops)
+
+
+def from_pretrained(path, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, looped again by the settings its config
+    holds (a plain ``from_pretrained`` gives the unlooped model; it does not know ``config.loopscape``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if getattr(model.config, "loopscape", None) is None:
+        raise ValueError(f"path must hold a model saved after loopscape.loopify ({path!r} has no loopscape settings)")
+    return loopify(model)
+
+
 def _check_loops(n_loops) -> None:
-    if not isinstance(n_loops, int) or n_loops < 1:
+    if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
         raise ValueError(f"n_loops must be an integer >= 1 (got {n_loops!r})")
+
+
+def _check_exit(exit, threshold, min_loops, n_loops) -> None:
+    if exit not in EXITS:
+        raise ValueError(f"exit must be one of {EXITS} (got {exit!r})")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+        raise ValueError(f"exit_threshold must be a number >= 0 (got {threshold!r})")
+    if not isinstance(min_loops, int) or isinstance(min_loops, bool) or not 1 <= min_loops <= n_loops:
+        raise ValueError(f"min_loops must be an integer from 1 to n_loops ({n_loops}) (got {min_loops!r})")
 
 
 @torch.no_grad()
@@ -185,12 +397,11 @@ def loop_logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Te
     looped = looped_layers(model)
     if looped is None:
         raise ValueError(f"model must be loopified (loopscape.loopify) to read its loops ({type(model).__name__})")
-    stack, _, norm = _family(model)
     looped.record = True
     try:
         model(input_ids=input_ids, use_cache=False, **kwargs)
         states = looped.loop_states
     finally:
         looped.record, looped.loop_states = False, []
-    head = model.get_output_embeddings()
-    return torch.stack([head(getattr(stack, norm)(h)) for h in states])
+    norm, head = looped._readout
+    return torch.stack([head(norm(h)) for h in states])

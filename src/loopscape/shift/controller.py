@@ -1,7 +1,7 @@
 """SHIFT on any model and in any training loop: :class:`ShiftController`
 applies the one :class:`~loopscape.shift.schedule.ShiftSchedule` to a model
 (anything holding a module with an ``n_loops`` attribute: a loopified HF model's
-``LoopedLayers``, loopscape's toys and looped GPT) and its optimiser. The HF and
+``LoopedRange``, loopscape's toys and looped GPT) and its optimiser. The HF and
 Lightning callbacks are thin adapters of it; a plain PyTorch loop uses it
 directly::
 
@@ -27,11 +27,11 @@ from loopscape.shift.schedule import ShiftSchedule
 
 def loop_holder(model: nn.Module) -> nn.Module:
     """Where the loop count lives: the first module of ``model`` (itself or a submodule, e.g. of a
-    LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedLayers``, which saves
+    LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedRange``, which saves
     its settings in the model's config whenever it is set, or one of loopscape's models."""
     if not isinstance(model, nn.Module):  # any object with a loop count, e.g. one population member
         return model
-    # a module that declares it holds the loop count (loopify's LoopedLayers) wins over a wrapper's attribute
+    # a module that declares it holds the loop count (loopify's LoopedRange) wins over a wrapper's attribute
     holder = next((m for m in model.modules() if getattr(type(m), "holds_loops", False)), None)
     holder = holder or next((m for m in model.modules() if hasattr(m, "n_loops")), None)
     if holder is None:

@@ -1,0 +1,28 @@
+"""Tiny causal LMs of nine Hugging Face families, built offline from configs (nothing is downloaded)."""
+
+import torch
+import transformers
+
+V = 40
+SIZE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=64)
+GQA = dict(SIZE, num_key_value_heads=2)
+TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _config(model_type: str, n_layer: int):
+    if model_type == "gpt2":
+        return transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=n_layer, n_head=4, **TOKENS)
+    if model_type == "gpt_neox":
+        return transformers.GPTNeoXConfig(**SIZE, num_hidden_layers=n_layer, **TOKENS)
+    if model_type in ("gemma", "qwen3"):
+        return transformers.AutoConfig.for_model(model_type, **GQA, head_dim=8, num_hidden_layers=n_layer, **TOKENS)
+    return transformers.AutoConfig.for_model(model_type, **GQA, num_hidden_layers=n_layer, **TOKENS)
+
+
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "olmo", "gpt_neox", "qwen3")
+
+
+def build(model_type: str, n_layer: int = 4, dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(model_type, n_layer))
+    return model.to(dtype).eval()
