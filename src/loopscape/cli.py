@@ -243,6 +243,43 @@ def retrofit(
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'retrofit.json'}")
 
 
+@app.command("loop-sweep")
+def loop_sweep(
+    model: Path = typer.Option(..., "--model", help="A local save_pretrained folder of a (loopified) causal LM."),
+    data: Path = typer.Option(..., "--data", help="A .txt file (the model folder's tokenizer) or .jsonl of input_ids."),
+    loops: str = typer.Option("1-16", "--loops", help="Loop counts, e.g. 1-16 or 1,2,4,8."),
+    thresholds: str = typer.Option("", "--thresholds", help="Exit thresholds to histogram, e.g. 1e-4,1e-3."),
+    exit_: str = typer.Option("kl", "--exit", help="Exit criterion for --thresholds: kl, entropy or state."),
+    layers: str | None = typer.Option(None, "--layers", help="START,STOP: loop a plain model's layers first."),
+    context: int = typer.Option(128, "--context", help="Tokens per window."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Folder (default runs/loop-sweep-<time>)."),
+) -> None:
+    """Read a looped model at every loop count: perplexity, accuracy, FLOPs per token, the logit lens per
+    loop, state convergence, exit histograms and an overthinking flag (needs the \\[hf] extra)."""
+    from loopscape.experiments.loop_sweep import run_loop_sweep
+
+    try:
+        try:
+            counts = parse_seeds(loops)
+        except ConfigError:
+            raise ConfigError(f"--loops must be comma-separated integers or ranges like 1-16 (got {loops!r})") from None
+        limits = [float(t) for t in thresholds.split(",") if t.strip()]
+        pair = tuple(int(x) for x in layers.split(",")) if layers else None
+        if pair is not None and len(pair) != 2:
+            raise ConfigError(f"--layers must be START,STOP (got {layers!r})")
+        out = _output("loop-sweep", output, False)
+        result = run_loop_sweep(model, data, counts, out, limits, exit_, pair, context)
+    except ValueError as err:
+        _fail(err if isinstance(err, ConfigError) else ConfigError(str(err)))
+    except FAILURES as err:
+        _fail(err)
+    for r in result["counts"]:
+        typer.echo(f"{r['n_loops']:>3} loops  perplexity {r['perplexity']:.3f}  accuracy {r['accuracy']:.4f}")
+    flag = "flagged" if result["overthinking"] else "not flagged"
+    typer.echo(f"Best at {result['best_n_loops']} loops; overthinking {flag}.")
+    typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'sweep.json'}")
+
+
 @app.command()
 def sweep(
     output: Path | None = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/sweep-<time>)."),
