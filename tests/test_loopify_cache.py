@@ -246,3 +246,14 @@ def test_the_top_level_names():
     import loopscape
 
     assert loopscape.from_pretrained is from_pretrained and loopscape.set_exit is set_exit
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, grads = torch.randint(1, V, (2, 8)), []
+    for checkpointing in (False, True):
+        model = looped("llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
