@@ -107,8 +107,8 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax[1].plot(range(2, len(result["convergence"]) + 2), result["convergence"], "o-")
     ax[1].set(xlabel="loop t", ylabel="mean ||h_t - h_{t-1}|| / ||h_t||", yscale="log", title="State convergence")
     for e in result["exits"]:
-        ks = list(e["histogram"])
-        ax[2].bar([int(k) + 0.0 for k in ks], list(e["histogram"].values()), alpha=0.5, label=f"{e['threshold']:g}")
+        loops_used = [int(k) for k in e["histogram"]]
+        ax[2].bar(loops_used, list(e["histogram"].values()), alpha=0.5, label=f"{e['threshold']:g}")
     ax[2].set(
         xlabel="loops used",
         ylabel="tokens",

@@ -248,10 +248,11 @@ class LoopedRange(nn.Module):
         h, rest = _split(output)
         self.loop_states = [h] if self.record else []
         exit = self.exit
+        call_args, call_kwargs = self._call
+        self._call = None  # the range's inputs are not kept past the call
         if self.n_loops == 1:
             self.loops_used = None
             return None
-        call_args, call_kwargs = self._call
         e = call_args[0] if call_args else call_kwargs["hidden_states"]
         rest_args = call_args[1:]
         call_kwargs = {k: v for k, v in call_kwargs.items() if k != "hidden_states"}
@@ -274,7 +275,7 @@ class LoopedRange(nn.Module):
                 if self.record:
                     self.loop_states.append(h)
         finally:
-            self._inside, self._call = False, None
+            self._inside = False
         self.loops_used = used if exit is not None else torch.full_like(used, self.n_loops)
         if exit is not None:
             for k, n in zip(*torch.unique(used, return_counts=True)):
