@@ -373,6 +373,20 @@ def test_retrofit_runs_three_arms_and_counts_the_looped_layers_once_per_loop(tmp
         reached = run["shift_flops_to_scratch_final"]
         assert reached is None or reached in [f for f, _ in run["shift"]["readings"]]
     assert report["verdicts"][0]["verdict"] in ("holds", "fails")
+    # each arm is saved; the loop sweep on the saved SHIFT arm and the study's test rows (seed 0's) reads
+    # the study's own exact match at the trained loop count
+    assert sorted(p.name for p in (out / "models" / "seed1").iterdir()) == ["plain", "scratch", "shift"]
+    sweep = CliRunner().invoke(
+        app,
+        f"loop-sweep --model {out / 'models/seed0/shift'} --data {out / 'sweep-data.jsonl'} --loops 1,3 "
+        f"-o {tmp_path / 'sweep'}".split(),
+    )
+    assert sweep.exit_code == 0, sweep.output
+    at_three = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["counts"][1]
+    per_length = report["runs"]["0"]["shift"]["per_length"].values()
+    rows = [json.loads(line) for line in (out / "sweep-data.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 16 and at_three["tokens"] == sum(t != -100 for r in rows for t in r["labels"])
+    assert 100 * at_three["exact_match"] == pytest.approx(sum(per_length) / 5, abs=1e-9)
     assert "Retrofit (Appendix B)" in (out / "report.html").read_text()
     bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "loop_layers=[2,9]"])
     assert bad.exit_code == 2

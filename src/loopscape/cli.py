@@ -245,11 +245,20 @@ def retrofit(
 
 @app.command("loop-sweep")
 def loop_sweep(
-    model: Path = typer.Option(..., "--model", help="A local save_pretrained folder of a (loopified) causal LM."),
-    data: Path = typer.Option(..., "--data", help="A .txt file (the model folder's tokenizer) or .jsonl of input_ids."),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        help="A save_pretrained folder of a (loopified) causal LM, or a paradigm folder of an algorithmic run.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="A .txt file (the model folder's tokenizer) or .jsonl of input_ids (and labels)."
+    ),
     loops: str = typer.Option("1-16", "--loops", help="Loop counts, e.g. 1-16 or 1,2,4,8."),
     thresholds: str = typer.Option("", "--thresholds", help="Exit thresholds to histogram, e.g. 1e-4,1e-3."),
     exit_: str = typer.Option("kl", "--exit", help="Exit criterion for --thresholds: kl, entropy or state."),
+    exit_loops: int | None = typer.Option(
+        None, "--exit-loops", help="Most loops a token runs with --thresholds (default: the model's n_loops)."
+    ),
     layers: str | None = typer.Option(None, "--layers", help="START,STOP: loop a plain model's layers first."),
     context: int = typer.Option(128, "--context", help="Tokens per window."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder (default runs/loop-sweep-<time>)."),
@@ -268,16 +277,45 @@ def loop_sweep(
         if pair is not None and len(pair) != 2:
             raise ConfigError(f"--layers must be START,STOP (got {layers!r})")
         out = _output("loop-sweep", output, False)
-        result = run_loop_sweep(model, data, counts, out, limits, exit_, pair, context)
+        if exit_loops is not None and exit_loops < 1:
+            raise ConfigError(f"--exit-loops must be an integer >= 1 (got {exit_loops})")
+        result = run_loop_sweep(model, data, counts, out, limits, exit_, pair, context, exit_loops=exit_loops)
     except ValueError as err:
         _fail(err if isinstance(err, ConfigError) else ConfigError(str(err)))
     except FAILURES as err:
         _fail(err)
     for r in result["counts"]:
-        typer.echo(f"{r['n_loops']:>3} loops  perplexity {r['perplexity']:.3f}  accuracy {r['accuracy']:.4f}")
+        exact = f"  exact match {r['exact_match']:.4f}" if "exact_match" in r else ""
+        typer.echo(f"{r['n_loops']:>3} loops  perplexity {r['perplexity']:.3f}  accuracy {r['accuracy']:.4f}{exact}")
+    for e in result["exits"]:
+        exact = f"  exact match {e['exact_match']:.4f}" if "exact_match" in e else ""
+        typer.echo(
+            f"exit {e['exit']} < {e['threshold']:g}: mean loops {e['mean_loops']:.2f}  "
+            f"perplexity {e['perplexity']:.3f}  accuracy {e['accuracy']:.4f}{exact}"
+        )
     flag = "flagged" if result["overthinking"] else "not flagged"
     typer.echo(f"Best at {result['best_n_loops']} loops; overthinking {flag}.")
+    if "per_length" in result:  # a looped GPT: each length has its own T(n)
+        n = len(result["per_length"])
+        typer.echo(
+            f"Per length: exact match highest at T(n) for {len(result['best_at_T'])} of {n} lengths; "
+            f"overthinking flagged for {len(result['overthinking_lengths'])} of {n}."
+        )
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'sweep.json'}")
+
+
+@app.command(
+    "lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
+def lm_eval_(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's command line with the `loopscape` model type registered (the \\[eval] extra), e.g.
+    loopscape lm-eval run --model loopscape --model_args pretrained=DIR,n_loops=8 --tasks hellaswag"""
+    try:
+        from loopscape.integrations import lmeval
+    except ImportError as err:
+        _fail(err)
+    sys.argv = ["loopscape lm-eval", *ctx.args]
+    lmeval.main()
 
 
 @app.command()

@@ -21,6 +21,8 @@ lengths and past them. Compute is counted in FLOPs and wall time (see
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +141,18 @@ class TaskData:
             out[n] = 100 * exact_match(pred, b.targets, b.mask).float().mean().item()
         return out
 
+    def sweep_rows(self, seed: int) -> list[dict]:
+        """The test rows of :meth:`per_length` for ``loopscape loop-sweep``: the answers as Hugging Face
+        ``labels`` (shifted by the model, so the row gets one pad token more, whose own output is not read)."""
+        rows = []
+        for n in self.cfg.test_lengths:
+            b = self.task.test_batch(n, self.cfg.test_size, torch.Generator().manual_seed(seed * 1000 + n))
+            pad = torch.full_like(b.inputs[:, :1], self.pad)
+            labels = torch.cat([torch.full_like(pad, -100), torch.where(b.mask, b.targets, -100)], 1)
+            inputs = torch.cat([b.inputs, pad], 1)
+            rows += [{"input_ids": x, "labels": y} for x, y in zip(inputs.tolist(), labels.tolist())]
+        return rows
+
 
 class TextData:
     """A local text file, character by character: the first 90% trains on windows of
@@ -179,6 +193,12 @@ class TextData:
             pred = model(input_ids=w[:, :-1], use_cache=False).logits.argmax(-1)
             out[width] = 100 * (pred[:, first:] == w[:, 1 + first :]).float().mean().item()
         return out
+
+    def sweep_rows(self, seed: int) -> list[dict]:
+        """Held-out windows of twice the training context for ``loopscape loop-sweep``."""
+        width = 2 * self.cfg.text_context
+        w = self._windows(self.test_ids, width, self.cfg.test_size, torch.Generator().manual_seed(seed + width))
+        return [{"input_ids": row} for row in w.tolist()]
 
 
 def build_metric(cfg: RetrofitConfig) -> str:
@@ -270,8 +290,25 @@ def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> di
     }
 
 
-def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
-    """Stage I, then the three arms, for one seed."""
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """``save_pretrained`` into ``folder`` all at once: written beside it, then moved into place."""
+    from transformers.utils import logging as hf_logging
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tiny model would bury the study's own lines
+    try:
+        model.save_pretrained(partial)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    partial.replace(folder)
+
+
+def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict:
+    """Stage I, then the three arms, for one seed; with ``models``, each arm's final model is saved in
+    ``models/seed<seed>/<arm>`` (a loopified one keeps its loop settings: ``loopscape loop-sweep`` reads it)."""
     data = build_data(cfg)
     total = cfg.stage1_steps + cfg.stage2_steps
     generator = torch.Generator().manual_seed(seed)
@@ -292,6 +329,8 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
         gen.set_state(generator.get_state())  # the same data stream for both arms
         readings = []
         spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed)
+        if models is not None:
+            save_model(model, models / f"seed{seed}" / arm)
         out[arm] = {
             "flops": stage1["flops"] + spent["flops"],
             "time_s": stage1["time_s"] + spent["time_s"],
@@ -312,6 +351,8 @@ def run_seed(cfg: RetrofitConfig, seed: int) -> dict:
         readings,
         seed=seed,
     )
+    if models is not None:
+        save_model(scratch, models / f"seed{seed}" / "scratch")
     out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, data, seed)}
     target = out["scratch"]["past"]
     reached = next((f for f, acc in out["shift"]["readings"] if acc >= target), None)
@@ -401,15 +442,18 @@ def _sd(stats: dict) -> str:
 
 
 def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = True) -> dict:
-    """Every seed; writes ``retrofit.json`` and ``report.html`` into ``out``; returns the former's content."""
+    """Every seed; writes ``retrofit.json`` and ``report.html`` into ``out``, each arm's model into
+    ``models/`` and the test rows into ``sweep-data.jsonl`` (for ``loopscape loop-sweep``); returns the
+    content of ``retrofit.json``."""
     out = Path(out)
-    build_data(cfg)  # a text file too short for its windows is refused before the run folder is made
+    data = build_data(cfg)  # a text file too short for its windows is refused before the run folder is made
     prepare_run_folder(out, cfg, resume=False)
+    atomic_write_text(out / "sweep-data.jsonl", "".join(json.dumps(r) + "\n" for r in data.sweep_rows(cfg.seeds[0])))
     runs = {}
     for seed in cfg.seeds:
         if show_progress:
             print(f"retrofit: seed {seed} ...", flush=True)
-        runs[seed] = run_seed(cfg, seed)
+        runs[seed] = run_seed(cfg, seed, out / "models")
     rows = verdicts(runs)
     text = markdown(cfg, runs, rows)
     result = {"config": to_dict(cfg), "runs": {str(s): r for s, r in runs.items()}, "verdicts": rows}

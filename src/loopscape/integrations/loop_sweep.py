@@ -25,16 +25,26 @@ OVERTHINKING_RULE = (
 )
 
 
-def _scores(logits: torch.Tensor, batch: dict) -> tuple[float, float, int]:
-    """(summed next-token NLL, correct predictions, scored positions) of one batch; padding is not scored."""
+def _scored(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, scored) for the positions ``0..W-2``, whose outputs predict the next token: padding is not
+    scored; with ``labels`` (Hugging Face's convention: the model shifts them, -100 is not scored) only the
+    labelled positions are."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", torch.ones_like(ids))
-    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    target = batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]
+    return target, (mask[:, 1:] * mask[:, :-1]).bool() & (target != -100)
+
+
+def _scores(logits: torch.Tensor, batch: dict) -> tuple[float, float, int, int, int]:
+    """(summed next-token NLL, correct predictions, scored positions, rows all right, scored rows) of one
+    batch (:func:`_scored`); a row is right when all its scored positions are."""
+    target, keep = _scored(batch)
     logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    target = ids[:, 1:]
-    nll = -logp.gather(-1, target[..., None])[..., 0][keep].sum().item()
-    correct = (logp.argmax(-1) == target)[keep].sum().item()
-    return nll, correct, int(keep.sum())
+    nll = -logp.gather(-1, target.clamp_min(0)[..., None])[..., 0][keep].sum().item()
+    hit = logp.argmax(-1) == target
+    scored = keep.any(-1)
+    rows_right = ((hit | ~keep).all(-1) & scored).sum().item()
+    return nll, hit[keep].sum().item(), int(keep.sum()), rows_right, int(scored.sum())
 
 
 def flops_per_token(model: nn.Module, n_loops: int) -> float:
@@ -53,10 +63,16 @@ def flops_per_token(model: nn.Module, n_loops: int) -> float:
 
 @torch.no_grad()
 def loop_sweep(
-    model: nn.Module, batches: list[dict], loops: list[int], thresholds: list[float] = (), exit: str = "kl"
+    model: nn.Module,
+    batches: list[dict],
+    loops: list[int],
+    thresholds: list[float] = (),
+    exit: str = "kl",
+    exit_loops: int | None = None,
 ) -> dict:
-    """See the module docstring. ``batches``: dicts with ``input_ids`` (and ``attention_mask``); the model's
-    loop and exit settings are restored afterwards."""
+    """See the module docstring. ``batches``: dicts with ``input_ids`` (and ``attention_mask``, ``labels``);
+    the exits run with at most ``exit_loops`` loops (default: the model's own ``n_loops``). The model's loop
+    and exit settings are restored afterwards."""
     looped = looped_layers(model)
     if looped is None:
         raise ValueError(f"model must be loopified (loopscape.loopify) to sweep its loops ({type(model).__name__})")
@@ -74,15 +90,8 @@ def loop_sweep(
             rows.append({"n_loops": k, **_quality(model, batches), "flops_per_token": flops_per_token(model, k)})
         looped.n_loops = top
         lens, convergence = _lens(model, looped, batches)
-        exits = []
-        for threshold in thresholds:
-            looped.set_exit(exit, threshold)
-            looped.reset_exit_counts()
-            quality = _quality(model, batches)
-            counts = dict(sorted(looped.exit_counts.items()))
-            tokens = sum(counts.values())
-            mean = sum(k * n for k, n in counts.items()) / max(tokens, 1)
-            exits.append({"exit": exit, "threshold": threshold, **quality, "histogram": counts, "mean_loops": mean})
+        looped.n_loops = saved_loops if exit_loops is None else exit_loops
+        exits = [_exit_reading(model, looped, batches, exit, threshold) for threshold in thresholds]
     finally:
         looped.n_loops = saved_loops
         looped.set_exit(**saved_exit)
@@ -96,6 +105,7 @@ def loop_sweep(
         "overthinking": flagged,
         "overthinking_rule": OVERTHINKING_RULE,
         "trained_n_loops": saved_loops,
+        "exit_loops": saved_loops if exit_loops is None else exit_loops,
     }
 
 
@@ -110,23 +120,55 @@ def overthinking(rows: list[dict]) -> tuple[int, bool]:
 
 
 def _quality(model: nn.Module, batches: list[dict]) -> dict:
-    nll = correct = count = 0
+    totals = [0, 0, 0, 0, 0]
     for batch in batches:
-        logits = model(**batch, use_cache=False).logits
-        a, b, c = _scores(logits, batch)
-        nll, correct, count = nll + a, correct + b, count + c
-    return {"perplexity": math.exp(nll / count), "accuracy": correct / count, "tokens": count}
+        logits = model(**_inputs(batch), use_cache=False).logits
+        totals = [x + y for x, y in zip(totals, _scores(logits, batch))]
+    return quality_summary(totals, any("labels" in b for b in batches))
+
+
+def quality_summary(totals, labelled: bool) -> dict:
+    nll, correct, count, rows_right, rows = totals
+    out = {"perplexity": math.exp(nll / count), "accuracy": correct / count, "tokens": count}
+    if labelled:  # task rows: exact match of every labelled position
+        out["exact_match"] = rows_right / rows
+    return out
+
+
+def _exit_reading(model: nn.Module, looped, batches: list[dict], exit: str, threshold: float) -> dict:
+    """Quality with per-token exit at ``threshold``, and the loops used by the scored positions (the
+    tokens whose outputs are read: with ``labels``, the answers' only)."""
+    looped.set_exit(exit, threshold)
+    totals, used = [0, 0, 0, 0, 0], []
+    for batch in batches:
+        logits = model(**_inputs(batch), use_cache=False).logits
+        totals = [x + y for x, y in zip(totals, _scores(logits, batch))]
+        used.append(looped.loops_used[:, :-1][_scored(batch)[1]])
+    used = torch.cat(used)
+    histogram = {int(k): int(n) for k, n in zip(*torch.unique(used, return_counts=True))}
+    quality = quality_summary(totals, any("labels" in b for b in batches))
+    return {
+        "exit": exit,
+        "threshold": threshold,
+        **quality,
+        "histogram": histogram,
+        "mean_loops": used.float().mean().item(),
+    }
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}  # scored here, not by the model's own loss
 
 
 def _lens(model: nn.Module, looped, batches: list[dict]) -> tuple[list[dict], list[float]]:
     """Per loop at the largest count: the perplexity and accuracy read through the final norm and LM head,
     and the mean relative change of the state from the previous loop (``||h_t - h_{t-1}|| / ||h_t||``)."""
     norm, head = looped._readout
-    per_loop, change = None, None
+    per_loop, change, tokens = None, None, 0
     looped.record = True
     try:
         for batch in batches:
-            model(**batch, use_cache=False)
+            model(**_inputs(batch), use_cache=False)
             states = looped.loop_states
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
             scores = [_scores(head(norm(h)), batch) for h in states]
@@ -135,13 +177,15 @@ def _lens(model: nn.Module, looped, batches: list[dict]) -> tuple[list[dict], li
                 for a, b in zip(states[:-1], states[1:])
             ]
             if per_loop is None:
-                per_loop, change, tokens = [list(s) for s in scores], deltas, int(mask.sum())
+                per_loop, change = [list(s) for s in scores], deltas
             else:
                 per_loop = [[x + y for x, y in zip(p, s)] for p, s in zip(per_loop, scores)]
-                change, tokens = [x + y for x, y in zip(change, deltas)], tokens + int(mask.sum())
+                change = [x + y for x, y in zip(change, deltas)]
+            tokens += int(mask.sum())
     finally:
         looped.record, looped.loop_states = False, []
-    lens = [
-        {"loop": t + 1, "perplexity": math.exp(nll / n), "accuracy": c / n} for t, (nll, c, n) in enumerate(per_loop)
-    ]
+    labelled = any("labels" in b for b in batches)
+    lens = [{"loop": t + 1, **quality_summary(totals, labelled)} for t, totals in enumerate(per_loop)]
+    for row in lens:
+        del row["tokens"]
     return lens, [d / tokens for d in change]

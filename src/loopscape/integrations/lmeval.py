@@ -1,0 +1,105 @@
+"""A ``loopscape`` model type for EleutherAI's lm-evaluation-harness (``pip install 'loopscape[eval]'``).
+
+Importing this module registers ``loopscape``: lm-eval's own Hugging Face model (``HFLM``, so batching,
+devices, dtypes and accelerate work as with ``--model hf``) loaded through :func:`loopscape.from_pretrained`,
+with the loop settings as model args::
+
+    loopscape lm-eval run --model loopscape \\
+        --model_args pretrained=runs/looped-llama,n_loops=8,exit=kl,exit_threshold=0.01 --tasks hellaswag
+
+    import lm_eval, loopscape.integrations.lmeval
+    lm_eval.simple_evaluate(model="loopscape", model_args={"pretrained": path, "n_loops": 8}, tasks=[...])
+
+Model args beyond ``hf``'s: ``n_loops``, ``exit`` (``none``, ``kl``, ``entropy``, ``state``),
+``exit_threshold``, ``min_loops`` override what the checkpoint's ``config.loopscape`` holds; a checkpoint
+saved without loop settings (a plain decoder) is looped by ``layers=a:b`` (and ``injection``) here.
+``loopscape lm-eval`` is lm-eval's own command line with this model type registered (lm-eval finds model
+types only in modules it has imported).
+"""
+
+from __future__ import annotations
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as error:  # one line, not a traceback from deep inside an optional extra
+    raise ImportError("loopscape's lm-eval model needs lm-eval: pip install 'loopscape[eval]'") from error
+
+from loopscape.integrations.loopify import EXITS, INJECTIONS, looped_layers, loopify, set_exit
+
+__all__ = ["LoopscapeLM", "parse_layers"]
+
+
+def parse_layers(layers) -> tuple[int, int] | None:
+    """``"a:b"`` (lm-eval's model args are ``key=value`` strings) or a pair, as loopify's ``layers``."""
+    if layers is None or isinstance(layers, (tuple, list)):
+        return None if layers is None else tuple(layers)
+    start, sep, stop = str(layers).partition(":")
+    if not sep or not start.strip().isdigit() or not stop.strip().isdigit():
+        raise ValueError(f"layers must be 'start:stop' decoder layer indices, e.g. layers=2:4 (got {layers!r})")
+    return int(start), int(stop)
+
+
+@register_model("loopscape")
+class LoopscapeLM(HFLM):
+    """lm-eval's ``hf`` model, looped by loopscape (module docstring)."""
+
+    def __init__(
+        self,
+        pretrained,
+        n_loops: int | None = None,
+        exit: str | None = "saved",
+        exit_threshold: float | None = None,
+        min_loops: int | None = None,
+        layers=None,
+        injection: str = "add",
+        **kwargs,
+    ) -> None:
+        if exit != "saved" and exit not in EXITS and exit != "none":
+            raise ValueError(f"exit must be one of none, kl, entropy, state (got {exit!r})")
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
+        self._loop_args = dict(
+            n_loops=n_loops,
+            exit=None if exit == "none" else exit,
+            exit_threshold=exit_threshold,
+            min_loops=min_loops,
+            layers=parse_layers(layers),
+            injection=injection,
+        )
+        super().__init__(pretrained=pretrained, **kwargs)
+        if not isinstance(pretrained, str):  # a model object: HFLM does not call _create_model
+            self._loop(self._model)
+
+    def _create_model(self, *args, **kwargs) -> None:
+        super()._create_model(*args, **kwargs)
+        self._loop(self._model)
+
+    def _loop(self, model) -> None:
+        a = self._loop_args
+        if a["layers"] is not None:
+            loopify(model, layers=a["layers"], n_loops=a["n_loops"] or 1, injection=a["injection"])
+        elif getattr(model.config, "loopscape", None) is not None:
+            loopify(model)  # the settings the checkpoint holds
+        elif looped_layers(model) is None:
+            raise ValueError(
+                "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
+            )
+        looped = looped_layers(model)
+        if a["n_loops"] is not None:
+            looped.n_loops = a["n_loops"]
+        if a["exit"] != "saved" or a["exit_threshold"] is not None or a["min_loops"] is not None:
+            s = looped.settings()
+            set_exit(
+                model,
+                s["exit"] if a["exit"] == "saved" else a["exit"],
+                s["exit_threshold"] if a["exit_threshold"] is None else a["exit_threshold"],
+                s["min_loops"] if a["min_loops"] is None else a["min_loops"],
+            )
+
+
+def main() -> None:
+    """lm-eval's command line, with the ``loopscape`` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
