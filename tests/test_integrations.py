@@ -405,8 +405,8 @@ def test_sampled_depth_draws_the_same_counts_everywhere_and_switches_once():
     for step in range(1, 60):
         assert shift.before_step(step) == counts[step - 1]
     assert shift.switches == [(11, counts[10])]  # one stage change, not one per draw
-    with pytest.raises(ValueError, match="sampled depth goes with a fixed switch point"):
-        ShiftSchedule(3, milestones={5: 2}, sampled=True)
+    with pytest.raises(ValueError, match="a depth distribution or curriculum goes with a fixed switch point"):
+        ShiftSchedule(3, milestones={5: 2}, depth="uniform")
 
 
 def test_retrofit_on_a_local_text_file(tmp_path):

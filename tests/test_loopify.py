@@ -100,6 +100,7 @@ def test_n_loops_changes_at_any_time_and_the_lens_reads_every_loop(family):
         "layers": [0, 2],
         "n_loops": 4,
         "injection": "add",
+        "backprop_loops": None,
         "exit": None,
         "exit_threshold": 0.0,
         "min_loops": 1,

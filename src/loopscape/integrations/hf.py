@@ -56,11 +56,30 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         scp: dict | None = None,
         milestones: dict | None = None,
         optimizer: str = "keep",
-        sampled_depth: bool = False,
+        depth: str = "fixed",
         seed: int = 0,
+        mean_depth: float | None = None,
+        sigma: float = 0.5,
+        ramp: str | None = None,
+        ramp_steps: int = 0,
+        ramp_start: int | None = None,
+        sampled_depth: bool = False,  # older name of depth="uniform" (checkpoints saved before depth existed)
     ):
         # its fields are the callback's args, saved with its state (ExportableState)
-        self.config = ShiftConfig(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        self.config = ShiftConfig(
+            n_loops,
+            at,
+            scp,
+            milestones,
+            optimizer,
+            "uniform" if sampled_depth else depth,
+            seed,
+            mean_depth,
+            sigma,
+            ramp,
+            ramp_steps,
+            ramp_start,
+        )
         self.settings = asdict(self.config)
         self.controller = ShiftController(self.config.build())
         self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)

@@ -37,11 +37,30 @@ class ShiftCallback(pl.Callback):
         scp: dict | None = None,
         milestones: dict | None = None,
         optimizer: str = "keep",
-        sampled_depth: bool = False,
+        depth: str = "fixed",
         seed: int = 0,
+        mean_depth: float | None = None,
+        sigma: float = 0.5,
+        ramp: str | None = None,
+        ramp_steps: int = 0,
+        ramp_start: int | None = None,
+        sampled_depth: bool = False,  # older name of depth="uniform" (checkpoints saved before depth existed)
         monitor: str = "val_loss",
     ):
-        self.config = ShiftConfig(n_loops, at, scp, milestones, optimizer, sampled_depth, seed)
+        self.config = ShiftConfig(
+            n_loops,
+            at,
+            scp,
+            milestones,
+            optimizer,
+            "uniform" if sampled_depth else depth,
+            seed,
+            mean_depth,
+            sigma,
+            ramp,
+            ramp_steps,
+            ramp_start,
+        )
         self.controller = ShiftController(self.config.build())
         self.monitor = monitor
         self._grad = {"sum": 0.0, "n": 0}

@@ -123,9 +123,19 @@ class LoopedRange(nn.Module):
 
     holds_loops = True  # the SHIFT controller sets the loop count here, not on a wrapper's n_loops attribute
 
-    def __init__(self, structure: Structure, start: int, stop: int, n_loops: int, injection: str, config=None):
+    def __init__(
+        self,
+        structure: Structure,
+        start: int,
+        stop: int,
+        n_loops: int,
+        injection: str,
+        config=None,
+        backprop_loops: int | None = None,
+    ):
         super().__init__()
-        self.start, self.stop, self.injection = start, stop, injection
+        self.start, self.stop, self.injection, self.backprop_loops = start, stop, injection, backprop_loops
+        self._grad_saved: bool | None = None  # the caller's grad mode while the range's first loop runs without
         self._layers = list(structure.layers)  # a plain list: not registered again as submodules
         self._readout = (structure.norm, structure.head)
         self._config = config
@@ -144,6 +154,8 @@ class LoopedRange(nn.Module):
         self._hooks = [
             self._layers[start].register_forward_pre_hook(self._before_range, with_kwargs=True),
             self._layers[stop - 1].register_forward_hook(self._after_range, with_kwargs=True),
+            # the caller's grad mode comes back even when a layer raises inside the range
+            structure.stack.register_forward_hook(self._after_stack, always_call=True),
         ]
         self._save()
 
@@ -173,6 +185,7 @@ class LoopedRange(nn.Module):
             "layers": [self.start, self.stop],
             "n_loops": self.n_loops,
             "injection": self.injection,
+            "backprop_loops": self.backprop_loops,
             **self._settings,
         }
 
@@ -219,7 +232,21 @@ class LoopedRange(nn.Module):
         cache = _cache(args, kwargs)
         if cache is not None:
             self._make_room(cache)
+        k = self.backprop_loops
+        if k is not None and self.n_loops > k and torch.is_grad_enabled():
+            self._grad_saved = True  # truncated backprop: the first loop, before the last k, keeps no graph
+            torch.set_grad_enabled(False)
         return None
+
+    def _after_stack(self, *_) -> None:
+        self._restore_grad()
+
+    def _restore_grad(self) -> bool:
+        """The caller's grad mode, back in force (see ``_before_range``)."""
+        if self._grad_saved is not None:
+            torch.set_grad_enabled(self._grad_saved)
+            self._grad_saved = None
+        return torch.is_grad_enabled()
 
     def _make_room(self, cache) -> None:
         """Give ``cache`` an entry for every (loop, layer) this call will write, made like the layer's own."""
@@ -245,6 +272,7 @@ class LoopedRange(nn.Module):
     def _after_range(self, module, args, kwargs, output):
         if self._inside:
             return None
+        grad = self._restore_grad()
         h, rest = _split(output)
         self.loop_states = [h] if self.record else []
         exit = self.exit
@@ -260,11 +288,14 @@ class LoopedRange(nn.Module):
         exited = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
         self._inside = True
         try:
+            k = self.backprop_loops
             for t in range(1, self.n_loops):
-                x = h + e if self.injection == "add" else h
-                for j, layer in enumerate(self.range_layers()):
-                    with self._at_loop(t, j):
-                        x, rest = _split(layer(x, *rest_args, **call_kwargs))
+                # truncated backprop: only the last k loops build a graph; e keeps its gradient in them
+                with torch.set_grad_enabled(grad and (k is None or t >= self.n_loops - k)):
+                    x = h + e if self.injection == "add" else h
+                    for j, layer in enumerate(self.range_layers()):
+                        with self._at_loop(t, j):
+                            x, rest = _split(layer(x, *rest_args, **call_kwargs))
                 if exit is not None:
                     x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
                     value = self._criterion(h, x)
@@ -327,11 +358,17 @@ def loopify(
     exit: str | None = None,
     exit_threshold: float = 0.0,
     min_loops: int = 1,
+    backprop_loops: int | None = None,
 ) -> nn.Module:
     """Loop the decoder layers ``layers[0]..layers[1]-1`` of ``model`` ``n_loops`` times, in place;
     returns the model. ``layers=None`` reads the settings saved in ``model.config.loopscape``
     (a looped model loaded back with ``from_pretrained``). ``exit``, ``exit_threshold`` and ``min_loops``:
-    per-token exit (module docstring; ``n_loops`` is then the most loops a token runs)."""
+    per-token exit (module docstring; ``n_loops`` is then the most loops a token runs).
+    ``backprop_loops=k``: truncated backprop through the loops (Huginn's training, Geiping et al., 2025,
+    Sec. 4; retrofitted recurrence): the first ``n_loops - k`` loops run without a graph, the state entering
+    loop ``n_loops - k + 1`` is detached, and the range's input keeps its gradient in the last ``k`` loops, so
+    the layers before the range still train; activation memory then grows with ``k``, not the depth. A loop
+    count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop."""
     structure = Structure(model)
     saved = getattr(model.config, "loopscape", None)
     if layers is None:
@@ -339,6 +376,7 @@ def loopify(
             raise ValueError("layers must be a pair (start, stop) of decoder layer indices (got None)")
         layers, n_loops, injection = tuple(saved["layers"]), saved["n_loops"], saved["injection"]
         exit, exit_threshold, min_loops = saved.get("exit"), saved.get("exit_threshold", 0.0), saved.get("min_loops", 1)
+        backprop_loops = saved.get("backprop_loops")
     n = len(structure.layers)
     if not (isinstance(layers, (tuple, list)) and len(layers) == 2 and 0 <= layers[0] < layers[1] <= n):
         raise ValueError(f"layers must be a pair (start, stop) with 0 <= start < stop <= {n} (got {layers!r})")
@@ -346,10 +384,13 @@ def loopify(
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     _check_loops(n_loops)
     _check_exit(exit, exit_threshold, min_loops, n_loops)
+    k = backprop_loops
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n_loops):
+        raise ValueError(f"backprop_loops must be an integer from 1 to n_loops ({n_loops}) or None (got {k!r})")
     old = looped_layers(model)
     if old is not None:  # loopify again: the new settings replace the old loop
         old.remove()
-    looped = LoopedRange(structure, layers[0], layers[1], n_loops, injection, model.config)
+    looped = LoopedRange(structure, layers[0], layers[1], n_loops, injection, model.config, backprop_loops)
     looped.set_exit(exit, exit_threshold, min_loops)
     structure.stack.looped_range = looped
     for config in (model.config, getattr(model, "generation_config", None)):

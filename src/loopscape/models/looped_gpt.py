@@ -51,6 +51,10 @@ class LoopedGPTConfig:
         ``N(0, init_std)`` and biases 0 (our earlier reading, with
         ``read_in="embedding"`` and ``head_bias=False``).
     init_std: the backbone's std (GPT-2: 0.02); with ``init="normal"`` every weight's.
+    backprop_loops: back-propagate through only the last ``k`` loops of each sample (truncated backprop
+        through the recurrence, as Huginn's training does: Geiping et al., 2025, Sec. 4); the earlier loops
+        run without a graph and ``E(x)`` keeps its gradient in the last ``k``. ``None``: every loop. A
+        sample with ``k`` loops or fewer back-propagates through all of them.
     """
 
     vocab_size: int | None = None
@@ -63,6 +67,7 @@ class LoopedGPTConfig:
     head_bias: bool = True
     init: str = "authors"
     init_std: float = 0.02
+    backprop_loops: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -75,6 +80,9 @@ class LoopedGPTConfig:
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be a number > 0 (got {self.init_std})")
+        k = self.backprop_loops
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"backprop_loops must be an integer >= 1 or None for every loop (got {k!r})")
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,11 +182,12 @@ class LoopedGPT(nn.Module):
         only on the samples still going (a contiguous prefix: no gather), and
         a sample's compute is ``T(n_i)`` loops, not the batch's largest.
         """
-        e = self.embed(x)
+        e, k, grad = self.embed(x), self.config.backprop_loops, torch.is_grad_enabled()
         if isinstance(n_loops, int) or n_loops.dim() == 0:
-            h = None
-            for _ in range(int(n_loops)):
-                h = self.step(h, e)
+            h, n = None, int(n_loops)
+            for t in range(1, n + 1):
+                with torch.set_grad_enabled(grad and (k is None or t > n - k)):  # truncated: the last k only
+                    h = self.step(h, e)
             return self.head(h)
         if int(n_loops.min()) < 1:
             raise ValueError("n_loops must be >= 1 for every sample")
@@ -187,7 +196,15 @@ class LoopedGPT(nn.Module):
         active = len(n_loops)  # samples with n_loops >= t
         e, h, done = e[order], None, []
         for t in range(1, len(counts)):
-            h = self.step(h, e[:active])
+            # truncated: samples with n_i >= t + k are not yet in their last k loops (a prefix): no graph
+            early = sum(counts[t + k :]) if k is not None and grad else 0
+            if early:
+                with torch.no_grad():
+                    h_early = self.step(None if h is None else h[:early], e[:early])
+                late = self.step(None if h is None else h[early:], e[early:active]) if early < active else None
+                h = h_early if late is None else torch.cat([h_early, late])
+            else:
+                h = self.step(h, e[:active])
             finished = counts[t]  # they sit at the end of the prefix
             if finished:
                 done.append(h[active - finished :])

@@ -91,11 +91,11 @@ class AlgorithmicTrainConfig:
         require(self.weight_decay >= 0, f"{p}weight_decay", "a number >= 0", self.weight_decay)
         require(self.grad_clip > 0, f"{p}grad_clip", "a number > 0", self.grad_clip)
         require(
-            self.shift.milestones is None and not self.shift.sampled_depth,
+            self.shift.milestones is None and self.shift.depth == "fixed" and self.shift.ramp is None,
             f"{p}shift",
-            "a fixed switch (at) or SCP (scp): the looped stage runs each row's own T(n), so milestones and "
-            "sampled_depth do not apply",
-            {"milestones": self.shift.milestones, "sampled_depth": self.shift.sampled_depth},
+            "a fixed switch (at) or SCP (scp): the looped stage runs each row's own T(n), so milestones, a "
+            "depth distribution and a ramp do not apply",
+            {"milestones": self.shift.milestones, "depth": self.shift.depth, "ramp": self.shift.ramp},
         )
         self.shift.validate(f"{p}shift.")
         require(
@@ -139,13 +139,17 @@ def masked_loss(logits: torch.Tensor, batch: AlgorithmicBatch) -> tuple[torch.Te
 
 def step_flops(config, batch: AlgorithmicBatch, n_loops: torch.Tensor) -> float:
     """Training FLOPs of one batch: forward (read-in, ``n_loops_i`` block loops per row, read-out)
-    and backward counted as twice the forward. The linear read-in multiplies the one-hot tokens
-    (as the authors' code does); an embedding table is a lookup."""
+    and backward counted as twice the forward of what it goes through: with truncated backprop
+    (``config.backprop_loops = k``) the last ``min(k, n_loops_i)`` loops of each row. The linear read-in
+    multiplies the one-hot tokens (as the authors' code does); an embedding table is a lookup."""
     width = batch.inputs.shape[1]
-    block = flops_per_token_step(config, width) * width * float(n_loops.sum())
+    per_loop = flops_per_token_step(config, width) * width
+    k = getattr(config, "backprop_loops", None)
+    backward_loops = n_loops if k is None else n_loops.clamp(max=k)
     head = 2 * config.d_model * config.vocab_size * width * len(n_loops)
     read_in = head if config.read_in == "linear" else 0
-    return 3 * (read_in + block + head)
+    forward = read_in + per_loop * float(n_loops.sum()) + head
+    return forward + 2 * (read_in + per_loop * float(backward_loops.sum()) + head)
 
 
 def shift_controller(paradigm: str, config: AlgorithmicTrainConfig, optimizer) -> ShiftController | None:
