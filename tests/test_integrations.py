@@ -558,3 +558,36 @@ def test_a_wrapper_with_its_own_n_loops_does_not_hide_the_looped_layers():
     assert type(loop_holder(wrapped)).__name__ == "LoopedRange"
     ShiftController(ShiftSchedule.fixed(3, at=0), wrapped).before_step(1)
     assert get_n_loops(wrapped.model) == 3 and wrapped.n_loops == 4
+
+
+def test_retrofit_variant_arms_train_score_and_save(tmp_path):
+    from typer.testing import CliRunner
+
+    import loopscape
+    from loopscape.cli import app
+
+    out = tmp_path / "rf"
+    arms = "[plain,shift,scratch,shift-plnorm,shift-k1,shift-k2,shift-concat,shift-lora]"
+    args = (
+        f"retrofit -o {out} -q --seeds 0,1 --set d_model=16 --set n_heads=2 --set n_layers=3 --set loop_layers=[1,2] "
+        "--set stage1_steps=4 --set stage2_steps=4 --set test_lengths=[1,2,3,4] --set train_max_len=3 "
+        f"--set test_size=8 --set curriculum_interval=2 --set lora_rank=2 --set arms={arms}"
+    )
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "retrofit.json").read_text())
+    run = report["runs"]["0"]
+    # the same forward FLOPs, a backward through fewer loops
+    assert run["shift-k1"]["flops"] < run["shift-k2"]["flops"] < run["shift"]["flops"]
+    assert run["shift-concat"]["flops"] > run["shift"]["flops"] and run["shift-lora"]["flops"] > run["shift"]["flops"]
+    assert len(report["verdicts"]) == 6 and "(shift-lora: per-loop LoRA)" in report["verdicts"][-1]["claim"]
+    assert "Verdict, shift-k1:" in (out / "retrofit.md").read_text()
+    for arm, key, value in [
+        ("shift-plnorm", "n_loops", 3),
+        ("shift-lora", "loop_lora", 2),
+        ("shift-k1", "backprop_loops", 1),
+    ]:
+        model = loopscape.from_pretrained(out / "models" / "seed0" / arm)
+        assert model.config.loopscape[key] == value
+    bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "arms=[plain,shift]"])
+    assert bad.exit_code == 2 and "arms" in bad.output and "each once" in bad.output

@@ -101,6 +101,8 @@ def test_n_loops_changes_at_any_time_and_the_lens_reads_every_loop(family):
         "n_loops": 4,
         "injection": "add",
         "backprop_loops": None,
+        "loop_lora": None,
+        "lora_layers": None,
         "exit": None,
         "exit_threshold": 0.0,
         "min_loops": 1,
@@ -150,7 +152,7 @@ def test_labels_and_padding_work_as_in_the_original(family):
         ({"layers": (2, 2)}, r"layers must be a pair \(start, stop\) with 0 <= start < stop <= 4 \(got \(2, 2\)\)"),
         ({"layers": (0, 5)}, r"layers must be a pair \(start, stop\) with 0 <= start < stop <= 4 \(got \(0, 5\)\)"),
         ({"layers": (0, 2), "n_loops": 0}, r"n_loops must be an integer >= 1 \(got 0\)"),
-        ({"layers": (0, 2), "injection": "concat"}, r"injection must be one of \('add', 'none'\) \(got 'concat'\)"),
+        ({"layers": (0, 2), "injection": "cat"}, r"injection must be one of \('add', 'none', 'concat'\) \(got 'cat'\)"),
         ({}, r"layers must be a pair \(start, stop\) of decoder layer indices \(got None\)"),
     ],
 )

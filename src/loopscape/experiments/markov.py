@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.nn.utils import vector_to_parameters
 
 from loopscape.config import require, require_seeds
 from loopscape.data.languages import PAPER_IC_MAX, PAPER_REPORTED, PAPER_SIMPLE_SHARE, feasibility, fit, language_facts
@@ -31,6 +32,8 @@ from loopscape.data.markov import MarkovDataConfig, MarkovLanguage, MarkovTask, 
 from loopscape.errors import DamagedRunError
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
+from loopscape.landscape.hessian import weighted_batches
+from loopscape.landscape.loops import loop_hessian
 from loopscape.landscape.river_valley import cumulative_force
 from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
 from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
@@ -269,12 +272,14 @@ def run_markov_study(
         markdown += "\n" + hessian.pop("hessian_markdown")
         summary.update(hessian)
         verdicts += hessian_report.verdict_rows(summary["observation2"], summary["landscape"])
+        verdicts.append(hessian_report.coupling_row(summary["loop_coupling"]["verdict"]))
         figures += [
             (
                 figs / "fig3cd_entropy_mutual_information.png",
                 "Figures 3c, 3d: Matrix Entropy and Mutual Information of the Hessian",
             ),
             (figs / "fig9bc_eigenspectra.png", "Figures 9b, 9c: eigenspectrum snapshots"),
+            (figs / "loop_coupling.png", "The Hessian split by loop pairs: cross-loop share and valley shapes"),
         ]
     atomic_write_text(out / "summary.md", markdown)
     write_json(out / "summary.json", summary)
@@ -307,6 +312,41 @@ def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int
     return result
 
 
+def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: int = 100) -> dict:
+    """The tied Hessian of the attention weights split by loop pairs (:mod:`loopscape.landscape.loops`) at
+    every ``every``-th tracked epoch (and the first and last) of each model's first tracked seed: the
+    cross-loop share of its trace and top eigenvalue, and the valley shape of ``full`` against ``diagonal``."""
+    result = {}
+    batches = weighted_batches(task.train.inputs, task.train.targets, dedupe="inputs", num_classes=cfg.data.vocab_size)
+    for name, T in cfg.models.items():
+        thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
+        if not thetas:
+            continue
+        epochs = sorted({e for e in thetas if e % every == 0} | {min(thetas), max(thetas)})
+        model = cfg.build_model(T).double()
+        rows = []
+        for e in epochs:
+            with torch.no_grad():
+                vector_to_parameters(thetas[e], list(model.parameters()))
+            m = loop_hessian(model, batches).measure(k=5, exact=True)
+            rows.append(
+                {
+                    "epoch": e,
+                    "cross_share_trace": m["cross_share_trace"],
+                    "cross_share_top": m["cross_share_top"],
+                    **{
+                        f"{part}_{key}": m[part]["valley"][key]
+                        for part in ("full", "diagonal")
+                        for key in ("kappa", "shape")
+                    },
+                    "top": {part: m[part]["top"] for part in ("full", "diagonal", "cross")},
+                    "trace": {part: m[part]["trace"] for part in ("full", "diagonal", "cross")},
+                }
+            )
+        result[name] = {"n_loops": T, "rows": rows}
+    return result
+
+
 def hessian_study(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> dict:
     """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
     rep = hessian_report
@@ -320,9 +360,12 @@ def hessian_study(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> dict:
     epochs = sorted({e for e in (PHASE_EPOCH, cfg.train.epochs) if e <= cfg.train.epochs})
     land = rep.landscape_table(spectra, epochs)
     land["cumulative_force"] = measured_force(out, cfg, task, ref=epochs[0])
+    coupling = loop_coupling(out, cfg, task)
+    rep.plot_coupling(coupling, out / "figures" / "loop_coupling.png")
     return {
         "observation2": verdict,
         "landscape": land,
+        "loop_coupling": {**coupling, "verdict": rep.coupling_verdict(coupling)},
         "hessian_curves": {m: {k: v.tolist() for k, v in t.items()} for m, t in traj.items()},
-        "hessian_markdown": rep.hessian_markdown(verdict, land, cfg.hessian.n_bins),
+        "hessian_markdown": rep.hessian_markdown(verdict, land, cfg.hessian.n_bins) + rep.coupling_markdown(coupling),
     }

@@ -13,6 +13,12 @@ Appendix B proposes to "begin with a well-trained standard, non-recursive model
   model); ``scratch`` trains the looped model from its initialisation for the
   whole budget, ``stage1_steps + stage2_steps``.
 
+``arms`` adds the recurrent-depth literature's ways to train the looped
+continuation, each SHIFT from the same trained model (:data:`VARIANTS`): a
+Poisson-log-normal depth per step (Huginn), truncated backprop through the
+last 1 or 2 loops, a learned concat injection, and a per-loop LoRA (Relaxed
+Recursive Transformers).
+
 Each arm is scored by exact match at every test length: within the training
 lengths and past them. Compute is counted in FLOPs and wall time (see
 :func:`step_flops`). The verdict rule is stated in :func:`verdicts`.
@@ -39,8 +45,24 @@ from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.models.looped_gpt import exact_match
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
+from loopscape.shift.schedule import ShiftSchedule
 
 ARMS = ("plain", "shift", "scratch")
+# SHIFT from the trained model, trained as the recurrent-depth literature does: loopify's options per arm
+VARIANTS = {
+    "shift-plnorm": {},  # a Poisson-log-normal depth per step, mean n_loops, at most 2 n_loops; tested at n_loops
+    "shift-k1": {"backprop_loops": 1},
+    "shift-k2": {"backprop_loops": 2},
+    "shift-concat": {"injection": "concat"},
+    "shift-lora": {"loop_lora": None},  # the rank is the config's lora_rank
+}
+VARIANT_NAMES = {
+    "shift-plnorm": "a Poisson-log-normal depth per step",
+    "shift-k1": "truncated backprop, last loop",
+    "shift-k2": "truncated backprop, last 2 loops",
+    "shift-concat": "learned concat injection",
+    "shift-lora": "per-loop LoRA",
+}
 GAP_PTS = 5.0  # "matches": within this many points of the looped-from-scratch arm
 
 
@@ -68,6 +90,8 @@ class RetrofitConfig:
     model_path: str | None = None  # a local checkpoint (save_pretrained folder) instead of Stage I
     data_path: str | None = None  # a local UTF-8 text file instead of the task (characters as tokens)
     text_context: int = 64  # with data_path: training windows; tested at this length and at twice it
+    arms: list[str] = field(default_factory=lambda: list(ARMS))  # plain, shift, scratch and any of VARIANTS
+    lora_rank: int = 4  # the shift-lora arm's per-loop rank
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
@@ -92,6 +116,13 @@ class RetrofitConfig:
             self.loop_layers,
         )
         require(self.n_loops >= 2, f"{p}n_loops", "an integer >= 2", self.n_loops)
+        require(
+            set(ARMS) <= set(self.arms) <= set(ARMS) | set(VARIANTS) and len(set(self.arms)) == len(self.arms),
+            f"{p}arms",
+            f"plain, shift and scratch, and any of {sorted(VARIANTS)}, each once",
+            self.arms,
+        )
+        require(self.lora_rank >= 1, f"{p}lora_rank", "an integer >= 1", self.lora_rank)
         require(self.text_context >= 2, f"{p}text_context", "an integer >= 2", self.text_context)
         require(
             self.data_path is None or Path(self.data_path).is_file(),
@@ -233,14 +264,23 @@ def build_decoder(cfg: RetrofitConfig, data: TaskData | TextData, seed: int) -> 
 
 
 def step_flops(model: torch.nn.Module, inputs: torch.Tensor) -> float:
-    """Training FLOPs of one step: 6 x tokens x parameters a token passes through (the looped layers
-    counted once per loop; attention's score products left out, small at these widths)."""
+    """Training FLOPs of one step: 2 x tokens x the weights a token's forward passes through, plus 4 x tokens x
+    those its backward does (attention's score products left out, small at these widths). The looped range
+    counts as :meth:`~loopscape.integrations.loopify.LoopedRange.weights_per_token` says: its layers once per
+    loop, a concat adapter and per-loop LoRA as used, and a truncated backward through the last
+    ``backprop_loops`` loops only."""
     looped = looped_layers(model)
     params = sum(p.numel() for p in model.parameters())
-    if looped is not None:
-        in_range = sum(p.numel() for layer in looped.range_layers() for p in layer.parameters())
-        params += (looped.n_loops - 1) * in_range
-    return 6.0 * inputs.numel() * params
+    if looped is None:
+        return 6.0 * inputs.numel() * params
+    inside = {id(p) for layer in looped.range_layers() for p in layer.parameters()} | {
+        id(p) for p in looped.parameters()
+    }
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    n = looped.n_loops
+    forward = outside + looped.weights_per_token(n)
+    backward = outside + looped.weights_per_token(n, looped.backprop_loops)
+    return inputs.numel() * (2.0 * forward + 4.0 * backward)
 
 
 def train(
@@ -253,6 +293,7 @@ def train(
     readings: list | None = None,
     flops_before: float = 0.0,
     seed: int = 0,
+    depth: ShiftSchedule | None = None,
 ) -> dict:
     """Train for ``steps`` (curriculum step numbers); returns the FLOPs and wall time spent. With
     ``readings``, every ``eval_every`` steps appends ``(FLOPs so far + flops_before, accuracy past the
@@ -260,6 +301,8 @@ def train(
     flops, t0, evaluating = 0.0, time.perf_counter(), 0.0
     model.train()
     for step in steps:
+        if depth is not None:  # a sampled depth: this step's loop count (evaluations read n_loops)
+            looped_layers(model).n_loops = depth.n_loops_at(step - steps[0] + 1)
         inputs, targets, mask = data.batch(step, generator)
         logits = model(input_ids=inputs, use_cache=False).logits
         loss = F.cross_entropy(logits[mask], targets[mask])
@@ -270,6 +313,8 @@ def train(
         flops += step_flops(model, inputs)
         if readings is not None and (step % cfg.eval_every == 0 or step == steps[-1]):
             t1 = time.perf_counter()
+            if depth is not None:
+                looped_layers(model).n_loops = cfg.n_loops
             readings.append((flops_before + flops, accuracy(model, data, seed)["past"]))
             model.train()
             evaluating += time.perf_counter() - t1
@@ -319,16 +364,28 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
         stage1 = train(base, optimizer, data, range(1, cfg.stage1_steps + 1), generator, cfg)
     out = {"stage1": {**stage1, **accuracy(base, data, seed)}}
     later = range(cfg.stage1_steps + 1, total + 1)
-    for arm in ("plain", "shift"):
+    for arm in [a for a in cfg.arms if a != "scratch"]:
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         opt.load_state_dict(optimizer.state_dict())  # continue training: the optimiser state goes on
-        if arm == "shift":
-            loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection)
+        depth = None
+        if arm != "plain":
+            options = {"injection": cfg.injection, **VARIANTS.get(arm, {})}
+            if "loop_lora" in options:
+                options["loop_lora"] = cfg.lora_rank
+            n = 2 * cfg.n_loops if arm == "shift-plnorm" else cfg.n_loops
+            loopify(model, layers=tuple(cfg.loop_layers), n_loops=n, **options)
+            looped = looped_layers(model)
+            if looped.lora_parameters() or looped.adapter_parameters():  # new weights: a group of their own
+                opt.add_param_group({"params": looped.lora_parameters() + looped.adapter_parameters()})
+            if arm == "shift-plnorm":
+                depth = ShiftSchedule(n, at=0, depth="poisson-lognormal", mean_depth=cfg.n_loops, seed=seed)
         gen = torch.Generator()
-        gen.set_state(generator.get_state())  # the same data stream for both arms
+        gen.set_state(generator.get_state())  # the same data stream for every arm
         readings = []
-        spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed)
+        spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed, depth)
+        if depth is not None:
+            looped_layers(model).n_loops = cfg.n_loops  # scored, and saved, at the mean depth
         if models is not None:
             save_model(model, models / f"seed{seed}" / arm)
         out[arm] = {
@@ -365,20 +422,28 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
 def verdicts(runs: dict[int, dict]) -> list[dict]:
     """The rule: SHIFT from a trained model **holds** if, past the training length, its mean
     accuracy over seeds is at most ``GAP_PTS`` points below the looped-from-scratch arm's and it
-    spent fewer FLOPs; **fails** otherwise; **not tested** with fewer than 2 seeds."""
-    claim = "Retrofitting recursion into a trained model reaches the looped model's accuracy for less compute"
+    spent fewer FLOPs; **fails** otherwise; **not tested** with fewer than 2 seeds. One row for
+    ``shift``, and one by the same rule for each variant arm run (:data:`VARIANTS`)."""
     source = "Appendix B"
     paper = "proposed, no numbers given"
-    if len(runs) < 2:
-        return [verdict_row(claim, source, "one seed: no spread to judge by", paper, NOT_TESTED)]
-    gap = mean_sd_se([r["shift"]["past"] - r["scratch"]["past"] for r in runs.values()])
-    ratio = mean_sd_se([r["scratch"]["flops"] / r["shift"]["flops"] for r in runs.values()])
-    holds = gap["mean"] >= -GAP_PTS and ratio["mean"] > 1
-    ours = (
-        f"past the training length SHIFT minus scratch {gap['mean']:+.1f} pts (se {gap['se']:.1f}); "
-        f"scratch / SHIFT FLOPs {ratio['mean']:.2f}x"
-    )
-    return [verdict_row(claim, source, ours, paper, "holds" if holds else "fails")]
+    arms = [a for a in next(iter(runs.values())) if a == "shift" or a in VARIANTS]
+    rows = []
+    for arm in arms:
+        claim = "Retrofitting recursion into a trained model reaches the looped model's accuracy for less compute"
+        if arm != "shift":
+            claim += f" ({arm}: {VARIANT_NAMES[arm]})"
+        if len(runs) < 2:
+            rows.append(verdict_row(claim, source, "one seed: no spread to judge by", paper, NOT_TESTED))
+            continue
+        gap = mean_sd_se([r[arm]["past"] - r["scratch"]["past"] for r in runs.values()])
+        ratio = mean_sd_se([r["scratch"]["flops"] / r[arm]["flops"] for r in runs.values()])
+        holds = gap["mean"] >= -GAP_PTS and ratio["mean"] > 1
+        ours = (
+            f"past the training length {arm} minus scratch {gap['mean']:+.1f} pts (se {gap['se']:.1f}); "
+            f"scratch / {arm} FLOPs {ratio['mean']:.2f}x"
+        )
+        rows.append(verdict_row(claim, source, ours, paper, "holds" if holds else "fails"))
+    return rows
 
 
 def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> str:
@@ -401,16 +466,27 @@ def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> st
         f"looped model trained from its initialisation for all {cfg.stage1_steps + cfg.stage2_steps} steps. "
         f"Seeds {cfg.seeds}. Accuracy: {build_metric(cfg)}, %; FLOPs and wall time include Stage I.",
         "",
+        *(
+            [
+                "Variants, each SHIFT from the same trained model with the shift arm's settings but: "
+                + "; ".join(f"**{a}**: {VARIANT_NAMES[a]}" for a in cfg.arms if a in VARIANTS)
+                + f" (Poisson-log-normal: mean {cfg.n_loops}, at most {2 * cfg.n_loops} loops, tested at "
+                f"{cfg.n_loops}; LoRA rank {cfg.lora_rank} on every linear layer of the range).",
+                "",
+            ]
+            if any(a in VARIANTS for a in cfg.arms)
+            else []
+        ),
         "| seed | arm | within training lengths | past them | training FLOPs | wall time |",
         "|---|---|---|---|---|---|",
     ]
     for seed, run in runs.items():
-        for arm in ("stage1", *ARMS):
+        for arm in ("stage1", *cfg.arms):
             r = run[arm]
             past = "-" if r["past"] is None else f"{r['past']:.1f}"
             lines.append(f"| {seed} | {arm} | {r['within']:.1f} | {past} | {r['flops']:.3g} | {r['time_s']:.0f} s |")
     lines += ["", "| arm | within (mean, sd) | past (mean, sd) | FLOPs (mean) |", "|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in cfg.arms:
         w = mean_sd_se([r[arm]["within"] for r in runs.values()])
         p = mean_sd_se([r[arm]["past"] for r in runs.values()]) if cfg.train_max_len < max(cfg.test_lengths) else None
         past = "-" if p is None else f"{p['mean']:.1f}{_sd(p)}"
@@ -428,7 +504,10 @@ def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> st
         "length first reached the scratch arm's final one, as a share of the scratch arm's compute (read every "
         f"{cfg.eval_every} steps): " + "; ".join(reach) + ".",
         "",
-        f"Verdict: **{rows[0]['verdict']}** ({rows[0]['ours']}).",
+        *(
+            f"- Verdict, {arm}: **{row['verdict']}** ({row['ours']})."
+            for arm, row in zip([a for a in cfg.arms if a == "shift" or a in VARIANTS], rows)
+        ),
         "",
         f"Rule: SHIFT from a trained model holds if, past the training length, its mean accuracy over seeds is at "
         f"most {GAP_PTS:g} points below the looped-from-scratch arm's and it spent fewer FLOPs; it fails otherwise; "

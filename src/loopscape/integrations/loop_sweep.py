@@ -48,16 +48,19 @@ def _scores(logits: torch.Tensor, batch: dict) -> tuple[float, float, int, int, 
 
 
 def flops_per_token(model: nn.Module, n_loops: int) -> float:
-    """Forward FLOPs per token, 2 per weight multiply-add: every non-embedding weight once, the looped layers'
-    weights ``n_loops`` times (attention's context-length term left out: it is the same for every count)."""
+    """Forward FLOPs per token, 2 per weight multiply-add: every non-embedding weight outside the range once,
+    the range's as :meth:`LoopedRange.weights_per_token` counts them at ``n_loops`` (its layers once per loop,
+    a concat adapter and per-loop LoRA as used); attention's context-length term left out: it is the same
+    for every count."""
     looped = looped_layers(model)
-    in_range = {id(p) for layer in looped.range_layers() for p in layer.parameters()}
+    inside = {id(p) for layer in looped.range_layers() for p in layer.parameters()}
+    inside |= {id(p) for p in looped.parameters()}
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
-    total = 0
+    total = looped.weights_per_token(n_loops)
     for p in model.parameters():
-        if id(p) in embeddings and p is not model.get_output_embeddings().weight:
+        if id(p) in inside or (id(p) in embeddings and p is not model.get_output_embeddings().weight):
             continue
-        total += p.numel() * (n_loops if id(p) in in_range else 1)
+        total += p.numel()
     return 2.0 * total
 
 

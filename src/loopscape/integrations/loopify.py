@@ -5,16 +5,22 @@ recursion into some of its blocks and continue to train").
 ``a..b-1`` of any causal LM run ``k`` times. With the range's input ``e`` and
 its layers ``B``, as the looped GPT does (Fan et al.):
 
-    injection="add":   h_1 = B(e),  h_t = B(h_{t-1} + e)      (input injection)
-    injection="none":  h_1 = B(e),  h_t = B(h_{t-1})
+    injection="add":     h_1 = B(e),  h_t = B(h_{t-1} + e)      (input injection)
+    injection="none":    h_1 = B(e),  h_t = B(h_{t-1})
+    injection="concat":  h_1 = B(e),  h_t = B(W [h_{t-1}; e] + c)  (a learned adapter, as retrofitted
+                         recurrence and Huginn inject; W = [I I], c = 0 at the start: "add" exactly)
 
-so ``n_loops = 1`` is the original model. The model stays an ordinary module
+so ``n_loops = 1`` is the original model. ``loop_lora=r`` gives loop ``t`` of each chosen linear layer
+of the range its own rank-``r`` difference, ``W + B_t A_t`` (Relaxed Recursive Transformers, Bae et al.,
+2025), ``B_t = 0`` at the start (the tied loop exactly). The model stays an ordinary module
 tree: its layer list is untouched (iterating, indexing, hooks, parameter
 counts and state-dict keys are the original's), and the loop lives in the
 decoder's forward path, as two forward hooks on the range's first and last
-layer held by a :class:`LoopedRange` (a module without parameters added to
-the decoder stack). The settings live in ``model.config.loopscape``, so
-:func:`from_pretrained` gives the looped model back.
+layer held by a :class:`LoopedRange` (a module added to the decoder stack,
+without parameters unless it holds the concat adapter or the per-loop LoRA:
+those are saved under its name and loaded back by :func:`from_pretrained`).
+The settings live in ``model.config.loopscape``, so :func:`from_pretrained`
+gives the looped model back.
 
 **Cache.** Loop ``t >= 2`` of layer ``l`` is its own virtual layer of the
 model's Hugging Face cache (index ``L + (t-2)(b-a) + (l-a)`` for ``L`` decoder
@@ -59,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INJECTIONS = ("add", "none")
+INJECTIONS = ("add", "none", "concat")
 EXITS = (None, "kl", "entropy", "state")
 CACHE_MID_GENERATION = (
     "loopify: n_loops changed in the middle of a cached generation (the cache holds {held} loops, the model runs "
@@ -108,12 +114,37 @@ class Structure:
                 f"after .{self.layers_name} for a LayerNorm/RMSNorm module and found none)"
             )
         self.norm, self.head = after[0], head
+        self.hidden_size = model.get_input_embeddings().embedding_dim
 
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or type(module).__name__.endswith(
         ("Norm", "LayerNorm", "RMSNorm")
     )
+
+
+class LoopLoRA(nn.Module):
+    """Per-loop low-rank differences of one linear layer: loop ``t`` adds ``x A_t^T B_t^T`` to its output
+    (``A`` as PEFT initialises LoRA's, ``B = 0``; scale 1)."""
+
+    def __init__(self, n_loops: int, rank: int, fan_in: int, fan_out: int, like: torch.Tensor):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(n_loops, rank, fan_in, dtype=like.dtype, device=like.device))
+        self.B = nn.Parameter(torch.zeros(n_loops, fan_out, rank, dtype=like.dtype, device=like.device))
+        for a in self.A.data:
+            nn.init.kaiming_uniform_(a, a=5**0.5)
+
+    def delta(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+        return (x @ self.A[loop].T) @ self.B[loop].T
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of an ``nn.Linear`` or of GPT-2's ``Conv1D`` (weight stored as in x out); None otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.nf
+    return None
 
 
 class LoopedRange(nn.Module):
@@ -132,9 +163,13 @@ class LoopedRange(nn.Module):
         injection: str,
         config=None,
         backprop_loops: int | None = None,
+        loop_lora: int | None = None,
+        lora_layers: list[str] | None = None,
     ):
         super().__init__()
         self.start, self.stop, self.injection, self.backprop_loops = start, stop, injection, backprop_loops
+        self.loop_lora, self.lora_layers = loop_lora, lora_layers
+        self._loop: int | None = None  # the loop running now (0-based), for the per-loop LoRA
         self._grad_saved: bool | None = None  # the caller's grad mode while the range's first loop runs without
         self._layers = list(structure.layers)  # a plain list: not registered again as submodules
         self._readout = (structure.norm, structure.head)
@@ -151,7 +186,23 @@ class LoopedRange(nn.Module):
             [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
             for layer in self.range_layers()
         ]
+        like = next(p for layer in self.range_layers() for p in layer.parameters())
+        if injection == "concat":  # W = [I I], c = 0: exactly injection="add" until trained
+            d = structure.hidden_size
+            self.adapter = nn.Linear(2 * d, d, dtype=like.dtype, device=like.device)
+            with torch.no_grad():
+                self.adapter.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1))
+                self.adapter.bias.zero_()
+        lora_hooks = []
+        if loop_lora is not None:
+            self.lora = nn.ModuleDict()
+            for i, name, module in _lora_targets(self.range_layers(), start, lora_layers):
+                fan_in, fan_out = _linear_shape(module)
+                key = f"{i}_{name.replace('.', '_')}"
+                self.lora[key] = LoopLoRA(n_loops, loop_lora, fan_in, fan_out, like)
+                lora_hooks.append(module.register_forward_hook(self._lora_hook(key)))
         self._hooks = [
+            *lora_hooks,
             self._layers[start].register_forward_pre_hook(self._before_range, with_kwargs=True),
             self._layers[stop - 1].register_forward_hook(self._after_range, with_kwargs=True),
             # the caller's grad mode comes back even when a layer raises inside the range
@@ -186,6 +237,8 @@ class LoopedRange(nn.Module):
             "n_loops": self.n_loops,
             "injection": self.injection,
             "backprop_loops": self.backprop_loops,
+            "loop_lora": self.loop_lora,
+            "lora_layers": self.lora_layers,
             **self._settings,
         }
 
@@ -196,6 +249,41 @@ class LoopedRange(nn.Module):
     def range_layers(self) -> list[nn.Module]:
         """The looped layers ``start..stop-1``."""
         return self._layers[self.start : self.stop]
+
+    def looped_parameters(self) -> list[nn.Parameter]:
+        """The weights every loop shares (``landscape.loops``): the range's layers'."""
+        return [p for layer in self.range_layers() for p in layer.parameters()]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The per-loop LoRA's parameters (for an optimiser group of their own)."""
+        return list(self.lora.parameters()) if self.loop_lora is not None else []
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The concat injection's adapter's parameters."""
+        return list(self.adapter.parameters()) if self.injection == "concat" else []
+
+    def weights_per_token(self, n_loops: int, last: int | None = None) -> int:
+        """Weights a token multiplies through in the range's last ``last`` loops (all if None) of ``n_loops``:
+        the layers' once per loop, the adapter once per loop from the second, each loop's own LoRA. Forward
+        FLOPs are twice this; the backward of truncated backprop goes through ``last = backprop_loops``."""
+        last = n_loops if last is None else min(last, n_loops)
+        first = n_loops - last  # 0-based index of the first loop counted
+        layers = sum(p.numel() for layer in self.range_layers() for p in layer.parameters())
+        adapter = sum(p.numel() for p in self.adapter_parameters()) * (last - (first == 0))
+        lora = sum(m.A[0].numel() + m.B[0].numel() for m in self.lora.values()) if self.loop_lora else 0
+        return last * layers + adapter + max(0, min(n_loops, self._lora_loops()) - first) * lora
+
+    def _lora_loops(self) -> int:
+        return next(iter(self.lora.values())).A.shape[0] if self.loop_lora else 0
+
+    def _lora_hook(self, key: str):
+        def hook(module, args, output):
+            loop = self._loop
+            if loop is None or loop >= self._lora_loops():  # loops past those made run the shared weights
+                return None
+            return output + self.lora[key].delta(args[0], loop)
+
+        return hook
 
     def reset_exit_counts(self) -> None:
         self.exit_counts = {}
@@ -228,7 +316,7 @@ class LoopedRange(nn.Module):
     def _before_range(self, module, args, kwargs):
         if self._inside:
             return None
-        self._call = (args, kwargs)
+        self._call, self._loop = (args, kwargs), 0
         cache = _cache(args, kwargs)
         if cache is not None:
             self._make_room(cache)
@@ -273,6 +361,7 @@ class LoopedRange(nn.Module):
         if self._inside:
             return None
         grad = self._restore_grad()
+        self._loop = None
         h, rest = _split(output)
         self.loop_states = [h] if self.record else []
         exit = self.exit
@@ -292,10 +381,12 @@ class LoopedRange(nn.Module):
             for t in range(1, self.n_loops):
                 # truncated backprop: only the last k loops build a graph; e keeps its gradient in them
                 with torch.set_grad_enabled(grad and (k is None or t >= self.n_loops - k)):
-                    x = h + e if self.injection == "add" else h
+                    x = self._inject(h, e)
+                    self._loop = t
                     for j, layer in enumerate(self.range_layers()):
                         with self._at_loop(t, j):
                             x, rest = _split(layer(x, *rest_args, **call_kwargs))
+                    self._loop = None
                 if exit is not None:
                     x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
                     value = self._criterion(h, x)
@@ -306,13 +397,20 @@ class LoopedRange(nn.Module):
                 if self.record:
                     self.loop_states.append(h)
         finally:
-            self._inside = False
+            self._inside, self._loop = False, None
         self.loops_used = used if exit is not None else torch.full_like(used, self.n_loops)
         if exit is not None:
             for k, n in zip(*torch.unique(used, return_counts=True)):
                 self.exit_counts[int(k)] = self.exit_counts.get(int(k), 0) + int(n)
             log.debug("loopify exit: mean %.3f loops per token over %d tokens", used.float().mean(), used.numel())
         return h if rest is None else (h, *rest)
+
+    def _inject(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if self.injection == "add":
+            return h + e
+        if self.injection == "concat":
+            return self.adapter(torch.cat([h, e], -1))
+        return h
 
     def _criterion(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Per token, the exit criterion between successive loops' outputs. ``kl``: KL(p_t || p_{t-1}) of the
@@ -330,6 +428,25 @@ class LoopedRange(nn.Module):
             return (logp_after.exp() * (logp_after - logp_before)).sum(-1)
         entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
         return (entropy(logp_after) - entropy(logp_before)).abs()
+
+
+def _lora_targets(layers: list[nn.Module], start: int, names: list[str] | None):
+    """(layer index, name, module) of the range's linear layers whose name is, or ends in, one of ``names``
+    (all of them if None); a name that matches nothing is one line naming what there is."""
+    found = [
+        (start + i, name, m)
+        for i, layer in enumerate(layers)
+        for name, m in layer.named_modules()
+        if _linear_shape(m) is not None and (names is None or any(name == n or name.endswith("." + n) for n in names))
+    ]
+    if names is not None:
+        missing = [n for n in names if not any(name == n or name.endswith("." + n) for _, name, _ in found)]
+        if missing:
+            there = sorted({name for name, m in layers[0].named_modules() if _linear_shape(m) is not None})
+            raise ValueError(
+                f"lora_layers must name linear layers of the looped range (got {missing}; there are {there})"
+            )
+    return found
 
 
 def _split(output):
@@ -359,6 +476,8 @@ def loopify(
     exit_threshold: float = 0.0,
     min_loops: int = 1,
     backprop_loops: int | None = None,
+    loop_lora: int | None = None,
+    lora_layers: list[str] | None = None,
 ) -> nn.Module:
     """Loop the decoder layers ``layers[0]..layers[1]-1`` of ``model`` ``n_loops`` times, in place;
     returns the model. ``layers=None`` reads the settings saved in ``model.config.loopscape``
@@ -368,7 +487,10 @@ def loopify(
     Sec. 4; retrofitted recurrence): the first ``n_loops - k`` loops run without a graph, the state entering
     loop ``n_loops - k + 1`` is detached, and the range's input keeps its gradient in the last ``k`` loops, so
     the layers before the range still train; activation memory then grows with ``k``, not the depth. A loop
-    count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop."""
+    count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop.
+    ``injection="concat"``, ``loop_lora=r`` and ``lora_layers`` (names of the range's linear layers, e.g.
+    ``["q_proj", "v_proj"]``; all of them if None): see the module docstring. The LoRA is made for the
+    ``n_loops`` given here; loops beyond them (a larger ``n_loops`` set later) run the shared weights."""
     structure = Structure(model)
     saved = getattr(model.config, "loopscape", None)
     if layers is None:
@@ -377,6 +499,7 @@ def loopify(
         layers, n_loops, injection = tuple(saved["layers"]), saved["n_loops"], saved["injection"]
         exit, exit_threshold, min_loops = saved.get("exit"), saved.get("exit_threshold", 0.0), saved.get("min_loops", 1)
         backprop_loops = saved.get("backprop_loops")
+        loop_lora, lora_layers = saved.get("loop_lora"), saved.get("lora_layers")
     n = len(structure.layers)
     if not (isinstance(layers, (tuple, list)) and len(layers) == 2 and 0 <= layers[0] < layers[1] <= n):
         raise ValueError(f"layers must be a pair (start, stop) with 0 <= start < stop <= {n} (got {layers!r})")
@@ -387,10 +510,17 @@ def loopify(
     k = backprop_loops
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n_loops):
         raise ValueError(f"backprop_loops must be an integer from 1 to n_loops ({n_loops}) or None (got {k!r})")
+    if loop_lora is not None and (not isinstance(loop_lora, int) or isinstance(loop_lora, bool) or loop_lora < 1):
+        raise ValueError(f"loop_lora must be an integer rank >= 1, or None for no per-loop LoRA (got {loop_lora!r})")
+    if lora_layers is not None and loop_lora is None:
+        raise ValueError("lora_layers goes with loop_lora (a rank); got lora_layers without it")
+    lora_layers = None if lora_layers is None else [str(n) for n in lora_layers]
     old = looped_layers(model)
     if old is not None:  # loopify again: the new settings replace the old loop
         old.remove()
-    looped = LoopedRange(structure, layers[0], layers[1], n_loops, injection, model.config, backprop_loops)
+    looped = LoopedRange(
+        structure, layers[0], layers[1], n_loops, injection, model.config, backprop_loops, loop_lora, lora_layers
+    )
     looped.set_exit(exit, exit_threshold, min_loops)
     structure.stack.looped_range = looped
     for config in (model.config, getattr(model, "generation_config", None)):
@@ -411,11 +541,39 @@ def from_pretrained(path, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, looped again by the settings its config
     holds (a plain ``from_pretrained`` gives the unlooped model; it does not know ``config.loopscape``)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the loop's own weights are "unused" by the plain model: loaded below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if getattr(model.config, "loopscape", None) is None:
         raise ValueError(f"path must hold a model saved after loopscape.loopify ({path!r} has no loopscape settings)")
-    return loopify(model)
+    loopify(model)
+    own = {k for k in model.state_dict() if ".looped_range." in f".{k}"}
+    if own:
+        weights = _read_weights(path, own)
+        if set(weights) != own:
+            raise ValueError(
+                f"path must hold the loop's own weights ({path!r} lacks {sorted(own - set(weights))[:3]}...)"
+            )
+        model.load_state_dict(weights, strict=False)
+    return model
+
+
+def _read_weights(path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """``keys`` from the safetensors files of a ``save_pretrained`` folder (one file or shards)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k in keys})
+    return out
 
 
 def _check_loops(n_loops) -> None:

@@ -19,6 +19,7 @@ the paper's ``E^T``; the equations below are written in the paper's layout.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -169,7 +170,32 @@ class LinearAttn(nn.Module):
             raise ValueError(f"n_loops must be >= 1 (got {value})")
         self.config.n_loops = value
 
-    def attn(self, E: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    def looped_parameters(self) -> list[nn.Parameter]:
+        """The weights every loop shares (``landscape.loops``): the attention's; ``W_h`` reads out once."""
+        return [self.W_Q, self.W_K, self.W_V]
+
+    @contextlib.contextmanager
+    def untie_loops(self, weights: list[dict[str, torch.Tensor]]):
+        """Within this context loop ``t`` reads its attention weights from ``weights[t]`` (names ending in
+        ``W_Q``, ``W_K``, ``W_V``; one not given stays shared): the untied model of ``landscape.loops``."""
+        self._untied = weights
+        try:
+            yield {}
+        finally:
+            self._untied = None
+
+    def loop_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_Q, W_K, W_V)`` of loop ``t`` (1-based): the shared ones, or loop ``t``'s own when untied."""
+        untied = getattr(self, "_untied", None)
+        shared = (self.W_Q, self.W_K, self.W_V)
+        if untied is None:
+            return shared
+        own = untied[t - 1]
+        return tuple(
+            next((v for k, v in own.items() if k.endswith(n)), w) for n, w in zip(("W_Q", "W_K", "W_V"), shared)
+        )
+
+    def attn(self, E: torch.Tensor, Z: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z`` (Eq. 1; divided by
         ``n`` with ``normalise_by_length``).
 
@@ -178,10 +204,11 @@ class LinearAttn(nn.Module):
         broadcast against the weights', so stacked weights ``(S, 1, d, d)`` run
         ``S`` models at once (:mod:`loopscape.training.population`).
         """
-        scores = _times(Z, self.W_Q.mT @ self.W_K) @ E.mT  # z^T W_Q^T W_K E  -> (..., m, n)
+        W_Q, W_K, W_V = weights or (self.W_Q, self.W_K, self.W_V)
+        scores = _times(Z, W_Q.mT @ W_K) @ E.mT  # z^T W_Q^T W_K E  -> (..., m, n)
         if self.config.normalise_by_length:
             scores = scores / E.shape[-2]
-        return _times(scores @ E, self.W_V.mT)  # (W_V E E^T W_K^T W_Q z)^T
+        return _times(scores @ E, W_V.mT)  # (W_V E E^T W_K^T W_Q z)^T
 
     def forward(self, x: torch.Tensor, all_loops: bool = False) -> torch.Tensor:
         """Logits ``W_h z_T`` for token ids ``x`` of shape ``(B, n)``: ``(B, V)``.
@@ -193,9 +220,10 @@ class LinearAttn(nn.Module):
         z = E[..., -1:, :]  # z_0: the last token's embedding
         steps = []
         for t in range(1, self.n_loops + 1):
-            z_next = z + self.attn(E, z)
+            weights = self.loop_weights(t)
+            z_next = z + self.attn(E, z, weights)
             if t < self.n_loops:  # E_T itself is never read: skip the last update
-                E = E + self.attn(E, E)
+                E = E + self.attn(E, E, weights)
             z = z_next
             steps.append(z)
         if all_loops:

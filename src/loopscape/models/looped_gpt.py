@@ -221,6 +221,10 @@ class LoopedGPT(nn.Module):
             logits.append(self.head(h))
         return torch.stack(logits)
 
+    def looped_parameters(self) -> list[nn.Parameter]:
+        """The weights every loop shares (``landscape.loops``): the block's, final LayerNorm included."""
+        return [*self.layers.parameters(), *self.ln_f.parameters()]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

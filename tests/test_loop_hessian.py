@@ -1,0 +1,158 @@
+"""The Hessian split by loop pairs: blocks against the dense tied Hessian, by hand, on every looped model."""
+
+import pytest
+import torch
+from torch import nn
+
+from loopscape.landscape.hessian import HessianOperator
+from loopscape.landscape.linalg import dense_matrix
+from loopscape.landscape.loops import loop_hessian
+from loopscape.models.linear_attn import looped_attn, single_attn
+from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig
+
+
+class Scalar(nn.Module):
+    """h_1 = w x, h_t = w h_{t-1}: one weight shared by T loops."""
+
+    def __init__(self, w: float, n_loops: int):
+        super().__init__()
+        self.cell, self.n_loops = nn.Linear(1, 1, bias=False).double(), n_loops
+        with torch.no_grad():
+            self.cell.weight.fill_(w)
+
+    def looped_parameters(self):
+        return [self.cell.weight]
+
+    def forward(self, x):
+        h = x
+        for _ in range(self.n_loops):
+            h = self.cell(h)
+        return h
+
+
+def half_square(out, y):
+    return 0.5 * (out[:, 0] - y) ** 2
+
+
+def _tied(model, data, names, loss_fn):
+    named = dict(model.named_parameters())
+    op = HessianOperator(model, data, dtype=torch.float64, params=[named[n] for n in names], loss_fn=loss_fn)
+    return dense_matrix(op)
+
+
+def _check_blocks(lh, model, data):
+    H = _tied(model, data, lh.names, lh.op.loss_fn)
+    T = lh.n_loops
+    blocks = [[dense_matrix(lh.block(s, t)) for t in range(T)] for s in range(T)]
+    scale = H.abs().max()
+    assert (sum(b for row in blocks for b in row) - H).abs().max() <= 1e-8 * scale
+    for s in range(T):
+        for t in range(T):
+            assert (blocks[s][t] - blocks[t][s].T).abs().max() <= 1e-8 * scale
+    diagonal = dense_matrix(lh.diagonal())
+    assert (diagonal - sum(blocks[t][t] for t in range(T))).abs().max() <= 1e-8 * scale
+    assert (dense_matrix(lh.cross()) + diagonal - H).abs().max() <= 1e-8 * scale
+    assert (dense_matrix(lh.full()) - H).abs().max() <= 1e-8 * scale
+    return H, blocks
+
+
+def test_two_loops_of_one_weight_by_hand():
+    w, x, y = 0.7, 1.3, 0.4
+    model = Scalar(w, 2)
+    data = [(torch.tensor([[x]], dtype=torch.float64), torch.tensor([y], dtype=torch.float64))]
+    lh = loop_hessian(model, data, loss_fn=half_square)
+    assert lh.n_loops == 2
+    # L(w1, w2) = (w2 w1 x - y)^2 / 2: H_11 = H_22 = w^2 x^2, H_12 = 2 w^2 x^2 - x y
+    H, blocks = _check_blocks(lh, model, data)
+    assert blocks[0][0].item() == pytest.approx(w**2 * x**2, rel=1e-12)
+    assert blocks[1][1].item() == pytest.approx(w**2 * x**2, rel=1e-12)
+    assert blocks[0][1].item() == pytest.approx(2 * w**2 * x**2 - x * y, rel=1e-12)
+    assert H.item() == pytest.approx(6 * w**2 * x**2 - 2 * x * y, rel=1e-12)
+
+
+def test_one_loop_is_the_hessian():
+    model = Scalar(0.7, 1)
+    data = [(torch.tensor([[1.3]], dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64))]
+    lh = loop_hessian(model, data, loss_fn=half_square)
+    assert lh.n_loops == 1
+    assert dense_matrix(lh.cross()).abs().max() == 0
+    assert dense_matrix(lh.block(0, 0)).item() == pytest.approx(
+        _tied(model, data, lh.names, half_square).item(), rel=1e-12
+    )
+
+
+def test_the_linear_attention_toy_splits_exactly():
+    torch.manual_seed(0)
+    model = looped_attn(n_loops=3, vocab_size=3, max_len=3).double()
+    data = [(torch.randint(0, 3, (8, 3)), torch.randint(0, 3, (8,)))]
+    lh = loop_hessian(model, data)
+    assert lh.n_loops == 3 and lh.names == ["W_V", "W_K", "W_Q"]
+    _check_blocks(lh, model, data)
+    m = lh.measure(k=3)
+    assert m["exact"] and m["full"]["trace"] == pytest.approx(m["diagonal"]["trace"] + m["cross"]["trace"])
+    assert m["cross_share_trace"] == pytest.approx(m["cross"]["trace"] / m["full"]["trace"])
+    assert -10 < m["cross_share_top"] < 10 and m["full"]["valley"]["shape"] in ("U", "V", "none")
+
+
+def test_the_looped_gpt_and_a_loopified_llama_split_exactly():
+    torch.manual_seed(0)
+    gpt = LoopedGPT(LoopedGPTConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=1)).double().eval()
+
+    class AtThree(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = gpt
+
+        def forward(self, x):
+            return self.model(x, 3)
+
+    x = torch.randint(0, 5, (3, 4))
+    data = [(x, torch.randint(0, 5, (3, 4)))]
+    loss = lambda out, y: nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)  # noqa: E731
+    lh = loop_hessian(AtThree(), data, params="model.layers.0.attn.proj.*", loss_fn=loss)
+    assert lh.n_loops == 3 and lh.names == ["model.layers.0.attn.proj.weight", "model.layers.0.attn.proj.bias"]
+    _check_blocks(lh, AtThree(), data)
+
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from hf_families import V, build
+
+    from loopscape.integrations.loopify import loopify
+
+    llama = loopify(build("llama", n_layer=3, dtype=torch.float64), layers=(1, 2), n_loops=2)
+    ids = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    hf_data = [{"input_ids": ids, "labels": ids}]
+    lh = loop_hessian(llama, hf_data, params="model.layers.1.post_attention_layernorm.weight")
+    assert lh.n_loops == 2
+    _check_blocks(lh, llama, hf_data)
+
+
+def test_bad_inputs_are_one_line():
+    data = [(torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (4,)))]
+    with pytest.raises(ValueError, match=r"^model must loop some of its weights"):
+        loop_hessian(nn.Sequential(nn.Linear(2, 2)), [(torch.ones(1, 2), torch.zeros(1, dtype=torch.long))])
+    toy = looped_attn(n_loops=2, vocab_size=3, max_len=5).double()
+    with pytest.raises(
+        ValueError, match=r"^params must select looped weights only \(1 selected outside the loop, e\.g\. 'W_h'"
+    ):
+        loop_hessian(toy, data, params="W_*")
+    lh = loop_hessian(toy, data)
+    with pytest.raises(ValueError, match=r"^t must be a loop index from 0 to 1 \(got 2\)"):
+        lh.block(0, 2)
+    assert single_attn(vocab_size=3, max_len=5).n_loops == 1
+
+
+def test_the_coupling_rule_comes_out_every_way():
+    from loopscape.reporting.hessian import coupling_row, coupling_verdict
+
+    def run(epoch, full, diag, kf=50.0, kd=1.5):
+        row = {"epoch": epoch, "full_shape": full, "diagonal_shape": diag, "full_kappa": kf, "diagonal_kappa": kd}
+        row |= {"cross_share_trace": 0.3, "cross_share_top": 0.6}
+        return {"single_attn": {"n_loops": 1, "rows": []}, "looped_attn": {"n_loops": 3, "rows": [row]}}
+
+    assert coupling_verdict(run(600, "V", "U"))["verdict"] == "holds"
+    assert coupling_verdict(run(600, "V", "V", kf=500.0, kd=20.0))["verdict"] == "partly"
+    assert coupling_verdict(run(600, "V", "V", kf=500.0, kd=100.0))["verdict"] == "fails"
+    assert coupling_verdict(run(600, "U", "U"))["verdict"] == "fails"
+    short = coupling_verdict(run(40, "V", "U"))
+    assert short["verdict"] == "not tested" and "tracked to epoch 40" in short["reason"]
+    assert coupling_row(coupling_verdict(run(600, "V", "U")))["verdict"] == "holds"
