@@ -1,11 +1,14 @@
 """The Hessian of any model: HF dict batches with the model's own loss, (inputs, targets) from a
 DataLoader, parameter selection, the one-call API and scipy interop, against independent references."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from loopscape.landscape import hessian, hessian_trace, spectral_density, top_eigenvalues
+from loopscape.landscape import hessian_operator, hessian_trace, spectral_density, top_eigenvalues
 from loopscape.landscape.hessian import COLUMN_COPIES, HessianOperator, weighted_batches
 from loopscape.landscape.linalg import dense_matrix
 from loopscape.models.linear_attn import looped_attn
@@ -38,7 +41,7 @@ def test_dict_batches_give_the_hessian_of_the_models_own_loss():
     over batches by their scored tokens, as a function of one LayerNorm's parameters."""
     model, batches = tiny_gpt2(), hf_batches()
     name = "transformer.h.1.ln_1.*"
-    H = dense_matrix(hessian(model, batches, params=name))
+    H = dense_matrix(hessian_operator(model, batches, params=name))
     names = ["transformer.h.1.ln_1.weight", "transformer.h.1.ln_1.bias"]
     params = dict(model.named_parameters())
     theta = torch.cat([params[n].detach().double().reshape(-1) for n in names])
@@ -66,8 +69,8 @@ def test_pairs_from_a_dataloader_equal_weighted_triples_and_params_select_the_sa
     H_pairs = dense_matrix(HessianOperator(model, loader, dtype=torch.float64))
     H_triples = dense_matrix(HessianOperator(model, weighted_batches(x, y, batch_size=11), dtype=torch.float64))
     torch.testing.assert_close(H_pairs, H_triples, rtol=1e-10, atol=1e-12)
-    by_name = dense_matrix(hessian(model, loader, params="W_K"))
-    by_list = dense_matrix(hessian(model, loader, params=[model.W_K]))
+    by_name = dense_matrix(hessian_operator(model, loader, params="W_K"))
+    by_list = dense_matrix(hessian_operator(model, loader, params=[model.W_K]))
     d = model.W_K.numel()
     offset = sum(p.numel() for n, p in model.named_parameters() if n in ("W_V",))  # W_V comes first
     torch.testing.assert_close(by_name, by_list)
@@ -79,7 +82,7 @@ def test_one_call_answers_agree_with_the_exact_spectrum_and_scipy():
 
     model, batches = tiny_gpt2(), hf_batches()
     params = "transformer.h.0.attn.c_proj.*"
-    exact = torch.linalg.eigvalsh(dense_matrix(hessian(model, batches, params=params)))
+    exact = torch.linalg.eigvalsh(dense_matrix(hessian_operator(model, batches, params=params)))
     top = top_eigenvalues(model, batches, k=3, params=params)
     torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
     by_block = top_eigenvalues(model, batches, k=3, params=params, block=3)  # batched products, same answer
@@ -90,16 +93,21 @@ def test_one_call_answers_agree_with_the_exact_spectrum_and_scipy():
     assert abs(trace.trace - exact.sum().item()) < 1e-6 * max(1.0, abs(exact.sum().item()))  # Hutch++ at >= P
     nodes, weights = spectral_density(model, batches, params=params, n_probes=4).measure()
     assert abs(weights.sum() - 1) < 1e-9 and nodes.min() >= exact.min() - 1e-6 and nodes.max() <= exact.max() + 1e-6
-    largest = eigsh(hessian(model, batches, params=params).to_scipy(), k=3, which="LA", return_eigenvectors=False)
+    largest = eigsh(
+        hessian_operator(model, batches, params=params).to_scipy(), k=3, which="LA", return_eigenvectors=False
+    )
     torch.testing.assert_close(torch.tensor(sorted(largest, reverse=True)), exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m, b: hessian(m, b, params="nothing.*"), r"params must select at least one trainable parameter"),
-        (lambda m, b: hessian(m, [torch.zeros(2)]), r"batches must be \(inputs, targets\)"),
-        (lambda m, b: hessian(m, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]), r"must hold labels"),
+        (
+            lambda m, b: hessian_operator(m, b, params="nothing.*"),
+            r"params must select at least one trainable parameter",
+        ),
+        (lambda m, b: hessian_operator(m, [torch.zeros(2)]), r"batches must be \(inputs, targets\)"),
+        (lambda m, b: hessian_operator(m, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]), r"must hold labels"),
         (lambda m, b: top_eigenvalues(m, b, k=10**6, params="transformer.h.0.ln_1.*"), r"k must be between 1 and"),
         (
             lambda m, b: top_eigenvalues(m, b, k=2, params="transformer.h.0.ln_1.*", block=0),
@@ -120,7 +128,7 @@ def _shard_hessians(rank: int, port: int, out: str) -> None:
     pairs = [(x[rank::2], y[rank::2])]  # each rank holds half of the samples
     H_toy = dense_matrix(HessianOperator(toy, pairs, dtype=torch.float64, distributed=True))
     mine = hf_batches()[rank : rank + 1]  # each rank one of the two (unequal) HF batches
-    H_hf = dense_matrix(hessian(tiny_gpt2(), mine, params="transformer.h.1.ln_1.*", distributed=True))
+    H_hf = dense_matrix(hessian_operator(tiny_gpt2(), mine, params="transformer.h.1.ln_1.*", distributed=True))
     torch.save({"toy": H_toy, "hf": H_hf}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -141,7 +149,7 @@ def test_products_over_data_sharded_across_two_processes_equal_one_process(tmp_p
     torch.multiprocessing.spawn(_shard_hessians, args=(port, str(tmp_path)), nprocs=2)
     toy, x, y = _toy_data()
     one_toy = dense_matrix(HessianOperator(toy, [(x, y)], dtype=torch.float64))
-    one_hf = dense_matrix(hessian(tiny_gpt2(), hf_batches(), params="transformer.h.1.ln_1.*"))
+    one_hf = dense_matrix(hessian_operator(tiny_gpt2(), hf_batches(), params="transformer.h.1.ln_1.*"))
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for key, one in (("toy", one_toy), ("hf", one_hf)):
@@ -265,14 +273,14 @@ def test_batched_products_are_chunked_to_the_memory_budget():
     """A budget below two columns' estimated memory gives one column per product, the same numbers
     as all columns at once; the default budget on this tiny model takes them all at once."""
     model, batches = tiny_gpt2(), hf_batches()
-    whole = hessian(model, batches, params="transformer.h.0.*", cache_graph=True)
+    whole = hessian_operator(model, batches, params="transformer.h.0.*", cache_graph=True)
     columns = torch.randn(whole.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert whole.columns_per_product() >= 6
     one_per = whole._saved_bytes() * COLUMN_COPIES * 1.5  # room for one column, not two
-    tight = hessian(model, batches, params="transformer.h.0.*", cache_graph=True, memory_budget=one_per)
+    tight = hessian_operator(model, batches, params="transformer.h.0.*", cache_graph=True, memory_budget=one_per)
     assert tight.columns_per_product() == 1
     torch.testing.assert_close(tight.matmat(columns), whole.matmat(columns), rtol=1e-10, atol=1e-12)
-    fixed = hessian(model, batches, params="transformer.h.0.*", chunk_size=4)
+    fixed = hessian_operator(model, batches, params="transformer.h.0.*", chunk_size=4)
     assert fixed.columns_per_product() == 4
     torch.testing.assert_close(fixed.matmat(columns), whole.matmat(columns), rtol=1e-8, atol=1e-10)
 
@@ -283,3 +291,33 @@ def test_dict_batches_that_score_no_token_are_one_line():
     labels[:, 0] = ids[:, 0]  # the first position is never a next-token target
     with pytest.raises(ValueError, match="labels must score at least one token"):
         HessianOperator(tiny_gpt2(), [{"input_ids": ids, "labels": labels}])
+
+
+def test_new_user_inputs_get_an_answer_or_one_line():
+    import importlib
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    # one batch passed bare is one batch, as a tuple and as a dict
+    assert torch.equal(dense_matrix(hessian_operator(model, (x, y))), dense_matrix(hessian_operator(model, [(x, y)])))
+    # n_probes=0 is refused before any product
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"^n_probes must be an integer >= 1 \(got 0\)$"):
+        spectral_density(model, [(x, y)], n_probes=0)
+    assert time.perf_counter() - t0 < 1.0
+    # frozen weights are named as frozen, not as a pattern that matches nothing
+    model[0].requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"^params selects only frozen parameters \(requires_grad=False\), e\.g\. '0\.weight'"
+    ):
+        hessian_operator(model, [(x, y)], params="0.*")
+    model[0].requires_grad_(True)
+    # the module is the module
+    assert inspect.ismodule(importlib.import_module("loopscape.landscape.hessian"))
+    import loopscape.landscape.hessian as module
+
+    assert inspect.ismodule(module) and hasattr(module, "HessianOperator")
+    density = spectral_density(model, [(x, y)], n_probes=3, deflate=0)
+    assert len(repr(density)) < 200 and repr(density).startswith("SpectralDensity(probes=3")

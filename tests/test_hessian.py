@@ -326,3 +326,24 @@ def test_tracker_stores_float64_spectra(tmp_path):
     op = HessianOperator(model, tracker.batches, dtype=torch.float64)
     H, _ = op.dense_at(op.theta[None])
     assert np.array_equal(eigs[0], dense_spectrum(H).eigenvalues[0].numpy())  # every float64 bit kept
+
+
+def test_a_warm_start_from_the_last_ritz_vectors_needs_far_fewer_products():
+    # nearly equal top eigenvalues, moved a little between two measurements: cold Lanczos needs many products
+    # to resolve the cluster to 1e-3; a block start from the last measurement's Ritz vectors spans it at once
+    g = torch.Generator().manual_seed(5)
+    P = 300
+    top = torch.tensor([10.0, 9.99, 9.98, 9.97, 9.96])
+    A_eig = torch.cat([top, torch.rand(P - 5, generator=g) * 9.0]).double()
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    A = (Q * A_eig) @ Q.T
+    first = lanczos(DenseOperator(A), k=5, tol=1e-8, return_vectors=True)
+    E = torch.randn(P, P, generator=g, dtype=torch.float64) * 1e-3
+    B = A + (E + E.T) / 2
+    cold = lanczos(DenseOperator(B), k=5, tol=1e-3, check_every=1)
+    warm = lanczos(DenseOperator(B), k=5, tol=1e-3, start=first.eigenvectors)
+    exact = torch.linalg.eigvalsh(B).flip(0)[:5]
+    assert (cold.eigenvalues - exact).abs().max() < 1e-4 and (warm.eigenvalues - exact).abs().max() < 1e-4
+    assert warm.converged and warm.iterations * 3 <= cold.iterations, (warm.iterations, cold.iterations)
+    with pytest.raises(ValueError, match=r"^start must be a \(P, b\) or \(P,\) tensor of the operator's size P = 300"):
+        lanczos(DenseOperator(B), k=5, start=torch.ones(7, 2))

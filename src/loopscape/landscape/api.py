@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loopscape.landscape.hessian import HessianOperator
+from loopscape.landscape.hessian import HessianOperator, as_batch_list
 from loopscape.landscape.linalg import (
     LanczosResult,
     SpectralDensity,
@@ -27,10 +27,10 @@ from loopscape.landscape.linalg import (
 )
 
 
-def hessian(model: nn.Module, data, params=None, dtype: torch.dtype | None = torch.float64, **options):
+def hessian_operator(model: nn.Module, data, params=None, dtype: torch.dtype | None = torch.float64, **options):
     """The Hessian of ``model``'s loss over ``data`` as a linear operator (``options``: those of
-    :class:`HessianOperator`, e.g. ``cache_graph=True``)."""
-    return HessianOperator(model, list(data), dtype=dtype, params=params, **options)
+    :class:`HessianOperator`, e.g. ``cache_graph=True``). ``data``: batches, or one batch."""
+    return HessianOperator(model, as_batch_list(data), dtype=dtype, params=params, **options)
 
 
 def top_eigenvalues(
@@ -48,7 +48,7 @@ def top_eigenvalues(
     residual of ``tol`` times the largest); with ``eigenvectors=True`` the whole
     :class:`LanczosResult` (Ritz vectors, residuals). ``block`` > 1: block Lanczos, each step one
     batched product of ``block`` columns (worth it where such a batch costs about one product)."""
-    H = hessian(model, data, params, dtype, **options)
+    H = hessian_operator(model, data, params, dtype, **options)
     if not 1 <= k <= H.shape[0]:
         raise ValueError(f"k must be between 1 and the number of parameters selected ({H.shape[0]}) (got {k})")
     result = lanczos(H, k=k, which="LA", tol=tol, return_vectors=eigenvectors, block=block)
@@ -69,7 +69,10 @@ def spectral_density(
     """Stochastic Lanczos quadrature: ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each,
     after the ``deflate`` largest eigenvalues are taken exactly (at most a quarter of the parameters;
     :func:`~loopscape.landscape.linalg.slq_density`)."""
-    H = hessian(model, data, params, dtype, **options)
+    for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):  # before the operator's forward passes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+    H = hessian_operator(model, data, params, dtype, **options)
     deflate = min(deflate, H.shape[0] // 4)
     return slq_density(H, n_probes=n_probes, n_steps=min(n_steps, H.shape[0] - deflate), seed=seed, deflate=deflate)
 
@@ -84,4 +87,4 @@ def hessian_trace(
     **options,
 ) -> TraceEstimate:
     """Hutch++ with ``n_matvecs`` products: the trace with its standard error."""
-    return hutchpp_trace(hessian(model, data, params, dtype, **options), n_matvecs=n_matvecs, seed=seed)
+    return hutchpp_trace(hessian_operator(model, data, params, dtype, **options), n_matvecs=n_matvecs, seed=seed)

@@ -43,6 +43,7 @@ from torch.func import functional_call, grad, grad_and_value, jacrev, jvp, vjp, 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopscape.config import machine_memory
+from loopscape.extras import require_extra
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
 
@@ -124,11 +125,27 @@ def select_parameters(model: nn.Module, params=None) -> list[str]:
         ids = {id(p) for p in params}
         chosen = [n for n, p in named if id(p) in ids]
     if not chosen:
+        frozen = _frozen_matches(model, params)
+        if frozen:
+            raise ValueError(
+                f"params selects only frozen parameters (requires_grad=False), e.g. {frozen[0]!r}: unfreeze them "
+                "(requires_grad_(True)) or select trainable ones"
+            )
         raise ValueError(
             f"params must select at least one trainable parameter of the model: a name pattern, a module or a "
             f"list of parameters (got {params!r}, which matches none)"
         )
     return chosen
+
+
+def _frozen_matches(model: nn.Module, params) -> list[str]:
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if params is None:
+        return [n for n, _ in frozen]
+    if isinstance(params, str):
+        return [n for n, _ in frozen if fnmatch.fnmatchcase(n, params)]
+    ids = {id(p) for p in (params.parameters() if isinstance(params, nn.Module) else params)}
+    return [n for n, p in frozen if id(p) in ids]
 
 
 def _logits(out):
@@ -148,6 +165,16 @@ def _global_count(n: int, distributed: bool) -> int:
     t = torch.tensor([n], dtype=torch.float64)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def as_batch_list(data) -> list:
+    """``data`` as a list of batches: one batch given bare (a dict, or an ``(inputs, targets[, weights])``
+    tuple of tensors) is a list of one; any other iterable is read through."""
+    if isinstance(data, Mapping):
+        return [data]
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return [tuple(data)]
+    return list(data)
 
 
 def _read_batches(batches: Iterable, distributed: bool = False) -> list[tuple[str, object]]:
@@ -400,7 +427,7 @@ class HessianOperator:
     def to_scipy(self):
         """``H`` as a ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out), for scipy's
         ``eigsh`` and friends."""
-        from scipy.sparse.linalg import LinearOperator
+        LinearOperator = require_extra("scipy.sparse.linalg", "curvature").LinearOperator
 
         def mv(v):
             return self.matvec(torch.as_tensor(v.reshape(-1))).double().cpu().numpy()

@@ -274,6 +274,7 @@ def lanczos(
     return_vectors: bool = False,
     check_every: int = 5,
     block: int = 1,
+    start: torch.Tensor | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator by Lanczos.
 
@@ -291,7 +292,19 @@ def lanczos(
             vector for the same accuracy, and fewer steps: it pays where a batch of ``b``
             products costs about one (a GPU with room to spare), not where products are
             compute-bound (docs/curvature.md).
+        start: ``(P, b)`` vectors to start from, e.g. the previous measurement's Ritz vectors
+            (``return_vectors=True``) when tracking a slowly changing spectrum: a block start, so
+            block Lanczos with ``b`` columns (``block`` is then ``b``), checked every step. A start
+            that already spans the wanted eigenvectors converges in a block or two.
     """
+    if start is not None:
+        if not torch.is_tensor(start) or start.dim() not in (1, 2) or start.shape[0] != op.shape[0]:
+            got = tuple(start.shape) if torch.is_tensor(start) else type(start).__name__
+            raise ValueError(
+                f"start must be a (P, b) or (P,) tensor of the operator's size P = {op.shape[0]} (got {got})"
+            )
+        start = start.reshape(op.shape[0], -1)
+        block, check_every = start.shape[1], 1
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA' (got {which!r})")
     P = op.shape[0]
@@ -305,7 +318,8 @@ def lanczos(
     if block == 1:
         lz = _Lanczos(op, torch.randn(P, generator=g, dtype=torch.float64), limit, reorth)
     else:
-        lz = _BlockLanczos(op, torch.randn(P, block, generator=g, dtype=torch.float64), limit // block, seed)
+        X0 = torch.randn(P, block, generator=g, dtype=torch.float64) if start is None else start.double().cpu()
+        lz = _BlockLanczos(op, X0, limit // block, seed)
     every = max(1, check_every // block)  # in steps
     while True:
         lz.step()
@@ -337,6 +351,14 @@ class SpectralDensity:
     sigma: float
     residuals: torch.Tensor | None = None  # (probes, steps): ||H y - theta y|| of each Ritz pair, inf where padded
     dim: int | None = None  # P, the operator's size
+
+    def __repr__(self) -> str:  # the nodes and weights run to thousands of numbers
+        probes, steps = self.nodes.shape
+        lo, hi = self.nodes[torch.isfinite(self.nodes)].aminmax() if self.nodes.numel() else (0.0, 0.0)
+        return (
+            f"SpectralDensity(probes={probes}, steps={steps}, sigma={self.sigma:.3g}, dim={self.dim}, "
+            f"nodes in [{float(lo):.4g}, {float(hi):.4g}])"
+        )
 
     def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest eigenvalues as the probes' Krylov spaces see them, largest first, with
@@ -423,6 +445,9 @@ def slq_density(
     of SLQ's error (each probe weighs an eigenvalue by a chi-square draw), so this buys accuracy
     at the price of one Lanczos run.
     """
+    for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
     P = op.shape[0]
     exact = None
     if deflate:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loopscape.io import JsonlLog, rewrite_jsonl
-from loopscape.landscape.api import hessian
+from loopscape.landscape.api import hessian_operator
 from loopscape.landscape.linalg import slq_density
 from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
 
@@ -80,7 +80,9 @@ class CurvatureProbe:
         model.eval()  # a Hessian of a stochastic loss is noise: dropout off while measuring
         try:
             # a kept gradient graph: each Krylov step is one batched backward through it (the probe batches are small)
-            H = hessian(model, self.batches, self.params, self.dtype, cache_graph=True, **self.operator_options)
+            H = hessian_operator(
+                model, self.batches, self.params, self.dtype, cache_graph=True, **self.operator_options
+            )
             P = H.shape[0]
             density = slq_density(H, n_probes=self.n_probes, n_steps=min(self.n_steps, P), seed=step)
         finally:
