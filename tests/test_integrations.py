@@ -504,6 +504,15 @@ def test_lightning_curvature_callback_logs_and_saves_its_state(tmp_path):
     module, trainer = lightning_run(tmp_path / "run", callback, max_steps=8, every=4)
     assert [r["step"] for r in callback.probe.rows] == [4, 8]
     assert "curvature/lambda_1" in trainer.callback_metrics
+    # TensorBoard holds the curvature at the measured steps only, each once (not repeated at later log steps)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "run" / "tb").iterdir()))).Reload()
+    steps = [e.step for e in events.Scalars("curvature/lambda_1")]
+    assert steps == [4, 8], steps
+    assert [e.value for e in events.Scalars("curvature/trace")] == pytest.approx(
+        [r["trace"] for r in callback.probe.rows]
+    )
     saved = torch.load(sorted((tmp_path / "run").glob("*step=8.ckpt"))[0], weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if "CurvatureCallback" in k)
     assert [r["step"] for r in state["rows"]] == [4, 8] and (tmp_path / "curv" / "curvature.png").exists()
@@ -591,3 +600,16 @@ def test_retrofit_variant_arms_train_score_and_save(tmp_path):
         assert model.config.loopscape[key] == value
     bad = CliRunner().invoke(app, ["retrofit", "-o", str(tmp_path / "x"), "--set", "arms=[plain,shift]"])
     assert bad.exit_code == 2 and "arms" in bad.output and "each once" in bad.output
+
+
+def test_hf_curvature_rows_are_printed_and_a_run_too_short_to_measure_says_so(tmp_path, capsys, caplog):
+    from loopscape.integrations.hf import CurvatureCallback
+
+    settings = {"every": 3, "k": 2, "params": "transformer.h.2.ln_1.*", "n_probes": 2, "n_steps": 6}
+    hf_trainer(tmp_path / "a", CurvatureCallback(probe_batches(), **settings), max_steps=3).train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if "curvature/trace" in line]
+    assert len(printed) == 1 and "'step': 3" in printed[0]
+    with caplog.at_level("WARNING", logger="loopscape.integrations.hf"):
+        hf_trainer(tmp_path / "b", CurvatureCallback(probe_batches(), **settings | {"every": 50}), max_steps=2).train()
+    assert "CurvatureCallback measures every 50 steps and this run has 2: nothing will be measured" in caplog.text
+    assert not (tmp_path / "b" / "curvature" / "curvature.jsonl").exists()

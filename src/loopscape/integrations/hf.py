@@ -15,6 +15,7 @@ resume, so a run resumed across the switch is the same run.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import asdict
@@ -41,6 +42,9 @@ def _saved_attribute(callback, state, attribute: str):
         value = stored.get("attributes", {}).get(attribute)
     state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
     return value
+
+
+logger = logging.getLogger(__name__)
 
 
 class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
@@ -177,11 +181,23 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
                 "restores its own state from the checkpoint)"
             )
         device = next(model.parameters()).device
+        # TensorBoard: beside the Trainer's own run (its logging_dir where the Trainer has one; else a run
+        # "curvature" under output_dir/runs, the Trainer's default parent), so one --logdir shows both
+        board = "tensorboard" in (args.report_to or []) and (
+            getattr(args, "logging_dir", None)
+            or os.getenv("TENSORBOARD_LOGGING_DIR")
+            or os.path.join(args.output_dir, "runs", "curvature")
+        )
         self.probe = CurvatureProbe(
             **{**self.settings, "batches": probe_batches_to_device(self.settings["batches"], device)},
             folder=os.path.join(args.output_dir, "curvature") if state.is_world_process_zero else None,
-            tensorboard="tensorboard" in (args.report_to or []),
+            tensorboard=board or False,
         )
+        if state.is_world_process_zero and 0 < state.max_steps < self.probe.every:
+            logger.warning(
+                f"CurvatureCallback measures every {self.probe.every} steps and this run has {state.max_steps}: "
+                "nothing will be measured (lower every=)"
+            )
         restored = _saved_attribute(self, state, "probe_state")
         if restored is None and state.global_step > 0:  # a checkpoint written before the state moved there
             older = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "curvature_probe.json")
@@ -192,7 +208,10 @@ class CurvatureCallback(transformers.TrainerCallback, transformers.trainer_callb
     def on_step_end(self, args, state, control, model=None, **kwargs):
         row = self.probe.maybe_measure(model, state.global_step)
         if row is not None:
-            state.log_history.append({**scalars(row), "step": state.global_step})
+            logs = {**scalars(row), "step": state.global_step}
+            state.log_history.append(logs)
+            if state.is_world_process_zero:
+                print({k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})  # as HF prints logs
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.probe.rows:

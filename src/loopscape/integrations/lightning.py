@@ -13,6 +13,7 @@ logger (TensorBoard by default), and saves its state with the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -24,6 +25,9 @@ from loopscape.shift.controller import ShiftController, get_n_loops
 from loopscape.shift.schedule import ShiftConfig
 
 pl = require_extra("lightning.pytorch", "lightning")
+
+
+log = logging.getLogger(__name__)
 
 
 class ShiftCallback(pl.Callback):
@@ -143,13 +147,26 @@ class CurvatureCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.probe.batches = probe_batches_to_device(self.probe.batches, pl_module.device)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        steps = trainer.estimated_stepping_batches
+        if trainer.is_global_zero and 0 < steps < self.probe.every:
+            log.warning(
+                f"CurvatureCallback measures every {self.probe.every} steps and this run has {int(steps)}: "
+                "nothing will be measured (lower every=)"
+            )
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:
             return
         target = pl_module if self.module is None else getattr(pl_module, self.module)
         row = self.probe.maybe_measure(target, trainer.global_step)
         if row is not None:
-            pl_module.log_dict(scalars(row), rank_zero_only=True)
+            # straight to the loggers at the measured step: through pl_module.log the last value would be
+            # logged again at every later logging step, as if it had been measured there
+            values = scalars(row)
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # for monitors
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:

@@ -12,7 +12,7 @@ and, from the density's pseudo-spectrum
 paper's Matrix Entropy and the Mutual Information with the previous
 measurement (Section 4.1; one binning per pair). Products are in the model's
 own precision. Rows go to ``curvature.jsonl`` in ``folder`` (and TensorBoard
-scalars with ``tensorboard=True``); the state (rows, last pseudo-spectrum)
+scalars with ``tensorboard=True``, or into the folder ``tensorboard`` names); the state (rows, last pseudo-spectrum)
 resumes with a run. The HF and Lightning ``CurvatureCallback`` and our
 trainers call :meth:`CurvatureProbe.maybe_measure` after each optimiser step.
 """
@@ -50,7 +50,7 @@ class CurvatureProbe:
         n_steps: int = 16,
         n_bins: int = 50,
         folder: str | Path | None = None,
-        tensorboard: bool = False,
+        tensorboard: bool | str | Path = False,
         dtype: torch.dtype | None = None,
         **operator_options,
     ):
@@ -117,7 +117,8 @@ class CurvatureProbe:
                 from loopscape.extras import require_extra
 
                 tensorboard = require_extra("torch.utils.tensorboard", "tensorboard")
-                self._writer = tensorboard.SummaryWriter(str(self.folder / "tensorboard"))
+                where = self.folder / "tensorboard" if self.tensorboard is True else Path(self.tensorboard)
+                self._writer = tensorboard.SummaryWriter(str(where))
             for name, value in scalars(row).items():
                 self._writer.add_scalar(name, value, row["step"])
             self._writer.flush()
