@@ -44,6 +44,11 @@ def test_a_curriculum_ramps_the_depth_from_the_switch(ramp):
         assert fixed.mean_depth_at(step) == pytest.approx(1 + 8 * f(p))
         assert fixed.n_loops_at(step) == round(1 + 8 * f(p))
     assert [fixed.n_loops_at(k) for k in range(1, 11)] == [1] * 10
+    linear = ShiftSchedule(9, at=10, ramp="linear", ramp_steps=100)
+    for step in (35, 60, 85):  # the shape: 1-sqrt stays below the linear ramp, and its rise speeds up
+        assert (fixed.mean_depth_at(step) < linear.mean_depth_at(step)) == (ramp == "1-sqrt")
+    if ramp == "1-sqrt":
+        assert fixed.mean_depth_at(35) - fixed.mean_depth_at(10) < fixed.mean_depth_at(110) - fixed.mean_depth_at(85)
     counts = [fixed.n_loops_at(k) for k in range(11, 200)]
     assert counts == sorted(counts) and counts[-1] == 9  # non-decreasing, up to n_loops
     plnorm = ShiftSchedule(16, at=0, depth="poisson-lognormal", mean_depth=6, ramp=ramp, ramp_steps=50, ramp_start=100)

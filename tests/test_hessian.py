@@ -345,5 +345,9 @@ def test_a_warm_start_from_the_last_ritz_vectors_needs_far_fewer_products():
     exact = torch.linalg.eigvalsh(B).flip(0)[:5]
     assert (cold.eigenvalues - exact).abs().max() < 1e-4 and (warm.eigenvalues - exact).abs().max() < 1e-4
     assert warm.converged and warm.iterations * 3 <= cold.iterations, (warm.iterations, cold.iterations)
+    # one vector: plain Lanczos from it (the exact top eigenvector: the largest value in the first steps)
+    u = torch.linalg.eigh(B).eigenvectors[:, -1]
+    one = lanczos(DenseOperator(B), k=1, tol=1e-3, start=u, check_every=1)
+    assert one.iterations <= 2 and one.eigenvalues[0] == pytest.approx(exact[0].item(), rel=1e-9)
     with pytest.raises(ValueError, match=r"^start must be a \(P, b\) or \(P,\) tensor of the operator's size P = 300"):
         lanczos(DenseOperator(B), k=5, start=torch.ones(7, 2))

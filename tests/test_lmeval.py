@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import loopscape  # noqa: E402
 from loopscape.integrations import lmeval  # noqa: E402
+from loopscape.integrations.loopify import looped_layers  # noqa: E402
 from tests.hf_families import V, build  # noqa: E402
 
 WORDS = ["<pad>", "<unk>", "<eos>", "Q:", "A:"] + [f"w{i}" for i in range(V - 5)]
@@ -154,10 +155,25 @@ def test_a_plain_checkpoint_without_layers_is_refused(setting):
 
 def test_the_command_line_knows_the_loopscape_model(setting, tmp_path):
     root, _ = setting
-    cmd = [sys.executable, "-m", "loopscape.cli", "lm-eval", "run", "--model", "loopscape", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "loopscape.cli", "lm-eval", "--model", "loopscape", "--device", "cpu"]
     cmd += ["--model_args", f"pretrained={root / 'looped'},n_loops=2", "--tasks", "loop_toy"]
     cmd += ["--include_path", str(root / "tasks"), "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = next((tmp_path / "out").rglob("results_*.json"))
     assert "acc,none" in json.loads(results.read_text())["results"]["loop_toy"]
+
+
+def test_lm_eval_scores_a_trained_concat_adapter_not_a_fresh_one(setting, tmp_path):
+    root, rows = setting
+    model = loopscape.loopify(build("llama", n_layer=4), layers=(1, 3), n_loops=3, injection="concat")
+    adapter = looped_layers(model).adapter
+    with torch.no_grad():
+        adapter.weight.mul_(0.5)  # trained away from [I I]
+    model.save_pretrained(tmp_path / "concat")
+    _tokenizer().save_pretrained(tmp_path / "concat")
+    scored, _ = _loglikelihoods(setting, "loopscape", pretrained=str(tmp_path / "concat"))
+    with torch.no_grad():
+        assert torch.allclose(scored, _direct(loopscape.from_pretrained(tmp_path / "concat").eval(), rows), atol=1e-4)
+        fresh = loopscape.loopify(build("llama", n_layer=4), layers=(1, 3), n_loops=3, injection="concat").eval()
+        assert (scored - _direct(fresh, rows)).abs().max() > 1e-3

@@ -70,6 +70,20 @@ def test_two_loops_of_one_weight_by_hand():
     assert H.item() == pytest.approx(6 * w**2 * x**2 - 2 * x * y, rel=1e-12)
 
 
+def test_several_batches_count_their_loops_from_the_first():
+    # two batches, two loops: the blocks are the sums of each batch's own (each batch weighted 1/2)
+    w, xs, ys = 0.7, (1.3, -0.6), (0.4, 0.9)
+    model = Scalar(w, 2)
+    data = [(torch.tensor([[x]], dtype=torch.float64), torch.tensor([y], dtype=torch.float64)) for x, y in zip(xs, ys)]
+    lh = loop_hessian(model, data, loss_fn=half_square)
+    assert lh.n_loops == 2
+    _, blocks = _check_blocks(lh, model, data)
+    mean = lambda f: sum(f(x, y) for x, y in zip(xs, ys)) / 2  # noqa: E731
+    assert blocks[0][0].item() == pytest.approx(mean(lambda x, y: w**2 * x**2), rel=1e-12)
+    assert blocks[1][1].item() == pytest.approx(mean(lambda x, y: w**2 * x**2), rel=1e-12)
+    assert blocks[0][1].item() == pytest.approx(mean(lambda x, y: 2 * w**2 * x**2 - x * y), rel=1e-12)
+
+
 def test_one_loop_is_the_hessian():
     model = Scalar(0.7, 1)
     data = [(torch.tensor([[1.3]], dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64))]

@@ -171,3 +171,10 @@ def test_the_sweep_reads_a_looped_gpt_of_an_algorithmic_run(tmp_path):
     assert len(s["convergence"]) == 2 and all(c > 0 for c in s["convergence"])
     r = runner.invoke(app, ["loop-sweep", "--model", str(tmp_path / "run"), "-o", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "must be a Hugging Face save_pretrained folder or a paradigm folder" in r.output
+
+
+def test_exits_at_one_loop_read_one_loop_per_token(tmp_path):
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=2)
+    batches = [{"input_ids": torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(0))}]
+    s = loop_sweep(model, batches, [1, 2], thresholds=[0.0], exit_loops=1)
+    assert s["exits"][0]["histogram"] == {1: 10} and s["exits"][0]["mean_loops"] == 1.0

@@ -161,3 +161,18 @@ def test_retrofit_flops_count_truncation_the_adapter_and_lora_as_used():
     assert concat - full == 6 * tokens * 3 * adapter  # loops 2-4
     concat_k1 = step_flops(loopify(build("llama"), layers=(1, 3), n_loops=4, injection="concat", backprop_loops=1), x)
     assert concat_k1 - k1 == tokens * (2 * 3 * adapter + 4 * 1 * adapter)  # the last loop's backward has one
+
+
+def test_a_checkpoint_saved_at_another_loop_count_loads_with_its_lora_and_truncation(tmp_path):
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=4, loop_lora=2, backprop_loops=2)
+    with torch.no_grad():
+        for p in looped_layers(model).lora_parameters():
+            p.add_(0.02)
+    at_four = _logits(model)
+    looped_layers(model).n_loops = 1  # SHIFT's Stage I, saved as it is
+    model.save_pretrained(tmp_path)
+    again = loopscape.from_pretrained(tmp_path)
+    looped = looped_layers(again)
+    assert looped.n_loops == 1 and looped.backprop_loops == 2 and looped.settings()["lora_loops"] == 4
+    looped.n_loops = 4
+    assert torch.allclose(_logits(again), at_four, rtol=0, atol=1e-12)  # the same weights (rounding aside)

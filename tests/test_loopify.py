@@ -103,6 +103,7 @@ def test_n_loops_changes_at_any_time_and_the_lens_reads_every_loop(family):
         "backprop_loops": None,
         "loop_lora": None,
         "lora_layers": None,
+        "lora_loops": None,
         "exit": None,
         "exit_threshold": 0.0,
         "min_loops": 1,

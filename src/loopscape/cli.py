@@ -309,7 +309,7 @@ def loop_sweep(
 )
 def lm_eval_(ctx: typer.Context) -> None:
     """lm-evaluation-harness's command line with the `loopscape` model type registered (the \\[eval] extra), e.g.
-    loopscape lm-eval run --model loopscape --model_args pretrained=DIR,n_loops=8 --tasks hellaswag"""
+    loopscape lm-eval --model loopscape --model_args pretrained=DIR,n_loops=8 --tasks hellaswag"""
     try:
         from loopscape.integrations import lmeval
     except ImportError as err:

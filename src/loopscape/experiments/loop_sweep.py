@@ -185,16 +185,12 @@ def plot_per_length(result: dict, path: Path) -> None:
     counts = [r["n_loops"] for r in result["counts"]]
     grid = [result["per_length"][n]["exact_match"] for n in lengths]
     fig, ax = plt.subplots(figsize=(7, 4))
-    image = ax.imshow(
-        grid,
-        aspect="auto",
-        origin="lower",
-        vmin=0,
-        vmax=1,
-        cmap="viridis",
-        extent=(counts[0] - 0.5, counts[-1] + 0.5, -0.5, len(lengths) - 0.5),
-    )
-    ax.plot([result["per_length"][n]["T"] for n in lengths], range(len(lengths)), "w+", ms=9, label="T(n)")
+    image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")  # columns: the counts swept
+    marks = [(counts.index(r["T"]), i) for i, r in enumerate(result["per_length"].values()) if r["T"] in counts]
+    ax.plot([x for x, _ in marks], [y for _, y in marks], "w+", ms=9, label="T(n)")
+    ax.set_xticks(range(len(counts)), counts)
+    if len(counts) > 16:
+        ax.tick_params(axis="x", labelsize=6)
     ax.set_yticks(range(len(lengths)), lengths)
     ax.set(xlabel="loops", ylabel="test length n", title="Exact match by length and loop count")
     ax.legend(loc="lower right", fontsize=8)
@@ -216,8 +212,11 @@ def run_loop_sweep(
 ) -> dict:
     """Sweep the model saved in ``model_path`` (a loopified one; ``layers`` loops a plain one first)."""
     if model_path.is_dir() and not (model_path / "config.json").exists():
-        if thresholds or layers is not None:
-            raise ConfigError("--thresholds and --layers are for Hugging Face models; a looped GPT runs its own loop")
+        if thresholds or layers is not None or data is not None or exit_loops is not None:
+            raise ConfigError(
+                "--data, --thresholds, --exit-loops and --layers are for Hugging Face models; a looped GPT of an "
+                "algorithmic run is read on its task's own test rows"
+            )
         return run_looped_gpt_sweep(model_path, loops, out)
     if data is None:
         raise ConfigError("--data is needed for a Hugging Face model (a .txt or .jsonl file)")

@@ -4,7 +4,7 @@ Importing this module registers ``loopscape``: lm-eval's own Hugging Face model 
 devices, dtypes and accelerate work as with ``--model hf``) loaded through :func:`loopscape.from_pretrained`,
 with the loop settings as model args::
 
-    loopscape lm-eval run --model loopscape \\
+    loopscape lm-eval --model loopscape \\
         --model_args pretrained=runs/looped-llama,n_loops=8,exit=kl,exit_threshold=0.01 --tasks hellaswag
 
     import lm_eval, loopscape.integrations.lmeval
@@ -25,7 +25,7 @@ try:
 except ImportError as error:  # one line, not a traceback from deep inside an optional extra
     raise ImportError("loopscape's lm-eval model needs lm-eval: pip install 'loopscape[eval]'") from error
 
-from loopscape.integrations.loopify import EXITS, INJECTIONS, looped_layers, loopify, set_exit
+from loopscape.integrations.loopify import EXITS, INJECTIONS, load_loop_weights, looped_layers, loopify, set_exit
 
 __all__ = ["LoopscapeLM", "parse_layers"]
 
@@ -55,6 +55,7 @@ class LoopscapeLM(HFLM):
         injection: str = "add",
         **kwargs,
     ) -> None:
+        exit = exit.lower() if isinstance(exit, str) and exit.lower() == "none" else exit
         if exit != "saved" and exit not in EXITS and exit != "none":
             raise ValueError(f"exit must be one of none, kl, entropy, state (got {exit!r})")
         if injection not in INJECTIONS:
@@ -71,17 +72,21 @@ class LoopscapeLM(HFLM):
         if not isinstance(pretrained, str):  # a model object: HFLM does not call _create_model
             self._loop(self._model)
 
-    def _create_model(self, *args, **kwargs) -> None:
-        super()._create_model(*args, **kwargs)
-        self._loop(self._model)
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        super()._create_model(pretrained=pretrained, **kwargs)
+        self._loop(self._model, pretrained, kwargs.get("subfolder") or "")
 
-    def _loop(self, model) -> None:
+    def _loop(self, model, path: str | None = None, subfolder: str = "") -> None:
         a = self._loop_args
         if a["layers"] is not None:
             loopify(model, layers=a["layers"], n_loops=a["n_loops"] or 1, injection=a["injection"])
+        elif looped_layers(model) is not None:
+            pass  # a loopified model object: its loop (and trained loop weights) as they are
         elif getattr(model.config, "loopscape", None) is not None:
-            loopify(model)  # the settings the checkpoint holds
-        elif looped_layers(model) is None:
+            loopify(model)  # the settings the checkpoint holds, with the loop's own weights
+            if path is not None:
+                load_loop_weights(model, path, subfolder)
+        else:
             raise ValueError(
                 "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
             )

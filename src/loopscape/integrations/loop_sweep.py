@@ -146,7 +146,9 @@ def _exit_reading(model: nn.Module, looped, batches: list[dict], exit: str, thre
     for batch in batches:
         logits = model(**_inputs(batch), use_cache=False).logits
         totals = [x + y for x, y in zip(totals, _scores(logits, batch))]
-        used.append(looped.loops_used[:, :-1][_scored(batch)[1]])
+        held = looped.loops_used  # None at one loop: every token ran it
+        held = torch.ones_like(batch["input_ids"]) if held is None else held
+        used.append(held[:, :-1][_scored(batch)[1]])
     used = torch.cat(used)
     histogram = {int(k): int(n) for k, n in zip(*torch.unique(used, return_counts=True))}
     quality = quality_summary(totals, any("labels" in b for b in batches))

@@ -114,7 +114,7 @@ class Structure:
                 f"after .{self.layers_name} for a LayerNorm/RMSNorm module and found none)"
             )
         self.norm, self.head = after[0], head
-        self.hidden_size = model.get_input_embeddings().embedding_dim
+        self.hidden_size = getattr(text, "hidden_size", None) or model.get_input_embeddings().embedding_dim
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -165,6 +165,7 @@ class LoopedRange(nn.Module):
         backprop_loops: int | None = None,
         loop_lora: int | None = None,
         lora_layers: list[str] | None = None,
+        lora_loops: int | None = None,
     ):
         super().__init__()
         self.start, self.stop, self.injection, self.backprop_loops = start, stop, injection, backprop_loops
@@ -199,7 +200,7 @@ class LoopedRange(nn.Module):
             for i, name, module in _lora_targets(self.range_layers(), start, lora_layers):
                 fan_in, fan_out = _linear_shape(module)
                 key = f"{i}_{name.replace('.', '_')}"
-                self.lora[key] = LoopLoRA(n_loops, loop_lora, fan_in, fan_out, like)
+                self.lora[key] = LoopLoRA(lora_loops or n_loops, loop_lora, fan_in, fan_out, like)
                 lora_hooks.append(module.register_forward_hook(self._lora_hook(key)))
         self._hooks = [
             *lora_hooks,
@@ -239,6 +240,7 @@ class LoopedRange(nn.Module):
             "backprop_loops": self.backprop_loops,
             "loop_lora": self.loop_lora,
             "lora_layers": self.lora_layers,
+            "lora_loops": self._lora_loops() or None,  # the loops the LoRA was made for (n_loops may move)
             **self._settings,
         }
 
@@ -327,7 +329,8 @@ class LoopedRange(nn.Module):
         return None
 
     def _after_stack(self, *_) -> None:
-        self._restore_grad()
+        self._restore_grad()  # and, should a layer have raised inside the range, drop what the call held
+        self._call, self._loop, self._inside = None, None, False
 
     def _restore_grad(self) -> bool:
         """The caller's grad mode, back in force (see ``_before_range``)."""
@@ -487,19 +490,24 @@ def loopify(
     Sec. 4; retrofitted recurrence): the first ``n_loops - k`` loops run without a graph, the state entering
     loop ``n_loops - k + 1`` is detached, and the range's input keeps its gradient in the last ``k`` loops, so
     the layers before the range still train; activation memory then grows with ``k``, not the depth. A loop
-    count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop.
+    count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop. Curvature
+    tools (``loopscape.landscape``) differentiate what the forward records, so on a truncated model they see
+    the truncated surrogate: set ``backprop_loops=None`` (loopify again) to measure the loss itself.
     ``injection="concat"``, ``loop_lora=r`` and ``lora_layers`` (names of the range's linear layers, e.g.
     ``["q_proj", "v_proj"]``; all of them if None): see the module docstring. The LoRA is made for the
     ``n_loops`` given here; loops beyond them (a larger ``n_loops`` set later) run the shared weights."""
     structure = Structure(model)
     saved = getattr(model.config, "loopscape", None)
+    layers_given = layers is not None  # else the saved settings, whose n_loops may be a later one (SHIFT's)
     if layers is None:
         if saved is None:
             raise ValueError("layers must be a pair (start, stop) of decoder layer indices (got None)")
         layers, n_loops, injection = tuple(saved["layers"]), saved["n_loops"], saved["injection"]
         exit, exit_threshold, min_loops = saved.get("exit"), saved.get("exit_threshold", 0.0), saved.get("min_loops", 1)
         backprop_loops = saved.get("backprop_loops")
-        loop_lora, lora_layers = saved.get("loop_lora"), saved.get("lora_layers")
+        loop_lora, lora_layers, lora_loops = saved.get("loop_lora"), saved.get("lora_layers"), saved.get("lora_loops")
+    else:
+        lora_loops = None
     n = len(structure.layers)
     if not (isinstance(layers, (tuple, list)) and len(layers) == 2 and 0 <= layers[0] < layers[1] <= n):
         raise ValueError(f"layers must be a pair (start, stop) with 0 <= start < stop <= {n} (got {layers!r})")
@@ -507,8 +515,8 @@ def loopify(
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     _check_loops(n_loops)
     _check_exit(exit, exit_threshold, min_loops, n_loops)
-    k = backprop_loops
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n_loops):
+    k, top = backprop_loops, n_loops if saved is None or layers_given else max(n_loops, backprop_loops or 1)
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= top):
         raise ValueError(f"backprop_loops must be an integer from 1 to n_loops ({n_loops}) or None (got {k!r})")
     if loop_lora is not None and (not isinstance(loop_lora, int) or isinstance(loop_lora, bool) or loop_lora < 1):
         raise ValueError(f"loop_lora must be an integer rank >= 1, or None for no per-loop LoRA (got {loop_lora!r})")
@@ -519,7 +527,16 @@ def loopify(
     if old is not None:  # loopify again: the new settings replace the old loop
         old.remove()
     looped = LoopedRange(
-        structure, layers[0], layers[1], n_loops, injection, model.config, backprop_loops, loop_lora, lora_layers
+        structure,
+        layers[0],
+        layers[1],
+        n_loops,
+        injection,
+        model.config,
+        backprop_loops,
+        loop_lora,
+        lora_layers,
+        lora_loops,
     )
     looped.set_exit(exit, exit_threshold, min_loops)
     structure.stack.looped_range = looped
@@ -539,40 +556,64 @@ def set_exit(model: nn.Module, exit: str | None = None, exit_threshold: float = 
 
 def from_pretrained(path, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, looped again by the settings its config
-    holds (a plain ``from_pretrained`` gives the unlooped model; it does not know ``config.loopscape``)."""
+    holds, with the loop's own weights (concat adapter, per-loop LoRA) loaded back (a plain
+    ``from_pretrained`` gives the unlooped model; it does not know ``config.loopscape``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the loop's own weights are "unused" by the plain model: loaded below
+    hf_logging.set_verbosity_error()  # the loop's own weights are "unused" by the plain model: reported below
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        others = [k for k in info.get(kind, []) if ".looped_range." not in f".{_key(k)}"]
+        if others:
+            log.warning("loopscape.from_pretrained(%r): %s %s", path, kind.replace("_", " "), others[:5])
     if getattr(model.config, "loopscape", None) is None:
         raise ValueError(f"path must hold a model saved after loopscape.loopify ({path!r} has no loopscape settings)")
     loopify(model)
-    own = {k for k in model.state_dict() if ".looped_range." in f".{k}"}
-    if own:
-        weights = _read_weights(path, own)
-        if set(weights) != own:
-            raise ValueError(
-                f"path must hold the loop's own weights ({path!r} lacks {sorted(own - set(weights))[:3]}...)"
-            )
-        model.load_state_dict(weights, strict=False)
+    load_loop_weights(model, path, kwargs.get("subfolder", ""))
     return model
 
 
-def _read_weights(path, keys: set[str]) -> dict[str, torch.Tensor]:
-    """``keys`` from the safetensors files of a ``save_pretrained`` folder (one file or shards)."""
+def _key(k) -> str:
+    return k if isinstance(k, str) else str(k[0])  # mismatched keys come as (name, shapes)
+
+
+def load_loop_weights(model: nn.Module, path, subfolder: str = "") -> None:
+    """Load the loop's own weights (under ``looped_range``: the concat adapter, the per-loop LoRA) of a
+    loopified ``model`` from the checkpoint folder ``path`` it was loaded from (``*.safetensors`` or
+    ``pytorch_model*.bin``, sharded or not); nothing to do for a loop without weights."""
+    own = {k for k in model.state_dict() if ".looped_range." in f".{k}"}
+    if not own:
+        return
     from pathlib import Path
 
+    folder = Path(path) / subfolder
+    if not folder.is_dir():
+        raise ValueError(
+            f"path must be a local save_pretrained folder to load the loop's own weights (got {str(folder)!r})"
+        )
+    weights = _read_weights(folder, own)
+    if set(weights) != own:
+        missing = sorted(own - set(weights))
+        raise ValueError(f"path must hold the loop's own weights ({str(folder)!r} lacks {missing[:3]})")
+    model.load_state_dict(weights, strict=False)
+
+
+def _read_weights(folder, keys: set[str]) -> dict[str, torch.Tensor]:
+    """``keys`` from the weight files of a ``save_pretrained`` folder (safetensors or torch, sharded or not)."""
     from safetensors import safe_open
 
     out = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys() if k in keys})
+    if not out:
+        for file in sorted(folder.glob("pytorch_model*.bin")):
+            out.update({k: v for k, v in torch.load(file, map_location="cpu", weights_only=True).items() if k in keys})
     return out
 
 

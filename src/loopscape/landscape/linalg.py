@@ -304,7 +304,10 @@ def lanczos(
                 f"start must be a (P, b) or (P,) tensor of the operator's size P = {op.shape[0]} (got {got})"
             )
         start = start.reshape(op.shape[0], -1)
-        block, check_every = start.shape[1], 1
+        if start.shape[1] > max(1, min(op.shape[0], max_iter or op.shape[0]) - k):
+            raise ValueError(f"start must have fewer columns than the Krylov limit less k (got {start.shape[1]})")
+        block = start.shape[1]
+        check_every = 1 if block > 1 else check_every
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA' (got {which!r})")
     P = op.shape[0]
@@ -316,7 +319,8 @@ def lanczos(
         )
     g = torch.Generator().manual_seed(seed)
     if block == 1:
-        lz = _Lanczos(op, torch.randn(P, generator=g, dtype=torch.float64), limit, reorth)
+        v0 = torch.randn(P, generator=g, dtype=torch.float64) if start is None else start[:, 0].double().cpu()
+        lz = _Lanczos(op, v0, limit, reorth)
     else:
         X0 = torch.randn(P, block, generator=g, dtype=torch.float64) if start is None else start.double().cpu()
         lz = _BlockLanczos(op, X0, limit // block, seed)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from loopscape.landscape.hessian import HessianOperator, select_parameters
+from loopscape.landscape.hessian import HessianOperator, as_batch_list, select_parameters
 
 
 def looped_parameter_names(model: nn.Module) -> list[str]:
@@ -56,7 +56,7 @@ class LoopHessian:
                 f"params must select looped weights only ({len(outside)} selected outside the loop, e.g. "
                 f"{outside[0]!r}; the looped ones are {looped[:3]}{'...' if len(looped) > 3 else ''})"
             )
-        self.op = HessianOperator(model, list(data), dtype=dtype, params=[named[n] for n in chosen], **options)
+        self.op = HessianOperator(model, as_batch_list(data), dtype=dtype, params=[named[n] for n in chosen], **options)
         self.model, self.names = model, self.op.names
         self.shape, self.dtype = self.op.shape, self.op.dtype
         untie = next((m for m in model.modules() if hasattr(m, "untie_loops")), None)
@@ -100,15 +100,19 @@ class LoopHessian:
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.op.sizes), self.op.shapes)}
 
     def _untied_loss(self, thetas: torch.Tensor) -> torch.Tensor:
-        """``L(theta_1, ..., theta_T)`` for ``thetas`` of shape ``(T, P)``."""
-        with self._untie([self._split(t) for t in thetas]):
-            return self.op._total_loss(thetas[0])
+        """``L(theta_1, ..., theta_T)`` for ``thetas`` of shape ``(T, P)``; each batch's forward counts its
+        loops from the first."""
+        weights, total = [self._split(t) for t in thetas], 0
+        for batch in self.op.batches:
+            with self._untie(weights):
+                total = total + self.op._batch_loss(thetas[0], batch)
+        return total
 
     def _count_loops(self) -> int:
         theta = self.op.theta
         with torch.no_grad(), self.op._guard(), self._untie([self._split(theta)]) as calls:
-            self.op._total_loss(theta)
-        counts = {m: calls.get(m, 0) // len(self.op.batches) for m, _, _ in self._owners()}
+            self.op._batch_loss(theta, self.op.batches[0])
+        counts = {m: calls.get(m, 0) for m, _, _ in self._owners()}
         if len(set(counts.values())) != 1 or min(counts.values()) < 1:
             raise ValueError(
                 "model must call each module that owns a looped weight once per loop (found call counts "

@@ -291,10 +291,11 @@ def coupling_row(verdict: dict) -> dict:
     claim = "Recursion makes the landscape steeper: the V-valley comes from cross-loop coupling"
     if verdict["verdict"] == NOT_TESTED:
         return verdict_row(claim, "Section 4.2 (conjectured)", verdict["reason"], "conjectured, not shown", NOT_TESTED)
+    share = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: a zero trace or top eigenvalue)
     ours = (
         f"epoch {verdict['epoch']}: full {verdict['full_shape']} (kappa {verdict['full_kappa']:.3g}), diagonal "
         f"{verdict['diagonal_shape']} (kappa {verdict['diagonal_kappa']:.3g}); cross-loop share of the trace "
-        f"{verdict['cross_share_trace']:.2f}, of the top eigenvalue {verdict['cross_share_top']:.2f}"
+        f"{share(verdict['cross_share_trace'])}, of the top eigenvalue {share(verdict['cross_share_top'])}"
     )
     return verdict_row(claim, "Section 4.2 (conjectured)", ours, "conjectured, not shown", verdict["verdict"])
 

@@ -37,7 +37,8 @@ and a **depth curriculum**, ``ramp="linear"`` or ``"1-sqrt"`` over
 recurrence schedules its mean depth (McLeish et al., 2025): at progress
 ``p in [0, 1]`` the mean depth (the loop count itself with ``"fixed"``, the top
 of the range with ``"uniform"``) is ``1 + (target - 1) f(p)``, ``f(p) = p`` or
-``1 - sqrt(1 - p)`` (our reading of "1-sqrt": a fast start that levels off).
+``1 - sqrt(1 - p)`` (our reading of "1-sqrt": the 1-sqrt cooldown's shape turned
+into a rise, below the linear ramp all along, slow at first and steepest at the end).
 Every draw comes from ``seed`` and the unit's number alone, so a resumed run
 and every rank draw the same counts.
 
@@ -160,7 +161,7 @@ class ShiftSchedule:
             mean = self.mean_depth_at(step)
             if mean <= 1:
                 return 1
-            rng = np.random.default_rng([abs(int(self.seed)), step])  # the seed and the unit alone
+            rng = np.random.default_rng([int(self.seed) % (1 << 63), step])  # the seed and the unit alone
             tau = rng.normal(math.log(mean - 1) - self.sigma**2 / 2, self.sigma)
             return min(self.n_loops, 1 + int(rng.poisson(math.exp(tau))))
         top = round(self.mean_depth_at(step))
@@ -223,13 +224,14 @@ class ShiftSchedule:
 def _check_depth(n_loops, depth, mean_depth, sigma, ramp, ramp_steps, ramp_start) -> None:
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS} (got {depth!r})")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
     if depth == "poisson-lognormal":
-        if mean_depth is None or not 1 < mean_depth <= n_loops:
+        if not number(mean_depth) or not 1 < mean_depth <= n_loops:
             raise ValueError(
                 f"mean_depth must be a number above 1 and at most n_loops ({n_loops}) for depth='poisson-lognormal' "
                 f"(got {mean_depth!r})"
             )
-        if not sigma > 0:
+        if not number(sigma) or not sigma > 0:
             raise ValueError(f"sigma must be a number > 0 (got {sigma!r})")
     elif mean_depth is not None:
         raise ValueError(f"mean_depth goes with depth='poisson-lognormal' (got depth={depth!r})")
