@@ -53,37 +53,9 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
     ``optimizer``: ``"keep"`` the optimiser's state at the switch, or ``"reset"`` it.
     """
 
-    def __init__(
-        self,
-        n_loops: int = 2,
-        at: int | None = None,
-        scp: dict | None = None,
-        milestones: dict | None = None,
-        optimizer: str = "keep",
-        depth: str = "fixed",
-        seed: int = 0,
-        mean_depth: float | None = None,
-        sigma: float = 0.5,
-        ramp: str | None = None,
-        ramp_steps: int = 0,
-        ramp_start: int | None = None,
-        sampled_depth: bool = False,  # older name of depth="uniform" (checkpoints saved before depth existed)
-    ):
+    def __init__(self, n_loops: int = 2, **settings):
         # its fields are the callback's args, saved with its state (ExportableState)
-        self.config = ShiftConfig(
-            n_loops,
-            at,
-            scp,
-            milestones,
-            optimizer,
-            "uniform" if sampled_depth else depth,
-            seed,
-            mean_depth,
-            sigma,
-            ramp,
-            ramp_steps,
-            ramp_start,
-        )
+        self.config = ShiftConfig.of(n_loops, **settings)
         self.settings = asdict(self.config)
         self.controller = ShiftController(self.config.build())
         self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)

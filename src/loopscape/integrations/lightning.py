@@ -34,37 +34,8 @@ class ShiftCallback(pl.Callback):
     """SHIFT's schedule as a Lightning callback (arguments: :class:`~loopscape.shift.schedule.ShiftConfig`'s, plus
     ``monitor``)."""
 
-    def __init__(
-        self,
-        n_loops: int = 2,
-        at: int | None = None,
-        scp: dict | None = None,
-        milestones: dict | None = None,
-        optimizer: str = "keep",
-        depth: str = "fixed",
-        seed: int = 0,
-        mean_depth: float | None = None,
-        sigma: float = 0.5,
-        ramp: str | None = None,
-        ramp_steps: int = 0,
-        ramp_start: int | None = None,
-        sampled_depth: bool = False,  # older name of depth="uniform" (checkpoints saved before depth existed)
-        monitor: str = "val_loss",
-    ):
-        self.config = ShiftConfig(
-            n_loops,
-            at,
-            scp,
-            milestones,
-            optimizer,
-            "uniform" if sampled_depth else depth,
-            seed,
-            mean_depth,
-            sigma,
-            ramp,
-            ramp_steps,
-            ramp_start,
-        )
+    def __init__(self, n_loops: int = 2, *, monitor: str = "val_loss", **settings):
+        self.config = ShiftConfig.of(n_loops, **settings)
         self.controller = ShiftController(self.config.build())
         self.monitor = monitor
         self._grad = {"sum": 0.0, "n": 0}

@@ -269,6 +269,14 @@ class ShiftConfig:
     ramp_steps: int = 0
     ramp_start: int | None = None
 
+    @classmethod
+    def of(cls, n_loops: int = 2, *, sampled_depth: bool = False, **settings) -> ShiftConfig:
+        """The callbacks' arguments as a config (``sampled_depth=True``: the older name of ``depth="uniform"``,
+        which checkpoints saved before ``depth`` existed still pass)."""
+        if sampled_depth:
+            settings.setdefault("depth", "uniform")
+        return cls(n_loops, **settings)
+
     @staticmethod
     def upgrade(data: dict) -> dict:
         """Older settings: ``sampled_depth: true`` is ``depth: uniform``."""
