@@ -312,3 +312,17 @@ def test_help_shows_the_extras_it_names():
     """rich read `[hf]` as markup and printed 'needs the  extra'."""
     out = runner.invoke(app, ["--help"], terminal_width=200).output
     assert "(needs the [hf] extra)" in out
+
+
+def test_algorithmic_splits_the_looped_hessian_by_loop_pairs_when_asked(tmp_path):
+    out = tmp_path / "alg"
+    args = ["algorithmic", "--task", "parity", "-p", "single,looped", "-o", str(out), *ALGO_TINY]
+    r = runner.invoke(app, [*args, "--set", "loop_coupling_params=model.layers.0.attn.proj.bias"])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    c = results["paradigms"]["looped"]["loop_coupling"]
+    assert "loop_coupling" not in results["paradigms"]["single"]
+    assert c["params"] == results["config"]["model"]["d_model"] and c["n_loops"] >= 1
+    assert c["trace"]["full"] == pytest.approx(c["trace"]["diagonal"] + c["trace"]["cross"], rel=1e-9, abs=1e-12)
+    page = (out / "report.html").read_text()
+    assert "split by loop pairs" in page and "the V-valley comes from cross-loop coupling" in page

@@ -76,6 +76,10 @@ class AlgorithmicStudyConfig:
     model: LoopedGPTConfig = field(default_factory=LoopedGPTConfig)
     train: AlgorithmicTrainConfig = field(default_factory=AlgorithmicTrainConfig)
     workers: int = 0  # processes for the paradigms on CPU (0: one per core, at most one per paradigm)
+    # the Hessian split by loop pairs of each looped final model (landscape.loops) over this block's weights
+    # (a name pattern; exact, so about a thousand weights: "model.layers.0.attn.proj.*" takes ~3 min on 2 CPU
+    # cores at cpu-small), on 8 fixed rows of the training lengths; null: off
+    loop_coupling_params: str | None = None
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
@@ -205,6 +209,28 @@ def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
     }
 
 
+def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicStudyConfig, rows: int = 8) -> dict:
+    """The loss Hessian over ``config.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`)
+    on ``rows`` fixed rows of the training lengths, each read at its own ``T(n)``: cross-loop shares and the valley
+    shapes of the tied Hessian against its diagonal blocks (``reporting.hessian.coupling_summary``)."""
+    from loopscape.landscape.loops import loop_hessian
+    from loopscape.reporting.hessian import coupling_summary
+    from loopscape.training.algorithmic import ScoredRows, scored_rows_loss
+
+    g = torch.Generator().manual_seed(config.seed * 1000 + 17)
+    b = task.batch(torch.randint(1, config.train_max_len + 1, (rows,), generator=g), g)
+    device = next(model.parameters()).device
+    targets = torch.where(b.mask, b.targets, -100).to(device)
+    model.eval()
+    lh = loop_hessian(
+        ScoredRows(model, b.n_loops.to(device)),
+        [(b.inputs.to(device), targets)],
+        params=config.loop_coupling_params,
+        loss_fn=scored_rows_loss,
+    )
+    return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+
+
 def run_algorithmic(
     config: AlgorithmicStudyConfig, out: str | Path, resume: bool = False, show_progress: bool = True
 ) -> dict:
@@ -259,6 +285,8 @@ def run_algorithmic(
                 model, task, scored_as, config.test_lengths, config.test_size, config.seed
             ),
         }
+        if scored_as != "single" and config.loop_coupling_params is not None:
+            results["paradigms"][p]["loop_coupling"] = loop_coupling(model, task, config)
     if "shift" in config.paradigms and "looped" in config.paradigms:
         results["shift_saving"] = shift_saving(metrics["shift"], metrics["looped"])
     results["test_lengths"] = config.test_lengths

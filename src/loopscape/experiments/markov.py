@@ -329,20 +329,7 @@ def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: in
             with torch.no_grad():
                 vector_to_parameters(thetas[e], list(model.parameters()))
             m = loop_hessian(model, batches).measure(k=5, exact=True)
-            rows.append(
-                {
-                    "epoch": e,
-                    "cross_share_trace": m["cross_share_trace"],
-                    "cross_share_top": m["cross_share_top"],
-                    **{
-                        f"{part}_{key}": m[part]["valley"][key]
-                        for part in ("full", "diagonal")
-                        for key in ("kappa", "shape")
-                    },
-                    "top": {part: m[part]["top"] for part in ("full", "diagonal", "cross")},
-                    "trace": {part: m[part]["trace"] for part in ("full", "diagonal", "cross")},
-                }
-            )
+            rows.append({"epoch": e, **hessian_report.coupling_summary(m)})
         result[name] = {"n_loops": T, "rows": rows}
     return result
 

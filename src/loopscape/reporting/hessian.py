@@ -263,6 +263,27 @@ COUPLING_RULE = (
 )
 
 
+def shape_verdict(m: dict) -> str:
+    """:data:`COUPLING_RULE`'s outcome for one measurement (``full_shape``, ``diagonal_shape`` and kappas)."""
+    full, diag = m["full_shape"], m["diagonal_shape"]
+    if full == "V" and diag == "U":
+        return "holds"
+    if full == "V" and diag == "V" and m["full_kappa"] >= 10 * m["diagonal_kappa"]:
+        return "partly"
+    return "fails"
+
+
+def coupling_summary(m: dict) -> dict:
+    """The numbers a report keeps of one :meth:`~loopscape.landscape.loops.LoopHessian.measure`."""
+    return {
+        "cross_share_trace": m["cross_share_trace"],
+        "cross_share_top": m["cross_share_top"],
+        **{f"{part}_{key}": m[part]["valley"][key] for part in ("full", "diagonal") for key in ("kappa", "shape")},
+        "top": {part: m[part]["top"] for part in ("full", "diagonal", "cross")},
+        "trace": {part: m[part]["trace"] for part in ("full", "diagonal", "cross")},
+    }
+
+
 def coupling_verdict(coupling: dict) -> dict:
     """ "The V-valley comes from cross-loop coupling", by :data:`COUPLING_RULE`."""
     looped = [v for v in coupling.values() if isinstance(v, dict) and v.get("n_loops", 1) > 1 and v["rows"]]
@@ -272,13 +293,7 @@ def coupling_verdict(coupling: dict) -> dict:
     if last["epoch"] < PHASE_EPOCH:
         reason = f"spectra tracked to epoch {last['epoch']}; judged on a trained model, past epoch {PHASE_EPOCH}"
         return {"verdict": NOT_TESTED, "reason": reason, "rule": COUPLING_RULE}
-    full, diag = last["full_shape"], last["diagonal_shape"]
-    if full == "V" and diag == "U":
-        verdict = "holds"
-    elif full == "V" and diag == "V" and last["full_kappa"] >= 10 * last["diagonal_kappa"]:
-        verdict = "partly"
-    else:
-        verdict = "fails"
+    verdict = shape_verdict(last)
     return {
         "verdict": verdict,
         "epoch": last["epoch"],
