@@ -104,8 +104,14 @@ def test_the_linear_attention_toy_splits_exactly():
     _check_blocks(lh, model, data)
     m = lh.measure(k=3)
     assert m["exact"] and m["full"]["trace"] == pytest.approx(m["diagonal"]["trace"] + m["cross"]["trace"])
-    assert m["cross_share_trace"] == pytest.approx(m["cross"]["trace"] / m["full"]["trace"])
-    assert -10 < m["cross_share_top"] < 10 and m["full"]["valley"]["shape"] in ("U", "V", "none")
+    # the shares against the dense blocks: u^T (sum of the off-diagonal blocks) u / lambda_1
+    H, blocks = _check_blocks(lh, model, data)
+    cross = sum(blocks[s][t] for s in range(3) for t in range(3) if s != t)
+    eigs, vecs = torch.linalg.eigh(H)
+    u = vecs[:, -1]
+    assert m["cross_share_top"] == pytest.approx((u @ cross @ u / eigs[-1]).item(), rel=1e-8)
+    assert m["cross_share_trace"] == pytest.approx((torch.trace(cross) / torch.trace(H)).item(), rel=1e-8)
+    assert m["full"]["top"][0] == pytest.approx(eigs[-1].item(), rel=1e-10)
 
 
 def test_the_looped_gpt_and_a_loopified_llama_split_exactly():

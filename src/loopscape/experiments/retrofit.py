@@ -273,9 +273,7 @@ def step_flops(model: torch.nn.Module, inputs: torch.Tensor) -> float:
     params = sum(p.numel() for p in model.parameters())
     if looped is None:
         return 6.0 * inputs.numel() * params
-    inside = {id(p) for layer in looped.range_layers() for p in layer.parameters()} | {
-        id(p) for p in looped.parameters()
-    }
+    inside = looped.weight_ids()
     outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     n = looped.n_loops
     forward = outside + looped.weights_per_token(n)

@@ -55,14 +55,15 @@ class LoopscapeLM(HFLM):
         injection: str = "add",
         **kwargs,
     ) -> None:
-        exit = exit.lower() if isinstance(exit, str) and exit.lower() == "none" else exit
-        if exit != "saved" and exit not in EXITS and exit != "none":
+        if isinstance(exit, str) and exit.lower() == "none":  # lm-eval's model args: "none" or "None"
+            exit = None
+        if exit != "saved" and exit not in EXITS:
             raise ValueError(f"exit must be one of none, kl, entropy, state (got {exit!r})")
         if injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
         self._loop_args = dict(
             n_loops=n_loops,
-            exit=None if exit == "none" else exit,
+            exit=exit,
             exit_threshold=exit_threshold,
             min_loops=min_loops,
             layers=parse_layers(layers),

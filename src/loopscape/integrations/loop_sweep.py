@@ -53,8 +53,7 @@ def flops_per_token(model: nn.Module, n_loops: int) -> float:
     a concat adapter and per-loop LoRA as used); attention's context-length term left out: it is the same
     for every count."""
     looped = looped_layers(model)
-    inside = {id(p) for layer in looped.range_layers() for p in layer.parameters()}
-    inside |= {id(p) for p in looped.parameters()}
+    inside = looped.weight_ids()
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     total = looped.weights_per_token(n_loops)
     for p in model.parameters():

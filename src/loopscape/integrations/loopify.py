@@ -256,6 +256,11 @@ class LoopedRange(nn.Module):
         """The weights every loop shares (``landscape.loops``): the range's layers'."""
         return [p for layer in self.range_layers() for p in layer.parameters()]
 
+    def weight_ids(self) -> set[int]:
+        """``id`` of every weight a token meets inside the loop: the range's layers' and the loop's own
+        (adapter, LoRA), for the FLOP counts that treat them apart from the rest of the model."""
+        return {id(p) for p in self.looped_parameters()} | {id(p) for p in self.parameters()}
+
     def lora_parameters(self) -> list[nn.Parameter]:
         """The per-loop LoRA's parameters (for an optimiser group of their own)."""
         return list(self.lora.parameters()) if self.loop_lora is not None else []

@@ -60,7 +60,6 @@ class LoopHessian:
         self.model, self.names = model, self.op.names
         self.shape, self.dtype = self.op.shape, self.op.dtype
         untie = next((m for m in model.modules() if hasattr(m, "untie_loops")), None)
-        self._self_untying = untie is not None
         self._untie = untie.untie_loops if untie is not None else self._untie_by_calls
         self.n_loops = int(untie.n_loops) if untie is not None else self._count_loops()
 
