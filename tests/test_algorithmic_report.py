@@ -2,7 +2,14 @@
 
 import pytest
 
-from loopscape.reporting.algorithmic import beyond, seeds_markdown, seeds_summary, seeds_verdicts, verdicts
+from loopscape.reporting.algorithmic import (
+    beyond,
+    seeds_markdown,
+    seeds_summary,
+    seeds_verdicts,
+    verdicts,
+)
+from loopscape.reporting.hessian import coupling_seeds_table
 
 
 def results(single, looped, shift, test_lengths=(1, 2, 3, 4), saving=None):
@@ -120,6 +127,41 @@ def test_a_speed_verdict_needs_seeds_and_no_loss():
     assert seeds_verdicts(seeds_summary(worse))[-1]["verdict"] == "not reproduced"
     one = {0: level[0]}
     assert seeds_verdicts(seeds_summary(one))[-1]["verdict"] == "not tested"
+
+
+def test_the_loop_split_over_seeds_holds_or_fails_only_where_every_seed_agrees():
+    def coupled(full, diag, full_kappa, diag_kappa):
+        r = results([1, 1, 0.5, 0.1], [1, 1, 0.9, 0.7], [1, 1, 0.8, 0.7])
+        r["paradigms"]["looped"]["loop_coupling"] = {
+            "n_loops": 10,
+            "params": 1056,
+            "cross_share_trace": 0.3,
+            "cross_share_top": 0.9,
+            "full_kappa": full_kappa,
+            "full_shape": full,
+            "diagonal_kappa": diag_kappa,
+            "diagonal_shape": diag,
+            "top": {"full": [1.0]},
+            "trace": {"full": 1.0},
+        }
+        return r
+
+    fails = {0: coupled("V", "V", 235, 224), 1: coupled("V", "V", 981, 930), 2: coupled("U", "U", 5, 5)}
+    s = seeds_summary(fails)
+    assert [r["verdict"] for r in s["loop_coupling"]["looped"]["seeds"]] == ["fails"] * 3
+    assert s["loop_coupling"]["looped"]["verdict"] == "fails" and "shift" not in s["loop_coupling"]
+    row = [v for v in seeds_verdicts(s) if "cross-loop coupling" in v["claim"]]
+    assert len(row) == 1 and row[0]["verdict"] == "fails" and row[0]["claim"].endswith("(3 seeds)")
+    assert "seed 1: full V (kappa 981), diagonal V (kappa 930)" in row[0]["ours"]
+    mixed = {**fails, 2: coupled("V", "U", 500, 3)}  # holds on seed 2 only
+    m = seeds_summary(mixed)
+    assert [r["verdict"] for r in m["loop_coupling"]["looped"]["seeds"]] == ["fails", "fails", "holds"]
+    assert m["loop_coupling"]["looped"]["verdict"] == "partly"
+    every = {k: coupled("V", "U", 500, 3) for k in range(3)}
+    assert seeds_summary(every)["loop_coupling"]["looped"]["verdict"] == "holds"
+    table = coupling_seeds_table({"Looped-Attn": m["loop_coupling"]["looped"]}).splitlines()
+    assert len(table) == 2 + 3 + 1 and table[-1].endswith("| **partly** |") and "| 500, V | 3, U | holds |" in table[4]
+    assert "loop_coupling" not in seeds_summary({k: results([1, 1], [1, 1], [1, 1]) for k in range(2)})
 
 
 def test_a_one_paradigm_report_says_why_each_claim_is_not_tested():

@@ -43,6 +43,13 @@ from loopscape.extras import require_extra
 from loopscape.integrations.loopify import looped_layers, loopify
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.models.looped_gpt import exact_match
+from loopscape.reporting.hessian import (
+    COUPLING_RULE,
+    COUPLING_SEEDS_RULE,
+    coupling_over_seeds,
+    coupling_seeds_row,
+    coupling_seeds_table,
+)
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
 from loopscape.shift.schedule import ShiftSchedule
@@ -92,6 +99,9 @@ class RetrofitConfig:
     text_context: int = 64  # with data_path: training windows; tested at this length and at twice it
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # plain, shift, scratch and any of VARIANTS
     lora_rank: int = 4  # the shift-lora arm's per-loop rank
+    # the loss Hessian over these looped weights split by loop pairs, on the shift and scratch arms' final models
+    # (exact: about P products of each kind; None: not measured)
+    loop_coupling_params: str | None = None
 
     def validate(self, p: str = "") -> None:
         require(self.task in TASKS, f"{p}task", f"one of {TASKS}", self.task)
@@ -129,6 +139,12 @@ class RetrofitConfig:
             f"{p}data_path",
             "null or a readable text file",
             self.data_path,
+        )
+        require(
+            self.loop_coupling_params is None or self.data_path is None,
+            f"{p}loop_coupling_params",
+            "null with data_path (the split is measured on the task's rows)",
+            self.loop_coupling_params,
         )
         require(self.lr > 0, f"{p}lr", "a number > 0", self.lr)
         require(self.train_max_len >= 1, f"{p}train_max_len", "an integer >= 1", self.train_max_len)
@@ -177,12 +193,21 @@ class TaskData:
         ``labels`` (shifted by the model, so the row gets one pad token more, whose own output is not read)."""
         rows = []
         for n in self.cfg.test_lengths:
-            b = self.task.test_batch(n, self.cfg.test_size, torch.Generator().manual_seed(seed * 1000 + n))
-            pad = torch.full_like(b.inputs[:, :1], self.pad)
-            labels = torch.cat([torch.full_like(pad, -100), torch.where(b.mask, b.targets, -100)], 1)
-            inputs = torch.cat([b.inputs, pad], 1)
+            inputs, labels = self.labelled(n, self.cfg.test_size, seed * 1000 + n)
             rows += [{"input_ids": x, "labels": y} for x, y in zip(inputs.tolist(), labels.tolist())]
         return rows
+
+    def labelled(self, n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` test rows of length ``n`` with their answers as Hugging Face ``labels`` (:meth:`sweep_rows`)."""
+        b = self.task.test_batch(n, size, torch.Generator().manual_seed(seed))
+        pad = torch.full_like(b.inputs[:, :1], self.pad)
+        labels = torch.cat([torch.full_like(pad, -100), torch.where(b.mask, b.targets, -100)], 1)
+        return torch.cat([b.inputs, pad], 1), labels
+
+    def coupling_batches(self, seed: int) -> list[dict]:
+        """One row of each training length, fixed by the seed: the data :func:`loop_coupling` reads."""
+        rows = [self.labelled(n, 1, seed * 1000 + 500 + n) for n in range(1, self.cfg.train_max_len + 1)]
+        return [{"input_ids": x, "labels": y} for x, y in rows]
 
 
 class TextData:
@@ -333,6 +358,38 @@ def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> di
     }
 
 
+def loop_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, seed: int) -> dict:
+    """The loss Hessian over ``cfg.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`),
+    exact, on one row of each training length: the shapes of the tied Hessian against its diagonal blocks
+    (``reporting.hessian.coupling_summary``)."""
+    from loopscape.landscape.loops import loop_hessian
+    from loopscape.reporting.hessian import coupling_summary
+
+    model.eval()
+    lh = loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params)
+    return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+
+
+def check_coupling_params(cfg: RetrofitConfig, data: TaskData | TextData) -> None:
+    """``loop_coupling_params`` must select looped weights of the loopified model: refused in one line before
+    any training (a bad pattern found after it would lose the run)."""
+    from loopscape.landscape.hessian import select_parameters
+    from loopscape.landscape.loops import looped_parameter_names
+
+    model = loopify(build_decoder(cfg, data, 0), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops)
+    looped = looped_parameter_names(model)
+    try:
+        chosen = select_parameters(model, cfg.loop_coupling_params)
+    except ValueError:
+        chosen = []
+    require(
+        bool(chosen) and set(chosen) <= set(looped),
+        "loop_coupling_params",
+        f"a name pattern of looped weights only, e.g. {looped[0]!r}",
+        cfg.loop_coupling_params,
+    )
+
+
 def save_model(model: torch.nn.Module, folder: Path) -> None:
     """``save_pretrained`` into ``folder`` all at once: written beside it, then moved into place."""
     from transformers.utils import logging as hf_logging
@@ -392,6 +449,8 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
             "readings": readings,
             **accuracy(model, data, seed),
         }
+        if arm == "shift" and cfg.loop_coupling_params is not None:
+            out[arm]["loop_coupling"] = loop_coupling(model, data, cfg, seed)
     scratch = loopify(
         build_decoder(cfg, data, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
     )
@@ -409,6 +468,8 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
     if models is not None:
         save_model(scratch, models / f"seed{seed}" / "scratch")
     out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, data, seed)}
+    if cfg.loop_coupling_params is not None:
+        out["scratch"]["loop_coupling"] = loop_coupling(scratch, data, cfg, seed)
     target = out["scratch"]["past"]
     reached = next((f for f, acc in out["shift"]["readings"] if acc >= target), None)
     # compute SHIFT (Stage I included) spent until its accuracy past the training length first reached the
@@ -524,6 +585,8 @@ def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = Tru
     content of ``retrofit.json``."""
     out = Path(out)
     data = build_data(cfg)  # a text file too short for its windows is refused before the run folder is made
+    if cfg.loop_coupling_params is not None:
+        check_coupling_params(cfg, data)
     prepare_run_folder(out, cfg, resume=False)
     atomic_write_text(out / "sweep-data.jsonl", "".join(json.dumps(r) + "\n" for r in data.sweep_rows(cfg.seeds[0])))
     runs = {}
@@ -533,7 +596,29 @@ def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = Tru
         runs[seed] = run_seed(cfg, seed, out / "models")
     rows = verdicts(runs)
     text = markdown(cfg, runs, rows)
+    coupling = {
+        arm: coupling_over_seeds({seed: r[arm]["loop_coupling"] for seed, r in runs.items()})
+        for arm in ("shift", "scratch")
+        if cfg.loop_coupling_params is not None
+    }
+    if coupling:
+        claim = "Retrofit: the V-valley comes from cross-loop coupling"
+        rows = rows + [coupling_seeds_row(claim, arm, c) for arm, c in coupling.items()]
+        text += "\n\n" + "\n".join(
+            [
+                f"## The Hessian split by loop pairs (over `{cfg.loop_coupling_params}`)",
+                "",
+                f"On the final shift and scratch models (layers {cfg.loop_layers[0]}..{cfg.loop_layers[1] - 1} "
+                f"looped {cfg.n_loops} times), exact, on one row of each training length: 'diagonal' = the sum of "
+                "the H_tt (an untied, unrolled model), 'cross' = what tying the loops adds. Per seed: "
+                f"{COUPLING_RULE.split(', with ', 1)[1]}. Over seeds: {COUPLING_SEEDS_RULE}.",
+                "",
+                coupling_seeds_table(coupling),
+            ]
+        )
     result = {"config": to_dict(cfg), "runs": {str(s): r for s, r in runs.items()}, "verdicts": rows}
+    if coupling:
+        result["loop_coupling"] = coupling
     write_json(out / "retrofit.json", result)
     page = render_report(
         "loopscape: retrofit (Appendix B)",

@@ -7,13 +7,28 @@
 ``data`` is any iterable of batches :class:`~loopscape.landscape.hessian.HessianOperator`
 reads (a DataLoader of ``(inputs, targets)``, Hugging Face dict batches with
 ``labels``, ...), held fixed; ``params`` picks the parameters (a name pattern,
-a module, a list), the rest held fixed. Everything is computed in float64 by
-default, on the model's device, and leaves the model as it was.
+a module, a list), the rest held fixed. On the model's device, leaving the model
+as it was.
+
+The defaults take the fast path where it fits: products in the model's precision
+(``dtype=None``; Krylov arithmetic is float64 whatever it is) through the kept
+gradient graph when its memory fits the operator's budget (``cache_graph=None``).
+``dtype=torch.float64`` (with a tight ``tol``) gives exact-arithmetic answers on small
+models. Each call logs the path it took (logger ``loopscape.landscape``) and, with
+``verbose`` (default: when standard error is a terminal), prints it and shows the
+products done on a progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
 import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from loopscape.landscape.hessian import HessianOperator, as_batch_list
@@ -26,11 +41,36 @@ from loopscape.landscape.linalg import (
     slq_density,
 )
 
+log = logging.getLogger("loopscape.landscape")
 
-def hessian_operator(model: nn.Module, data, params=None, dtype: torch.dtype | None = torch.float64, **options):
+
+def hessian_operator(
+    model: nn.Module, data, params=None, dtype: torch.dtype | None = None, cache_graph: bool | None = None, **options
+) -> HessianOperator:
     """The Hessian of ``model``'s loss over ``data`` as a linear operator (``options``: those of
-    :class:`HessianOperator`, e.g. ``cache_graph=True``). ``data``: batches, or one batch."""
-    return HessianOperator(model, as_batch_list(data), dtype=dtype, params=params, **options)
+    :class:`HessianOperator`). ``data``: batches, or one batch. ``dtype=None``: the model's precision;
+    ``cache_graph=None``: keep the gradient graph if it fits (``H.path`` says which)."""
+    return HessianOperator(model, as_batch_list(data), dtype=dtype, params=params, cache_graph=cache_graph, **options)
+
+
+@contextlib.contextmanager
+def _reported(H: HessianOperator, what: str, verbose: bool | None) -> Iterator[None]:
+    """Say which path ``H`` takes, and show its products on a progress bar while the block runs."""
+    line = f"{what}: {H.shape[0]:,} parameters, {H.path}"
+    log.info(line)
+    if not (sys.stderr.isatty() if verbose is None else verbose):
+        yield
+        return
+    console = Console(stderr=True)
+    console.print(line, highlight=False, soft_wrap=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}: {task.completed:,.0f} products"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(what, total=None)
+        H.on_products = lambda n: bar.advance(task, n)
+        try:
+            yield
+        finally:
+            H.on_products = None
 
 
 def top_eigenvalues(
@@ -39,19 +79,25 @@ def top_eigenvalues(
     k: int = 5,
     params=None,
     eigenvectors: bool = False,
-    tol: float = 1e-10,
-    dtype: torch.dtype | None = torch.float64,
+    tol: float = 1e-5,
+    dtype: torch.dtype | None = None,
     block: int = 1,
+    cache_graph: bool | None = None,
+    verbose: bool | None = None,
     **options,
 ) -> torch.Tensor | LanczosResult:
-    """The ``k`` largest eigenvalues, largest first (Lanczos with full re-orthogonalisation, to a
-    residual of ``tol`` times the largest); with ``eigenvectors=True`` the whole
-    :class:`LanczosResult` (Ritz vectors, residuals). ``block`` > 1: block Lanczos, each step one
-    batched product of ``block`` columns (worth it where such a batch costs about one product)."""
-    H = hessian_operator(model, data, params, dtype, **options)
+    """The ``k`` largest eigenvalues, largest first, each within ``tol`` times the largest
+    (Lanczos with full re-orthogonalisation; :func:`~loopscape.landscape.linalg.lanczos`'s stopping
+    rule). The default 1e-5 is about what float32 products resolve. ``eigenvectors=True``: the whole
+    :class:`LanczosResult` (Ritz vectors, residuals, error bounds, products), each vector's residual
+    within ``tol`` of the largest eigenvalue too (slower on close eigenvalues). ``block`` > 1: block
+    Lanczos, each step one batched product of ``block`` columns (worth it where such a batch costs
+    about one product)."""
+    H = hessian_operator(model, data, params, dtype, cache_graph, **options)
     if not 1 <= k <= H.shape[0]:
         raise ValueError(f"k must be between 1 and the number of parameters selected ({H.shape[0]}) (got {k})")
-    result = lanczos(H, k=k, which="LA", tol=tol, return_vectors=eigenvectors, block=block)
+    with _reported(H, "top_eigenvalues", verbose):
+        result = lanczos(H, k=k, which="LA", tol=tol, return_vectors=eigenvectors, block=block)
     return result if eigenvectors else result.eigenvalues
 
 
@@ -63,7 +109,9 @@ def spectral_density(
     n_steps: int = 64,
     seed: int = 0,
     deflate: int = 20,
-    dtype: torch.dtype | None = torch.float64,
+    dtype: torch.dtype | None = None,
+    cache_graph: bool | None = None,
+    verbose: bool | None = None,
     **options,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature: ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each,
@@ -72,9 +120,10 @@ def spectral_density(
     for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):  # before the operator's forward passes
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
-    H = hessian_operator(model, data, params, dtype, **options)
+    H = hessian_operator(model, data, params, dtype, cache_graph, **options)
     deflate = min(deflate, H.shape[0] // 4)
-    return slq_density(H, n_probes=n_probes, n_steps=min(n_steps, H.shape[0] - deflate), seed=seed, deflate=deflate)
+    with _reported(H, "spectral_density", verbose):
+        return slq_density(H, n_probes=n_probes, n_steps=min(n_steps, H.shape[0] - deflate), seed=seed, deflate=deflate)
 
 
 def hessian_trace(
@@ -83,8 +132,12 @@ def hessian_trace(
     params=None,
     n_matvecs: int = 60,
     seed: int = 0,
-    dtype: torch.dtype | None = torch.float64,
+    dtype: torch.dtype | None = None,
+    cache_graph: bool | None = None,
+    verbose: bool | None = None,
     **options,
 ) -> TraceEstimate:
     """Hutch++ with ``n_matvecs`` products: the trace with its standard error."""
-    return hutchpp_trace(hessian_operator(model, data, params, dtype, **options), n_matvecs=n_matvecs, seed=seed)
+    H = hessian_operator(model, data, params, dtype, cache_graph, **options)
+    with _reported(H, "hessian_trace", verbose):
+        return hutchpp_trace(H, n_matvecs=n_matvecs, seed=seed)

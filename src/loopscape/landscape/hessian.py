@@ -212,6 +212,10 @@ def _read_batches(batches: Iterable, distributed: bool = False) -> list[tuple[st
     return out
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 100 * 2**20 else f"{n / 2**20:,.0f} MiB"
+
+
 @contextlib.contextmanager
 def _math_attention() -> Iterator[None]:
     with sdpa_kernel(SDPBackend.MATH):
@@ -245,7 +249,12 @@ class HessianOperator:
             (reverse-over-reverse; :meth:`matmat` as one batched backward)
             instead of a fresh forward-over-reverse pass: faster per product
             (docs/curvature.md), at the memory of one training step over the
-            whole dataset. Off by default.
+            whole dataset. Off by default; ``None`` keeps it when that memory (estimated from
+            one recorded forward) fits in ``memory_budget``.
+
+    ``path`` says which way products are taken (kept graph or not, and why; the products' type);
+    ``products`` counts the products taken so far (one per column), and ``on_products``, when
+    set, is called with the number each call adds (a progress bar's update).
     """
 
     def __init__(
@@ -256,7 +265,7 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         allow_stochastic: bool = False,
         chunk_size: int | None = None,
-        cache_graph: bool = False,
+        cache_graph: bool | None = False,
         params=None,
         distributed: bool = False,
         memory_budget: int | None = None,
@@ -291,6 +300,9 @@ class HessianOperator:
         self._no_cache = "use_cache" in inspect.signature(model.forward).parameters
         self.shape = (self.theta.numel(), self.theta.numel())
         self._graph = None
+        self.products, self.on_products = 0, None
+        self._saved: int | None = None
+        cache_graph, self.path = self._choose_path(cache_graph)
         with self._guard():  # one guard: the second pass below draws fresh random numbers
             if cache_graph:  # H v = the vjp of the gradient: the gradient's graph is recorded once, here
                 with torch.enable_grad():
@@ -382,6 +394,7 @@ class HessianOperator:
     # -- linear-operator interface ------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a vector of length ``P`` (any float dtype; returned in the operator's)."""
+        self._count(1)
         if self._graph is not None:
             return self._summed(self._graph(v.to(self.theta))[0].detach())
         with self._guard():
@@ -390,6 +403,7 @@ class HessianOperator:
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``(P, k)``, by batched products (``vmap``) in chunks."""
         V = V.to(self.theta)
+        self._count(V.shape[1])
         if self._graph is not None:  # one batched backward through the kept gradient graph
             cols = V.T.split(self.columns_per_product())
             return self._summed(torch.cat([vmap(self._graph)(c)[0] for c in cols]).T.detach())
@@ -400,15 +414,41 @@ class HessianOperator:
     def columns_per_product(self) -> int:
         """Columns per batched product: ``chunk_size``, or what ``memory_budget`` holds."""
         if self._columns is None:
-            budget = self.memory_budget
-            if budget is None:
-                cuda = self.device.type == "cuda"
-                budget = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else machine_memory() // 4
-            self._columns = max(1, int(budget // (COLUMN_COPIES * self._saved_bytes())))
+            self._columns = max(1, int(self._budget() // (COLUMN_COPIES * self._saved_bytes())))
         return self._columns
+
+    def _budget(self) -> int:
+        """``memory_budget``, or half the free memory of a CUDA device, a quarter of this machine's."""
+        if self.memory_budget is not None:
+            return self.memory_budget
+        cuda = self.device.type == "cuda"
+        return torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else machine_memory() // 4
+
+    def _choose_path(self, cache_graph: bool | None) -> tuple[bool, str]:
+        """Whether to keep the gradient's graph (``None``: if it fits the budget), and a line saying so."""
+        why = ""
+        if cache_graph is None:
+            # the kept graph holds the forward's activations and the backward's, and each product's
+            # backward through it about as much again: COLUMN_COPIES times the forward's
+            need, budget = COLUMN_COPIES * self._saved_bytes(), self._budget()
+            cache_graph = need <= budget
+            why = f" (the kept graph: about {_mib(need)}, budget {_mib(budget)})"
+        how = (
+            "one backward per product through the kept gradient graph"
+            if cache_graph
+            else ("a forward-over-reverse pass per product")
+        )
+        return cache_graph, f"{how}{why}, {str(self.dtype).removeprefix('torch.')} products"
+
+    def _count(self, columns: int) -> None:
+        self.products += columns
+        if self.on_products is not None:
+            self.on_products(columns)
 
     def _saved_bytes(self) -> int:
         """Bytes the loss's forward saves for its backward (activations, mostly), by one recorded forward."""
+        if self._saved is not None:
+            return self._saved
         saved = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -419,7 +459,8 @@ class HessianOperator:
         leaf = self.theta.detach().requires_grad_(True)
         with self._guard(), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self._total_loss(leaf)
-        return max(saved, 1)
+        self._saved = max(saved, 1)
+        return self._saved
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)

@@ -27,10 +27,11 @@ from torch import nn
 
 from loopscape.io import JsonlLog, rewrite_jsonl
 from loopscape.landscape.api import hessian_operator
-from loopscape.landscape.linalg import slq_density
+from loopscape.landscape.linalg import lanczos, slq_density
 from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
 
 PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number of parameters)
+WARM_TOL = 1e-3  # the warm-started top k's tolerance (benchmarks/bench_warm_start.py's)
 
 
 class CurvatureProbe:
@@ -38,6 +39,11 @@ class CurvatureProbe:
     Trainer's ``save_steps`` and ``logging_steps``); ``k``: top eigenvalues (at most ``n_steps``);
     ``params``: which parameters (``HessianOperator``'s ``params``); ``n_probes`` x ``n_steps``: the
     products of one measurement; ``dtype``: the products' (``None``: the model's);
+    ``warm_start``: also take the top ``k`` by Lanczos to ``WARM_TOL``, each measurement started from the
+    last one's Ritz vectors (a block start; the first, and the first after a resume, start cold), and report
+    those, with the products they took (``top_products``). Off by default: along a real training run it
+    took more products than a cold start, not fewer (docs/curvature.md, "Tracking from the last
+    measurement"); it pays where the top eigenvectors move little between measurements.
     ``operator_options``: more of ``HessianOperator``'s arguments (e.g. ``loss_fn``)."""
 
     def __init__(
@@ -52,6 +58,7 @@ class CurvatureProbe:
         folder: str | Path | None = None,
         tensorboard: bool | str | Path = False,
         dtype: torch.dtype | None = None,
+        warm_start: bool = False,
         **operator_options,
     ):
         if every < 1 or k < 1 or n_probes < 1 or n_steps < 2 or k > n_steps:
@@ -65,6 +72,8 @@ class CurvatureProbe:
         self.folder = None if folder is None else Path(folder)
         self.tensorboard = tensorboard
         self.operator_options = operator_options  # e.g. loss_fn, for HessianOperator
+        self.warm_start = warm_start
+        self._ritz: torch.Tensor | None = None  # the last warm-started measurement's Ritz vectors
         self.rows: list[dict] = []
         self._previous: np.ndarray | None = None
         self._writer = None
@@ -85,9 +94,13 @@ class CurvatureProbe:
             )
             P = H.shape[0]
             density = slq_density(H, n_probes=self.n_probes, n_steps=min(self.n_steps, P), seed=step)
+            top, residuals = density.top(min(self.k, P))
+            if self.warm_start:
+                start = self._ritz if self._ritz is not None and self._ritz.shape[0] == P else None
+                warm = lanczos(H, k=min(self.k, P), tol=WARM_TOL, start=start, return_vectors=True, seed=step)
+                top, residuals, self._ritz = warm.eigenvalues, warm.residuals, warm.eigenvectors
         finally:
             model.train(training)
-        top, residuals = density.top(min(self.k, P))
         trace = density.trace()
         pseudo = density.pseudo_spectrum(min(P, PSEUDO_POINTS))
         row = {
@@ -98,6 +111,7 @@ class CurvatureProbe:
             "trace_stderr": trace.stderr,
             "matrix_entropy": matrix_entropy(pseudo, n_bins=self.n_bins),
             "mutual_information": None,
+            **({"top_products": warm.iterations} if self.warm_start else {}),
         }
         if self._previous is not None and self._previous.size == pseudo.size:
             edges = shared_edges(self._previous, pseudo, n_bins=self.n_bins)

@@ -13,7 +13,14 @@ from matplotlib.ticker import MaxNLocator
 from loopscape.io import atomic_write_text, read_jsonl
 from loopscape.reporting.curvature import curvature_section, read_curves, tracking_cost
 from loopscape.reporting.figures import plt, save_figure
-from loopscape.reporting.hessian import COUPLING_RULE, shape_verdict
+from loopscape.reporting.hessian import (
+    COUPLING_RULE,
+    COUPLING_SEEDS_RULE,
+    coupling_over_seeds,
+    coupling_seeds_row,
+    coupling_seeds_table,
+    shape_verdict,
+)
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
 from loopscape.shift.schedule import recorded_switch
@@ -376,11 +383,29 @@ def seeds_summary(runs: dict[int, dict]) -> dict:
     if "edge" in columns:
         out["edge_verdict"] = generalisation_verdict(out["over_seeds"]["edge"]["mean"])
         out["seeds_with_edge"] = sum(r["edge"] >= COMPARABLE_PTS for r in rows)
+    coupling = seeds_coupling(runs)
+    if coupling:
+        out["loop_coupling"] = coupling
     if any("shift_step" in r for r in rows):
         out["seeds_shift_faster"] = sum(shift_faster(r.get("time_ratio", 0)) for r in rows)
         # the loss of final performance, over the seeds where SHIFT switched (the others are Single-Attn)
         lost = [r["shift_minus_looped"] for r in rows if r.get("shift_step") is not None and "shift_minus_looped" in r]
         out["shift_minus_looped_switched"] = mean_sd_se(lost) if lost else None
+    return out
+
+
+def seeds_coupling(runs: dict[int, dict]) -> dict:
+    """Each looped paradigm's Hessian split by loop pairs over the seeds that measured it
+    (:func:`reporting.hessian.coupling_over_seeds`)."""
+    out = {}
+    for p in runs[min(runs)]["paradigms"]:
+        measured = {
+            seed: r["paradigms"][p]["loop_coupling"]
+            for seed, r in runs.items()
+            if "loop_coupling" in r["paradigms"].get(p, {})
+        }
+        if measured:
+            out[p] = coupling_over_seeds(measured)
     return out
 
 
@@ -454,6 +479,8 @@ def seeds_verdicts(summary: dict) -> list[dict]:
             f"an edge of >= {COMPARABLE_PTS:.0f} points on {summary['seeds_with_edge']} of {k} seeds"
         )
         out.append(verdict_row(claim, "Fig. 14 (c)", ours, "near 100% vs low", summary["edge_verdict"]))
+    for p, c in summary.get("loop_coupling", {}).items():
+        out.append(coupling_seeds_row(f"{task}: the V-valley comes from cross-loop coupling", NAMES[p], c))
     if "seeds_shift_faster" in summary:
         f = summary["seeds_shift_faster"]
         switched = sum(r.get("shift_step") is not None for r in summary["seeds"])
@@ -493,6 +520,19 @@ def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
             seeds_markdown(summary),
             "",
             f"Each seed's own report: {links}.",
+            *(
+                [
+                    "",
+                    "The loss Hessian over `" + str(runs[min(runs)]["config"].get("loop_coupling_params")) + "` split "
+                    "by loop pairs on each seed's final model (8 fixed rows of the training lengths, each at its "
+                    "T(n)); 'diagonal' = the sum of the H_tt (an untied, unrolled model), 'cross' = what tying adds. "
+                    f"Per seed: {COUPLING_RULE.split(', with ', 1)[1]}. Over seeds: {COUPLING_SEEDS_RULE}.",
+                    "",
+                    coupling_seeds_table({NAMES[p]: c for p, c in summary["loop_coupling"].items()}),
+                ]
+                if "loop_coupling" in summary
+                else []
+            ),
         ]
     )
     section = Section(

@@ -273,6 +273,58 @@ def shape_verdict(m: dict) -> str:
     return "fails"
 
 
+COUPLING_SEEDS_RULE = (
+    "the per-seed rule on each seed: holds if it holds on every seed, fails if it fails on every seed, partly "
+    "where the seeds disagree"
+)
+
+
+def coupling_over_seeds(measured: dict[int, dict]) -> dict:
+    """Per seed (``measured``: seed -> :func:`coupling_summary`-style numbers), the numbers and
+    :func:`shape_verdict`; over seeds, :data:`COUPLING_SEEDS_RULE`."""
+    per_seed = [
+        {"seed": seed, **{k: v for k, v in c.items() if k not in ("top", "trace")}, "verdict": shape_verdict(c)}
+        for seed, c in sorted(measured.items())
+    ]
+    found = {r["verdict"] for r in per_seed}
+    return {"seeds": per_seed, "verdict": found.pop() if len(found) == 1 else "partly"}
+
+
+def coupling_seeds_table(over: dict[str, dict]) -> str:
+    """One row per model (``over``: its name -> :func:`coupling_over_seeds`) and seed, then its verdict."""
+    share = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: a zero trace or top eigenvalue)
+    lines = [
+        "| model | seed | loops | cross share of trace | of top eigenvalue | full kappa, shape | "
+        "diagonal kappa, shape | V-valley from coupling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in over.items():
+        for r in c["seeds"]:
+            lines.append(
+                f"| {name} | {r['seed']} | {r['n_loops']} | {share(r['cross_share_trace'])} | "
+                f"{share(r['cross_share_top'])} | {r['full_kappa']:.3g}, {r['full_shape']} | "
+                f"{r['diagonal_kappa']:.3g}, {r['diagonal_shape']} | {r['verdict']} |"
+            )
+        lines.append(f"| {name} | over seeds | | | | | | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def coupling_seeds_row(claim: str, name: str, c: dict) -> dict:
+    """The verdict row over seeds of one model's :func:`coupling_over_seeds`."""
+    ours = "; ".join(
+        f"seed {r['seed']}: full {r['full_shape']} (kappa {r['full_kappa']:.3g}), diagonal {r['diagonal_shape']} "
+        f"(kappa {r['diagonal_kappa']:.3g})"
+        for r in c["seeds"]
+    )
+    return verdict_row(
+        f"{claim} ({len(c['seeds'])} seeds)",
+        "Section 4.2 (conjectured)",
+        f"{name}: {ours}",
+        "conjectured, not shown",
+        c["verdict"],
+    )
+
+
 def coupling_summary(m: dict) -> dict:
     """The numbers a report keeps of one :meth:`~loopscape.landscape.loops.LoopHessian.measure`."""
     return {
