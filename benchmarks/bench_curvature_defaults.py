@@ -3,10 +3,10 @@ calls them, against PyHessian's and hessian-eigenthings' defaults on the same Hu
 
 The setting is the issue's: a small Llama (213,440 parameters; 3 layers, d = 64, vocabulary 128),
 moved off its initialisation by 150 AdamW steps on periodic token rows, then four dict batches of
-16 rows x 48 tokens, padded (lengths 24-48, padding labelled -100). Needs the benchmark extra::
+16 rows x 48 tokens, padded (lengths 24-48, padding labelled -100). Needs the benchmark and hf extras::
 
-    pip install -c constraints.txt -e '.[bench]'
-    python benchmarks/bench_curvature_defaults.py            # about 10 minutes on 2 CPU cores
+    pip install -c constraints.txt -e '.[bench,hf]'
+    python benchmarks/bench_curvature_defaults.py            # about 8 minutes on 2 CPU cores
     python benchmarks/bench_curvature_defaults.py --device cuda
     python benchmarks/bench_curvature_defaults.py --parts top   # one comparison: top, trace or density
 

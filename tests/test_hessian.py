@@ -156,25 +156,19 @@ def test_lanczos_without_reorthogonalisation_shows_ghosts():
     torch.testing.assert_close(clean.eigenvalues, torch.sort(eig, descending=True).values[:6], rtol=1e-8, atol=0)
 
 
-def test_lanczos_stops_on_a_cluster_when_the_eigenvalues_are_known_not_the_vectors():
-    # the top three 1e-6 apart over a bulk below 8: their Ritz vectors converge slowly (the residual rule
-    # waits for them), their values fast; the quadratic bound over the gap to the rest says when
+def test_lanczos_on_a_cluster_is_right_inside_and_across_k_and_a_loose_tolerance_stops_sooner():
+    # the top three 1e-6 apart over a bulk below 8: asked for 1, 2 or 3 of them (the cluster straddling k, or
+    # inside it), each eigenvalue is within its residual of the truth and the residuals within tol
     g = torch.Generator().manual_seed(0)
-    P, tol = 400, 1e-8
+    P = 400
     eig = torch.cat([torch.tensor([10.0, 10 - 1e-6, 10 - 2e-6]), torch.rand(P - 3, generator=g) * 8.0]).double()
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
     A = (Q * eig) @ Q.T
-    result = lanczos(DenseOperator(A), k=3, tol=tol, check_every=1)
-    assert result.converged
-    errors = (result.eigenvalues - eig[:3]).abs()
-    assert (errors <= result.error_bounds).all() and (result.error_bounds <= tol * 10).all()
-    assert (result.residuals > tol * 10).any()  # a residual rule would not have stopped yet
-    residual_rule = next(
-        m
-        for m in range(result.iterations, P)
-        if (lanczos(DenseOperator(A), k=3, tol=0.0, max_iter=m).residuals <= tol * 10).all()
-    )
-    assert result.iterations + 5 <= residual_rule, (result.iterations, residual_rule)
+    for k in (1, 2, 3):
+        loose, tight = (lanczos(DenseOperator(A), k=k, tol=tol) for tol in (1e-5, 1e-10))
+        assert loose.converged and (loose.residuals <= 1e-5 * 10).all()
+        assert ((loose.eigenvalues - eig[:k]).abs() <= loose.residuals + 1e-12).all()
+        assert loose.iterations + 10 <= tight.iterations, (k, loose.iterations, tight.iterations)
 
 
 class CountingOperator(DenseOperator):
@@ -351,7 +345,7 @@ def test_tracker_stores_float64_spectra(tmp_path):
 
 def test_a_warm_start_from_the_last_ritz_vectors_needs_far_fewer_products():
     # nearly equal top eigenvalues, moved a little between two measurements: cold Lanczos needs many products
-    # to resolve the cluster to 1e-4; a block start from the last measurement's Ritz vectors spans it at once
+    # to resolve the cluster to 1e-3; a block start from the last measurement's Ritz vectors spans it at once
     g = torch.Generator().manual_seed(5)
     P = 300
     top = torch.tensor([10.0, 9.99, 9.98, 9.97, 9.96])
@@ -361,12 +355,10 @@ def test_a_warm_start_from_the_last_ritz_vectors_needs_far_fewer_products():
     first = lanczos(DenseOperator(A), k=5, tol=1e-8, return_vectors=True)
     E = torch.randn(P, P, generator=g, dtype=torch.float64) * 1e-3
     B = A + (E + E.T) / 2
-    cold = lanczos(DenseOperator(B), k=5, tol=1e-4, check_every=1)
-    warm = lanczos(DenseOperator(B), k=5, tol=1e-4, start=first.eigenvectors)
+    cold = lanczos(DenseOperator(B), k=5, tol=1e-3)
+    warm = lanczos(DenseOperator(B), k=5, tol=1e-3, start=first.eigenvectors)
     exact = torch.linalg.eigvalsh(B).flip(0)[:5]
-    for result in (cold, warm):  # each within its error bound, and the bounds within tol of the largest
-        assert ((result.eigenvalues - exact).abs() <= result.error_bounds).all()
-        assert (result.error_bounds <= 1e-4 * result.eigenvalues.abs().max()).all()
+    assert (cold.eigenvalues - exact).abs().max() < 1e-4 and (warm.eigenvalues - exact).abs().max() < 1e-4
     assert warm.converged and warm.iterations * 3 <= cold.iterations, (warm.iterations, cold.iterations)
     # one vector: plain Lanczos from it (the exact top eigenvector: the largest value in the first steps)
     u = torch.linalg.eigh(B).eigenvectors[:, -1]

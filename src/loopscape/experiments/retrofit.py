@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from loopscape.config import ConfigError, require, require_seeds, to_dict
+from loopscape.config import ConfigError, require, require_fits, require_seeds, to_dict
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.extras import require_extra
 from loopscape.integrations.loopify import looped_layers, loopify
@@ -204,10 +204,11 @@ class TaskData:
         labels = torch.cat([torch.full_like(pad, -100), torch.where(b.mask, b.targets, -100)], 1)
         return torch.cat([b.inputs, pad], 1), labels
 
-    def coupling_batches(self, seed: int) -> list[dict]:
-        """One row of each training length, fixed by the seed: the data :func:`loop_coupling` reads."""
-        rows = [self.labelled(n, 1, seed * 1000 + 500 + n) for n in range(1, self.cfg.train_max_len + 1)]
-        return [{"input_ids": x, "labels": y} for x, y in rows]
+    def coupling_batches(self, seed: int, rows: int = 8) -> list[dict]:
+        """``rows`` rows of the longest training length, fixed by the seed, as one batch: the data
+        :func:`loop_coupling` reads (one batch, so each product is one forward)."""
+        inputs, labels = self.labelled(self.cfg.train_max_len, rows, seed * 1000 + 500)
+        return [{"input_ids": inputs, "labels": labels}]
 
 
 class TextData:
@@ -360,14 +361,18 @@ def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> di
 
 def loop_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, seed: int) -> dict:
     """The loss Hessian over ``cfg.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`),
-    exact, on one row of each training length: the shapes of the tied Hessian against its diagonal blocks
-    (``reporting.hessian.coupling_summary``)."""
+    exact, on 8 fixed rows of the longest training length: the shapes of the tied Hessian against its diagonal
+    blocks (``reporting.hessian.coupling_summary``)."""
     from loopscape.landscape.loops import loop_hessian
     from loopscape.reporting.hessian import coupling_summary
 
+    training = model.training
     model.eval()
-    lh = loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params)
-    return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+    try:
+        lh = loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params)
+        return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+    finally:
+        model.train(training)
 
 
 def check_coupling_params(cfg: RetrofitConfig, data: TaskData | TextData) -> None:
@@ -388,6 +393,10 @@ def check_coupling_params(cfg: RetrofitConfig, data: TaskData | TextData) -> Non
         f"a name pattern of looped weights only, e.g. {looped[0]!r}",
         cfg.loop_coupling_params,
     )
+    named = dict(model.named_parameters())
+    P = sum(named[n].numel() for n in chosen)
+    # the split is exact: dense full and diagonal parts and their difference, float64, and eigh's copies
+    require_fits(8 * 6 * P * P, "loop_coupling_params", cfg.loop_coupling_params, f"a dense {P:,} x {P:,} split")
 
 
 def save_model(model: torch.nn.Module, folder: Path) -> None:
@@ -609,8 +618,8 @@ def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = Tru
                 f"## The Hessian split by loop pairs (over `{cfg.loop_coupling_params}`)",
                 "",
                 f"On the final shift and scratch models (layers {cfg.loop_layers[0]}..{cfg.loop_layers[1] - 1} "
-                f"looped {cfg.n_loops} times), exact, on one row of each training length: 'diagonal' = the sum of "
-                "the H_tt (an untied, unrolled model), 'cross' = what tying the loops adds. Per seed: "
+                f"looped {cfg.n_loops} times), exact, on 8 fixed rows of length {cfg.train_max_len}: 'diagonal' = "
+                "the sum of the H_tt (an untied, unrolled model), 'cross' = what tying the loops adds. Per seed: "
                 f"{COUPLING_RULE.split(', with ', 1)[1]}. Over seeds: {COUPLING_SEEDS_RULE}.",
                 "",
                 coupling_seeds_table(coupling),

@@ -11,7 +11,7 @@ a module, a list), the rest held fixed. On the model's device, leaving the model
 as it was.
 
 The defaults take the fast path where it fits: products in the model's precision
-(``dtype=None``; Krylov arithmetic is float64 whatever it is) through the kept
+(``dtype=None``, at least float32; Krylov arithmetic is float64 whatever it is) through the kept
 gradient graph when its memory fits the operator's budget (``cache_graph=None``).
 ``dtype=torch.float64`` (with a tight ``tol``) gives exact-arithmetic answers on small
 models. Each call logs the path it took (logger ``loopscape.landscape``) and, with
@@ -48,8 +48,13 @@ def hessian_operator(
     model: nn.Module, data, params=None, dtype: torch.dtype | None = None, cache_graph: bool | None = None, **options
 ) -> HessianOperator:
     """The Hessian of ``model``'s loss over ``data`` as a linear operator (``options``: those of
-    :class:`HessianOperator`). ``data``: batches, or one batch. ``dtype=None``: the model's precision;
-    ``cache_graph=None``: keep the gradient graph if it fits (``H.path`` says which)."""
+    :class:`HessianOperator`). ``data``: batches, or one batch. ``dtype=None``: the model's precision, at
+    least float32 (a bfloat16 product is good to 1e-2 or so); ``cache_graph=None``: keep the gradient graph if
+    it fits (``H.path`` says which)."""
+    if dtype is None:
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if first is not None and first.dtype.itemsize < 4:
+            dtype = torch.float32
     return HessianOperator(model, as_batch_list(data), dtype=dtype, params=params, cache_graph=cache_graph, **options)
 
 
@@ -58,7 +63,9 @@ def _reported(H: HessianOperator, what: str, verbose: bool | None) -> Iterator[N
     """Say which path ``H`` takes, and show its products on a progress bar while the block runs."""
     line = f"{what}: {H.shape[0]:,} parameters, {H.path}"
     log.info(line)
-    if not (sys.stderr.isatty() if verbose is None else verbose):
+    if verbose is None:
+        verbose = sys.stderr is not None and sys.stderr.isatty()
+    if not verbose:
         yield
         return
     console = Console(stderr=True)
@@ -86,11 +93,10 @@ def top_eigenvalues(
     verbose: bool | None = None,
     **options,
 ) -> torch.Tensor | LanczosResult:
-    """The ``k`` largest eigenvalues, largest first, each within ``tol`` times the largest
-    (Lanczos with full re-orthogonalisation; :func:`~loopscape.landscape.linalg.lanczos`'s stopping
-    rule). The default 1e-5 is about what float32 products resolve. ``eigenvectors=True``: the whole
-    :class:`LanczosResult` (Ritz vectors, residuals, error bounds, products), each vector's residual
-    within ``tol`` of the largest eigenvalue too (slower on close eigenvalues). ``block`` > 1: block
+    """The ``k`` largest eigenvalues, largest first, by Lanczos with full re-orthogonalisation, to a
+    residual of ``tol`` times the largest (:func:`~loopscape.landscape.linalg.lanczos`). The default 1e-5 is
+    about what float32 products resolve. ``eigenvectors=True``: the whole
+    :class:`LanczosResult` (Ritz vectors, residuals, ``iterations``: the products). ``block`` > 1: block
     Lanczos, each step one batched product of ``block`` columns (worth it where such a batch costs
     about one product)."""
     H = hessian_operator(model, data, params, dtype, cache_graph, **options)

@@ -51,6 +51,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-
 # a batched product through the gradient's graph holds about this many copies of the forward's saved
 # activations per column (an estimate, for sizing chunks: the double backward makes a gradient for each)
 COLUMN_COPIES = 3
+# a kept gradient graph holds the forward's saved activations and the backward's: about this many copies
+GRAPH_COPIES = 2
 
 
 class StochasticLossError(RuntimeError):
@@ -249,8 +251,9 @@ class HessianOperator:
             (reverse-over-reverse; :meth:`matmat` as one batched backward)
             instead of a fresh forward-over-reverse pass: faster per product
             (docs/curvature.md), at the memory of one training step over the
-            whole dataset. Off by default; ``None`` keeps it when that memory (estimated from
-            one recorded forward) fits in ``memory_budget``.
+            whole dataset. Off by default; ``None`` keeps it when that memory and one product's
+            (estimated from one recorded forward) fit in ``memory_budget``; batched products then
+            share what the graph leaves of it.
 
     ``path`` says which way products are taken (kept graph or not, and why; the products' type);
     ``products`` counts the products taken so far (one per column), and ``on_products``, when
@@ -414,7 +417,9 @@ class HessianOperator:
     def columns_per_product(self) -> int:
         """Columns per batched product: ``chunk_size``, or what ``memory_budget`` holds."""
         if self._columns is None:
-            self._columns = max(1, int(self._budget() // (COLUMN_COPIES * self._saved_bytes())))
+            saved = self._saved_bytes()
+            budget = self._budget() - (GRAPH_COPIES * saved if self._graph is not None else 0)  # the kept graph's
+            self._columns = max(1, int(budget // (COLUMN_COPIES * saved)))
         return self._columns
 
     def _budget(self) -> int:
@@ -428,11 +433,10 @@ class HessianOperator:
         """Whether to keep the gradient's graph (``None``: if it fits the budget), and a line saying so."""
         why = ""
         if cache_graph is None:
-            # the kept graph holds the forward's activations and the backward's, and each product's
-            # backward through it about as much again: COLUMN_COPIES times the forward's
-            need, budget = COLUMN_COPIES * self._saved_bytes(), self._budget()
+            # the kept graph, and one product's backward through it
+            need, budget = (GRAPH_COPIES + COLUMN_COPIES) * self._saved_bytes(), self._budget()
             cache_graph = need <= budget
-            why = f" (the kept graph: about {_mib(need)}, budget {_mib(budget)})"
+            why = f" (graph and a product: about {_mib(need)}, budget {_mib(budget)})"
         how = (
             "one backward per product through the kept gradient graph"
             if cache_graph

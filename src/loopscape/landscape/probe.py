@@ -32,6 +32,7 @@ from loopscape.landscape.spectrum import matrix_entropy, mutual_information, sha
 
 PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number of parameters)
 WARM_TOL = 1e-3  # the warm-started top k's tolerance (benchmarks/bench_warm_start.py's)
+WARM_MAX_ITER = 200  # and the most products it may take inside a training loop
 
 
 class CurvatureProbe:
@@ -39,7 +40,8 @@ class CurvatureProbe:
     Trainer's ``save_steps`` and ``logging_steps``); ``k``: top eigenvalues (at most ``n_steps``);
     ``params``: which parameters (``HessianOperator``'s ``params``); ``n_probes`` x ``n_steps``: the
     products of one measurement; ``dtype``: the products' (``None``: the model's);
-    ``warm_start``: also take the top ``k`` by Lanczos to ``WARM_TOL``, each measurement started from the
+    ``warm_start``: also take the top ``k`` by Lanczos to ``WARM_TOL`` (at most ``WARM_MAX_ITER`` products),
+    each measurement started from the
     last one's Ritz vectors (a block start; the first, and the first after a resume, start cold), and report
     those, with the products they took (``top_products``). Off by default: along a real training run it
     took more products than a cold start, not fewer (docs/curvature.md, "Tracking from the last
@@ -96,8 +98,10 @@ class CurvatureProbe:
             density = slq_density(H, n_probes=self.n_probes, n_steps=min(self.n_steps, P), seed=step)
             top, residuals = density.top(min(self.k, P))
             if self.warm_start:
-                start = self._ritz if self._ritz is not None and self._ritz.shape[0] == P else None
-                warm = lanczos(H, k=min(self.k, P), tol=WARM_TOL, start=start, return_vectors=True, seed=step)
+                k, limit = min(self.k, P), min(P, WARM_MAX_ITER)
+                fits = self._ritz is not None and self._ritz.shape[0] == P and self._ritz.shape[1] <= limit - k
+                start = self._ritz if fits else None  # else cold: a block start needs room for k more
+                warm = lanczos(H, k=k, tol=WARM_TOL, start=start, return_vectors=True, seed=step, max_iter=limit)
                 top, residuals, self._ritz = warm.eigenvalues, warm.residuals, warm.eigenvectors
         finally:
             model.train(training)
@@ -143,6 +147,7 @@ class CurvatureProbe:
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = [dict(r) for r in state["rows"]]
+        self._ritz = None  # not kept in the state: the first measurement after a resume starts cold
         self._previous = None if state["previous"] is None else np.asarray(state["previous"], dtype=np.float64)
         if self.folder is not None:  # the file says what the state says (a resume cuts it back)
             self.folder.mkdir(parents=True, exist_ok=True)
