@@ -388,3 +388,20 @@ def test_a_warm_started_probe_takes_its_top_from_the_last_ritz_vectors():
     assert warm["top_products"] <= 2 * 3 < cold["top_products"], (cold["top_products"], warm["top_products"])
     plain = CurvatureProbe(batches, every=1, k=3, params=params).measure(model, 1)
     assert "top_products" not in plain
+
+
+def test_a_half_precision_model_gets_float32_products_and_a_small_warm_probe_starts_cold():
+    model, batches = tiny_gpt2(), hf_batches()
+    assert hessian_operator(model.to(torch.bfloat16), batches, params="transformer.h.0.ln_1.*").dtype == torch.float32
+    from loopscape.landscape.probe import CurvatureProbe
+
+    # 16 weights, k = 10: the last 10 Ritz vectors leave no room for a block start (16 < 10 + 10), so each
+    # measurement starts cold instead of failing in the middle of training; a resumed probe forgets its vectors
+    probe = CurvatureProbe(batches, every=1, k=10, n_steps=12, params="transformer.h.0.ln_1.*", warm_start=True)
+    model = tiny_gpt2()
+    first, second = probe.measure(model, 1), probe.measure(model, 2)
+    largest = max(first["top_eigenvalues"])
+    assert first["top_eigenvalues"] == pytest.approx(second["top_eigenvalues"], abs=1e-4 * largest)  # float32
+    assert first["top_products"] <= 16 and second["top_products"] <= 16  # cold: from one vector, within P
+    probe.load_state_dict(probe.state_dict())
+    assert probe._ritz is None

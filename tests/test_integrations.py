@@ -446,6 +446,18 @@ def test_retrofit_splits_the_looped_models_hessian_by_loop_pairs(tmp_path):
     )
 
 
+def test_retrofit_refuses_a_split_too_big_to_be_dense_before_training(monkeypatch):
+    import loopscape.config
+    from loopscape.config import ConfigError
+    from loopscape.experiments.retrofit import RetrofitConfig, TaskData, check_coupling_params
+
+    cfg = RetrofitConfig(d_model=16, n_heads=2, n_layers=3, loop_layers=[1, 2], loop_coupling_params="model.layers.1.*")
+    check_coupling_params(cfg, TaskData(cfg))  # fits this machine
+    monkeypatch.setattr(loopscape.config, "machine_memory", lambda: 2**20)  # a machine of 1 MiB
+    with pytest.raises(ConfigError, match=r"^loop_coupling_params must be small enough to fit in memory \(a dense "):
+        check_coupling_params(cfg, TaskData(cfg))
+
+
 def test_sampled_depth_draws_the_same_counts_everywhere_and_switches_once():
     a = ShiftSchedule.sampled_depth(4, at=10, seed=3)
     b = ShiftSchedule.sampled_depth(4, at=10, seed=3)
