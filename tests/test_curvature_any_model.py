@@ -328,6 +328,17 @@ def test_new_user_inputs_get_an_answer_or_one_line():
     ):
         hessian_operator(model, [(x, y)], params="0.*")
     model[0].requires_grad_(True)
+    # too few products for Hutch++'s thirds, an integer dtype and a bare tensor as a batch: one line each
+    with pytest.raises(
+        ValueError, match=r"^n_matvecs must be an integer >= 9: three thirds of at least 3 products \(got 2\)$"
+    ):
+        hessian_trace(model, [(x, y)], n_matvecs=2)
+    with pytest.raises(
+        ValueError, match=r"^dtype must be a floating torch dtype or None \(the model's\) \(got torch\.int64\)$"
+    ):
+        top_eigenvalues(model, [(x, y)], k=1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"\(got a tuple of 1 Tensor\)$"):
+        top_eigenvalues(model, [x], k=1)
     # the module is the module
     assert inspect.ismodule(importlib.import_module("loopscape.landscape.hessian"))
     import loopscape.landscape.hessian as module

@@ -158,6 +158,12 @@ def test_bad_inputs_are_one_line():
     lh = loop_hessian(toy, data)
     with pytest.raises(ValueError, match=r"^t must be a loop index from 0 to 1 \(got 2\)"):
         lh.block(0, 2)
+    for k in (0, lh.shape[0] + 1):
+        with pytest.raises(
+            ValueError,
+            match=rf"^k must be an integer between 1 and the number of weights split \({lh.shape[0]}\) \(got {k}\)$",
+        ):
+            lh.measure(k=k)
     assert single_attn(vocab_size=3, max_len=5).n_loops == 1
 
 

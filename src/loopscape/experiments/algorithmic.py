@@ -228,7 +228,11 @@ def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicSt
         params=config.loop_coupling_params,
         loss_fn=scored_rows_loss,
     )
-    return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+    return {
+        "n_loops": lh.n_loops,
+        "params": lh.shape[0],
+        **coupling_summary(lh.measure(k=min(5, lh.shape[0]), exact=True)),
+    }
 
 
 def run_algorithmic(

@@ -370,7 +370,11 @@ def loop_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, s
     model.eval()
     try:
         lh = loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params)
-        return {"n_loops": lh.n_loops, "params": lh.shape[0], **coupling_summary(lh.measure(k=5, exact=True))}
+        return {
+            "n_loops": lh.n_loops,
+            "params": lh.shape[0],
+            **coupling_summary(lh.measure(k=min(5, lh.shape[0]), exact=True)),
+        }
     finally:
         model.train(training)
 

@@ -192,9 +192,12 @@ def _read_batches(batches: Iterable, distributed: bool = False) -> list[tuple[st
         elif isinstance(b, (tuple, list)) and len(b) in (2, 3) and all(isinstance(t, torch.Tensor) for t in b):
             out.append(("tuple", tuple(b)))
         else:
+            got = type(b).__name__
+            if isinstance(b, (tuple, list)):
+                got += f" of {len(b)} " + ", ".join(sorted({type(t).__name__ for t in b}))
             raise ValueError(
                 "batches must be (inputs, targets), (inputs, targets, weights) or dict batches with labels "
-                f"(got a {type(b).__name__})"
+                f"(got a {got})"
             )
     if not out:
         raise ValueError("batches must hold at least one batch (got none)")
@@ -280,6 +283,8 @@ class HessianOperator:
         self.loss_fn = loss_fn
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self._columns = chunk_size  # columns per batched product, sized on first use when None
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype or None (the model's) (got {dtype!r})")
         chosen = set(select_parameters(model, params))
         named = [(n, p) for n, p in model.named_parameters() if n in chosen]
         self.names = [n for n, _ in named]

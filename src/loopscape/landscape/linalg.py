@@ -503,8 +503,10 @@ class TraceEstimate:
 def hutchpp_trace(op, n_matvecs: int = 60, seed: int = 0) -> TraceEstimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): exact trace on a sketched
     top subspace plus Hutchinson on the rest, ``n_matvecs`` products in all."""
+    if not isinstance(n_matvecs, int) or isinstance(n_matvecs, bool) or n_matvecs < 9:
+        raise ValueError(f"n_matvecs must be an integer >= 9: three thirds of at least 3 products (got {n_matvecs!r})")
     P = op.shape[0]
-    m = max(3, n_matvecs // 3)
+    m = n_matvecs // 3
     g = torch.Generator().manual_seed(seed)
     device = _krylov_device(op)
     S = (torch.randint(0, 2, (P, m), generator=g).double() * 2 - 1).to(device)

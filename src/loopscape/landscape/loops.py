@@ -157,7 +157,8 @@ class LoopHessian:
 
         P = self.shape[0]
         exact = P <= 2000 if exact is None else exact
-        k = min(k, P)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= P:
+            raise ValueError(f"k must be an integer between 1 and the number of weights split ({P}) (got {k!r})")
         parts = {"full": self.full(), "diagonal": self.diagonal(), "cross": self.cross()}
         out: dict = {"n_loops": self.n_loops, "params": P, "exact": exact}
         if exact:
