@@ -327,6 +327,10 @@ def test_new_user_inputs_get_an_answer_or_one_line():
         ValueError, match=r"^params selects only frozen parameters \(requires_grad=False\), e\.g\. '0\.weight'"
     ):
         hessian_operator(model, [(x, y)], params="0.*")
+    model[2].bias.requires_grad_(False)  # frozen inside a pattern (with layer 0): measured without, and said so
+    assert hessian_operator(model, [(x, y)], params="*").path.endswith("; 18 frozen weights it matched left out")
+    assert hessian_operator(model, [(x, y)]).path.endswith(" products")  # the default: every trainable weight
+    model[2].bias.requires_grad_(True)
     model[0].requires_grad_(True)
     # too few products for Hutch++'s thirds, an integer dtype and a bare tensor as a batch: one line each
     with pytest.raises(

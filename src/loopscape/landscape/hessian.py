@@ -311,6 +311,9 @@ class HessianOperator:
         self.products, self.on_products = 0, None
         self._saved: int | None = None
         cache_graph, self.path = self._choose_path(cache_graph)
+        if params is not None:  # a selection that also matched frozen weights says it left them out
+            frozen = sum(p.numel() for n, p in model.named_parameters() if n in set(_frozen_matches(model, params)))
+            self.path += f"; {frozen:,} frozen weights it matched left out" if frozen else ""
         with self._guard():  # one guard: the second pass below draws fresh random numbers
             if cache_graph:  # H v = the vjp of the gradient: the gradient's graph is recorded once, here
                 with torch.enable_grad():
