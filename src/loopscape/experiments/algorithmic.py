@@ -212,9 +212,9 @@ def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
 def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicStudyConfig, rows: int = 8) -> dict:
     """The loss Hessian over ``config.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`)
     on ``rows`` fixed rows of the training lengths, each read at its own ``T(n)``: cross-loop shares and the valley
-    shapes of the tied Hessian against its diagonal blocks (``reporting.hessian.coupling_summary``)."""
+    shapes of the tied Hessian against its diagonal blocks (``reporting.hessian.final_model_coupling``)."""
     from loopscape.landscape.loops import loop_hessian
-    from loopscape.reporting.hessian import coupling_summary
+    from loopscape.reporting.hessian import final_model_coupling
     from loopscape.training.algorithmic import ScoredRows, scored_rows_loss
 
     g = torch.Generator().manual_seed(config.seed * 1000 + 17)
@@ -228,11 +228,7 @@ def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicSt
         params=config.loop_coupling_params,
         loss_fn=scored_rows_loss,
     )
-    return {
-        "n_loops": lh.n_loops,
-        "params": lh.shape[0],
-        **coupling_summary(lh.measure(k=min(5, lh.shape[0]), exact=True)),
-    }
+    return final_model_coupling(lh)
 
 
 def run_algorithmic(

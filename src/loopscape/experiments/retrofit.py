@@ -44,11 +44,12 @@ from loopscape.integrations.loopify import looped_layers, loopify
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.models.looped_gpt import exact_match
 from loopscape.reporting.hessian import (
-    COUPLING_RULE,
     COUPLING_SEEDS_RULE,
+    COUPLING_SHAPES_RULE,
     coupling_over_seeds,
     coupling_seeds_row,
     coupling_seeds_table,
+    final_model_coupling,
 )
 from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
 from loopscape.reporting.stats import mean_sd_se
@@ -362,19 +363,13 @@ def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> di
 def loop_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, seed: int) -> dict:
     """The loss Hessian over ``cfg.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`),
     exact, on 8 fixed rows of the longest training length: the shapes of the tied Hessian against its diagonal
-    blocks (``reporting.hessian.coupling_summary``)."""
+    blocks (``reporting.hessian.final_model_coupling``)."""
     from loopscape.landscape.loops import loop_hessian
-    from loopscape.reporting.hessian import coupling_summary
 
     training = model.training
     model.eval()
     try:
-        lh = loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params)
-        return {
-            "n_loops": lh.n_loops,
-            "params": lh.shape[0],
-            **coupling_summary(lh.measure(k=min(5, lh.shape[0]), exact=True)),
-        }
+        return final_model_coupling(loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params))
     finally:
         model.train(training)
 
@@ -624,7 +619,7 @@ def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = Tru
                 f"On the final shift and scratch models (layers {cfg.loop_layers[0]}..{cfg.loop_layers[1] - 1} "
                 f"looped {cfg.n_loops} times), exact, on 8 fixed rows of length {cfg.train_max_len}: 'diagonal' = "
                 "the sum of the H_tt (an untied, unrolled model), 'cross' = what tying the loops adds. Per seed: "
-                f"{COUPLING_RULE.split(', with ', 1)[1]}. Over seeds: {COUPLING_SEEDS_RULE}.",
+                f"{COUPLING_SHAPES_RULE}. Over seeds: {COUPLING_SEEDS_RULE}.",
                 "",
                 coupling_seeds_table(coupling),
             ]

@@ -312,7 +312,8 @@ class HessianOperator:
         self._saved: int | None = None
         cache_graph, self.path = self._choose_path(cache_graph)
         if params is not None:  # a selection that also matched frozen weights says it left them out
-            frozen = sum(p.numel() for n, p in model.named_parameters() if n in set(_frozen_matches(model, params)))
+            left_out = set(_frozen_matches(model, params))
+            frozen = sum(p.numel() for n, p in model.named_parameters() if n in left_out)
             self.path += f"; {frozen:,} frozen weights it matched left out" if frozen else ""
         with self._guard():  # one guard: the second pass below draws fresh random numbers
             if cache_graph:  # H v = the vjp of the gradient: the gradient's graph is recorded once, here
@@ -448,7 +449,7 @@ class HessianOperator:
         how = (
             "one backward per product through the kept gradient graph"
             if cache_graph
-            else ("a forward-over-reverse pass per product")
+            else "a forward-over-reverse pass per product"
         )
         return cache_graph, f"{how}{why}, {str(self.dtype).removeprefix('torch.')} products"
 

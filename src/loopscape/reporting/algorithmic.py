@@ -14,8 +14,8 @@ from loopscape.io import atomic_write_text, read_jsonl
 from loopscape.reporting.curvature import curvature_section, read_curves, tracking_cost
 from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.hessian import (
-    COUPLING_RULE,
     COUPLING_SEEDS_RULE,
+    COUPLING_SHAPES_RULE,
     coupling_over_seeds,
     coupling_seeds_row,
     coupling_seeds_table,
@@ -250,7 +250,7 @@ def algorithmic_section(out: Path, results: dict, anchor: str = "algorithmic") -
             "",
             "The loss Hessian over `" + str(cfg.get("loop_coupling_params")) + "` split by loop pairs (8 fixed rows "
             "of the training lengths, each at its T(n)): 'diagonal' = the sum of the H_tt (an untied, unrolled "
-            "model), 'cross' = what tying the loops adds. Rule: " + COUPLING_RULE.split(", with ", 1)[1] + ".",
+            "model), 'cross' = what tying the loops adds. Rule: " + COUPLING_SHAPES_RULE + ".",
             "",
             "| paradigm | loops | weights | cross share of trace | of top eigenvalue | full kappa, shape | "
             "diagonal kappa, shape | V-valley from coupling |",
@@ -526,7 +526,7 @@ def write_seeds_report(out: Path, runs: dict[int, dict], summary: dict) -> None:
                     "The loss Hessian over `" + str(runs[min(runs)]["config"].get("loop_coupling_params")) + "` split "
                     "by loop pairs on each seed's final model (8 fixed rows of the training lengths, each at its "
                     "T(n)); 'diagonal' = the sum of the H_tt (an untied, unrolled model), 'cross' = what tying adds. "
-                    f"Per seed: {COUPLING_RULE.split(', with ', 1)[1]}. Over seeds: {COUPLING_SEEDS_RULE}.",
+                    f"Per seed: {COUPLING_SHAPES_RULE}. Over seeds: {COUPLING_SEEDS_RULE}.",
                     "",
                     coupling_seeds_table({NAMES[p]: c for p, c in summary["loop_coupling"].items()}),
                 ]

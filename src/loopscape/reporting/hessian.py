@@ -255,12 +255,12 @@ def hessian_markdown(verdict: dict, land: dict, n_bins: int) -> str:
 
 
 # -- the Hessian split by loop pairs (landscape.loops) ------------------------------------------------------
-COUPLING_RULE = (
-    f"at Looped-Attn's last tracked epoch (past {PHASE_EPOCH}), with Definition 1's shapes (delta = 1): holds "
-    "if the tied Hessian (full) is V-shaped and the sum of its diagonal loop blocks (what an untied, "
-    "unrolled model sees) is U-shaped; partly if both are V-shaped and full's kappa is at least 10x "
-    "diagonal's; fails otherwise"
+COUPLING_SHAPES_RULE = (
+    "Definition 1's shapes (delta = 1): holds if the tied Hessian (full) is V-shaped and the sum of its diagonal "
+    "loop blocks (what an untied, unrolled model sees) is U-shaped; partly if both are V-shaped and full's kappa "
+    "is at least 10x diagonal's; fails otherwise"
 )
+COUPLING_RULE = f"at Looped-Attn's last tracked epoch (past {PHASE_EPOCH}), with {COUPLING_SHAPES_RULE}"
 
 
 def shape_verdict(m: dict) -> str:
@@ -323,6 +323,16 @@ def coupling_seeds_row(claim: str, name: str, c: dict) -> dict:
         "conjectured, not shown",
         c["verdict"],
     )
+
+
+def final_model_coupling(lh, k: int = 5) -> dict:
+    """A final model's exact split (``lh``: a :class:`~loopscape.landscape.loops.LoopHessian`) as a study keeps
+    it: its loops and weights, and :func:`coupling_summary` of the top ``k`` (at most the weights)."""
+    return {
+        "n_loops": lh.n_loops,
+        "params": lh.shape[0],
+        **coupling_summary(lh.measure(k=min(k, lh.shape[0]), exact=True)),
+    }
 
 
 def coupling_summary(m: dict) -> dict:
