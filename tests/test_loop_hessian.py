@@ -1,5 +1,6 @@
 """The Hessian split by loop pairs: blocks against the dense tied Hessian, by hand, on every looped model."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -167,18 +168,21 @@ def test_bad_inputs_are_one_line():
     assert single_attn(vocab_size=3, max_len=5).n_loops == 1
 
 
-def test_the_coupling_rule_comes_out_every_way():
-    from loopscape.reporting.hessian import coupling_row, coupling_verdict
+def test_full_and_diagonal_are_cut_at_one_eps_and_compared_over_the_grid():
+    """measure() cuts every part at one eps (1e-3 x full's largest |lambda|); coupling_curves compares kappa of
+    full and diagonal at each eps of the grid relative to full's largest |lambda|, by hand on given spectra."""
+    from loopscape.reporting.hessian import coupling_curves
 
-    def run(epoch, full, diag, kf=50.0, kd=1.5):
-        row = {"epoch": epoch, "full_shape": full, "diagonal_shape": diag, "full_kappa": kf, "diagonal_kappa": kd}
-        row |= {"cross_share_trace": 0.3, "cross_share_top": 0.6}
-        return {"single_attn": {"n_loops": 1, "rows": []}, "looped_attn": {"n_loops": 3, "rows": [row]}}
-
-    assert coupling_verdict(run(600, "V", "U"))["verdict"] == "holds"
-    assert coupling_verdict(run(600, "V", "V", kf=500.0, kd=20.0))["verdict"] == "partly"
-    assert coupling_verdict(run(600, "V", "V", kf=500.0, kd=100.0))["verdict"] == "fails"
-    assert coupling_verdict(run(600, "U", "U"))["verdict"] == "fails"
-    short = coupling_verdict(run(40, "V", "U"))
-    assert short["verdict"] == "not tested" and "tracked to epoch 40" in short["reason"]
-    assert coupling_row(coupling_verdict(run(600, "V", "U")))["verdict"] == "holds"
+    model = looped_attn(n_loops=3, vocab_size=3, max_len=3).double()
+    x = torch.randint(0, 3, (6, 3), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    m = loop_hessian(model, [(x, y)]).measure(k=2, exact=True)
+    top = max(abs(e) for e in m["full"]["eigenvalues"])
+    assert m["full"]["valley"]["eps"] == m["diagonal"]["valley"]["eps"] == pytest.approx(1e-3 * top)
+    given = {"full": {"eigenvalues": [100.0, 10.0, 1.0, 0.0]}, "diagonal": {"eigenvalues": [50.0, 25.0, 10.0, 0.0]}}
+    c = coupling_curves(given)
+    # eps = 1e-4 x 100 = 0.01: full's valley 100..1 (kappa 100), diagonal's 50..10 (kappa 5)
+    assert c["kappa_curves"]["full"][0] == pytest.approx(100.0) and c["kappa_curves"]["diagonal"][0] == 5.0
+    # eps = 0.1 x 100 = 10: full's valley is 100 alone (kappa 1), diagonal's 50, 25 (kappa 2): the smallest ratio
+    assert c["kappa_curves"]["full"][-1] == 1.0 and c["kappa_curves"]["diagonal"][-1] == 2.0
+    assert c["min_log10_ratio"] == pytest.approx(np.log10(0.5))

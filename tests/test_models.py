@@ -87,3 +87,23 @@ def test_normalise_by_length_is_f_divided_by_n(n_loops):
             scaled.W_V.div_(n)
         torch.testing.assert_close(mean(x), scaled(x))
         assert not torch.allclose(mean(x), plain(x))
+
+
+def test_the_untied_control_starts_as_the_same_function_with_its_own_weights_per_loop():
+    """untied_like: every loop a copy of Looped-Attn's W_Q, W_K, W_V (the same outputs at the start), and after one
+    gradient step the loops differ (nothing shared), while the tied model's three loops stay one matrix."""
+    import torch.nn.functional as F
+
+    from loopscape.models.linear_attn import looped_attn, untied_like
+
+    torch.manual_seed(0)
+    tied = looped_attn(n_loops=3, vocab_size=3, max_len=3, positions="cyclic_end").double()
+    untied = untied_like(tied).double()
+    x = torch.randint(0, 3, (16, 3))
+    y = torch.randint(0, 3, (16,))
+    assert torch.equal(tied(x), untied(x))
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + 2 * 3 * 36
+    F.cross_entropy(untied(x), y).backward()
+    g1, g2 = untied.loop_weights(1)[0].grad, untied.loop_weights(2)[0].grad
+    assert g1 is not None and g2 is not None and not torch.allclose(g1, g2)
+    assert untied.looped_parameters() == []

@@ -118,12 +118,18 @@ def reproduce(
         help="Everything on a small scale (about 50 s on 2 cores; for CI and a first look). "
         "Numbers are not comparable to the paper's.",
     ),
+    languages: int | None = typer.Option(
+        None,
+        "--languages",
+        help="Run the whole report on each of the K best-fitting eligible languages and give every verdict as a "
+        "distribution over them (OUT/languages.md; K full runs).",
+    ),
     resume: bool = ResumeOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole Markov section of the paper: sample-level and Hessian study, theory, SHIFT (Figure 4),
     length generalisation (Table 1), as one HTML report."""
-    from loopscape.experiments.reproduce import ReproduceConfig, run_reproduce
+    from loopscape.experiments.reproduce import ReproduceConfig, run_over_languages, run_reproduce
 
     try:
         files = [preset_file("reproduce-quick.yaml")] if quick else []
@@ -131,6 +137,11 @@ def reproduce(
             ReproduceConfig, files + ([config] if config else []), overrides(set_, **{"markov.seeds": seeds})
         )
         out = _output("reproduce", output, resume)
+        if languages is not None:
+            result = run_over_languages(cfg, out, languages, resume=resume, show_progress=not quiet)
+            typer.echo(result["markdown"])
+            typer.echo(f"Verdicts over languages: {out / 'languages.md'}")
+            return
         report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
     except FAILURES as err:
         _fail(err)

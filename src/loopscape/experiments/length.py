@@ -19,6 +19,7 @@ from loopscape.data.markov import TEST_TARGETS, build_task, test_sets
 from loopscape.experiments.markov import MarkovStudyConfig, final_models, train_all
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.reporting import length as length_report
+from loopscape.reporting.figures import plot_test_ic
 from loopscape.reporting.html import Section, StudyReport
 from loopscape.reporting.stats import mean_std
 
@@ -43,10 +44,19 @@ def length_generalisation(
         }
         for name, ms in models.items():
             with torch.no_grad():
-                correct = torch.stack([(m(s.inputs).argmax(-1) == s.targets).float() for m in ms])  # (seeds, n)
+                logits = [m(s.inputs, all_loops=True) for m in ms]  # (n, T, V) per seed: every loop's readout
+            correct = torch.stack([(lg[:, -1].argmax(-1) == s.targets).float() for lg in logits])  # (seeds, n)
             row[name] = {
                 "all": mean_std((100 * correct.mean(1)).tolist()),
+                "all_per_seed": (100 * correct.mean(1)).tolist(),
                 "simple": mean_std((100 * correct[:, simple].mean(1)).tolist()) if simple.any() else None,
+                # the literal equations grow with n over the loops: the largest |logit| shows it
+                "max_abs_logit": [float(lg[:, -1].abs().max()) for lg in logits],
+                # accuracy read after loop t = 1..T (the same weights; loop T is the model's own output)
+                "per_loop_all": [
+                    mean_std([100 * float((lg[:, t].argmax(-1) == s.targets).float().mean()) for lg in logits])
+                    for t in range(logits[0].shape[1])
+                ],
             }
         result[str(L)] = row
     return result
@@ -64,6 +74,8 @@ def run_length_study(
     results = length_generalisation(cfg, models, ic_threshold)
     verdict = length_report.length_verdict(results, cfg.data.length)
     length_report.plot_length(results, figures / "fig9_length_generalisation.png")
+    lang, task = build_task(cfg.data)
+    plot_test_ic({cfg.data.length: task.train, **test_sets(lang, cfg.data)}, ic_threshold, figures / "fig7_test_ic.png")
     markdown = length_report.length_markdown(
         results,
         cfg.data.length,
@@ -80,6 +92,7 @@ def run_length_study(
         "Length generalisation",
         markdown,
         [
+            (figures / "fig7_test_ic.png", "Figure 7: IC distributions of the test sets by length"),
             (figures / "fig9_length_generalisation.png", "Figure 9: total accuracy against sequence length"),
         ],
     )
@@ -171,8 +184,9 @@ def run_length_readings(
                         "verdict": verdict,
                     }
                 )
-    markdown = length_report.readings_markdown(rows, cfg.data.length, cfg.seeds)
+    verdict = length_report.readings_verdict(rows)
+    markdown = length_report.readings_markdown(rows, cfg.data.length, cfg.seeds, verdict)
     section = Section("length-readings", "Table 1 under open readings", markdown)
     atomic_write_text(out / "length_readings.md", markdown)
-    write_json(out / "length_readings.json", {"readings": rows})
-    return StudyReport({"readings": rows}, [], section)
+    write_json(out / "length_readings.json", {"readings": rows, "verdict": verdict})
+    return StudyReport({"readings": rows, "verdict": verdict}, [length_report.readings_row(verdict, rows)], section)

@@ -34,13 +34,21 @@ from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
 from loopscape.landscape.hessian import weighted_batches
 from loopscape.landscape.loops import loop_hessian
-from loopscape.landscape.river_valley import cumulative_force
+from loopscape.landscape.river_valley import common_eps, cumulative_force
 from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
-from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
+from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig, untied_like
 from loopscape.reporting import hessian as hessian_report
-from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_distribution
+from loopscape.reporting.figures import plot_accuracy_curves, plot_ic_and_cp, plot_ic_distribution
 from loopscape.reporting.html import Section, StudyReport
-from loopscape.reporting.summary import PHASE_EPOCH, observation1_row, summarise_markov
+from loopscape.reporting.summary import (
+    COROLLARY2_RULE,
+    PHASE_EPOCH,
+    corollary2_row,
+    corollary2_verdict,
+    observation1_row,
+    summarise_markov,
+)
+from loopscape.reporting.verdicts import describe
 from loopscape.training.markov import MarkovTrainConfig, train_markov
 from loopscape.training.run import seeded, verify_finished
 
@@ -56,7 +64,7 @@ class HessianTrackingConfig:
 
     enabled: bool = True
     every: int = 1
-    n_seeds: int = 1
+    n_seeds: int = 5  # every verdict on the Hessian is a test over these seeds
     n_bins: int = 50
 
     def validate(self, p: str = "") -> None:
@@ -144,23 +152,47 @@ def data_summary(lang: MarkovLanguage, task: MarkovTask, data: MarkovDataConfig)
 
 # -- running ------------------------------------------------------------------------
 
+UNTIED = "untied_attn"  # the coupling study's control: Looped-Attn unrolled, each loop its own weights
+
 
 def _run_one(cfg: MarkovStudyConfig, name: str, seed: int, run_dir: str, resume: bool, progress_q=None) -> str:
     """Train one (model, seed); top-level so worker processes can run it."""
     if progress_q is not None:
         torch.set_num_threads(1)  # one core per worker: tiny matrices gain nothing from threads
     _, task = build_task(cfg.data)
-    with seeded(seed):
-        model = cfg.build_model(cfg.models[name])
+    with seeded(seed):  # the untied control starts from this seed's Looped-Attn, every loop a copy
+        model = (
+            untied_like(cfg.build_model(cfg.models["looped_attn"]))
+            if name == UNTIED
+            else cfg.build_model(cfg.models[name])
+        )
     trackers = (
         [HessianTracker(task.train.inputs, task.train.targets, cfg.data.vocab_size, cfg.hessian.every)]
-        if seed in cfg.hessian_seeds
+        if seed in cfg.hessian_seeds and name != UNTIED
         else []
     )
     on_epoch = epoch_progress(run_dir, resume, progress_q)
     train_markov(model, task, cfg.train, run_dir, seed=seed, resume=resume, on_epoch=on_epoch, trackers=trackers)
     write_json(Path(run_dir) / "done.json", {"epochs": cfg.train.epochs})
     return run_dir
+
+
+def untied_control(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> list[dict]:
+    """Per tracked seed at the last epoch: kappa over the eps grid of Looped-Attn (tied) and of its untied control,
+    both cut at one eps (relative to the larger of their largest |lambda|), and the smallest log10 ratio."""
+    x, y = task.train.inputs, task.train.targets
+    rows = []
+    for seed in cfg.hessian_seeds:
+        verify_finished(run_dir_of(out, UNTIED, seed))
+        with seeded(seed):
+            model = untied_like(cfg.build_model(cfg.models["looped_attn"]))
+        model.load_state_dict(load_file(str(run_dir_of(out, UNTIED, seed) / "model.safetensors")))
+        theta = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        untied = torch.linalg.eigvalsh(hessian_at(model, theta, x, y, cfg.data.vocab_size)).numpy()
+        epochs, eigs = load_spectra(run_dir_of(out, "looped_attn", seed) / "spectra.jsonl")
+        tied = eigs[list(epochs).index(max(epochs))]
+        rows.append({"seed": seed, "epoch": int(max(epochs)), **hessian_report.tied_against_untied(tied, untied)})
+    return rows
 
 
 def timed_across_resumes(record: Path, fn, *args) -> float:
@@ -196,12 +228,19 @@ def is_done(run_dir: Path, epochs: int) -> bool:
     return True
 
 
-def train_all(cfg: MarkovStudyConfig, out: Path, resume: bool = False, show_progress: bool = True) -> None:
-    """Train every (model, seed) not yet done, in parallel worker processes."""
+def train_all(
+    cfg: MarkovStudyConfig,
+    out: Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    runs: list[tuple[str, int]] | None = None,
+) -> None:
+    """Train every (model, seed) of ``runs`` (default: every model on every seed) not yet done, in parallel
+    worker processes."""
+    runs = [(name, seed) for name in cfg.models for seed in cfg.seeds] if runs is None else runs
     jobs = [
         (cfg, name, seed, str(run_dir_of(out, name, seed)), resume)
-        for name in cfg.models
-        for seed in cfg.seeds
+        for name, seed in runs
         if not is_done(run_dir_of(out, name, seed), cfg.train.epochs)
     ]
     run_jobs(
@@ -258,27 +297,34 @@ def run_markov_study(
     metrics = load_metrics(out, cfg)
     figs = out / "figures"
     plot_ic_distribution(task, figs / "fig3a_ic_distribution.png")
+    plot_ic_and_cp(task, figs / "fig9a_ic_cp.png")
     plot_accuracy_curves(metrics, figs / "fig3b_accuracy.png", ceiling=data["bayes_ceiling"])
     summary = summarise_markov(metrics, data, cfg)
     summary["training_wall_s"] = wall
     markdown = summary.pop("markdown")
-    verdicts = [observation1_row(summary["observation1"], data)]
+    summary["corollary2"] = corollary2_verdict(metrics)
+    markdown += (
+        f"\n## Verdict on Corollary 2 / Theorem 2 (c) (lower training loss): **{summary['corollary2']['verdict']}**\n\n"
+        f"Rule: {COROLLARY2_RULE}. {describe(summary['corollary2']['test'])}.\n"
+    )
+    verdicts = [observation1_row(summary["observation1"], data), corollary2_row(summary["corollary2"])]
     figures = [
         (figs / "fig3a_ic_distribution.png", "Figure 3a: IC distribution of the training set"),
         (figs / "fig3b_accuracy.png", "Figure 3b: training accuracy on low / high IC sequences"),
+        (figs / "fig9a_ic_cp.png", "Figure 9(a): the training set by IC and by CP (read as the chain probability)"),
     ]
     if cfg.hessian_seeds:
-        hessian = hessian_study(out, cfg, task)
+        hessian = hessian_study(out, cfg, task, resume, show_progress)
         markdown += "\n" + hessian.pop("hessian_markdown")
+        verdicts += hessian.pop("hessian_rows")
         summary.update(hessian)
-        verdicts += hessian_report.verdict_rows(summary["observation2"], summary["landscape"])
-        verdicts.append(hessian_report.coupling_row(summary["loop_coupling"]["verdict"]))
         figures += [
             (
                 figs / "fig3cd_entropy_mutual_information.png",
                 "Figures 3c, 3d: Matrix Entropy and Mutual Information of the Hessian",
             ),
             (figs / "fig9bc_eigenspectra.png", "Figures 9b, 9c: eigenspectrum snapshots"),
+            (figs / "kappa_over_eps.png", "Valley kappa over the threshold eps, one eps per compared pair"),
             (figs / "loop_coupling.png", "The Hessian split by loop pairs: cross-loop share and valley shapes"),
         ]
     atomic_write_text(out / "summary.md", markdown)
@@ -288,71 +334,119 @@ def run_markov_study(
 
 
 def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int) -> dict:
-    """Theorem 1's C per model (first tracked seed): river/valley basis fixed at epoch ``ref``,
-    coupling measured at every 50th tracked epoch after it."""
+    """Theorem 1's C per model and tracked seed: river/valley basis fixed at epoch ``ref`` with ONE eps for
+    both models (:func:`common_eps` of their spectra there), coupling measured at every 50th tracked epoch
+    after it."""
     x, y = task.train.inputs, task.train.targets
-    result = {"reference_epoch": ref}
-    for name, T in cfg.models.items():
-        thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
-        if ref not in thetas:
+    result = {"reference_epoch": ref, "per_seed": []}
+    for seed in cfg.hessian_seeds:
+        thetas = {name: load_thetas(run_dir_of(out, name, seed) / "spectra.jsonl") for name in cfg.models}
+        if any(ref not in t for t in thetas.values()):
             continue
-        model = cfg.build_model(T)
-        final = max(thetas)
-        later = [e for e in thetas if e > ref and (e - ref) % 50 == 0] or [final]
-        H_ref = hessian_at(model, thetas[ref], x, y, cfg.data.vocab_size)
-        result[name] = {
-            **cumulative_force(
-                H_ref,
-                [hessian_at(model, thetas[e], x, y, cfg.data.vocab_size) for e in later],
-                thetas[ref],
-                thetas[final],
-            ),
-            "epochs": later,
+        H_ref = {
+            name: hessian_at(cfg.build_model(T), thetas[name][ref], x, y, cfg.data.vocab_size)
+            for name, T in cfg.models.items()
         }
+        eps = common_eps(*(torch.linalg.eigvalsh(H.double()) for H in H_ref.values()))
+        row = {"seed": seed}
+        for name, T in cfg.models.items():
+            model, th = cfg.build_model(T), thetas[name]
+            final = max(th)
+            later = [e for e in th if e > ref and (e - ref) % 50 == 0] or [final]
+            row[name] = {
+                **cumulative_force(
+                    H_ref[name],
+                    [hessian_at(model, th[e], x, y, cfg.data.vocab_size) for e in later],
+                    th[ref],
+                    th[final],
+                    eps=eps,
+                ),
+                "epochs": later,
+            }
+        result["per_seed"].append(row)
     return result
 
 
 def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: int = 100) -> dict:
-    """The tied Hessian of the attention weights split by loop pairs (:mod:`loopscape.landscape.loops`) at
-    every ``every``-th tracked epoch (and the first and last) of each model's first tracked seed: the
-    cross-loop share of its trace and top eigenvalue, and the valley shape of ``full`` against ``diagonal``."""
+    """The tied Hessian of the attention weights split by loop pairs (:mod:`loopscape.landscape.loops`): along
+    training (every ``every``-th tracked epoch, the first and last) on each looped model's first tracked seed, and at
+    the last epoch of Looped-Attn on every tracked seed (``per_seed``, with kappa over the eps grid)."""
     result = {}
     batches = weighted_batches(task.train.inputs, task.train.targets, dedupe="inputs", num_classes=cfg.data.vocab_size)
+
+    def measured(model, theta) -> dict:
+        with torch.no_grad():
+            vector_to_parameters(theta, list(model.parameters()))
+        m = loop_hessian(model, batches).measure(k=5, exact=True)
+        return {**hessian_report.coupling_summary(m), **hessian_report.coupling_curves(m)}
+
     for name, T in cfg.models.items():
         thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
-        if not thetas:
+        if not thetas or T == 1:  # one loop: no pair of loops to split
             continue
         epochs = sorted({e for e in thetas if e % every == 0} | {min(thetas), max(thetas)})
         model = cfg.build_model(T).double()
-        rows = []
-        for e in epochs:
-            with torch.no_grad():
-                vector_to_parameters(thetas[e], list(model.parameters()))
-            m = loop_hessian(model, batches).measure(k=5, exact=True)
-            rows.append({"epoch": e, **hessian_report.coupling_summary(m)})
-        result[name] = {"n_loops": T, "rows": rows}
+        result[name] = {"n_loops": T, "rows": [{"epoch": e, **measured(model, thetas[e])} for e in epochs]}
+    T = cfg.models["looped_attn"]
+    result["per_seed"] = []
+    for seed in cfg.hessian_seeds:
+        thetas = load_thetas(run_dir_of(out, "looped_attn", seed) / "spectra.jsonl")
+        if thetas:
+            last = max(thetas)
+            result["per_seed"].append(
+                {"seed": seed, "epoch": last, **measured(cfg.build_model(T).double(), thetas[last])}
+            )
     return result
 
 
-def hessian_study(out: Path, cfg: MarkovStudyConfig, task: MarkovTask) -> dict:
-    """Figures 3c, 3d, 9b, 9c, the landscape table and the Observation 2 / Assumption 1 verdicts."""
+def hessian_study(
+    out: Path, cfg: MarkovStudyConfig, task: MarkovTask, resume: bool = False, show_progress: bool = True
+) -> dict:
+    """Figures 3c, 3d, 9b, 9c, the landscape tables and the verdicts on Observation 2, the Mutual Information
+    statements, Assumption 1, Corollary 1, Conjectures 1-2 and the V-valley's source, over the tracked seeds."""
     rep = hessian_report
     spectra = {
         m: [load_spectra(run_dir_of(out, m, s) / "spectra.jsonl") for s in cfg.hessian_seeds] for m in cfg.models
     }
     traj = rep.trajectories(spectra, cfg.hessian.n_bins)
-    rep.plot_metrics(traj, out / "figures" / "fig3cd_entropy_mutual_information.png")
-    rep.plot_snapshots(spectra, out / "figures" / "fig9bc_eigenspectra.png")
-    verdict = rep.observation2_verdict(traj, cfg.hessian.n_bins)
+    figs = out / "figures"
+    rep.plot_metrics(traj, figs / "fig3cd_entropy_mutual_information.png")
+    rep.plot_snapshots(spectra, figs / "fig9bc_eigenspectra.png")
+    o2 = rep.observation2_verdict(spectra, cfg.hessian.n_bins)
+    mi = rep.mutual_information_verdict(spectra, cfg.hessian.n_bins)
     epochs = sorted({e for e in (PHASE_EPOCH, cfg.train.epochs) if e <= cfg.train.epochs})
     land = rep.landscape_table(spectra, epochs)
     land["cumulative_force"] = measured_force(out, cfg, task, ref=epochs[0])
+    a1 = rep.assumption1_verdict(land, epochs)
+    cor1 = rep.corollary1_verdict(land["cumulative_force"])
+    conj = rep.conjectures_verdict(land, cfg.train.epochs)
     coupling = loop_coupling(out, cfg, task)
-    rep.plot_coupling(coupling, out / "figures" / "loop_coupling.png")
+    if cfg.train.epochs >= PHASE_EPOCH:  # judged on trained models only: a shorter run's control is not trained
+        train_all(cfg, out, resume, show_progress, runs=[(UNTIED, s) for s in cfg.hessian_seeds])
+        coupling["untied_control"] = untied_control(out, cfg, task)
+    else:
+        coupling["untied_control"] = []
+    rep.plot_coupling(coupling, figs / "loop_coupling.png")
+    rep.plot_kappa_curves(land, cfg.train.epochs, figs / "kappa_over_eps.png", coupling)
+    coupling_v = rep.coupling_verdict(coupling)
+    control_v = rep.untied_control_verdict(coupling["untied_control"])
+    markdown = rep.hessian_markdown(o2, mi, land, a1, cor1, conj, cfg.hessian_seeds, cfg.hessian.n_bins)
     return {
-        "observation2": verdict,
+        "observation2": o2,
+        "mutual_information": mi,
+        "assumption1": a1,
+        "corollary1": cor1,
+        "conjectures": conj,
         "landscape": land,
-        "loop_coupling": {**coupling, "verdict": rep.coupling_verdict(coupling)},
+        "loop_coupling": {**coupling, "verdict": coupling_v, "control_verdict": control_v},
         "hessian_curves": {m: {k: v.tolist() for k, v in t.items()} for m, t in traj.items()},
-        "hessian_markdown": rep.hessian_markdown(verdict, land, cfg.hessian.n_bins) + rep.coupling_markdown(coupling),
+        "hessian_rows": [
+            *rep.observation2_rows(o2, mi),
+            *rep.landscape_rows(a1, cor1, conj),
+            rep.coupling_row(coupling_v),
+            rep.untied_control_row(control_v),
+        ],
+        "hessian_markdown": markdown
+        + rep.coupling_markdown(coupling, cfg.hessian_seeds)
+        + rep.untied_control_markdown(control_v, coupling["untied_control"]),
     }

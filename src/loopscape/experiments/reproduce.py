@@ -20,7 +20,7 @@ continue from their checkpoints, and the report is rebuilt.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,6 +34,7 @@ from loopscape.experiments.shift import ShiftStudyConfig, run_shift_study
 from loopscape.experiments.theory import TheoryStudyConfig, run_theory
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
 from loopscape.reporting.html import NOT_TESTED, render_report, versions
+from loopscape.reporting.verdicts import rules_version
 
 
 @dataclass
@@ -127,7 +128,9 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
         "non-recursive ones' "
         f"(Single-Attn vs Looped-Attn, the River-Valley theory, SHIFT). Seeds {cfg.markov.seeds}; data seed "
         f"{cfg.markov.data.seed}. "
-        "Every verdict follows a rule stated in its section; numbers are mean ± std over seeds."
+        "Every verdict is a test over seeds stated before the outcome (reporting/verdicts.py: the statistic, its "
+        "90% interval, p, the seeds, the rule's false-positive rate and the smallest effect it detects are in the "
+        "table); numbers are mean ± std over seeds."
     )
     vers = versions()
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -137,6 +140,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
     atomic_write_text(out / "report.html", page)
     report = {
         "verdicts": verdicts,
+        "rules": rules_version(),
         "config": to_dict(cfg),
         "versions": vers,
         "timings_s": timings,
@@ -175,3 +179,55 @@ def _without_long_lists(theory: dict) -> dict:
         return x
 
     return strip(theory)
+
+
+LANGUAGE_POOL = range(400)  # the seeds `loopscape languages` ranks by default
+
+
+def run_over_languages(
+    cfg: ReproduceConfig, out: str | Path, k: int, resume: bool = False, show_progress: bool = True
+) -> dict:
+    """``loopscape reproduce --languages K``: the whole report on each of the ``k`` best-fitting eligible
+    languages (:func:`~loopscape.data.languages.rank_languages` over seeds 0..399, by the rule alone), in
+    ``OUT/language-<seed>/``, and the verdicts as a distribution over languages (``OUT/languages.md``,
+    ``OUT/languages.json``). Every Markov verdict of one report is one language's; this shows how far each
+    depends on which language the rule picked."""
+    from loopscape.data.languages import rank_languages
+
+    require(isinstance(k, int) and k >= 1, "languages", "an integer >= 1", k)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranked = [r for r in rank_languages(cfg.markov.data, LANGUAGE_POOL) if r["eligible"]][:k]
+    reports = {}
+    for r in ranked:
+        seed = r["seed"]
+        lang_cfg = replace(cfg, markov=replace(cfg.markov, data=replace(cfg.markov.data, seed=seed)))
+        folder = out / f"language-{seed}"
+        reports[seed] = run_reproduce(lang_cfg, folder, resume and folder.exists(), show_progress)
+    claims = list(dict.fromkeys(v["claim"] for rep in reports.values() for v in rep["verdicts"]))
+    table = {
+        c: {
+            seed: next((v["verdict"] for v in rep["verdicts"] if v["claim"] == c), None)
+            for seed, rep in reports.items()
+        }
+        for c in claims
+    }
+    lines = [
+        f"# Verdicts over the {len(reports)} best-fitting eligible languages",
+        "",
+        "Languages ranked by the data-facts rule alone (loopscape languages; no model outcome), the best "
+        f"{len(reports)} eligible ones each run through the whole report. One column per language (data seed; "
+        "share error in points).",
+        "",
+        "| claim | " + " | ".join(f"{r['seed']} ({r['share_error_pts']:.2f})" for r in ranked) + " | distribution |",
+        "|---" * (len(ranked) + 2) + "|",
+    ]
+    for c, row in table.items():
+        words = [w for w in row.values() if w is not None]
+        counts = ", ".join(f"{w}: {words.count(w)}" for w in dict.fromkeys(words))
+        lines.append(f"| {c} | " + " | ".join(str(row[r["seed"]] or "-") for r in ranked) + f" | {counts} |")
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(out / "languages.md", markdown)
+    result = {"languages": [r["seed"] for r in ranked], "verdicts": table, "markdown": markdown}
+    write_json(out / "languages.json", {k: v for k, v in result.items() if k != "markdown"})
+    return result

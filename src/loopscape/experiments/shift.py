@@ -177,6 +177,18 @@ def epoch_wall_times(metrics: dict[str, dict[str, np.ndarray]], cfg: MarkovStudy
     return {T: float(np.median(metrics[name]["time_s"][:, 1:])) for name, T in cfg.models.items()}
 
 
+DROP_WINDOW = 5  # epochs after the switch in which E.2.2(b)'s accuracy drop is looked for
+
+
+def drop_at_shift(acc: np.ndarray, shift_epoch: int | None) -> float | None:
+    """E.2.2(b)'s accuracy drop at the switch, in points: the accuracy (row ``e`` = after epoch ``e``) of the
+    last epoch before the switch minus the lowest of the ``DROP_WINDOW`` epochs from it on (``None`` without
+    a switch inside the run)."""
+    if shift_epoch is None or shift_epoch < 1 or shift_epoch >= acc.size - 1:
+        return None
+    return float(100 * (acc[shift_epoch - 1] - acc[shift_epoch : shift_epoch + DROP_WINDOW].min()))
+
+
 def analyse_shift(
     cfg: MarkovStudyConfig, shift: ShiftStudyConfig, out: Path, markov: dict[str, dict[str, np.ndarray]]
 ) -> dict:
@@ -230,6 +242,17 @@ def analyse_shift(
         for g in ("acc_all", "acc_low", "acc_high"):
             entry[g] = mean_std([100 * r["final"][g] for r in rows])
             entry[f"{g}_minus_looped"] = mean_std([100 * (r["final"][g] - base[r["seed"]]["final"][g]) for r in rows])
+        entry["per_seed"] = [  # what the verdicts test over seeds
+            {
+                "seed": r["seed"],
+                "shift_epoch": recorded_switch(r),
+                "flops_speedup_total": r["flops"]["speedup_total"],
+                "looped_epochs_speedup": r["looped_epochs_speedup"],
+                "acc_all_minus_looped": 100 * (r["final"]["acc_all"] - base[r["seed"]]["final"]["acc_all"]),
+                "drop_at_shift_pts": drop_at_shift(acc[per_member.index(r)], recorded_switch(r)),
+            }
+            for r in rows
+        ]
         policies[f"{policy}/{opt}"] = entry
 
     checks = {}

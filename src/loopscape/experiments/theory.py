@@ -181,6 +181,22 @@ def corollaries(cfg: TheoryStudyConfig, quartic_beta: float | None = None) -> di
     return {"runs": runs, "checks": checks}
 
 
+def approximate_psd(model, x: torch.Tensor) -> dict:
+    """Assumption 5 (Appendix G) measured: ``M = W_Q W_V P W_K`` with ``P = E_0 E_0^T`` averaged over the
+    inputs ``x`` (the composite transformation the proof needs approximately PSD). Returns the smallest over
+    the largest eigenvalue of its symmetric part (>= 0 iff that part is PSD) and its asymmetry
+    ``||M - M^T|| / ||M||`` (Frobenius), the two deviations Remark 7 names."""
+    with torch.no_grad():
+        E = model.embed(x).double()
+        P = (E.mT @ E).mean(0)
+        M = model.W_Q.double() @ model.W_V.double() @ P @ model.W_K.double()
+        eig = torch.linalg.eigvalsh((M + M.T) / 2)
+        return {
+            "min_over_max_eigenvalue": float(eig[0] / eig[-1].abs().clamp_min(1e-300)),
+            "asymmetry": float(torch.linalg.matrix_norm(M - M.T) / torch.linalg.matrix_norm(M)),
+        }
+
+
 def _alignment_rows(single, looped, x, y, seed: int, epoch: int, where: str) -> list[dict]:
     """Theorem 3's inner products at Single-Attn's current parameters, shared with Looped-Attn."""
     params = dict(single.named_parameters())
@@ -213,7 +229,7 @@ def theorem3(cfg: TheoryStudyConfig) -> dict:
     study = MarkovStudyConfig()
     _, task = build_task(study.data)
     x, y = task.train.inputs, task.train.targets
-    rows = []
+    rows, assumption5 = [], []
     for seed in cfg.alignment_seeds:
         with seeded(seed):
             single = study.build_model(1)
@@ -226,6 +242,7 @@ def theorem3(cfg: TheoryStudyConfig) -> dict:
                 d = W.shape[0]
                 W.copy_(torch.diag(torch.rand(d, generator=g) + 0.5) + 0.05 * torch.randn(d, d, generator=g) / d**0.5)
         rows += _alignment_rows(single, looped, x, y, seed, 0, "assumption-4 initialisation")
+        assumption5.append({"seed": seed, **approximate_psd(single, x)})
         with seeded(seed):
             single = study.build_model(1)
         rows += _alignment_rows(single, looped, x, y, seed, 0, "initialisation")
@@ -253,7 +270,7 @@ def theorem3(cfg: TheoryStudyConfig) -> dict:
                     "cosine_median": float(np.median(cos)),
                     "cosine_max": float(cos.max()),
                 }
-    return {"rows": rows, "summary": summary}
+    return {"rows": rows, "summary": summary, "assumption5": assumption5}
 
 
 FIGURES = [

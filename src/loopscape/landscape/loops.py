@@ -146,14 +146,17 @@ class LoopHessian:
         full, diagonal = self.full(), self.diagonal()
         return LoopOperator(self, "cross", lambda v: full.matvec(v) - diagonal.matvec(v))
 
-    def measure(self, k: int = 5, exact: bool | None = None, tol: float = 1e-8) -> dict:
+    def measure(self, k: int = 5, exact: bool | None = None, tol: float = 1e-8, eps: float | None = None) -> dict:
         """One measurement: for ``full``, ``diagonal`` and ``cross``, the top-``k`` eigenvalues and the trace;
         the share of the trace and of the top eigenvalue that the cross-loop terms carry (the latter as
         ``u^T cross u / lambda_1`` with ``u`` the top eigenvector of ``full``); with the whole spectrum
         (``exact``: dense, the default up to 2,000 weights), the valley diagnostics (Definition 1) of each.
-        Without it the traces are Hutch++ estimates (60 products each) and the diagnostics are left out."""
+        Without it the traces are Hutch++ estimates (60 products each) and the diagnostics are left out.
+        The valley threshold is ONE ``eps`` for every part (default ``EPS_REL`` times the tied Hessian's
+        largest ``|lambda|``), so full and diagonal are compared on the same cut; ``eigenvalues`` keeps each
+        part's spectrum for curves over ``eps``."""
         from loopscape.landscape.linalg import dense_matrix, hutchpp_trace, lanczos
-        from loopscape.landscape.river_valley import valley_diagnostics
+        from loopscape.landscape.river_valley import EPS_REL, valley_diagnostics
 
         P = self.shape[0]
         exact = P <= 2000 if exact is None else exact
@@ -164,12 +167,15 @@ class LoopHessian:
         if exact:
             dense = {name: dense_matrix(parts[name]) for name in ("full", "diagonal")}
             dense["cross"] = dense["full"] - dense["diagonal"]
+            spectra = {name: torch.linalg.eigh((H + H.T) / 2) for name, H in dense.items()}
+            eps = EPS_REL * spectra["full"][0].abs().max().item() if eps is None else eps
             for name, H in dense.items():
-                eigs, vecs = torch.linalg.eigh((H + H.T) / 2)
+                eigs, vecs = spectra[name]
                 out[name] = {
                     "top": eigs.flip(0)[:k].tolist(),
                     "trace": torch.trace(H).item(),
-                    "valley": valley_diagnostics(eigs).as_dict(),
+                    "valley": valley_diagnostics(eigs, eps).as_dict(),
+                    "eigenvalues": eigs.tolist(),
                 }
                 if name == "full":
                     u = vecs[:, -1]

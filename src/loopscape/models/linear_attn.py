@@ -231,6 +231,39 @@ class LinearAttn(nn.Module):
         return _times(z, self.W_h.mT).squeeze(-2)
 
 
+class UntiedLinearAttn(LinearAttn):
+    """Looped-Attn unrolled with each loop's own ``W_Q, W_K, W_V`` (no weight sharing, so no cross-loop
+    coupling of one weight's loops): the intervention control of the V-valley's source. Built by
+    :func:`untied_like` from a Looped-Attn at its initialisation, every loop starting at that model's
+    weights, so both start as the same function and differ only in tying during training."""
+
+    def __init__(self, config: LinearAttnConfig):
+        super().__init__(config)
+        d = config.d
+        # loops 2..T; loop 1 is W_Q, W_K, W_V as in the tied model
+        self.later = nn.ParameterList(nn.Parameter(torch.empty(d, d)) for _ in range(3 * (config.n_loops - 1)))
+
+    def loop_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if t == 1:
+            return self.W_Q, self.W_K, self.W_V
+        i = 3 * (t - 2)
+        return self.later[i], self.later[i + 1], self.later[i + 2]
+
+    def looped_parameters(self) -> list[nn.Parameter]:
+        return []  # nothing is shared between loops
+
+
+def untied_like(model: LinearAttn) -> UntiedLinearAttn:
+    """The unrolled, untied copy of ``model``: every loop starts at ``model``'s attention weights."""
+    untied = UntiedLinearAttn(model.config)
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for t in range(2, model.n_loops + 1):
+            for w, src in zip(untied.loop_weights(t), (model.W_Q, model.W_K, model.W_V)):
+                w.copy_(src)
+    return untied
+
+
 def _times(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``X @ W`` for activations ``(..., k, d)`` and a weight ``(d, e)`` or stacked ``(S, 1, d, e)``.
 

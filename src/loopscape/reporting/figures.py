@@ -74,3 +74,46 @@ def plot_accuracy_curves(
     np.atleast_1d(axes)[0].set_ylabel("training accuracy [%]")
     np.atleast_1d(axes)[0].legend(loc="lower right", title="dotted: Bayes-optimal predictor")
     save_figure(fig, Path(path))
+
+
+def plot_ic_and_cp(task: MarkovTask, path: str | Path) -> None:
+    """Figure 9(a), both panels: (a) the training set's IC histogram; (b) "CP", which the paper does not
+    define: read here as the chain probability P(X) = 2^-IC of each distinct training sequence, ranked, with
+    how many copies of it the tilted oversampling put in the training set (the long tail, seen from the
+    probability side)."""
+    ic = task.train.ic.numpy()
+    seqs = np.concatenate([task.train.inputs.numpy(), task.train.targets.numpy()[:, None]], axis=1)
+    distinct, first, counts = np.unique(seqs, axis=0, return_index=True, return_counts=True)
+    p = 2.0 ** -ic[first]
+    order = np.argsort(-p)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].hist(ic, bins=30, color="tab:blue")
+    axes[0].set(xlabel="IC(X) [bits]", ylabel="training sequences", title=f"(a) IC, N = {len(ic)}")
+    rank = np.arange(1, len(order) + 1)
+    axes[1].bar(rank, counts[order], color="tab:blue", label="copies in the training set")
+    twin = axes[1].twinx()
+    twin.plot(rank, p[order], "k.-", ms=3, label="P(X)")
+    twin.set(yscale="log", ylabel="chain probability P(X)")
+    axes[1].set(
+        xlabel="distinct sequence, ranked by P(X)",
+        ylabel="copies",
+        title=f"(b) CP (read as P(X)): {len(distinct)} distinct sequences",
+    )
+    axes[1].legend(loc="upper right", fontsize=8)
+    save_figure(fig, Path(path))
+
+
+def plot_test_ic(sets: dict[int, object], threshold: float, path: str | Path) -> None:
+    """Figure 7: the IC distribution of each test length's sequences (and the training length's), with the
+    fixed 'simple' threshold (the largest training IC): as L grows the mean moves right and the spread widens."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    top = max(float(s.ic.max()) for s in sets.values())
+    bins = np.linspace(0, top, 50)
+    for i, (L, s) in enumerate(sorted(sets.items())):
+        ic = s.ic.numpy()
+        label = f"L = {L}{' (training)' if i == 0 else ''}, mean {ic.mean():.1f} bits"
+        ax.hist(ic, bins=bins, histtype="step", lw=1.4, density=True, label=label)
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"simple: IC <= {threshold:.2f}")
+    ax.set(xlabel="IC(X) [bits]", ylabel="density", title="Figure 7: IC of the test sets by length")
+    ax.legend(fontsize=8)
+    save_figure(fig, Path(path))

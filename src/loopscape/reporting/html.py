@@ -13,6 +13,15 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
+from loopscape.reporting.verdicts import (
+    ALPHA,
+    NOT_TESTED,  # noqa: F401  (re-exported: the studies import it from here)
+    POSITIVE,
+    WORD_MEANINGS,
+    WORDS,
+    rules_version,
+)
+
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1f2328;
        max-width: 1150px; margin: 0 auto; padding: 24px 32px 64px; }
@@ -43,20 +52,25 @@ class Section:
     figures: list[tuple[Path, str]] = field(default_factory=list)
 
 
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "holds", "fails", "inconclusive", "not tested")
-NOT_TESTED = "not tested"
+# the words of reporting.verdicts, and the older ones the algorithmic study's per-model shape rule still uses
+VERDICTS = (*WORDS, "partly reproduced", "holds", "fails", "partly")
 _EMPTY = re.compile(r"\b(nan|None)\b")
 
 
-def verdict_row(claim: str, source: str, ours: str, paper: str, verdict: str) -> dict:
+def verdict_row(claim: str, source: str, ours: str, paper: str, verdict: str, test: dict | None = None) -> dict:
     """A row of a verdict table. A verdict needs its evidence shown: every cell is a
-    non-empty text with no ``None`` or ``nan`` in it (``"not tested"`` puts its reason in ``ours``)."""
+    non-empty text with no ``None`` or ``nan`` in it (``"not tested"`` puts its reason in ``ours``).
+    ``test``: the test behind the word (:func:`loopscape.reporting.verdicts.test_fields`)."""
     row = {"claim": claim, "source": source, "ours": ours, "paper": paper, "verdict": verdict}
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS} (got {verdict!r})")
     for key, text in row.items():
         if not isinstance(text, str) or not text.strip() or _EMPTY.search(text):
             raise ValueError(f"verdict row {claim!r}: the {key} cell is empty or holds no number ({text!r})")
+    if test is not None:
+        if verdict in POSITIVE and test.get("null_rate") is not None and test["null_rate"] > ALPHA + 1e-9:
+            raise ValueError(f"verdict row {claim!r}: a positive word with a null rate above {ALPHA}")
+        row["test"] = test
     return row
 
 
@@ -77,12 +91,32 @@ def badge(verdict: str) -> str:
         "reproduced"
         if verdict in ("reproduced", "holds")
         else "partly"
-        if verdict.startswith(("partly", "direction"))
+        if verdict.startswith(("partly", "direction", "reading"))
         else "not"
-        if verdict.startswith(("not", "fails"))
+        if verdict.startswith(("not r", "fails", "contradicted"))
         else "info"
     )
     return f'<span class="badge {cls}">{html.escape(verdict)}</span>'
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def test_cells(test: dict | None) -> str:
+    """A verdict row's test as table cells: name and statistic, interval, p, seeds, null rate, detectable."""
+    if not test:
+        return "<td>-</td>" * 6
+    interval = "-" if test.get("interval") is None else "[" + ", ".join(_num(x) for x in test["interval"]) + "]"
+    cells = [
+        f"{test['name']}: {test['statistic']}",
+        interval,
+        _num(test.get("p_value")),
+        str(test.get("n_seeds", "-")),
+        _num(test.get("null_rate")),
+        _num(test.get("min_detectable")),
+    ]
+    return "".join(f"<td>{html.escape(c)}</td>" for c in cells)
 
 
 def _figure(path: Path, caption: str) -> str:
@@ -100,8 +134,18 @@ def render_report(
     md = MarkdownIt("commonmark").enable("table")
     rows = "".join(
         f"<tr><td>{html.escape(v['claim'])}</td><td>{html.escape(v['source'])}</td><td>{html.escape(v['ours'])}</td>"
-        f"<td>{html.escape(v['paper'])}</td><td>{badge(v['verdict'])}</td></tr>"
+        f"<td>{html.escape(v['paper'])}</td><td>{badge(v['verdict'])}</td>{test_cells(v.get('test'))}</tr>"
         for v in verdicts
+    )
+    rules = rules_version()
+    words = "".join(f"<li>{badge(w)} {html.escape(m)}</li>" for w, m in WORD_MEANINGS.items())
+    rules_note = (
+        f"<p class='lead'>Every verdict is a test stated before the outcome (module <code>{rules['module']}</code>, "
+        f"last commit {html.escape(str(rules['last_commit'] or 'unknown: not a git checkout'))}, "
+        f"SHA-256 {rules['sha256']}): alpha {ALPHA}, one-sided over seeds where the claim has a direction, "
+        "equivalence (TOST) for 'no loss'. The null rate is how often the same rule says 'reproduced' on data "
+        "with no effect (simulated with the run's seeds and noise); 'detectable' is the smallest effect the test "
+        f"finds at 80% power.</p><ul class='lead'>{words}</ul>"
     )
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
     body = [
@@ -110,7 +154,9 @@ def render_report(
         f"<nav>{nav}<a href='#config'>Configuration</a></nav>",
         "<h2>Verdicts</h2>",
         "<table><tr><th>claim</th><th>paper</th><th>ours</th><th>paper's "
-        f"number</th><th>verdict</th></tr>{rows}</table>",
+        "number</th><th>verdict</th><th>test</th><th>90% interval</th><th>p</th><th>seeds</th><th>null rate</th>"
+        f"<th>detectable</th></tr>{rows}</table>",
+        rules_note,
     ]
     for s in sections:
         body.append(f'<section id="{s.anchor}">')
