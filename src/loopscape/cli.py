@@ -115,7 +115,7 @@ def reproduce(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="Everything on a small scale (about 50 s on 2 cores; for CI and a first look). "
+        help="Everything on a small scale (about 70 s on 2 cores; for CI and a first look). "
         "Numbers are not comparable to the paper's.",
     ),
     languages: int | None = typer.Option(
