@@ -329,3 +329,34 @@ def test_algorithmic_splits_the_looped_hessian_by_loop_pairs_when_asked(tmp_path
     assert c["trace"]["full"] == pytest.approx(c["trace"]["diagonal"] + c["trace"]["cross"], rel=1e-9, abs=1e-12)
     page = (out / "report.html").read_text()
     assert "split by loop pairs" in page and "the V-valley comes from cross-loop coupling" in page
+
+
+def test_reproduce_over_languages_runs_the_best_fitting_ones_and_tabulates_the_words(tmp_path, monkeypatch):
+    """--languages K: the K best eligible languages by the data-facts rule (no outcome), one report each, and
+    every claim's verdicts as a distribution; a bad K is one line naming the option."""
+    from loopscape.data.languages import rank_languages
+    from loopscape.experiments import reproduce
+    from loopscape.experiments.reproduce import ReproduceConfig
+
+    monkeypatch.setattr(reproduce, "LANGUAGE_POOL", range(40))
+    ran = []
+
+    def fake_report(cfg, out, resume=False, show_progress=True):
+        seed = cfg.markov.data.seed
+        ran.append(seed)
+        word = "reproduced" if seed % 2 else "contradicted"
+        return {
+            "verdicts": [{"claim": "Observation 1", "verdict": word}, {"claim": "Theorem 1", "verdict": "reproduced"}]
+        }
+
+    monkeypatch.setattr(reproduce, "run_reproduce", fake_report)
+    result = reproduce.run_over_languages(ReproduceConfig(), tmp_path / "langs", 3, show_progress=False)
+    best = [r["seed"] for r in rank_languages(ReproduceConfig().markov.data, range(40)) if r["eligible"]][:3]
+    assert ran == best == result["languages"]
+    words = result["verdicts"]["Observation 1"]
+    assert sorted(words) == sorted(best) and set(words.values()) <= {"reproduced", "contradicted"}
+    table = (tmp_path / "langs" / "languages.md").read_text()
+    assert "| Theorem 1 | reproduced | reproduced | reproduced | reproduced: 3 |" in table
+    r = runner.invoke(app, ["reproduce", "--languages", "0", "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and r.output.strip() == "error: languages must be an integer >= 1 (got 0)"
+    assert not (tmp_path / "bad").exists()
