@@ -412,8 +412,8 @@ def hessian_study(
     figs = out / "figures"
     rep.plot_metrics(traj, figs / "fig3cd_entropy_mutual_information.png")
     rep.plot_snapshots(spectra, figs / "fig9bc_eigenspectra.png")
-    o2 = rep.observation2_verdict(spectra, cfg.hessian.n_bins)
-    mi = rep.mutual_information_verdict(spectra, cfg.hessian.n_bins)
+    o2 = rep.observation2_verdict(spectra, cfg.hessian.n_bins, cfg.hessian_seeds)
+    mi = rep.mutual_information_verdict(spectra, cfg.hessian.n_bins, cfg.hessian_seeds)
     epochs = sorted({e for e in (PHASE_EPOCH, cfg.train.epochs) if e <= cfg.train.epochs})
     land = rep.landscape_table(spectra, epochs)
     land["cumulative_force"] = measured_force(out, cfg, task, ref=epochs[0])
@@ -447,6 +447,6 @@ def hessian_study(
             rep.untied_control_row(control_v),
         ],
         "hessian_markdown": markdown
-        + rep.coupling_markdown(coupling, cfg.hessian_seeds)
+        + rep.coupling_markdown(coupling)
         + rep.untied_control_markdown(control_v, coupling["untied_control"]),
     }

@@ -87,7 +87,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, resume: bool = False, s
 
     progress = {"show_progress": show_progress}
     markov = timed("markov", run_markov_study, cfg.markov, out / "markov", part_resume(out / "markov"), **progress)
-    theory = timed("theory", run_theory, cfg.theory, out / "theory", resume=resume, **progress)
+    theory = timed("theory", run_theory, cfg.theory, out / "theory", resume=resume, study=cfg.markov, **progress)
     metrics = markov.memory["metrics"]
     shift = timed("shift", run_shift_study, cfg.markov, cfg.shift, out / "shift", metrics, resume, **progress)
     models = {**final_models(out / "markov", cfg.markov), "shift": shift.memory["scp_models"]}
@@ -219,7 +219,12 @@ def run_over_languages(
         f"{len(reports)} eligible ones each run through the whole report. One column per language (data seed; "
         "share error in points).",
         "",
-        "| claim | " + " | ".join(f"{r['seed']} ({r['share_error_pts']:.2f})" for r in ranked) + " | distribution |",
+        "| claim | "
+        + " | ".join(
+            f"{r['seed']} ({'-' if r['share_error_pts'] is None else format(r['share_error_pts'], '.2f')})"
+            for r in ranked
+        )
+        + " | distribution |",
         "|---" * (len(ranked) + 2) + "|",
     ]
     for c, row in table.items():

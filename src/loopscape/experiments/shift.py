@@ -182,11 +182,11 @@ DROP_WINDOW = 5  # epochs after the switch in which E.2.2(b)'s accuracy drop is 
 
 def drop_at_shift(acc: np.ndarray, shift_epoch: int | None) -> float | None:
     """E.2.2(b)'s accuracy drop at the switch, in points: the accuracy (row ``e`` = after epoch ``e``) of the
-    last epoch before the switch minus the lowest of the ``DROP_WINDOW`` epochs from it on (``None`` without
-    a switch inside the run)."""
-    if shift_epoch is None or shift_epoch < 1 or shift_epoch >= acc.size - 1:
+    last Stage-I epoch (the schedule's ``shift_step``) minus the lowest of the ``DROP_WINDOW`` Stage-II epochs
+    after it (``None`` without a switch inside the run)."""
+    if shift_epoch is None or shift_epoch < 0 or shift_epoch >= acc.size - 1:
         return None
-    return float(100 * (acc[shift_epoch - 1] - acc[shift_epoch : shift_epoch + DROP_WINDOW].min()))
+    return float(100 * (acc[shift_epoch] - acc[shift_epoch + 1 : shift_epoch + 1 + DROP_WINDOW].min()))
 
 
 def analyse_shift(

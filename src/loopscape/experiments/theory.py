@@ -224,9 +224,10 @@ class _AlongTrajectory:
         pass
 
 
-def theorem3(cfg: TheoryStudyConfig) -> dict:
-    """Gradient alignment W_K / W_Q, Single-Attn vs Looped-Attn (T = 3) on the default Markov data."""
-    study = MarkovStudyConfig()
+def theorem3(cfg: TheoryStudyConfig, study: MarkovStudyConfig | None = None) -> dict:
+    """Gradient alignment W_K / W_Q, Single-Attn vs Looped-Attn on ``study``'s language and model (default: the
+    Markov study's defaults; ``loopscape reproduce`` passes its own, so every language is measured on itself)."""
+    study = MarkovStudyConfig() if study is None else study
     _, task = build_task(study.data)
     x, y = task.train.inputs, task.train.targets
     rows, assumption5 = [], []
@@ -282,10 +283,15 @@ FIGURES = [
 
 
 def run_theory(
-    cfg: TheoryStudyConfig, out: str | Path, show_progress: bool = True, resume: bool = False
+    cfg: TheoryStudyConfig,
+    out: str | Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    study: MarkovStudyConfig | None = None,
 ) -> StudyReport:
-    """Run every check, draw the figures, write ``theory.md`` and ``theory.json``.
-    With ``resume``, finished results (``theory.json``) are read back instead of rerun."""
+    """Run every check, draw the figures, write ``theory.md`` and ``theory.json``; Theorem 3 on ``study``'s
+    language and model (:func:`theorem3`). With ``resume``, finished results (``theory.json``) are read back
+    instead of rerun."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs = out / "figures"
@@ -297,7 +303,7 @@ def run_theory(
             ("Theorem 2", lambda: check_bound(True, cfg)),
             ("Corollaries 1-2", lambda: corollaries(cfg)),
             ("Theorem 2 (b)", lambda: corollaries(cfg, quartic_beta=0.5)),
-            ("Theorem 3", lambda: theorem3(cfg)),
+            ("Theorem 3", lambda: theorem3(cfg, study)),
         ]
         results = {}
         for name, fn in steps:

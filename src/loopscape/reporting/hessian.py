@@ -108,17 +108,23 @@ def phase_margins(curve: np.ndarray, epochs: np.ndarray, c: float, plateau: bool
 
 
 def _curves_judged(
-    per_seed: dict[str, list[dict]], epochs: dict[str, np.ndarray], key: str, name: str, plateau: bool
+    per_seed: dict[str, list[dict]],
+    epochs: dict[str, np.ndarray],
+    key: str,
+    name: str,
+    plateau: bool,
+    seeds: list[int],
 ) -> dict:
     """The comparative three-phase rule on curve ``key`` (``entropy`` or ``mutual_information``) over seeds."""
     rows = []
-    for s_curves, l_curves in zip(per_seed["single_attn"], per_seed["looped_attn"]):
+    for seed, s_curves, l_curves in zip(seeds, per_seed["single_attn"], per_seed["looped_attn"]):
         cs, cl = s_curves[key], l_curves[key]
         es, el = epochs["single_attn"][: cs.size], epochs["looped_attn"][: cl.size]
         c = 0.1 * float(max(cs.max(), cl.max()))
-        if c <= 0:
+        if c <= 0:  # the whole spectrum in one bin: no shape to judge on this seed
             continue
-        rows.append({"c": c, "looped": phase_margins(cl, el, c, plateau), "single": phase_margins(cs, es, c, plateau)})
+        margins = {"looped": phase_margins(cl, el, c, plateau), "single": phase_margins(cs, es, c, plateau)}
+        rows.append({"seed": seed, "c": c, **margins})
     if not rows:
         return not_tested(name, "phase and static scores", f"every {key.replace('_', ' ')} curve is 0")
     looped = [r["looped"]["score"] for r in rows]
@@ -150,26 +156,26 @@ def _long_enough(epochs: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def observation2_verdict(spectra: dict, n_bins: int) -> dict:
+def observation2_verdict(spectra: dict, n_bins: int, seeds: list[int] | None = None) -> dict:
     """Observation 2 by :data:`OBS2_RULE` on each tracked seed's Matrix Entropy curves."""
     epochs = {m: runs[0][0] for m, runs in spectra.items()}
     why = _long_enough(epochs)
     if why:
         return not_tested("Observation 2", "phase and static scores", why) | {"rule": OBS2_RULE}
     per_seed = {m: per_seed_trajectories(runs, n_bins) for m, runs in spectra.items()}
-    return _curves_judged(per_seed, epochs, "entropy", "Observation 2", plateau=False) | {"rule": OBS2_RULE}
+    seeds = list(range(len(spectra["looped_attn"]))) if seeds is None else seeds
+    return _curves_judged(per_seed, epochs, "entropy", "Observation 2", False, seeds) | {"rule": OBS2_RULE}
 
 
-def mutual_information_verdict(spectra: dict, n_bins: int) -> dict:
+def mutual_information_verdict(spectra: dict, n_bins: int, seeds: list[int] | None = None) -> dict:
     """The Mutual Information statements of Observation 2 by :data:`MI_RULE`."""
     epochs = {m: runs[0][0][:-1] for m, runs in spectra.items()}  # I(H_s; H_s+1) is indexed by s
     why = _long_enough(epochs)
     if why:
         return not_tested("Mutual Information", "phase and static scores", why) | {"rule": MI_RULE}
     per_seed = {m: per_seed_trajectories(runs, n_bins) for m, runs in spectra.items()}
-    return _curves_judged(per_seed, epochs, "mutual_information", "Mutual Information", plateau=True) | {
-        "rule": MI_RULE
-    }
+    seeds = list(range(len(spectra["looped_attn"]))) if seeds is None else seeds
+    return _curves_judged(per_seed, epochs, "mutual_information", "Mutual Information", True, seeds) | {"rule": MI_RULE}
 
 
 def _phase_text(v: dict) -> str:
@@ -257,6 +263,9 @@ def conjectures_verdict(land: dict, final_epoch: int) -> dict:
     """Conjectures 1-2 by :data:`CONJECTURES_RULE`."""
     name = "Conjectures 1-2"
     stat = "min over eps of log10(kappa_looped / kappa_single)"
+    if final_epoch < PHASE_EPOCH:
+        reason = f"the runs end at epoch {final_epoch}; judged on trained models, past epoch {PHASE_EPOCH}"
+        return not_tested(name, stat, reason) | {"rule": CONJECTURES_RULE}
     values = []
     for r in land["rows"]:
         if r["epoch"] != final_epoch:
@@ -273,10 +282,14 @@ def corollary1_verdict(force: dict) -> dict:
     """Corollary 1 by :data:`COROLLARY1_RULE` (``force``: :func:`measured_force`-style, ``per_seed`` list)."""
     name = "Corollary 1"
     stat = "log10(C_looped / C_single)"
-    values = [
+    if force.get("reference_epoch") != PHASE_EPOCH:
+        reason = f"C needs the river/valley basis at epoch {PHASE_EPOCH} and training after it"
+        return not_tested(name, stat, reason) | {"rule": COROLLARY1_RULE}
+    values = [  # a seed whose C could not be formed (an empty valley) is missing, and counted so
         np.log10(f["looped_attn"]["C"] / f["single_attn"]["C"])
-        for f in force.get("per_seed", [])
         if all(f.get(m) and f[m]["C"] for m in ("single_attn", "looped_attn"))
+        else None
+        for f in force.get("per_seed", [])
     ]
     if not values:
         return not_tested(name, stat, "no seed tracked both models at the reference epoch") | {"rule": COROLLARY1_RULE}
@@ -351,7 +364,7 @@ def plot_snapshots(spectra: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _seed_table(v: dict, seeds: list[int]) -> list[str]:
+def _seed_table(v: dict) -> list[str]:
     if v["verdict"] == NOT_TESTED:
         return [f"Not tested: {v['reason']}."]
     lines = [
@@ -359,13 +372,13 @@ def _seed_table(v: dict, seeds: list[int]) -> list[str]:
         "| Single phase score | Single static | Looped static |",
         "|---|---|---|---|---|---|---|",
     ]
-    for seed, r in zip(seeds, v["seeds"]):
+    for r in v["seeds"]:
         lm = r["looped"]
         margins = " / ".join(
             f"{lm[k]:+.2f}" for k in ("collapse", "diversification", "stabilisation", "plateau") if k in lm
         )
         lines.append(
-            f"| {seed} | {r['c']:.3g} | {margins} | {lm['score']:+.2f} | {r['single']['score']:+.2f} | "
+            f"| {r['seed']} | {r['c']:.3g} | {margins} | {lm['score']:+.2f} | {r['single']['score']:+.2f} | "
             f"{r['single']['static']:+.2f} | {lm['static']:+.2f} |"
         )
     return lines + [
@@ -389,13 +402,13 @@ def hessian_markdown(
         "",
         f"Rule: {o2['rule']}.",
         "",
-        *_seed_table(o2, seeds),
+        *_seed_table(o2),
         "",
         f"### Verdict on the Mutual Information statements: **{mi['verdict']}**",
         "",
         f"Rule: {mi['rule']}.",
         "",
-        *_seed_table(mi, seeds),
+        *_seed_table(mi),
         "",
         "### The valley at one threshold",
         "",
@@ -627,7 +640,7 @@ def coupling_row(verdict: dict) -> dict:
     )
 
 
-def coupling_markdown(coupling: dict, seeds: list[int]) -> str:
+def coupling_markdown(coupling: dict) -> str:
     verdict = coupling_verdict(coupling)
     share = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [
@@ -648,10 +661,10 @@ def coupling_markdown(coupling: dict, seeds: list[int]) -> str:
         "over eps |",
         "|---|---|---|---|---|---|---|",
     ]
-    for seed, r in zip(seeds, coupling.get("per_seed", [])):
+    for r in coupling.get("per_seed", []):
         ratio = "-" if r["min_log10_ratio"] is None else f"{r['min_log10_ratio']:+.3f}"
         lines.append(
-            f"| {seed} | {r['epoch']} | {share(r['cross_share_trace'])} | {share(r['cross_share_top'])} | "
+            f"| {r['seed']} | {r['epoch']} | {share(r['cross_share_trace'])} | {share(r['cross_share_top'])} | "
             f"{r['full_kappa']:.3g} | {r['diagonal_kappa']:.3g} | {ratio} |"
         )
     lines += [

@@ -143,9 +143,10 @@ def render_report(
         f"<p class='lead'>Every verdict is a test stated before the outcome (module <code>{rules['module']}</code>, "
         f"last commit {html.escape(str(rules['last_commit'] or 'unknown: not a git checkout'))}, "
         f"SHA-256 {rules['sha256']}): alpha {ALPHA}, one-sided over seeds where the claim has a direction, "
-        "equivalence (TOST) for 'no loss'. The null rate is how often the same rule says 'reproduced' on data "
-        "with no effect (simulated with the run's seeds and noise); 'detectable' is the smallest effect the test "
-        f"finds at 80% power.</p><ul class='lead'>{words}</ul>"
+        "non-inferiority (the lower half of TOST) for 'no loss', TOST for a range. The null rate is how often the "
+        "same rule says 'reproduced' when the claim is false at its boundary (computed exactly, with the run's "
+        "seeds and noise); 'detectable' is the smallest true effect it finds at 80% power.</p>"
+        f"<ul class='lead'>{words}</ul>"
     )
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
     body = [

@@ -230,7 +230,10 @@ def readings_row(verdict: dict, rows: list[dict]) -> dict:
     for label, word in verdict["readings"].items():
         by_word.setdefault(word, []).append(label)
     ours = "; ".join(f"{word}: {len(labels)} reading(s) ({' | '.join(labels)})" for word, labels in by_word.items())
-    claim = "Table 1: Looped-Attn above Single-Attn at longer lengths, under every reading the paper leaves open"
+    claim = (
+        "Table 1 over the readings the paper leaves open: the headline reading's word, reading-dependent if the "
+        "sign flips"
+    )
     return html_verdict_row(
         claim, "Table 1, Appendix E.1.3", ours, "Looped-Attn above", verdict["verdict"], verdict["test"]
     )

@@ -239,7 +239,8 @@ def theorem3_verdict(t3: dict) -> dict:
     if a4:
         at = min(s["fraction_nonnegative"] for s in a4.values())
         cos = min(s["cosine_min"] for s in a4.values())
-        ours += f"; at the constructed Assumption-4 points {at:.0%} (smallest cosine {cos:.3f})"
+        shown = f"{cos:.3f}" if np.isfinite(cos) else "-"
+        ours += f"; at the constructed Assumption-4 points {at:.0%} (smallest cosine {shown})"
     a5 = t3.get("assumption5", [])
     if a5:
         worst = min(r["min_over_max_eigenvalue"] for r in a5)

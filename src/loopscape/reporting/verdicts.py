@@ -5,26 +5,30 @@ A claim of the paper is judged on per-seed values (one number per seed: a differ
 paired runs, a log ratio, a fraction), by one of three tests at ``ALPHA = 0.05``:
 
 * :func:`directional`: "X is larger" (Observation 1, Corollaries 1-2, Conjectures 1-2, ...). A
-  one-sided one-sample t-test of the per-seed values against 0, their mean with a 90% t-interval
-  (the two-sided interval that matches a one-sided 5% test), and a **bar**: the smallest mean that
-  counts as the paper's effect (half the paper's number where it gives one, the claim's own
-  threshold such as 10x for ">>", else 0). Words:
+  one-sided one-sample t-test of the per-seed values, their mean with a 90% t-interval (the two-sided
+  interval that matches a one-sided 5% test), and a **bar**: the smallest mean that counts as the
+  paper's effect (half the paper's number where it gives one, the claim's own threshold such as 10x
+  for ">>", else 0). Words:
 
-  - **reproduced**: significant, and the mean at least the bar;
-  - **direction only**: the mean has the claim's sign but is not significant, or is significant
-    and below the bar with the interval reaching it;
+  - **reproduced**: the mean significantly above the bar (the one-sided test against the bar itself,
+    so "at least the bar" is tested, not read off a point estimate);
+  - **direction only**: significantly above 0 but not above the bar, with the interval reaching it;
+    or the claim's sign without significance;
   - **not reproduced**: no effect (a mean of the wrong sign or zero, not significant), or a
     significant effect whose whole interval lies below the bar (far below the paper's);
   - **contradicted**: significant in the opposite direction (the mirrored one-sided test);
-  - **not tested**: fewer than two seeds (no variance to test against), or no values.
+  - **not tested**: fewer than two usable values (the reason is given). Values that are missing
+    (None, NaN) are dropped and counted (``n_dropped``). Values without spread fall back to the
+    exact sign test (``p = 2^-n`` when all have the claim's sign), so two identical seeds are not
+    significant.
 
-* :func:`equivalence`: "no loss", "comparable" (SHIFT). Two one-sided tests (TOST) of the mean
-  against ``-margin`` and ``+margin``: **reproduced** if both reject (the 90% interval inside
-  ``(-margin, margin)``); **contradicted** if the interval lies wholly below ``-margin`` (a loss);
-  **inconclusive** otherwise, with the interval.
+* :func:`non_inferiority`: "no loss", "minimal" (SHIFT, E.2.2 (b)). The lower half of TOST: the
+  mean above ``-margin`` by a one-sided t-test. **reproduced** if the 90% interval's lower end is above
+  ``-margin``; **contradicted** if its upper end is below ``-margin`` (a loss beyond the margin);
+  **inconclusive** otherwise, with the interval. A gain never fails it.
 
-* :func:`in_range`: "at 100-150 epochs" (SCP's shift point). The same TOST against the range's
-  two ends: **reproduced** if the 90% interval of the mean lies inside the range; **not
+* :func:`in_range`: "at 100-150 epochs" (SCP's shift point). Two one-sided tests (TOST) against the
+  range's ends: **reproduced** if the 90% interval of the mean lies inside the range; **not
   reproduced** if it lies wholly outside; **inconclusive** otherwise.
 
 Claims made of several parts (every test length; a speed-up and no loss) combine their parts by
@@ -33,12 +37,12 @@ rate is at most the largest of its parts'); claims the paper leaves open to a re
 readings by :func:`over_readings` (**reading-dependent** when the sign changes with the reading).
 
 **Null rate.** Beside each verdict, the rate at which the same rule gives its positive word
-("reproduced") on data with no effect: Gaussian data of the run's seed count and the run's standard
-deviation, centred on the null (0 for a direction, a margin's edge for equivalence, a range's end
-for a range), computed exactly by quadrature over the sample spread (so a report is reproducible
-and free of simulation noise). Every rule here keeps it at or below ``ALPHA``; tests check the
-exact rate against a simulation. **Minimum detectable effect**: the smallest true mean the
-test finds at 80% power with the run's seeds and noise (noncentral t).
+("reproduced") when the claim is false at its boundary: Gaussian data of the run's seed count and
+the run's standard deviation with the true mean at the bar (a direction), at ``-margin`` (no loss),
+or at a range's end, computed exactly by quadrature over the sample spread (no simulation noise).
+A one-sided t rule sits at exactly ``ALPHA`` there and below it for any smaller true effect.
+**Minimum detectable effect**: the smallest true mean for which the rule says "reproduced" with
+80% power (the bar plus the noncentral-t distance).
 
 The per-seed values and how each claim forms them live with the claim (reporting/summary.py,
 hessian.py, shift.py, theory.py, length.py); this module never changes with an outcome. The report
@@ -48,6 +52,7 @@ prints its last commit (:func:`rules_version`) so a reader can see that.
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -70,13 +75,14 @@ WORDS = (REPRODUCED, DIRECTION_ONLY, NOT_REPRODUCED, CONTRADICTED, READING_DEPEN
 POSITIVE = (REPRODUCED,)
 
 WORD_MEANINGS = {
-    REPRODUCED: "significant at 5% (one-sided, over seeds) and at least the stated bar (half the paper's effect "
-    "where it gives one)",
-    DIRECTION_ONLY: "the claim's sign, but not significant, or significant and short of the bar",
-    NOT_REPRODUCED: "no effect, or an effect whose whole 90% interval lies below the bar",
-    CONTRADICTED: "significant in the opposite direction",
+    REPRODUCED: "the claim's test passes at alpha 0.05 over seeds: above the stated bar (half the paper's effect "
+    "where it gives one) for a direction, within the margin for 'no loss', inside the range for a range, no "
+    "violation for a proven bound",
+    DIRECTION_ONLY: "the claim's sign, but not significant, or significant and not above the bar",
+    NOT_REPRODUCED: "no effect, an effect whose whole 90% interval lies below the bar, or outside a range",
+    CONTRADICTED: "significant in the opposite direction (or a loss beyond the margin, or a violated bound)",
     READING_DEPENDENT: "the sign changes with a reading the paper leaves open (the readings are listed)",
-    INCONCLUSIVE: "an equivalence or range test whose 90% interval straddles a margin",
+    INCONCLUSIVE: "a 'no loss' or range test whose 90% interval straddles the margin",
     NOT_TESTED: "missing or too short evidence (the reason is given)",
 }
 
@@ -84,6 +90,11 @@ WORD_MEANINGS = {
 def _values(values) -> np.ndarray:
     a = np.asarray([v for v in values if v is not None], dtype=float)
     return a[np.isfinite(a)]
+
+
+def _dropped(values) -> int:
+    """How many of ``values`` are missing (None or not finite): dropped from the test, and said so."""
+    return len(list(values)) - _values(values).size
 
 
 def _summary(a: np.ndarray) -> tuple[float, float, float]:
@@ -98,9 +109,9 @@ def _interval(mean: float, se: float, n: int) -> list[float]:
 
 
 def _p_greater(mean: float, se: float, n: int, null: float = 0.0) -> float:
-    """One-sided p of ``mean > null``."""
+    """One-sided p of ``mean > null``; without spread, the exact sign test (every value above ``null``)."""
     if se == 0:
-        return 0.0 if mean > null else 1.0
+        return 0.5**n if mean > null else 1.0
     return float(stats.t.sf((mean - null) / se, n - 1))
 
 
@@ -145,9 +156,9 @@ def directional_word(values, bar: float = 0.0) -> str:
 
 def _directional_word(mean: float, se: float, n: int, bar: float) -> str:
     lo, hi = _interval(mean, se, n)
+    if _p_greater(mean, se, n, bar) < ALPHA:
+        return REPRODUCED
     if _p_greater(mean, se, n) < ALPHA:
-        if mean >= bar:
-            return REPRODUCED
         return NOT_REPRODUCED if hi < bar else DIRECTION_ONLY
     if _p_greater(-mean, se, n) < ALPHA:
         return CONTRADICTED
@@ -164,33 +175,34 @@ def _over_spread(n: int, sd: float, prob) -> float:
 
 
 def directional_null_rate(n: int, sd: float, bar: float = 0.0) -> float:
-    """How often :func:`directional` says "reproduced" when the true mean is 0 (Gaussian, the run's noise):
-    ``P(mean / se > t_crit and mean >= bar)``, exactly."""
+    """How often :func:`directional` says "reproduced" when the true mean is the bar (the boundary of "no
+    effect of the paper's size"; Gaussian, the run's noise), exactly: ``P((mean - bar) / se > t_crit)``."""
     if sd == 0:
-        return 0.0
+        return 0.5**n if 0.5**n < ALPHA else 0.0  # the sign test's own rate
     t_crit, se_true = stats.t.ppf(1 - ALPHA, n - 1), sd / np.sqrt(n)
-    return _over_spread(n, sd, lambda s: stats.norm.sf(max(bar, t_crit * s / np.sqrt(n)) / se_true))
+    return _over_spread(n, sd, lambda s: stats.norm.sf(t_crit * s / np.sqrt(n) / se_true))
 
 
-def min_detectable(n: int, sd: float) -> float:
-    """The smallest true mean a one-sided t-test at ``ALPHA`` finds with power ``POWER`` (noncentral t)."""
+def min_detectable(n: int, sd: float, bar: float = 0.0) -> float:
+    """The smallest true mean for which the one-sided t-test against ``bar`` at ``ALPHA`` has power ``POWER``
+    (noncentral t): the bar plus the detectable distance."""
     if sd == 0:
-        return 0.0
+        return bar
     t_crit = stats.t.ppf(1 - ALPHA, n - 1)
 
     def power_gap(delta: float) -> float:
         return float(stats.nct.sf(t_crit, n - 1, delta * np.sqrt(n) / sd)) - POWER
 
-    return float(optimize.brentq(power_gap, 0.0, 100 * sd + 1e-12))
+    return bar + float(optimize.brentq(power_gap, 0.0, 100 * sd + 1e-12))
 
 
 def directional(values, *, name: str, statistic: str, bar: float = 0.0, units: str = "") -> dict:
     """The one-sided test of "the per-seed ``values`` are above 0", with the words of the module docstring.
     ``bar``: the smallest mean that counts as the paper's effect (>= 0)."""
-    a = _values(values)
-    test = f"one-sided one-sample t-test over seeds, alpha {ALPHA}; bar {bar:g}{units}"
+    a, dropped = _values(values), _dropped(values)
+    test = f"one-sided one-sample t-test over seeds against the bar {bar:g}{units}, alpha {ALPHA}"
     if a.size < 2:
-        why = "one seed: no spread to test against" if a.size == 1 else "no values"
+        why = _too_few(a.size, dropped)
         return not_tested(name, statistic, why, int(a.size)) | {"values": a.tolist()}
     mean, sd, se = _summary(a)
     n = int(a.size)
@@ -201,18 +213,24 @@ def directional(values, *, name: str, statistic: str, bar: float = 0.0, units: s
             name,
             statistic,
             n,
-            p_value=_p_greater(mean, se, n),
+            p_value=_p_greater(mean, se, n, bar),
             interval=_interval(mean, se, n),
             null_rate=directional_null_rate(n, sd, bar),
-            min_detectable=min_detectable(n, sd),
+            min_detectable=min_detectable(n, sd, bar),
             estimate=mean,
             bar=bar,
+            n_dropped=dropped,
             method=test,
         ),
     }
 
 
-# -- equivalence and ranges (TOST) --------------------------------------------------------------------------
+def _too_few(n: int, dropped: int) -> str:
+    why = "one seed: no spread to test against" if n == 1 else "no values"
+    return why + (f" ({dropped} missing)" if dropped else "")
+
+
+# -- no loss and ranges (TOST) -----------------------------------------------------------------------------
 
 
 def _tost_null_rate(n: int, sd: float, lo: float, hi: float) -> float:
@@ -235,6 +253,8 @@ def tost_word(values, lo: float, hi: float, below: str = CONTRADICTED, above: st
     a = _values(values)
     mean, _, se = _summary(a)
     ci = _interval(mean, se, a.size)
+    if se == 0 and 0.5**a.size >= ALPHA:  # no spread and too few values for a sign test: nothing is shown
+        return INCONCLUSIVE
     if ci[0] > lo and ci[1] < hi:
         return REPRODUCED
     if ci[1] < lo:
@@ -245,10 +265,9 @@ def tost_word(values, lo: float, hi: float, below: str = CONTRADICTED, above: st
 
 
 def _tost(values, lo: float, hi: float, name: str, statistic: str, below: str, above: str, method: str) -> dict:
-    a = _values(values)
+    a, dropped = _values(values), _dropped(values)
     if a.size < 2:
-        why = "one seed: no spread to test against" if a.size == 1 else "no values"
-        return not_tested(name, statistic, why, int(a.size)) | {"values": a.tolist()}
+        return not_tested(name, statistic, _too_few(a.size, dropped), int(a.size)) | {"values": a.tolist()}
     mean, sd, se = _summary(a)
     n = int(a.size)
     ci = _interval(mean, se, n)
@@ -266,16 +285,18 @@ def _tost(values, lo: float, hi: float, name: str, statistic: str, below: str, a
             null_rate=_tost_null_rate(n, sd, lo, hi),
             min_detectable=None,
             estimate=mean,
-            bounds=[lo, hi],
+            bounds=[lo, None if math.isinf(hi) else hi],
+            n_dropped=dropped,
             method=method,
         ),
     }
 
 
-def equivalence(values, margin: float, *, name: str, statistic: str) -> dict:
-    """ "No loss": the per-seed differences' mean within ``(-margin, margin)`` by TOST at ``ALPHA``."""
-    method = f"equivalence, two one-sided t-tests (TOST) at alpha {ALPHA}, margin ±{margin:g}"
-    return _tost(values, -margin, margin, name, statistic, CONTRADICTED, NOT_REPRODUCED, method)
+def non_inferiority(values, margin: float, *, name: str, statistic: str) -> dict:
+    """ "No loss": the per-seed differences' mean above ``-margin`` (the lower half of TOST) at ``ALPHA``; a gain
+    never fails it."""
+    method = f"non-inferiority, one-sided t-test (the lower half of TOST) at alpha {ALPHA}, margin {margin:g}"
+    return _tost(values, -margin, math.inf, name, statistic, CONTRADICTED, NOT_REPRODUCED, method)
 
 
 def in_range(values, lo: float, hi: float, *, name: str, statistic: str) -> dict:
@@ -286,15 +307,22 @@ def in_range(values, lo: float, hi: float, *, name: str, statistic: str) -> dict
 
 # -- composite claims --------------------------------------------------------------------------------------
 
-_ORDER = (NOT_TESTED, CONTRADICTED, NOT_REPRODUCED, INCONCLUSIVE, DIRECTION_ONLY, REPRODUCED)
+_ORDER = (CONTRADICTED, NOT_REPRODUCED, INCONCLUSIVE, DIRECTION_ONLY, READING_DEPENDENT, REPRODUCED)
 
 
 def all_of(parts: dict[str, dict], *, name: str, statistic: str) -> dict:
-    """A claim made of several parts (each an outcome of this module): its word is the weakest part's
-    (not tested < contradicted < not reproduced < inconclusive < direction only < reproduced), so it is
-    "reproduced" only if every part is; its null rate is at most the largest part's (intersection-union)."""
+    """A claim made of several parts (each an outcome of this module): "reproduced" only if every part is, so its
+    null rate is at most the largest part's (intersection-union). Otherwise a tested part that fails decides
+    (contradicted before not reproduced), then a part not tested makes the whole not tested, then the weakest
+    of the rest (inconclusive < direction only < reading-dependent)."""
     words = [p["verdict"] for p in parts.values()]
-    word = min(words, key=_ORDER.index) if words else NOT_TESTED
+    failed = [w for w in words if w in (CONTRADICTED, NOT_REPRODUCED)]
+    if failed:
+        word = min(failed, key=_ORDER.index)
+    elif NOT_TESTED in words or not words:
+        word = NOT_TESTED
+    else:
+        word = min(words, key=_ORDER.index)
     rates = [p["test"]["null_rate"] for p in parts.values() if p["test"].get("null_rate") is not None]
     seeds = [p["test"]["n_seeds"] for p in parts.values()]
     test = test_fields(
@@ -339,7 +367,10 @@ def over_readings(readings: dict[str, dict], headline: str, *, name: str, statis
         positive_readings=positive,
         contradicting_readings=negative,
     )
-    return {"verdict": word, "test": test, "readings": words}
+    out = {"verdict": word, "test": test, "readings": words, "values": head.get("values", [])}
+    if word == NOT_TESTED:
+        out["reason"] = head.get("reason", "the headline reading was not tested")
+    return out
 
 
 # -- deterministic checks ----------------------------------------------------------------------------------
@@ -347,7 +378,7 @@ def over_readings(readings: dict[str, dict], headline: str, *, name: str, statis
 
 def bound_check(held: int, n: int, *, name: str, statistic: str) -> dict:
     """A proven bound checked on ``n`` random instances meeting its assumptions, ``held`` of which obey it.
-    Reproduced if every instance does; the interval is the violation rate's exact one-sided 95% bound
+    Reproduced if every instance does; ``upper_bound`` is the violation rate's exact one-sided 95% bound
     (Clopper-Pearson), and the null rate the chance of no violation in ``n`` instances were the true rate
     at that bound (so at most 5%)."""
     if n == 0:
@@ -361,11 +392,13 @@ def bound_check(held: int, n: int, *, name: str, statistic: str) -> dict:
         statistic,
         n,
         p_value=None,
-        interval=[0.0, upper],
+        interval=None,
         null_rate=null_rate,
-        min_detectable=upper,
-        method="a proof checked on random instances: any violation contradicts it",
+        min_detectable=None,
+        method="a proof checked on random instances: any violation contradicts it; the violation rate's one-sided "
+        "95% upper bound (Clopper-Pearson) is upper_bound",
         violations=violations,
+        upper_bound=upper,
     )
     return {"verdict": word, "test": test}
 
@@ -406,7 +439,7 @@ def evidence(outcome: dict, what: str, digits: int = 2) -> str:
     """A verdict row's ``ours`` cell: why it was not tested, or ``what`` and the per-seed values tested."""
     if outcome["verdict"] == NOT_TESTED:
         return outcome["reason"]
-    return f"{what}: " + ", ".join(f"{v:+.{digits}f}" for v in outcome["values"])
+    return f"{what}: " + ", ".join(f"{v:+.{digits}f}" for v in outcome.get("values", []))
 
 
 def describe(test: dict) -> str:
@@ -421,7 +454,7 @@ def describe(test: dict) -> str:
         parts.append(f"90% interval [{lo:.3g}, {hi:.3g}]")
     if test.get("p_value") is not None:
         parts.append(f"p = {test['p_value']:.3g}")
-    parts.append(f"{test['n_seeds']} seeds")
+    parts.append(f"{test['n_seeds']} seeds" + (f" ({test['n_dropped']} missing)" if test.get("n_dropped") else ""))
     if test.get("null_rate") is not None:
         parts.append(f"null rate {test['null_rate']:.3f}")
     if test.get("min_detectable") is not None:
