@@ -156,26 +156,27 @@ def _long_enough(epochs: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def observation2_verdict(spectra: dict, n_bins: int, seeds: list[int] | None = None) -> dict:
-    """Observation 2 by :data:`OBS2_RULE` on each tracked seed's Matrix Entropy curves."""
-    epochs = {m: runs[0][0] for m, runs in spectra.items()}
+def _judge(spectra: dict, n_bins: int, seeds: list[int] | None, key: str, name: str, rule: str) -> dict:
+    """The comparative three-phase rule on each tracked seed's ``key`` curve (``entropy`` or
+    ``mutual_information``, whose ``I(H_s; H_s+1)`` is indexed by ``s``: one epoch fewer)."""
+    mi = key == "mutual_information"
+    epochs = {m: runs[0][0][:-1] if mi else runs[0][0] for m, runs in spectra.items()}
     why = _long_enough(epochs)
     if why:
-        return not_tested("Observation 2", "phase and static scores", why) | {"rule": OBS2_RULE}
+        return not_tested(name, "phase and static scores", why) | {"rule": rule}
     per_seed = {m: per_seed_trajectories(runs, n_bins) for m, runs in spectra.items()}
     seeds = list(range(len(spectra["looped_attn"]))) if seeds is None else seeds
-    return _curves_judged(per_seed, epochs, "entropy", "Observation 2", False, seeds) | {"rule": OBS2_RULE}
+    return _curves_judged(per_seed, epochs, key, name, mi, seeds) | {"rule": rule}
+
+
+def observation2_verdict(spectra: dict, n_bins: int, seeds: list[int] | None = None) -> dict:
+    """Observation 2 by :data:`OBS2_RULE` on each tracked seed's Matrix Entropy curves."""
+    return _judge(spectra, n_bins, seeds, "entropy", "Observation 2", OBS2_RULE)
 
 
 def mutual_information_verdict(spectra: dict, n_bins: int, seeds: list[int] | None = None) -> dict:
-    """The Mutual Information statements of Observation 2 by :data:`MI_RULE`."""
-    epochs = {m: runs[0][0][:-1] for m, runs in spectra.items()}  # I(H_s; H_s+1) is indexed by s
-    why = _long_enough(epochs)
-    if why:
-        return not_tested("Mutual Information", "phase and static scores", why) | {"rule": MI_RULE}
-    per_seed = {m: per_seed_trajectories(runs, n_bins) for m, runs in spectra.items()}
-    seeds = list(range(len(spectra["looped_attn"]))) if seeds is None else seeds
-    return _curves_judged(per_seed, epochs, "mutual_information", "Mutual Information", True, seeds) | {"rule": MI_RULE}
+    """The Mutual Information statements of Observation 2 by :data:`MI_RULE` (with the plateau margin)."""
+    return _judge(spectra, n_bins, seeds, "mutual_information", "Mutual Information", MI_RULE)
 
 
 def _phase_text(v: dict) -> str:
