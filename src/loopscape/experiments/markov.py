@@ -374,27 +374,31 @@ def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: in
     result = {}
     batches = weighted_batches(task.train.inputs, task.train.targets, dedupe="inputs", num_classes=cfg.data.vocab_size)
 
-    def measured(model, theta) -> dict:
-        with torch.no_grad():
-            vector_to_parameters(theta, list(model.parameters()))
-        m = loop_hessian(model, batches).measure(k=5, exact=True)
-        return {**hessian_report.coupling_summary(m), **hessian_report.coupling_curves(m)}
+    done: dict[tuple, dict] = {}  # the first seed's last epoch is both on the trajectory and a per-seed row
 
+    def measured(name: str, seed: int, epoch: int, theta: torch.Tensor) -> dict:
+        if (name, seed, epoch) not in done:
+            model = cfg.build_model(cfg.models[name]).double()
+            with torch.no_grad():
+                vector_to_parameters(theta, list(model.parameters()))
+            m = loop_hessian(model, batches).measure(k=5, exact=True)
+            done[name, seed, epoch] = {**hessian_report.coupling_summary(m), **hessian_report.coupling_curves(m)}
+        return done[name, seed, epoch]
+
+    first = cfg.hessian_seeds[0]
     for name, T in cfg.models.items():
-        thetas = load_thetas(run_dir_of(out, name, cfg.hessian_seeds[0]) / "spectra.jsonl")
+        thetas = load_thetas(run_dir_of(out, name, first) / "spectra.jsonl")
         if not thetas or T == 1:  # one loop: no pair of loops to split
             continue
         epochs = sorted({e for e in thetas if e % every == 0} | {min(thetas), max(thetas)})
-        model = cfg.build_model(T).double()
-        result[name] = {"n_loops": T, "rows": [{"epoch": e, **measured(model, thetas[e])} for e in epochs]}
-    T = cfg.models["looped_attn"]
+        result[name] = {"n_loops": T, "rows": [{"epoch": e, **measured(name, first, e, thetas[e])} for e in epochs]}
     result["per_seed"] = []
     for seed in cfg.hessian_seeds:
         thetas = load_thetas(run_dir_of(out, "looped_attn", seed) / "spectra.jsonl")
         if thetas:
             last = max(thetas)
             result["per_seed"].append(
-                {"seed": seed, "epoch": last, **measured(cfg.build_model(T).double(), thetas[last])}
+                {"seed": seed, "epoch": last, **measured("looped_attn", seed, last, thetas[last])}
             )
     return result
 

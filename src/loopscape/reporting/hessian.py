@@ -515,11 +515,10 @@ COUPLING_SHAPES_RULE = (
     "loop blocks (what an untied, unrolled model sees) is U-shaped; partly if both are V-shaped and full's kappa "
     "is at least 10x diagonal's; fails otherwise"
 )
-COUPLING_RULE = f"at Looped-Attn's last tracked epoch (past {PHASE_EPOCH}), with {COUPLING_SHAPES_RULE}"
 
 
 def shape_verdict(m: dict) -> str:
-    """:data:`COUPLING_RULE`'s outcome for one measurement (``full_shape``, ``diagonal_shape`` and kappas)."""
+    """:data:`COUPLING_SHAPES_RULE`'s outcome for one measurement (``full_shape``, ``diagonal_shape`` and kappas)."""
     full, diag = m["full_shape"], m["diagonal_shape"]
     if full == "V" and diag == "U":
         return "holds"

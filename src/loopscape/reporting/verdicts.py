@@ -62,7 +62,6 @@ from scipy import integrate, optimize, stats
 
 ALPHA = 0.05
 POWER = 0.8
-LEVEL = 1 - 2 * ALPHA  # the interval's coverage: 90%, the two-sided match of a one-sided 5% test
 
 REPRODUCED = "reproduced"
 DIRECTION_ONLY = "direction only"
