@@ -5,7 +5,7 @@ costs at most 1.05x the same model with the range's layers called ``k`` times
 "by hand": a plain model of the same family whose layer list holds the looped
 layers ``k`` times over, as the very same module objects (``[0, 1, 2, 1, 2,
 1, 2, 3]``), run by the library's own forward. Both compute the same function
-(``injection="none"``; ``tests/test_loopify.py`` checks they agree), so the
+(``injection="none"``; ``tests/looped/test_loopify.py`` checks they agree), so the
 ratio is loopify's overhead alone. Steps are AdamW on random tokens; the sides
 alternate in each of ``--rounds`` rounds, and each round's time is the fastest
 of ``--repeats`` blocks of ``--steps`` steps.

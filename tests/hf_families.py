@@ -9,7 +9,8 @@ GQA = dict(SIZE, num_key_value_heads=2)
 TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-def _config(model_type: str, n_layer: int):
+def family_config(model_type: str, n_layer: int):
+    """The tiny configuration of one family (built offline)."""
     if model_type == "gpt2":
         return transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=n_layer, n_head=4, **TOKENS)
     if model_type == "gpt_neox":
@@ -24,5 +25,5 @@ FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "olmo", "gpt_n
 
 def build(model_type: str, n_layer: int = 4, dtype=torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(model_type, n_layer))
+    model = transformers.AutoModelForCausalLM.from_config(family_config(model_type, n_layer))
     return model.to(dtype).eval()

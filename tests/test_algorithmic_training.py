@@ -296,3 +296,88 @@ def test_old_shift_settings_read_into_the_shift_section(tmp_path):
         match=r"^train\.shift: give at most one of at .* \(set train\.shift\.scp=null for a fixed switch\)$",
     ):
         from_dict(AlgorithmicTrainConfig, {"shift": {"at": 3, "scp": {}}}).validate("train.")
+
+
+@pytest.mark.parametrize("preset", [None, "cpu-small"])
+def test_train_scp_is_an_alias_of_train_shift_scp(preset):
+    """The older spelling (docs/scripts/numbers_unchanged.sh passes it to old and new trees alike) gives the
+    same config and the same schedule as the merged setting."""
+    from loopscape.config import load_config, parse_override
+    from loopscape.experiments.algorithmic import AlgorithmicStudyConfig, preset_files
+    from loopscape.shift.criterion import SCPConfig, ShiftCriterion
+
+    files = preset_files(preset, "parity") if preset else []
+    old = load_config(
+        AlgorithmicStudyConfig, files, dict([parse_override("train.scp={patience: 2, wait: 2, max_wait: 4}")])
+    )
+    new = load_config(
+        AlgorithmicStudyConfig, files, dict([parse_override("train.shift.scp={patience: 2, wait: 2, max_wait: 4}")])
+    )
+    assert old == new and old.train.shift.scp == SCPConfig(patience=2, wait=2, max_wait=4)
+    a, b = old.train.shift.build(), new.train.shift.build()
+    assert a.config == b.config and a.criterion == b.criterion == ShiftCriterion(patience=2, wait=2, max_wait=4)
+    one = load_config(AlgorithmicStudyConfig, [], {"train.scp.patience": 7})  # one setting by its older name
+    assert one.train.shift == load_config(AlgorithmicStudyConfig, [], {"train.shift.scp.patience": 7}).train.shift
+
+
+def test_train_shift_n_loops_is_refused_in_one_line():
+    """The looped stage runs each row's T(n): a loop count for SHIFT's Stage II would be read by nothing."""
+    from loopscape.config import ConfigError, load_config
+    from loopscape.experiments.algorithmic import AlgorithmicStudyConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config(AlgorithmicStudyConfig, [], {"train.shift.n_loops": 4})
+    assert str(error.value) == (
+        "train.shift.n_loops is not used by the algorithmic study: its loop count is T(n) per row (got 4; leave it out)"
+    )
+    assert load_config(AlgorithmicStudyConfig, [], {}).train.shift.n_loops == 2  # the default, as run folders hold
+
+
+def test_checkpoints_keep_the_controller_under_one_key_and_old_ones_resume(tmp_path):
+    """SCP fires at step 15 (the third evaluation); the checkpoint at 20 holds shift_state, naming the mean step
+    norm SCP read; rewritten to the older "schedule" key it resumes to the same numbers."""
+    shift = ShiftConfig(scp=dict(patience=1, min_delta=10.0, wait=1, max_wait=1))
+    _, rows_full = _run(tmp_path / "a", "shift", 30, shift=shift)
+    assert rows_full[-1]["shift_step"] == 15
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", "shift", 30, shift=shift, on_step=_crash_at(25))
+    (path,) = (tmp_path / "b").rglob("state.json")
+    state = json.loads(path.read_text())
+    assert "shift_state" in state["extra"] and "schedule" not in state["extra"]
+    assert state["extra"]["shift_state"]["grad_norm"] == "step_mean"
+    state["extra"]["schedule"] = state["extra"].pop("shift_state")  # the layout before
+    path.write_text(json.dumps(state))
+    _, rows = _run(tmp_path / "b", "shift", 30, shift=shift, resume=True)
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+
+    assert strip(rows) == strip(rows_full)
+
+
+def test_a_run_folder_written_before_scp_was_typed_resumes(tmp_path):
+    """Older config.yaml files hold train.shift.scp as the settings given (three keys, no shift_by): the same
+    settings, so the folder resumes; the config written now holds every SCP setting and reads back equal."""
+    import yaml
+
+    from loopscape.config import from_dict, to_dict
+    from loopscape.experiments.algorithmic import AlgorithmicStudyConfig, algorithmic_preset
+    from loopscape.io import same_config
+
+    config = algorithmic_preset("cpu-small", "parity")
+    assert set(to_dict(config)["train"]["shift"]["scp"]) == {
+        "patience",
+        "min_delta",
+        "wait",
+        "grad_tol",
+        "max_wait",
+        "shift_by",
+    }
+    old = to_dict(config)
+    old["train"]["shift"]["scp"] = {"patience": 5, "wait": 3, "max_wait": 10}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert same_config(tmp_path / "config.yaml", config)
+    old["train"]["shift"]["scp"]["patience"] = 6
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert not same_config(tmp_path / "config.yaml", config)
+    assert from_dict(AlgorithmicStudyConfig, yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config

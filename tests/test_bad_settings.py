@@ -71,7 +71,17 @@ CASES = [
     (["algorithmic", "--set", "model.n_heads=3"], "model.n_heads must divide d_model (got d_model=32, n_heads=3)"),
     (["algorithmic", "--set", "train.precision=fp8"], "train.precision must be one of ('fp32', 'bf16') (got 'fp8')"),
     (["algorithmic", "--seed", "1", "--seeds", "1,2"], "give --seed or --seeds, not both"),
-]
+    # a section given a value beside a flag inside it; a flag and a --set that disagree (issue 35)
+    (
+        ["markov", "--epochs", "3", "--set", "train=5"],
+        "--set train=5: train is a section; give a setting inside it (e.g. train.epochs=5)",
+    ),
+    (
+        ["markov", "--epochs", "3", "--set", "train.epochs=abc"],
+        "--epochs 3 and --set train.epochs=abc set train.epochs to different values; give one of them",
+    ),
+    (["algorithmic", "--seeds", "1,2", "--set", "seed=1"], "give --set seed or --seeds, not both"),
+]  # every flag against its --set: tests/test_cli_errors.py
 
 
 @pytest.mark.parametrize("args, message", CASES)

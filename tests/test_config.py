@@ -7,12 +7,12 @@ import pytest
 from loopscape.config import ConfigError, load_config, preset_file, to_dict
 from loopscape.data.algorithmic import TASKS
 from loopscape.experiments.algorithmic import PRESETS, AlgorithmicStudyConfig, algorithmic_preset, preset_files
-from loopscape.experiments.markov import MarkovStudyConfig
+from loopscape.experiments.markov import PAPER_TOY_MODEL, MarkovStudyConfig
 from loopscape.experiments.reproduce import ReproduceConfig
 from loopscape.experiments.retrofit import RetrofitConfig
 from loopscape.experiments.shift import ShiftStudyConfig
 from loopscape.experiments.theory import TheoryStudyConfig
-from loopscape.models.linear_attn import LinearAttnConfig
+from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig
 
 
 def test_later_files_override_earlier_ones_setting_by_setting(tmp_path):
@@ -101,6 +101,20 @@ def test_the_markov_study_model_differs_from_its_class_and_an_override_keeps_it(
     assert rep.markov == cfg
     quick = load_config(ReproduceConfig, [preset_file("reproduce-quick.yaml")], {"markov.model.init_scale": 0.5})
     assert quick.markov.model == cfg.model and quick.markov.train.epochs == 40
+
+
+def test_a_study_or_a_model_changes_no_later_default():
+    """The bug this guards: every MarkovStudyConfig() shared PAPER_TOY_MODEL, and a model's n_loops setter wrote
+    into the config it was built from, so setting n_loops on one model (as SHIFT does) changed every later study."""
+    study = MarkovStudyConfig()
+    assert study.model is not MarkovStudyConfig().model and study.model == PAPER_TOY_MODEL
+    study.model.vocab_size = 3  # a model straight from the study's own config
+    model = LinearAttn(study.model)
+    model.n_loops = 7
+    assert model.n_loops == 7 and model.config.n_loops == 7
+    assert study.model.n_loops == 3 and PAPER_TOY_MODEL.n_loops == 3
+    study.model.n_loops = 5
+    assert MarkovStudyConfig().model.n_loops == 3 and MarkovStudyConfig().model.vocab_size is None
 
 
 def test_a_folder_written_before_a_setting_existed_resumes(tmp_path):

@@ -420,3 +420,86 @@ def test_a_half_precision_model_gets_float32_products_and_a_small_warm_probe_sta
     assert first["top_products"] <= 16 and second["top_products"] <= 16  # cold: from one vector, within P
     probe.load_state_dict(probe.state_dict())
     assert probe._ritz is None
+
+
+def test_a_probe_bins_by_its_n_bins_and_its_rows_say_so(tmp_path):
+    """The report's threshold reads n_bins from the rows (reporting.curvature): each row records the probe's, and its
+    entropies are binned by it (at one step both probes draw the same density: only the binning differs)."""
+    import json
+    import math
+
+    from loopscape.landscape.probe import CurvatureProbe
+
+    model = looped_attn(n_loops=2, vocab_size=3, max_len=4).double()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 3, (8, 4), generator=g), torch.randint(0, 3, (8,), generator=g))]
+    rows = {}
+    for n_bins in (4, 50):
+        probe = CurvatureProbe(batches, every=1, k=2, n_bins=n_bins, folder=tmp_path / str(n_bins))
+        rows[n_bins] = [probe.measure(model, 1), probe.measure(model, 2)]
+        written = [json.loads(line) for line in (tmp_path / str(n_bins) / "curvature.jsonl").read_text().splitlines()]
+        assert [r["n_bins"] for r in written] == [n_bins, n_bins]
+    assert all(r["matrix_entropy"] <= math.log(4) + 1e-12 for r in rows[4])
+    assert rows[4][0]["matrix_entropy"] != rows[50][0]["matrix_entropy"]
+    assert rows[4][1]["mutual_information"] != rows[50][1]["mutual_information"]
+
+
+def test_two_lightning_curvature_callbacks_keep_their_own_state_through_a_checkpoint(tmp_path):
+    """Each CurvatureCallback's state_key names its settings (Lightning's advice for stateful callbacks): two of
+    them in one trainer are allowed, saved apart and resumed apart; a checkpoint from before keeps the one
+    callback's state under the class name, and the one callback of the resumed trainer takes it back."""
+    L = pytest.importorskip("lightning")
+    from loopscape.integrations.lightning import CurvatureCallback
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 3, (16, 4), generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = looped_attn(n_loops=2, vocab_size=3, max_len=4)
+
+        def training_step(self, batch, i):
+            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def callbacks():
+        every_two = CurvatureCallback([(x[:8], y[:8])], every=2, k=2, module="model", folder=tmp_path / "a")
+        every_three = CurvatureCallback([(x[8:], y[8:])], every=3, k=2, module="model", folder=tmp_path / "b")
+        return every_two, every_three
+
+    def fit(steps, cbs, ckpt=None):
+        trainer = L.Trainer(
+            max_steps=steps,
+            callbacks=list(cbs),
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+        trainer.fit(Module(), loader, ckpt_path=ckpt)
+        return trainer
+
+    first = callbacks()
+    assert first[0].state_key != first[1].state_key
+    fit(4, first).save_checkpoint(tmp_path / "step4.ckpt")
+    saved = torch.load(tmp_path / "step4.ckpt", weights_only=False)["callbacks"]
+    assert [r["step"] for r in saved[first[0].state_key]["rows"]] == [2, 4]
+    assert [r["step"] for r in saved[first[1].state_key]["rows"]] == [3]
+    resumed = callbacks()
+    fit(6, resumed, tmp_path / "step4.ckpt")
+    assert [r["step"] for r in resumed[0].probe.rows] == [2, 4, 6]
+    assert [r["step"] for r in resumed[1].probe.rows] == [3, 6]
+    assert resumed[0].probe.rows[:2] == saved[first[0].state_key]["rows"]
+    # a checkpoint written before state_key: one CurvatureCallback, its state under the class name
+    ckpt = torch.load(tmp_path / "step4.ckpt", weights_only=False)
+    ckpt["callbacks"] = {"CurvatureCallback": ckpt["callbacks"][first[1].state_key]}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    alone = callbacks()[1]
+    fit(6, [alone], tmp_path / "old.ckpt")
+    assert [r["step"] for r in alone.probe.rows] == [3, 6]

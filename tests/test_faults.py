@@ -66,6 +66,27 @@ def test_cli_refuses_a_folder_in_use(tmp_path):
         holder.kill()
 
 
+def test_resuming_a_seeds_folder_in_use_is_refused_before_touching_it(tmp_path):
+    """`algorithmic --seeds ... --resume` takes the seeds folder's lock (seeds.json, report.html live there), not
+    only each seed's: a second resume while the first holds it is refused in one line, and writes nothing."""
+    out = tmp_path / "seeds"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.iterdir())
+        args = ["-m", "loopscape.cli", "algorithmic", "-p", "single", "-o", str(out), "--seeds", "0,1", "--resume"]
+        r = subprocess.run([sys.executable, *args, "--steps", "2", "-q"], capture_output=True, text=True)
+        assert (r.returncode, r.stderr.strip()) == (
+            2,
+            f"error: run folder '{out}' is in use by another loopscape process (PID {holder.pid}); "
+            "wait for it to finish or stop it",
+        )
+        assert sorted(p.name for p in out.iterdir()) == before == [".lock", ".workers.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.slow
 def test_killing_the_parent_stops_its_workers_and_the_run_resumes_bit_for_bit(tmp_path):
     run = tmp_path / "run"

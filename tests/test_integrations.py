@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from loopscape.integrations.loopify import get_n_loops, loopify
-from loopscape.integrations.shift import ShiftController
+from loopscape.looped.decoder import get_n_loops, loopify
 from loopscape.models.linear_attn import looped_attn
+from loopscape.shift.controller import ShiftController
 from loopscape.shift.schedule import ShiftSchedule
 
 transformers = pytest.importorskip("transformers")
@@ -80,7 +80,9 @@ def test_hf_callback_resumed_across_the_switch_is_the_same_run(tmp_path):
     for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q)
     state = json.loads((tmp_path / "b" / f"checkpoint-{shift + 2}" / "trainer_state.json").read_text())
-    assert state["stateful_callbacks"]["ShiftCallback"]["attributes"]["shift_state"]["schedule"]["shift_step"] == shift
+    saved = state["stateful_callbacks"]["ShiftCallback"]["attributes"]["shift_state"]
+    assert saved["schedule"]["shift_step"] == shift
+    assert saved["grad_norm"] == "last_logged"  # the norm SCP read: the Trainer's last logged grad_norm
 
 
 def test_plain_loop_resets_the_optimizer_only_when_asked():
@@ -173,10 +175,31 @@ def test_lightning_callback_switches_saves_its_state_and_resumes_across_the_swit
     lightning_run(tmp_path / "b", ShiftCallback(**settings), after_validation=True)
     saved = sorted((tmp_path / "b").glob(f"*step={shift + 2}.ckpt"))  # an epoch's end: the loader starts afresh
     assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["callbacks"]
+    state = next(v for k, v in torch.load(saved[0], weights_only=True)["callbacks"].items() if "ShiftCallback" in k)
+    assert set(state) == {"shift_state", "step_grad_norms"} and state["shift_state"]["grad_norm"] == "step_mean"
     resumed, _ = lightning_run(tmp_path / "c", ShiftCallback(**settings), resume=str(saved[0]))
     assert resumed.loops_seen == [2] * (12 - shift - 2)
     for p, q in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_lightning_callback_reads_the_state_layout_before_shift_state():
+    """Checkpoints written before shift_state kept the controller's keys beside "grad"."""
+    pytest.importorskip("lightning")
+    from loopscape.integrations.lightning import ShiftCallback
+
+    settings = {"n_loops": 2, "scp": {"patience": 1, "min_delta": 10.0, "wait": 1, "max_wait": 1}}
+    before = ShiftCallback(**settings)
+    for step in (2, 4, 6):
+        before.controller.after_evaluation(step, 1.0, 1.0)
+    before.controller.before_step(7)
+    new = before.state_dict()
+    old = {**new["shift_state"], "grad": {"sum": 3.0, "n": 2}}
+    for state, grads in ((new, {"sum": 0.0, "n": 0}), (old, {"sum": 3.0, "n": 2})):
+        after = ShiftCallback(**settings)
+        after.load_state_dict(state)
+        assert after.controller.schedule.shift_step == 6 and after.controller.switches == [(7, 2)]
+        assert after._grad == grads
 
 
 def test_lightning_scp_refuses_step_checkpoints_that_precede_validation(tmp_path):
@@ -397,7 +420,7 @@ def test_retrofit_splits_the_looped_models_hessian_by_loop_pairs(tmp_path):
     from typer.testing import CliRunner
 
     from loopscape.cli import app
-    from loopscape.experiments.retrofit import RetrofitConfig, TaskData, build_decoder, loop_coupling
+    from loopscape.experiments.retrofit import RetrofitConfig, TaskData, build_decoder, final_coupling
     from loopscape.landscape import hessian_operator
     from loopscape.landscape.linalg import dense_matrix
 
@@ -431,7 +454,7 @@ def test_retrofit_splits_the_looped_models_hessian_by_loop_pairs(tmp_path):
     )
     data = TaskData(cfg)
     model = loopify(build_decoder(cfg, data, 0), layers=(1, 2), n_loops=3)
-    split = loop_coupling(model, data, cfg, seed=0)
+    split = final_coupling(model, data, cfg, seed=0)
     plain = hessian_operator(model, data.coupling_batches(0), params=pattern, dtype=torch.float64)
     # (to 1e-6: Llama's RMSNorm computes in float32 whatever the model's type)
     assert split["top"]["full"][0] == pytest.approx(torch.linalg.eigvalsh(dense_matrix(plain))[-1].item(), rel=1e-6)
@@ -620,7 +643,7 @@ def test_hf_callbacks_resume_from_a_checkpoint_written_without_their_state(tmp_p
 
 
 def test_a_wrapper_with_its_own_n_loops_does_not_hide_the_looped_layers():
-    from loopscape.shift.controller import loop_holder
+    from loopscape.looped import find_looped
 
     class Wrapper(torch.nn.Module):
         def __init__(self):
@@ -629,7 +652,7 @@ def test_a_wrapper_with_its_own_n_loops_does_not_hide_the_looped_layers():
             self.model = tiny_gpt2()
 
     wrapped = Wrapper()
-    assert type(loop_holder(wrapped)).__name__ == "LoopedRange"
+    assert type(find_looped(wrapped)).__name__ == "LoopedRange"
     ShiftController(ShiftSchedule.fixed(3, at=0), wrapped).before_step(1)
     assert get_n_loops(wrapped.model) == 3 and wrapped.n_loops == 4
 
@@ -678,3 +701,20 @@ def test_hf_curvature_rows_are_printed_and_a_run_too_short_to_measure_says_so(tm
         hf_trainer(tmp_path / "b", CurvatureCallback(probe_batches(), **settings | {"every": 50}), max_steps=2).train()
     assert "CurvatureCallback measures every 50 steps and this run has 2: nothing will be measured" in caplog.text
     assert not (tmp_path / "b" / "curvature" / "curvature.jsonl").exists()
+
+
+def test_retrofit_training_stops_on_divergence_in_one_line_and_takes_its_clip_from_the_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from loopscape.cli import app
+
+    tiny = (
+        "--seeds 0 --set d_model=16 --set n_heads=2 --set n_layers=3 --set loop_layers=[1,2] --set stage1_steps=30 "
+        "--set stage2_steps=2 --set test_lengths=[1,2,3,4] --set train_max_len=3 --set test_size=8"
+    )
+    result = CliRunner().invoke(app, f"retrofit -o {tmp_path / 'a'} -q {tiny} --set lr=1e12 --set clip=null".split())
+    assert result.exit_code == 1, result.output
+    assert "training diverged: retrofit step" in result.output and "lr (or clip) too large" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, f"retrofit -o {tmp_path / 'b'} -q {tiny} --set clip=0".split())
+    assert result.exit_code == 2 and "clip must be null (no clip) or a number > 0 (got 0.0)" in result.output

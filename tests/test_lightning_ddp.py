@@ -6,7 +6,7 @@ import torch
 L = pytest.importorskip("lightning")
 
 from loopscape.integrations.lightning import ShiftCallback  # noqa: E402
-from loopscape.integrations.loopify import get_n_loops  # noqa: E402
+from loopscape.looped.decoder import get_n_loops  # noqa: E402
 from loopscape.models.linear_attn import looped_attn  # noqa: E402
 
 

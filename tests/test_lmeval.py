@@ -15,7 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import loopscape  # noqa: E402
 from loopscape.integrations import lmeval  # noqa: E402
-from loopscape.integrations.loopify import looped_layers  # noqa: E402
+from loopscape.looped.decoder import looped_layers  # noqa: E402
 from tests.hf_families import V, build  # noqa: E402
 
 WORDS = ["<pad>", "<unk>", "<eos>", "Q:", "A:"] + [f"w{i}" for i in range(V - 5)]

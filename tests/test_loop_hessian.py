@@ -8,26 +8,44 @@ from torch import nn
 from loopscape.landscape.hessian import HessianOperator
 from loopscape.landscape.linalg import dense_matrix
 from loopscape.landscape.loops import loop_hessian
+from loopscape.looped.protocol import while_set
 from loopscape.models.linear_attn import looped_attn, single_attn
 from loopscape.models.looped_gpt import LoopedGPT, LoopedGPTConfig
 
 
 class Scalar(nn.Module):
-    """h_1 = w x, h_t = w h_{t-1}: one weight shared by T loops."""
+    """h_1 = w x, h_t = w h_{t-1}: one weight shared by T loops; a model of one's own implementing the loop
+    protocol (loopscape.looped.Looped)."""
 
     def __init__(self, w: float, n_loops: int):
         super().__init__()
         self.cell, self.n_loops = nn.Linear(1, 1, bias=False).double(), n_loops
+        self._untied, self._states = None, None
         with torch.no_grad():
             self.cell.weight.fill_(w)
 
     def looped_parameters(self):
         return [self.cell.weight]
 
+    def untie_loops(self, weights):
+        return while_set(self, "_untied", weights)
+
+    def recording(self):
+        return while_set(self, "_states", [])
+
+    def readout(self, h):
+        return h
+
+    def weights_per_token(self, n_loops, last=None):
+        return n_loops if last is None else min(last, n_loops)
+
     def forward(self, x):
         h = x
-        for _ in range(self.n_loops):
-            h = self.cell(h)
+        for t in range(self.n_loops):
+            own = self._untied[min(t, len(self._untied) - 1)] if self._untied else {}
+            h = h * own[0][0, 0] if 0 in own else self.cell(h)
+            if self._states is not None:
+                self._states.append(h)
         return h
 
 
@@ -137,7 +155,7 @@ def test_the_looped_gpt_and_a_loopified_llama_split_exactly():
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from hf_families import V, build
 
-    from loopscape.integrations.loopify import loopify
+    from loopscape.looped.decoder import loopify
 
     llama = loopify(build("llama", n_layer=3, dtype=torch.float64), layers=(1, 2), n_loops=2)
     ids = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(0))
@@ -165,13 +183,14 @@ def test_bad_inputs_are_one_line():
             match=rf"^k must be an integer between 1 and the number of weights split \({lh.shape[0]}\) \(got {k}\)$",
         ):
             lh.measure(k=k)
-    assert single_attn(vocab_size=3, max_len=5).n_loops == 1
+    with pytest.raises(ValueError, match=r"^t must be a loop index from 0 to 0 \(got 1\)"):  # one loop: no cross block
+        loop_hessian(single_attn(vocab_size=3, max_len=5).double(), data).block(0, 1)
 
 
 def test_full_and_diagonal_are_cut_at_one_eps_and_compared_over_the_grid():
-    """measure() cuts every part at one eps (1e-3 x full's largest |lambda|); coupling_curves compares kappa of
+    """measure() cuts every part at one eps (1e-3 x full's largest |lambda|); kappa_curves compares kappa of
     full and diagonal at each eps of the grid relative to full's largest |lambda|, by hand on given spectra."""
-    from loopscape.reporting.hessian import coupling_curves
+    from loopscape.landscape.loops import kappa_curves
 
     model = looped_attn(n_loops=3, vocab_size=3, max_len=3).double()
     x = torch.randint(0, 3, (6, 3), generator=torch.Generator().manual_seed(0))
@@ -180,7 +199,7 @@ def test_full_and_diagonal_are_cut_at_one_eps_and_compared_over_the_grid():
     top = max(abs(e) for e in m["full"]["eigenvalues"])
     assert m["full"]["valley"]["eps"] == m["diagonal"]["valley"]["eps"] == pytest.approx(1e-3 * top)
     given = {"full": {"eigenvalues": [100.0, 10.0, 1.0, 0.0]}, "diagonal": {"eigenvalues": [50.0, 25.0, 10.0, 0.0]}}
-    c = coupling_curves(given)
+    c = kappa_curves(given)
     # eps = 1e-4 x 100 = 0.01: full's valley 100..1 (kappa 100), diagonal's 50..10 (kappa 5)
     assert c["kappa_curves"]["full"][0] == pytest.approx(100.0) and c["kappa_curves"]["diagonal"][0] == 5.0
     # eps = 0.1 x 100 = 10: full's valley is 100 alone (kappa 1), diagonal's 50, 25 (kappa 2): the smallest ratio

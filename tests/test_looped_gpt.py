@@ -89,9 +89,16 @@ def test_adaptive_stopping_picks_the_most_confident_step():
 
 
 def test_oracle_reads_at_T_n_and_exact_match(model):
-    x = torch.randint(0, 6, (3, 4))
-    steps = torch.tensor([1, 2, 3])
-    assert torch.equal(oracle_decode(model, x, steps), model(x, steps).argmax(-1))
+    with torch.no_grad():  # the block's weights at 20x their initial scale: each loop changes what is read
+        for p in model.layers.parameters():
+            p.mul_(20 if p.dim() == 2 else 1)
+    x = torch.randint(0, 6, (6, 8))
+    steps = torch.tensor([1, 3, 2, 3, 1, 2])
+    # independently: each sample on its own, at its own fixed loop count
+    each = torch.cat([model(x[i : i + 1], int(steps[i])).argmax(-1) for i in range(len(x))])
+    for t in (1, 2, 3):  # one loop count for the batch reads otherwise: this test tells them apart
+        assert not torch.equal(each, model(x, t).argmax(-1))
+    assert torch.equal(oracle_decode(model, x, steps), each)
     t = torch.tensor([[1, 2], [1, 2]])
     p = torch.tensor([[0, 2], [1, 2]])
     m = torch.tensor([[False, True], [True, True]])

@@ -75,21 +75,25 @@ def train_specs(run_dir, **kwargs):
     return train_population(models, seeds, schedules, TASK, CFG, run_dir, **kwargs)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = train_specs(tmp_path / "full")
+def crashed_at_epoch_5(run_dir) -> None:
+    """A population run killed at epoch 5 (its last checkpoint stays)."""
 
     def crash(epoch):
         if epoch == 5:
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train_specs(tmp_path / "cut", on_epoch=crash)
-    resumed = train_specs(tmp_path / "cut", resume=True)
+        train_specs(run_dir, on_epoch=crash)
 
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
-    assert strip(resumed) == strip(full)
+def without_time(rows):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train_specs(tmp_path / "full")
+    crashed_at_epoch_5(tmp_path / "cut")
+    assert without_time(train_specs(tmp_path / "cut", resume=True)) == without_time(full)
 
 
 def test_saved_member_is_the_members_model(tmp_path):
@@ -118,8 +122,38 @@ def test_a_resumed_population_records_each_switch_once(tmp_path):
     train_population([fresh(1)], [1], [ShiftSchedule.fixed(3, at=4, optimizer="reset")], TASK, cut, tmp_path / "b")
     (state,) = [json.loads(p.read_text()) for p in (tmp_path / "b").rglob("state.json")]
     extra = state["extra"]
-    assert extra["schedules"][0]["switches"] == [[5, 3]] and extra["schedules"][0]["applied"] == 5
+    assert extra["shift_state"][0]["switches"] == [[5, 3]] and extra["shift_state"][0]["applied"] == 5
     resumed = ShiftController(ShiftSchedule.fixed(3, at=4, optimizer="reset"))
-    resumed.load_state_dict(extra["schedules"][0])
+    resumed.load_state_dict(extra["shift_state"][0])
     assert resumed.switches == [(5, 3)]
     assert [r["n_loops"] for r in whole] == [[1]] * 5 + [[3]] * 4
+
+
+def test_checkpoints_keep_the_controllers_under_one_key_and_old_ones_resume(tmp_path):
+    """One list under shift_state (each naming the full-batch norm SCP read); a checkpoint that kept it under
+    "schedules" resumes to the same numbers."""
+    full = train_specs(tmp_path / "full")
+    crashed_at_epoch_5(tmp_path / "cut")
+    (path,) = (tmp_path / "cut").rglob("state.json")
+    state = json.loads(path.read_text())
+    assert set(state["extra"]) == {"generators", "shift_state", "logs"}
+    assert [s["grad_norm"] for s in state["extra"]["shift_state"]] == ["full_batch"] * len(SPECS)
+    state["extra"]["schedules"] = state["extra"].pop("shift_state")  # the layout before
+    path.write_text(json.dumps(state))
+    assert without_time(train_specs(tmp_path / "cut", resume=True)) == without_time(full)
+
+
+def test_a_member_resets_only_its_own_moments_through_reset(tmp_path, monkeypatch):
+    """The population's controllers get reset= (member k's moments), no stand-in optimiser."""
+    cfg = MarkovTrainConfig(epochs=3, batch_size=16, checkpoint_every=100)
+    schedules = [ShiftSchedule.fixed(3, at=2, optimizer="reset"), ShiftSchedule.fixed(3, at=2)]
+    calls = []
+    original = MemberAdam.reset
+
+    def spy(self, member):
+        calls.append(member)
+        original(self, member)
+
+    monkeypatch.setattr(MemberAdam, "reset", spy)
+    train_population([fresh(1), fresh(1)], [1, 1], schedules, TASK, cfg, tmp_path / "pop")
+    assert calls == [0]  # member 0 at its switch (epoch 3), once; member 1 keeps its moments

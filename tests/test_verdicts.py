@@ -344,7 +344,13 @@ def test_theory_outcomes():
     assert rows[3]["verdict"] in ("direction only", "not reproduced")
     rows = theory.verdict_rows(theory_results(meeting=0, held=0, checks=False, along=()))
     assert [r["verdict"] for r in rows] == ["not tested"] * 4
-    assert all(r["ours"] for r in rows)
+    # each not-tested row says why, naming what was missing (a setting to change where there is one)
+    assert [r["ours"].split(";")[0] for r in rows] == [
+        "none of 100 random instances meets the theorem's assumptions",
+        "none of 100 random instances meets the theorem's assumptions",
+        "no V valley was compared (theory.kappas)",
+        "no point along training was measured (theory.alignment_epochs)",
+    ]
 
 
 @pytest.mark.parametrize("ours", ["", "   ", "median None", "delta nan pts"])
@@ -391,6 +397,34 @@ def test_observation2_on_the_looped_gpt_refuses_a_degenerate_histogram():
 
     verdict = observation2({"single": _curve([0.01] * 12), "looped": _curve([0.02, 0.001] * 6)}, total_steps=6000)
     assert verdict["verdict"] == "not tested" and "cannot see the spectrum" in verdict["reason"]
+
+
+def test_observation2_on_the_looped_gpt_takes_the_probes_n_bins():
+    """c = 0.1 log(n_bins) of the probe that measured (its rows say): Single-Attn's entropy range 0.3 is static
+    under 50 bins (c = 0.391), not under 10 (c = 0.230). Rows without n_bins were binned by the probe's default."""
+    import inspect
+    import math
+
+    from loopscape.landscape.probe import CurvatureProbe
+    from loopscape.reporting.curvature import observation2
+
+    def curves(n_bins, single=(1.0, 1.3) * 6, looped=(2.0, 1.2, 1.0, 1.5, 2.0, 2.2) + (2.3,) * 6):
+        extra = {} if n_bins is None else {"n_bins": n_bins}
+        tag = lambda entropies: [[{**r, **extra} for r in rows] for rows in _curve(entropies)]  # noqa: E731
+        return {"single": tag(single), "looped": tag(looped)}
+
+    default = inspect.signature(CurvatureProbe).parameters["n_bins"].default
+    v = observation2(curves(None), total_steps=6000)
+    assert v["verdict"] == "reproduced" and v["n_bins"] == default and v["c"] == pytest.approx(0.1 * math.log(default))
+    assert observation2(curves(default), total_steps=6000) == v
+    v = observation2(curves(10), total_steps=6000)
+    assert v["verdict"] == "partly reproduced" and not v["single_static"] and v["n_bins"] == 10
+    assert v["c"] == pytest.approx(0.1 * math.log(10))
+    mixed = {"single": curves(10)["single"], "looped": curves(default)["looped"]}
+    v = observation2(mixed, total_steps=6000)
+    assert v["verdict"] == "not tested" and v["reason"] == (
+        f"the measurements were binned differently (n_bins [10, {default}]), so no one threshold c fits them all"
+    )
 
 
 def test_tracking_cost_is_the_probes_time_over_the_training_steps_time(tmp_path):

@@ -1,9 +1,9 @@
 """loopscape: looped transformers, their loss landscapes (River-U/V-Valley), and SHIFT.
 
-``loopscape.loopify`` loops a range of a Hugging Face decoder's layers and
-``loopscape.from_pretrained`` loads a looped one back
-(:mod:`loopscape.integrations.loopify`); they are imported on first use, so
-``import loopscape`` stays light.
+``loopscape.loopify`` loops a range of a Hugging Face decoder's layers and ``loopscape.from_pretrained``
+loads a looped one back; ``set_n_loops`` and ``set_exit`` change them (:mod:`loopscape.looped`, where the
+loop protocol every looped model implements lives). They are imported on first use, so ``import loopscape``
+stays light.
 """
 
 _LAZY = {"loopify", "from_pretrained", "set_n_loops", "set_exit"}
@@ -11,7 +11,7 @@ _LAZY = {"loopify", "from_pretrained", "set_n_loops", "set_exit"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from loopscape.integrations import loopify
+        import loopscape.looped
 
-        return getattr(loopify, name)
+        return getattr(loopscape.looped, name)
     raise AttributeError(f"module 'loopscape' has no attribute {name!r}")

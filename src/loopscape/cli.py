@@ -1,16 +1,34 @@
-"""Command-line interface: ``loopscape reproduce``, ``markov``, ``sweep``, ``theory``, ``algorithmic``.
+"""Command-line interface: ``loopscape <command>``, ten commands.
+
+- ``reproduce``: the whole Markov section of the paper (studies, theory, SHIFT, Table 1) as one HTML report.
+- ``markov``: Single-Attn vs Looped-Attn on the Markov language (Section 4.1; Figures 3, 9; Observations 1-2).
+- ``languages``: score Markov languages (data seeds) by the paper's data facts alone, with no training.
+- ``length-readings``: Table 1 under the readings of attention, position codes and test targets the paper leaves open.
+- ``retrofit``: loop the middle layers of a trained decoder and continue it (Appendix B; the [hf] extra).
+- ``loop-sweep``: read a looped model at every loop count: perplexity, accuracy, exits, overthinking.
+- ``lm-eval``: lm-evaluation-harness's command line with the ``loopscape`` model type (the [eval] extra).
+- ``sweep``: sweep the settings the paper leaves open and report which reproduce Observation 1.
+- ``theory``: Theorems 1-3 and Corollaries 1-2 on random River-Valley instances and the toy models.
+- ``algorithmic``: Single-Attn, Looped-Attn and SHIFT on an algorithmic task (Appendix E.2; Figures 11, 14).
 
 Each command imports its study when it runs, not at module top: the studies
 bring torch and matplotlib, which ``loopscape --help`` should not wait for
 (docs/architecture.md has the measurement).
 
-Every run command takes ``--output DIR``, ``--seeds``, ``--epochs``, a config
-file (YAML or TOML) and ``--set key.sub=value`` overrides. Bad settings stop
-with one line naming the field and what is allowed (exit code 2).
+The run commands take ``--output DIR``, a config file (YAML or TOML) and
+``--set key.sub=value`` overrides, most also ``--seeds`` and ``--epochs``; a
+flag and a ``--set`` that give one setting different values are refused.
+Every command is registered by :func:`command`, which holds the one error
+policy: bad input (a :class:`~loopscape.config.ConfigError` or any
+``ValueError``: a bad setting, flag, file or run folder) stops with one line
+naming the field and what is allowed, exit code 2 (click's usage error); a
+run that fails (divergence, a full disk, memory, a dead worker, a missing
+extra) stops with one line, exit code 1. Never a traceback for either.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -64,21 +82,69 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def overrides(sets: list[str] | None, **flags) -> dict:
-    """``--set`` pairs, then each flag given (``{"train.epochs": 40}``); seeds come as text."""
-    pairs = dict(parse_override(s) for s in sets or [])
-    for key, value in flags.items():
-        if value is not None:
-            pairs[key] = parse_seeds(value) if key.split(".")[-1].endswith("seeds") else value
+# how a flag's value, as typed, reads as its setting's value (others: as typed)
+PARSE = {
+    "--seeds": parse_seeds,
+    "--paradigm": lambda text: [p.strip() for p in text.split(",") if p.strip()],
+    "--quick": lambda _: "quick",
+}
+_MISSING = object()
+
+
+def overrides(sets: list[str] | None, *flags: tuple[str, str, object]) -> dict:
+    """``--set`` pairs, then each flag given as ``(option, setting, value as typed)``, e.g.
+    ``("--epochs", "train.epochs", 40)`` (``None`` or ``False``: not given).
+
+    A flag and a ``--set`` that give one setting different values are refused with one line naming both
+    (the same value is fine)."""
+    given = [(text, *parse_override(text)) for text in sets or []]
+    pairs = {key: value for _, key, value in given}
+    for option, key, typed in flags:
+        if typed is None or typed is False:
+            continue
+        value = PARSE.get(option, lambda x: x)(typed)
+        found = _set_value(key, given)
+        if found is not None and not _same(found[0], value):
+            shown = option if typed is True else f"{option} {typed}"
+            raise ConfigError(f"{shown} and --set {found[1]} set {key} to different values; give one of them")
+        pairs[key] = value
     return pairs
 
 
-# what a command reports in one line instead of a traceback
-FAILURES = (ConfigError, DivergenceError, OSError, MemoryError, BrokenProcessPool, ImportError)
+def _set_value(key: str, given: list[tuple[str, str, object]]) -> tuple[object, str] | None:
+    """What the ``--set`` pairs, applied in order, make of setting ``key``: (value, the ``--set`` text), or
+    ``None`` where they leave it alone (or give its section a value that is no table: load_config says so)."""
+    found = None
+    for text, k, v in given:
+        if k == key:
+            found = (v, text)
+        elif key.startswith(k + "."):  # --set train={epochs: 5}
+            for part in key[len(k) + 1 :].split("."):
+                v = v.get(part, _MISSING) if isinstance(v, dict) else _MISSING
+            found = None if v is _MISSING else (v, text)
+        elif k.startswith(key + "."):  # --set train.epochs.x=1: something inside the flag's setting
+            found = (_MISSING, text)
+    return found
+
+
+def _same(a: object, b: object) -> bool:
+    """One value, given by a ``--set`` (``a``, read as YAML) and a flag (``b``)."""
+    if isinstance(b, list) and not isinstance(a, list):
+        a = [a]  # --set seeds=3 reads as [3]
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b or Path(a) == Path(b)  # --set model_path=ckpt/ and --model ckpt
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+# what a command reports in one line instead of a traceback: bad input (exit 2), then a run that failed (exit 1)
+BAD_INPUT = (ConfigError, ValueError)
+FAILURES = (*BAD_INPUT, DivergenceError, OSError, MemoryError, BrokenProcessPool, ImportError)
 
 
 def _fail(err: Exception) -> None:
-    """One line on standard error; exit 2 for bad settings, 1 for a run that failed."""
+    """One line on standard error; exit 2 for bad input (any ``ValueError``), 1 for a run that failed."""
     if isinstance(err, BrokenProcessPool):
         text = "a worker process died (killed by the system: out of memory?); lower the sizes or `workers`"
     elif isinstance(err, MemoryError):
@@ -87,9 +153,26 @@ def _fail(err: Exception) -> None:
         where = f" {err.filename}" if err.filename else ""
         text = f"cannot read or write{where}: {err.strerror or err}"
     else:
-        text = str(err)
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
     typer.secho(f"error: {text}", fg="red", err=True)
-    raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
+    raise typer.Exit(2 if isinstance(err, BAD_INPUT) else 1)
+
+
+def command(name: str | None = None, **settings):
+    """``@app.command(...)`` with the one error policy every command shares (module docstring): what
+    :data:`FAILURES` names ends in one line on standard error, exit 2 for bad input, 1 for a failed run."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FAILURES as err:
+                _fail(err)
+
+        return app.command(name, **settings)(run)
+
+    return register
 
 
 def _output(kind: str, output: Path | None, resume: bool) -> Path:
@@ -99,7 +182,7 @@ def _output(kind: str, output: Path | None, resume: bool) -> Path:
     return output or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@app.command()
+@command()
 def reproduce(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/reproduce-<time>)."),
     config: Path | None = ConfigOpt,
@@ -131,26 +214,22 @@ def reproduce(
     length generalisation (Table 1), as one HTML report."""
     from loopscape.experiments.reproduce import ReproduceConfig, run_over_languages, run_reproduce
 
-    try:
-        files = [preset_file("reproduce-quick.yaml")] if quick else []
-        cfg = load_config(
-            ReproduceConfig, files + ([config] if config else []), overrides(set_, **{"markov.seeds": seeds})
-        )
-        out = _output("reproduce", output, resume)
-        if languages is not None:
-            result = run_over_languages(cfg, out, languages, resume=resume, show_progress=not quiet)
-            typer.echo(result["markdown"])
-            typer.echo(f"Verdicts over languages: {out / 'languages.md'}")
-            return
-        report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
-    except FAILURES as err:
-        _fail(err)
+    files = [preset_file("reproduce-quick.yaml")] if quick else []
+    pairs = overrides(set_, ("--quick", "scale", quick), ("--seeds", "markov.seeds", seeds))
+    cfg = load_config(ReproduceConfig, files + ([config] if config else []), pairs)
+    out = _output("reproduce", output, resume)
+    if languages is not None:
+        result = run_over_languages(cfg, out, languages, resume=resume, show_progress=not quiet)
+        typer.echo(result["markdown"])
+        typer.echo(f"Verdicts over languages: {out / 'languages.md'}")
+        return
+    report = run_reproduce(cfg, out, resume=resume, show_progress=not quiet)
     for v in report["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}")
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'report.json'}")
 
 
-@app.command()
+@command()
 def markov(
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder (default runs/markov-<time>)."),
     config: Path | None = ConfigOpt,
@@ -164,18 +243,16 @@ def markov(
     Hessian spectra (Figures 3a-3d, 9b, 9c; Observations 1-2)."""
     from loopscape.experiments.markov import MarkovStudyConfig, run_markov_study
 
-    try:
-        cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
-        out = _output("markov", output, resume)
-        study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
-    except FAILURES as err:
-        _fail(err)
+    pairs = overrides(set_, ("--seeds", "seeds", seeds), ("--epochs", "train.epochs", epochs))
+    cfg = load_config(MarkovStudyConfig, config, pairs)
+    out = _output("markov", output, resume)
+    study = run_markov_study(cfg, out, resume=resume, show_progress=not quiet)
     for v in study.verdicts:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
     typer.echo(f"Report: {out / 'summary.md'}  Figures: {out / 'figures'}")
 
 
-@app.command()
+@command()
 def languages(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/languages-<time>)."),
     config: Path | None = ConfigOpt,
@@ -187,17 +264,14 @@ def languages(
     training IC, simple-sequence shares, low-IC Bayes ceiling, headroom over the bigram rule."""
     from loopscape.experiments.languages import LanguagesConfig, run_languages
 
-    try:
-        cfg = load_config(LanguagesConfig, config, overrides(set_, seeds=seeds))
-        out = _output("languages", output, False)
-        result = run_languages(cfg, out, show_progress=not quiet)
-    except FAILURES as err:
-        _fail(err)
+    cfg = load_config(LanguagesConfig, config, overrides(set_, ("--seeds", "seeds", seeds)))
+    out = _output("languages", output, False)
+    result = run_languages(cfg, out, show_progress=not quiet)
     typer.echo(result["markdown"])
     typer.echo(f"Table: {out / 'languages.md'}  Numbers: {out / 'languages.json'}")
 
 
-@app.command("length-readings")
+@command("length-readings")
 def length_readings(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Run folder (default runs/length-readings-<time>)."
@@ -214,12 +288,10 @@ def length_readings(
     from loopscape.experiments.length import run_length_readings
     from loopscape.experiments.markov import MarkovStudyConfig
 
-    try:
-        cfg = load_config(MarkovStudyConfig, config, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
-        out = _output("length-readings", output, resume)
-        study = run_length_readings(cfg, out, resume=resume, show_progress=not quiet)
-    except FAILURES as err:
-        _fail(err)
+    pairs = overrides(set_, ("--seeds", "seeds", seeds), ("--epochs", "train.epochs", epochs))
+    cfg = load_config(MarkovStudyConfig, config, pairs)
+    out = _output("length-readings", output, resume)
+    study = run_length_readings(cfg, out, resume=resume, show_progress=not quiet)
     for row in study.results["readings"]:
         typer.echo(
             f"{row['verdict']['verdict']:>18}  attention {row['attention']}, positions {row['positions']}, "
@@ -228,7 +300,7 @@ def length_readings(
     typer.echo(f"Table: {out / 'length_readings.md'}")
 
 
-@app.command()
+@command()
 def retrofit(
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder (default runs/retrofit-<time>)."),
     config: Path | None = ConfigOpt,
@@ -242,19 +314,21 @@ def retrofit(
     and a looped model from scratch (needs the \\[hf] extra)."""
     from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
 
-    try:
-        flags = {"model_path": str(model) if model else None, "data_path": str(data) if data else None}
-        cfg = load_config(RetrofitConfig, config, overrides(set_, seeds=seeds, **flags))
-        out = _output("retrofit", output, False)
-        result = run_retrofit(cfg, out, show_progress=not quiet)
-    except FAILURES as err:
-        _fail(err)
+    pairs = overrides(
+        set_,
+        ("--seeds", "seeds", seeds),
+        ("--model", "model_path", str(model) if model else None),
+        ("--data", "data_path", str(data) if data else None),
+    )
+    cfg = load_config(RetrofitConfig, config, pairs)
+    out = _output("retrofit", output, False)
+    result = run_retrofit(cfg, out, show_progress=not quiet)
     for v in result["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'retrofit.json'}")
 
 
-@app.command("loop-sweep")
+@command("loop-sweep")
 def loop_sweep(
     model: Path = typer.Option(
         ...,
@@ -272,6 +346,9 @@ def loop_sweep(
     ),
     layers: str | None = typer.Option(None, "--layers", help="START,STOP: loop a plain model's layers first."),
     context: int = typer.Option(128, "--context", help="Tokens per window."),
+    max_windows: int = typer.Option(
+        64, "--max-windows", help="Most windows read (labelled rows: 32 x this); the report says how many of how many."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder (default runs/loop-sweep-<time>)."),
 ) -> None:
     """Read a looped model at every loop count: perplexity, accuracy, FLOPs per token, the logit lens per
@@ -279,25 +356,32 @@ def loop_sweep(
     from loopscape.experiments.loop_sweep import run_loop_sweep
 
     try:
-        try:
-            counts = parse_seeds(loops)
-        except ConfigError:
-            raise ConfigError(f"--loops must be comma-separated integers or ranges like 1-16 (got {loops!r})") from None
+        counts = parse_seeds(loops)
+    except ConfigError:
+        raise ConfigError(f"--loops must be comma-separated integers or ranges like 1-16 (got {loops!r})") from None
+    try:
         limits = [float(t) for t in thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--thresholds must be comma-separated numbers, e.g. 1e-4,1e-3 (got {thresholds!r})"
+        ) from None
+    try:
         pair = tuple(int(x) for x in layers.split(",")) if layers else None
-        if pair is not None and len(pair) != 2:
-            raise ConfigError(f"--layers must be START,STOP (got {layers!r})")
-        out = _output("loop-sweep", output, False)
-        if exit_loops is not None and exit_loops < 1:
-            raise ConfigError(f"--exit-loops must be an integer >= 1 (got {exit_loops})")
-        result = run_loop_sweep(model, data, counts, out, limits, exit_, pair, context, exit_loops=exit_loops)
-    except ValueError as err:
-        _fail(err if isinstance(err, ConfigError) else ConfigError(str(err)))
-    except FAILURES as err:
-        _fail(err)
+    except ValueError:
+        pair = ()
+    if pair is not None and len(pair) != 2:
+        raise ConfigError(f"--layers must be START,STOP (got {layers!r})")
+    out = _output("loop-sweep", output, False)
+    if exit_loops is not None and exit_loops < 1:
+        raise ConfigError(f"--exit-loops must be an integer >= 1 (got {exit_loops})")
+    if max_windows < 1:
+        raise ConfigError(f"--max-windows must be an integer >= 1 (got {max_windows})")
+    result = run_loop_sweep(model, data, counts, out, limits, exit_, pair, context, max_windows, exit_loops)
     for r in result["counts"]:
         exact = f"  exact match {r['exact_match']:.4f}" if "exact_match" in r else ""
         typer.echo(f"{r['n_loops']:>3} loops  perplexity {r['perplexity']:.3f}  accuracy {r['accuracy']:.4f}{exact}")
+    if "windows_read" in result:
+        typer.echo(f"read {result['windows_read']} of the data's {result['windows_total']} windows (--max-windows)")
     for e in result["exits"]:
         exact = f"  exact match {e['exact_match']:.4f}" if "exact_match" in e else ""
         typer.echo(
@@ -315,21 +399,19 @@ def loop_sweep(
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'sweep.json'}")
 
 
-@app.command(
+@command(
     "lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 )
 def lm_eval_(ctx: typer.Context) -> None:
     """lm-evaluation-harness's command line with the `loopscape` model type registered (the \\[eval] extra), e.g.
     loopscape lm-eval --model loopscape --model_args pretrained=DIR,n_loops=8 --tasks hellaswag"""
-    try:
-        from loopscape.integrations import lmeval
-    except ImportError as err:
-        _fail(err)
+    from loopscape.integrations import lmeval
+
     sys.argv = ["loopscape lm-eval", *ctx.args]
     lmeval.main()
 
 
-@app.command()
+@command()
 def sweep(
     output: Path | None = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/sweep-<time>)."),
     config: Path | None = ConfigOpt,
@@ -349,23 +431,21 @@ def sweep(
     from loopscape.experiments.markov import MarkovStudyConfig
     from loopscape.experiments.sweep import load_grid, run_sweep
 
-    try:
-        # the sweep's preset (configs/sweep.yaml: three seeds, no Hessian tracking), then the file, then flags
-        files = [preset_file("sweep.yaml")] + ([config] if config else [])
-        base = load_config(MarkovStudyConfig, files, overrides(set_, seeds=seeds, **{"train.epochs": epochs}))
-        table = run_sweep(
-            base,
-            load_grid(grid or preset_file("sweep-grid.yaml")),
-            _output("sweep", output, resume),
-            resume=resume,
-            show_progress=not quiet,
-        )
-    except FAILURES as err:
-        _fail(err)
+    # the sweep's preset (configs/sweep.yaml: three seeds, no Hessian tracking), then the file, then flags
+    files = [preset_file("sweep.yaml")] + ([config] if config else [])
+    pairs = overrides(set_, ("--seeds", "seeds", seeds), ("--epochs", "train.epochs", epochs))
+    base = load_config(MarkovStudyConfig, files, pairs)
+    table = run_sweep(
+        base,
+        load_grid(grid or preset_file("sweep-grid.yaml")),
+        _output("sweep", output, resume),
+        resume=resume,
+        show_progress=not quiet,
+    )
     typer.echo(table)
 
 
-@app.command()
+@command()
 def theory(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default runs/theory-<time>)."),
     config: Path | None = ConfigOpt,
@@ -383,24 +463,21 @@ def theory(
     from loopscape.experiments.theory import TheoryStudyConfig, add_to_markov_summary, run_theory
     from loopscape.io import claim_new_run_folder
 
-    try:
-        cfg = load_config(TheoryStudyConfig, config, overrides(set_, alignment_seeds=seeds, alignment_epochs=epochs))
-        if report is not None and not (report / "summary.md").exists():
-            raise ConfigError(
-                f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})"
-            )
-        out = report / "theory" if report is not None else _output("theory", output, False)
-        claim_new_run_folder(out, resumable=False)
-        study = run_theory(cfg, out, show_progress=not quiet)
-        if report is not None:
-            add_to_markov_summary(report, study, cfg)
-    except FAILURES as err:
-        _fail(err)
+    pairs = overrides(set_, ("--seeds", "alignment_seeds", seeds), ("--epochs", "alignment_epochs", epochs))
+    cfg = load_config(TheoryStudyConfig, config, pairs)
+    if report is not None and not (report / "summary.md").exists():
+        raise ConfigError(f"--report must name a `loopscape markov` run folder with summary.md (got {str(report)!r})")
+    out = report / "theory" if report is not None else _output("theory", output, False)
+    claim_new_run_folder(out, resumable=False)
+    study = run_theory(cfg, out, show_progress=not quiet)
+    if report is not None:
+        add_to_markov_summary(report, study, cfg)
     typer.echo(f"Report: {out / 'theory.md'}  Figures: {out / 'figures'}")
 
 
-@app.command()
+@command()
 def algorithmic(
+    ctx: typer.Context,
     task: str = typer.Option(
         "parity", "--task", "-t", help="parity, copy, addition, binary_sum, unique_set or multiplication."
     ),
@@ -440,21 +517,30 @@ def algorithmic(
         run_algorithmic_seeds,
     )
 
-    try:
-        # the preset, then the config file, then the flags and --set
-        files = preset_files(preset, task) + ([config] if config else [])
-        pairs = {"paradigms": [p.strip() for p in paradigm.split(",") if p.strip()]}
-        pairs.update(overrides(set_, seed=seed, **{"train.steps": steps}))
-        cfg = load_config(AlgorithmicStudyConfig, files, pairs)
-        out = _output(f"algorithmic-{task}", output, resume)
-        if seeds is not None:
-            if seed is not None:
-                raise ConfigError("give --seed or --seeds, not both")
-            summary = run_algorithmic_seeds(cfg, parse_seeds(seeds), out, resume=resume, show_progress=not quiet)
-        else:
-            results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
-    except (*FAILURES, ValueError) as err:
-        _fail(err)
+    # the preset, then the config file, then --paradigm's default, then --set, then the flags given
+    # (ParameterSource by name: typer >= 0.29 has its own click, older ones click's)
+    given = {p for p in ("task", "paradigm") if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
+    files = preset_files(preset, task) + ([config] if config else [])
+    pairs = {} if "paradigm" in given else {"paradigms": PARSE["--paradigm"](paradigm)}
+    pairs.update(
+        overrides(
+            set_,
+            ("--task", "task", task if "task" in given else None),
+            ("--paradigm", "paradigms", paradigm if "paradigm" in given else None),
+            ("--seed", "seed", seed),
+            ("--steps", "train.steps", steps),
+        )
+    )
+    cfg = load_config(AlgorithmicStudyConfig, files, pairs)
+    out = _output(f"algorithmic-{task}", output, resume)
+    if seeds is not None:
+        if seed is not None:
+            raise ConfigError("give --seed or --seeds, not both")
+        if "seed" in pairs:
+            raise ConfigError("give --set seed or --seeds, not both")
+        summary = run_algorithmic_seeds(cfg, parse_seeds(seeds), out, resume=resume, show_progress=not quiet)
+    else:
+        results = run_algorithmic(cfg, out, resume=resume, show_progress=not quiet)
     if seeds is not None:
         from loopscape.reporting.algorithmic import seeds_markdown, seeds_verdicts
 

@@ -135,13 +135,46 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _set(data: dict, dotted: str, value: Any) -> None:
+def _set(data: dict, dotted: str, value: Any, cls: Any = None, overridden: Any = ()) -> None:
+    """``data[a][b][c] = value`` for ``dotted`` ``a.b.c``; ``cls`` (the config's class) and ``overridden``
+    (the overrides set before this one) name what is wrong when ``a`` or ``a.b`` already holds a value."""
     *parents, leaf = dotted.split(".")
     node = data
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
-        require(isinstance(node, dict), dotted, "a path to a setting", dotted)
+        if not isinstance(node, dict):
+            raise ConfigError(_not_a_table(".".join(parents[: i + 1]), dotted, node, cls, overridden))
     node[leaf] = value
+
+
+def _not_a_table(path: str, dotted: str, value: Any, cls: Any, overridden: Any) -> str:
+    """The line for setting ``dotted`` inside ``path``, which holds ``value``, not a table of settings."""
+    if cls is None or not _is_section(cls, path):
+        return f"{dotted} must be a path to a setting (got {dotted!r})"
+    if path not in overridden:  # the value came from a file
+        return f"{path} is a section; give a setting inside it (got {value!r})"
+    shown = _as_typed(value)
+    return f"--set {path}={shown}: {path} is a section; give a setting inside it (e.g. {dotted}={shown})"
+
+
+def _is_section(cls: Any, dotted: str) -> bool:
+    """Whether ``dotted`` names a table of settings (a dataclass field) in config class ``cls``."""
+    tp = cls
+    for name in dotted.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if name not in hints:
+            return False
+        tp = hints[name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    return dataclasses.is_dataclass(tp)
+
+
+def _as_typed(value: Any) -> str:
+    """``value`` as it is written after ``--set key=`` (YAML)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -249,8 +282,10 @@ def load_config(
     data: dict = {}
     for path in files:
         data = merge(data, read_mapping(path))
+    done: list[str] = []
     for key, value in (overrides or {}).items():
-        _set(data, key, value)
+        _set(data, key, value, cls, done)
+        done.append(key)
     config = from_dict(cls, data)
     validate_tree(config)
     return config

@@ -39,6 +39,7 @@ from loopscape.data.algorithmic import ROW_WIDTHS, TASKS, AlgorithmicTask, Curri
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import (
     claim_new_run_folder,
+    lock_run_folder,
     prepare_run_folder,
     read_json_file,
     read_jsonl,
@@ -209,12 +210,11 @@ def shift_saving(shift_rows: list[dict], looped_rows: list[dict]) -> dict:
     }
 
 
-def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicStudyConfig, rows: int = 8) -> dict:
+def final_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicStudyConfig, rows: int = 8) -> dict:
     """The loss Hessian over ``config.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`)
     on ``rows`` fixed rows of the training lengths, each read at its own ``T(n)``: cross-loop shares and the valley
-    shapes of the tied Hessian against its diagonal blocks (``reporting.hessian.final_model_coupling``)."""
-    from loopscape.landscape.loops import loop_hessian
-    from loopscape.reporting.hessian import final_model_coupling
+    shapes of the tied Hessian against its diagonal blocks (:func:`~loopscape.landscape.loops.loop_coupling`)."""
+    from loopscape.landscape.loops import loop_coupling, loop_hessian
     from loopscape.training.algorithmic import ScoredRows, scored_rows_loss
 
     g = torch.Generator().manual_seed(config.seed * 1000 + 17)
@@ -228,7 +228,7 @@ def loop_coupling(model: LoopedGPT, task: AlgorithmicTask, config: AlgorithmicSt
         params=config.loop_coupling_params,
         loss_fn=scored_rows_loss,
     )
-    return final_model_coupling(lh)
+    return loop_coupling(lh)
 
 
 def run_algorithmic(
@@ -286,7 +286,7 @@ def run_algorithmic(
             ),
         }
         if scored_as != "single" and config.loop_coupling_params is not None:
-            results["paradigms"][p]["loop_coupling"] = loop_coupling(model, task, config)
+            results["paradigms"][p]["loop_coupling"] = final_coupling(model, task, config)
     if "shift" in config.paradigms and "looped" in config.paradigms:
         results["shift_saving"] = shift_saving(metrics["shift"], metrics["looped"])
     results["test_lengths"] = config.test_lengths
@@ -316,7 +316,9 @@ def run_algorithmic_seeds(
             "seeds: one seed per torchrun launch (give --seed); a list of seeds runs in one process, one after another"
         )
     out = Path(out)
-    if not resume:
+    if resume:
+        lock_run_folder(out)  # the one writer of the seeds folder too, not only of each seed's: refused if held
+    else:
         claim_new_run_folder(out)
     runs = {}
     for s in seeds:

@@ -1,5 +1,5 @@
 """`loopscape loop-sweep`: a saved looped model read at every loop count, as ``sweep.json``, figures and
-one HTML page: a loopified Hugging Face model (:func:`loopscape.integrations.loop_sweep.loop_sweep`), or the
+one HTML page: a loopified Hugging Face model (:func:`loopscape.looped.sweep.loop_sweep`), or the
 looped GPT of a ``loopscape algorithmic`` run (:func:`looped_gpt_sweep`, on the task's own test rows).
 
 Data: a ``.txt`` file tokenised by the tokenizer saved in the model folder, or a ``.jsonl`` file of
@@ -20,16 +20,11 @@ import yaml
 
 from loopscape.config import ConfigError
 from loopscape.extras import require_extra
-from loopscape.integrations.loop_sweep import (
-    OVERTHINKING_RULE,
-    OVERTHINKING_TOLERANCE,
-    loop_sweep,
-    overthinking,
-    quality_summary,
-)
-from loopscape.integrations.loopify import EXITS, loopify
 from loopscape.io import atomic_write_text, claim_new_run_folder, write_json
-from loopscape.models.looped_gpt import flops_per_token_step
+from loopscape.looped.exit import EXITS
+from loopscape.looped.io import from_pretrained
+from loopscape.looped.sweep import OVERTHINKING_TOLERANCE, Masked, loop_sweep
+from loopscape.models.looped_gpt import attention_flops
 from loopscape.reporting.figures import save_figure
 from loopscape.reporting.html import Section, render_report, versions
 
@@ -91,59 +86,34 @@ def labelled_batches(rows: list[dict], max_rows: int, batch_size: int = 32) -> l
 
 @torch.no_grad()
 def looped_gpt_sweep(model, task, lengths: list[int], loops: list[int], size: int, seed: int) -> dict:
-    """The loop sweep of a looped GPT on its task's test rows (``size`` per length, the study's test seeds):
-    per loop count, over all lengths, the perplexity and accuracy of the answer tokens, the exact match of
-    rows and the forward FLOPs per token; per length, the exact match at every count beside ``T(n)``, the
-    loops the task gives that length. The logit lens is the sweep itself (the block ends in the final norm,
-    so loop ``t``'s state read out is the model run at ``t`` loops); convergence as for Hugging Face models."""
-    model.eval()
-    top, counts = max(loops), sorted(set(loops))
-    totals = {k: [0, 0, 0, 0, 0] for k in counts}
-    per_length, change, tokens = {}, [0.0] * (top - 1), 0
+    """The loop sweep (:func:`~loopscape.looped.sweep.loop_sweep`) of a looped GPT on its task's test rows
+    (``size`` per length, the study's test seeds; one batch per length, scored on the answer positions): per
+    loop count over all lengths, as for any looped model, with the attention's FLOPs per token at the widest
+    row beside the weights'; per length, the exact match at every count beside ``T(n)``, the loops the task
+    gives that length, and the overthinking rule on exact match."""
+    batches, depth = [], {}
     for n in lengths:
         b = task.test_batch(n, size, torch.Generator().manual_seed(seed * 1000 + n))
-        e, h, states = model.embed(b.inputs), None, []
-        for _ in range(top):
-            h = model.step(h, e)
-            states.append(h)
-        per_length[str(n)] = {"T": int(b.n_loops.max()), "exact_match": []}
-        for k in counts:
-            logp = model.head(states[k - 1]).double().log_softmax(-1)
-            hit = logp.argmax(-1) == b.targets
-            right = (hit | ~b.mask).all(-1)
-            nll = -logp.gather(-1, b.targets[..., None])[..., 0][b.mask].sum().item()
-            row = [nll, hit[b.mask].sum().item(), int(b.mask.sum()), int(right.sum()), len(right)]
-            totals[k] = [x + y for x, y in zip(totals[k], row)]
-            per_length[str(n)]["exact_match"].append(right.float().mean().item())
-        for t in range(1, top):
-            a, c = states[t - 1], states[t]
-            change[t - 1] += ((c - a).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-30)).sum().item()
-        tokens += b.inputs.numel()
+        batches.append({"inputs": b.inputs, "targets": b.targets, "mask": b.mask})
+        depth[str(n)] = int(b.n_loops.max())
+    result = loop_sweep(model, batches, loops, scorer=Masked())
+    counts = [r["n_loops"] for r in result["counts"]]
     width = task.width(max(lengths))
-    rows = [
-        {
-            "n_loops": k,
-            **quality_summary(totals[k], True),
-            "flops_per_token": k * flops_per_token_step(model.config, width),
+    for row in result["counts"]:
+        row["attention_flops_per_token"] = row["n_loops"] * attention_flops(model.config, width)
+    per_length = {}
+    for n, quality in zip(depth, result.pop("per_batch")):
+        em = [q["exact_match"] for q in quality]
+        best = counts[em.index(max(em))]
+        per_length[n] = {
+            "T": depth[n],
+            "exact_match": em,
+            "best": best,  # the rule on exact match, per length (T(n) differs between lengths)
+            "overthinking": best < counts[-1] and em[-1] < max(em) * (1 - OVERTHINKING_TOLERANCE),
         }
-        for k in counts
-    ]
-    best, flagged = overthinking(rows)
-    for row in per_length.values():  # the rule on exact match, per length (T(n) differs between lengths)
-        em = row["exact_match"]
-        top_em = max(em)
-        row["best"] = counts[em.index(top_em)]
-        row["overthinking"] = row["best"] < counts[-1] and em[-1] < top_em * (1 - OVERTHINKING_TOLERANCE)
-    lens = [{"loop": r["n_loops"], **{k: r[k] for k in ("perplexity", "accuracy", "exact_match")}} for r in rows]
     return {
-        "counts": rows,
-        "logit_lens": lens,
-        "convergence": [c / tokens for c in change],
-        "exits": [],
+        **result,
         "per_length": per_length,
-        "best_n_loops": best,
-        "overthinking": flagged,
-        "overthinking_rule": OVERTHINKING_RULE,
         "overthinking_lengths": [int(n) for n, r in per_length.items() if r["overthinking"]],
         "best_at_T": [int(n) for n, r in per_length.items() if r["best"] == r["T"]],
         "trained_n_loops": "T(n)",
@@ -221,8 +191,6 @@ def run_loop_sweep(
     if data is None:
         raise ConfigError("--data is needed for a Hugging Face model (a .txt or .jsonl file)")
     require_extra("transformers", "hf")
-    from transformers import AutoModelForCausalLM
-
     if exit not in EXITS[1:]:
         raise ConfigError(f"--exit must be one of {EXITS[1:]} (got {exit!r})")
     if not model_path.is_dir():
@@ -230,18 +198,23 @@ def run_loop_sweep(
     tokens = read_tokens(data, model_path)
     if tokens and isinstance(tokens[0], dict):
         batches = labelled_batches(tokens, max_rows=max_windows * 32)
+        read = {"rows_read": sum(len(b["input_ids"]) for b in batches), "rows_total": len(tokens)}
     else:
         batches = windows(tokens, context, max_windows)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    if layers is not None:
-        loopify(model, layers=tuple(layers), n_loops=1)
-    elif getattr(model.config, "loopscape", None) is None:
-        raise ConfigError(f"--model {str(model_path)!r} is not loopified: give --layers START,STOP to loop it")
-    else:
-        loopify(model)
+        read = {"windows_read": sum(len(b["input_ids"]) for b in batches), "windows_total": len(tokens) // context}
+    try:
+        model = from_pretrained(model_path, layers=None if layers is None else tuple(layers))
+    except ValueError as error:
+        if "has no loopscape settings" in str(error):
+            raise ConfigError(
+                f"--model {str(model_path)!r} is not loopified: give --layers START,STOP to loop it"
+            ) from None
+        raise ConfigError(f"--model: {error}") from None
     claim_new_run_folder(out)
     result = loop_sweep(model, batches, loops, thresholds, exit, exit_loops)
+    del result["per_batch"]
     result["model"], result["data"] = str(model_path), str(data)
+    result.update(read)
     write_json(out / "sweep.json", result)
     figure = out / "figures" / "loop_sweep.png"
     plot_sweep(result, figure)
@@ -315,6 +288,13 @@ def _page(result: dict, figure: Path, per_length_figure: Path | None = None) -> 
         for n, row in result["per_length"].items():
             cells = [f"**{v:.2f}**" if k == row["T"] else f"{v:.2f}" for k, v in zip(counts, row["exact_match"])]
             lines.append(f"| {n} | {row['T']} | " + " | ".join(cells) + " |")
+    if "windows_read" in result:
+        lines += ["", f"Read {result['windows_read']} of the data's {result['windows_total']} windows (--max-windows)."]
+    if "rows_read" in result:
+        lines += [
+            "",
+            f"Read {result['rows_read']} of the data's {result['rows_total']} labelled rows (--max-windows x 32).",
+        ]
     flag = "**flagged**" if result["overthinking"] else "not flagged"
     lines += ["", f"Best loop count: {result['best_n_loops']}. Overthinking {flag} ({result['overthinking_rule']})."]
     figures = [(figure, "Quality, convergence and exits by loop")]

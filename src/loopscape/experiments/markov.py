@@ -33,7 +33,7 @@ from loopscape.errors import DamagedRunError
 from loopscape.experiments.parallel import epoch_progress, run_jobs
 from loopscape.io import atomic_write_text, prepare_run_folder, read_json_file, read_jsonl, write_json
 from loopscape.landscape.hessian import weighted_batches
-from loopscape.landscape.loops import loop_hessian
+from loopscape.landscape.loops import loop_coupling, loop_hessian
 from loopscape.landscape.river_valley import common_eps, cumulative_force
 from loopscape.landscape.tracking import HessianTracker, hessian_at, load_spectra, load_thetas
 from loopscape.models.linear_attn import LinearAttn, LinearAttnConfig, untied_like
@@ -79,7 +79,7 @@ class MarkovStudyConfig:
     ``n_loops`` is Looped-Attn's ``T`` (Single-Attn runs one loop)."""
 
     data: MarkovDataConfig = field(default_factory=MarkovDataConfig)
-    model: LinearAttnConfig = field(default_factory=lambda: PAPER_TOY_MODEL)
+    model: LinearAttnConfig = field(default_factory=lambda: dataclasses.replace(PAPER_TOY_MODEL))  # a study's own copy
     train: MarkovTrainConfig = field(default_factory=MarkovTrainConfig)
     hessian: HessianTrackingConfig = field(default_factory=HessianTrackingConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -367,7 +367,7 @@ def measured_force(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, ref: int
     return result
 
 
-def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: int = 100) -> dict:
+def coupling_along_training(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: int = 100) -> dict:
     """The tied Hessian of the attention weights split by loop pairs (:mod:`loopscape.landscape.loops`): along
     training (every ``every``-th tracked epoch, the first and last) on each looped model's first tracked seed, and at
     the last epoch of Looped-Attn on every tracked seed (``per_seed``, with kappa over the eps grid)."""
@@ -381,8 +381,7 @@ def loop_coupling(out: Path, cfg: MarkovStudyConfig, task: MarkovTask, every: in
             model = cfg.build_model(cfg.models[name]).double()
             with torch.no_grad():
                 vector_to_parameters(theta, list(model.parameters()))
-            m = loop_hessian(model, batches).measure(k=5, exact=True)
-            done[name, seed, epoch] = {**hessian_report.coupling_summary(m), **hessian_report.coupling_curves(m)}
+            done[name, seed, epoch] = loop_coupling(loop_hessian(model, batches), k=5, curves=True)
         return done[name, seed, epoch]
 
     first = cfg.hessian_seeds[0]
@@ -424,7 +423,7 @@ def hessian_study(
     a1 = rep.assumption1_verdict(land, epochs)
     cor1 = rep.corollary1_verdict(land["cumulative_force"])
     conj = rep.conjectures_verdict(land, cfg.train.epochs)
-    coupling = loop_coupling(out, cfg, task)
+    coupling = coupling_along_training(out, cfg, task)
     if cfg.train.epochs >= PHASE_EPOCH:  # judged on trained models only: a shorter run's control is not trained
         train_all(cfg, out, resume, show_progress, runs=[(UNTIED, s) for s in cfg.hessian_seeds])
         coupling["untied_control"] = untied_control(out, cfg, task)

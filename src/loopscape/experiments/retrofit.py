@@ -26,8 +26,10 @@ lengths and past them. Compute is counted in FLOPs and wall time (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,8 +42,9 @@ import yaml
 from loopscape.config import ConfigError, require, require_fits, require_seeds, to_dict
 from loopscape.data.algorithmic import TASKS, AlgorithmicTask, Curriculum
 from loopscape.extras import require_extra
-from loopscape.integrations.loopify import looped_layers, loopify
 from loopscape.io import atomic_write_text, prepare_run_folder, write_json
+from loopscape.looped import loop_settings, set_n_loops, weights_inside
+from loopscape.looped.decoder import looped_layers, loopify
 from loopscape.models.looped_gpt import exact_match
 from loopscape.reporting.hessian import (
     COUPLING_SEEDS_RULE,
@@ -49,11 +52,12 @@ from loopscape.reporting.hessian import (
     coupling_over_seeds,
     coupling_seeds_row,
     coupling_seeds_table,
-    final_model_coupling,
 )
-from loopscape.reporting.html import NOT_TESTED, Section, render_report, verdict_row, versions
-from loopscape.reporting.stats import mean_sd_se
+from loopscape.reporting.html import Section, render_report, versions
+from loopscape.reporting.retrofit import markdown, verdicts
+from loopscape.shift.controller import ShiftController
 from loopscape.shift.schedule import ShiftSchedule
+from loopscape.training.run import check_finite
 
 ARMS = ("plain", "shift", "scratch")
 # SHIFT from the trained model, trained as the recurrent-depth literature does: loopify's options per arm
@@ -64,14 +68,6 @@ VARIANTS = {
     "shift-concat": {"injection": "concat"},
     "shift-lora": {"loop_lora": None},  # the rank is the config's lora_rank
 }
-VARIANT_NAMES = {
-    "shift-plnorm": "a Poisson-log-normal depth per step",
-    "shift-k1": "truncated backprop, last loop",
-    "shift-k2": "truncated backprop, last 2 loops",
-    "shift-concat": "learned concat injection",
-    "shift-lora": "per-loop LoRA",
-}
-GAP_PTS = 5.0  # "matches": within this many points of the looped-from-scratch arm
 
 
 @dataclass
@@ -100,6 +96,7 @@ class RetrofitConfig:
     text_context: int = 64  # with data_path: training windows; tested at this length and at twice it
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # plain, shift, scratch and any of VARIANTS
     lora_rank: int = 4  # the shift-lora arm's per-loop rank
+    clip: float | None = 1.0  # the gradient-norm clip of every step (null: none)
     # the loss Hessian over these looped weights split by loop pairs, on the shift and scratch arms' final models
     # (exact: about P products of each kind; None: not measured)
     loop_coupling_params: str | None = None
@@ -134,6 +131,7 @@ class RetrofitConfig:
             self.arms,
         )
         require(self.lora_rank >= 1, f"{p}lora_rank", "an integer >= 1", self.lora_rank)
+        require(self.clip is None or self.clip > 0, f"{p}clip", "null (no clip) or a number > 0", self.clip)
         require(self.text_context >= 2, f"{p}text_context", "an integer >= 2", self.text_context)
         require(
             self.data_path is None or Path(self.data_path).is_file(),
@@ -293,14 +291,14 @@ def build_decoder(cfg: RetrofitConfig, data: TaskData | TextData, seed: int) -> 
 def step_flops(model: torch.nn.Module, inputs: torch.Tensor) -> float:
     """Training FLOPs of one step: 2 x tokens x the weights a token's forward passes through, plus 4 x tokens x
     those its backward does (attention's score products left out, small at these widths). The looped range
-    counts as :meth:`~loopscape.integrations.loopify.LoopedRange.weights_per_token` says: its layers once per
+    counts as its ``weights_per_token`` says (:class:`~loopscape.looped.Looped`): its layers once per
     loop, a concat adapter and per-loop LoRA as used, and a truncated backward through the last
     ``backprop_loops`` loops only."""
     looped = looped_layers(model)
     params = sum(p.numel() for p in model.parameters())
     if looped is None:
         return 6.0 * inputs.numel() * params
-    inside = looped.weight_ids()
+    inside = weights_inside(looped)
     outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     n = looped.n_loops
     forward = outside + looped.weights_per_token(n)
@@ -324,23 +322,24 @@ def train(
     ``readings``, every ``eval_every`` steps appends ``(FLOPs so far + flops_before, accuracy past the
     training length)`` (evaluation time is not counted)."""
     flops, t0, evaluating = 0.0, time.perf_counter(), 0.0
+    shift = ShiftController(depth, model) if depth is not None else None  # a sampled depth per step
     model.train()
     for step in steps:
-        if depth is not None:  # a sampled depth: this step's loop count (evaluations read n_loops)
-            looped_layers(model).n_loops = depth.n_loops_at(step - steps[0] + 1)
+        if shift is not None:
+            shift.before_step(step - steps[0] + 1)
         inputs, targets, mask = data.batch(step, generator)
         logits = model(input_ids=inputs, use_cache=False).logits
         loss = F.cross_entropy(logits[mask], targets[mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if cfg.clip is None else cfg.clip)
+        check_finite({"loss": loss.item(), "grad_norm": norm.item()}, f"retrofit step {step}", "lr (or clip) too large")
         optimizer.step()
         flops += step_flops(model, inputs)
         if readings is not None and (step % cfg.eval_every == 0 or step == steps[-1]):
             t1 = time.perf_counter()
-            if depth is not None:
-                looped_layers(model).n_loops = cfg.n_loops
-            readings.append((flops_before + flops, accuracy(model, data, seed)["past"]))
+            with loop_settings(model, n_loops=cfg.n_loops) if shift is not None else contextlib.nullcontext():
+                readings.append((flops_before + flops, accuracy(model, data, seed)["past"]))
             model.train()
             evaluating += time.perf_counter() - t1
     return {"flops": flops, "time_s": time.perf_counter() - t0 - evaluating}
@@ -360,16 +359,16 @@ def accuracy(model: torch.nn.Module, data: TaskData | TextData, seed: int) -> di
     }
 
 
-def loop_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, seed: int) -> dict:
+def final_coupling(model: torch.nn.Module, data: TaskData, cfg: RetrofitConfig, seed: int) -> dict:
     """The loss Hessian over ``cfg.loop_coupling_params`` split by loop pairs (:mod:`loopscape.landscape.loops`),
     exact, on 8 fixed rows of the longest training length: the shapes of the tied Hessian against its diagonal
-    blocks (``reporting.hessian.final_model_coupling``)."""
-    from loopscape.landscape.loops import loop_hessian
+    blocks (:func:`~loopscape.landscape.loops.loop_coupling`)."""
+    from loopscape.landscape.loops import loop_coupling, loop_hessian
 
     training = model.training
     model.eval()
     try:
-        return final_model_coupling(loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params))
+        return loop_coupling(loop_hessian(model, data.coupling_batches(seed), params=cfg.loop_coupling_params))
     finally:
         model.train(training)
 
@@ -448,7 +447,7 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
         readings = []
         spent = train(model, opt, data, later, gen, cfg, readings, stage1["flops"], seed, depth)
         if depth is not None:
-            looped_layers(model).n_loops = cfg.n_loops  # scored, and saved, at the mean depth
+            set_n_loops(model, cfg.n_loops)  # scored, and saved, at the mean depth
         if models is not None:
             save_model(model, models / f"seed{seed}" / arm)
         out[arm] = {
@@ -458,7 +457,7 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
             **accuracy(model, data, seed),
         }
         if arm == "shift" and cfg.loop_coupling_params is not None:
-            out[arm]["loop_coupling"] = loop_coupling(model, data, cfg, seed)
+            out[arm]["loop_coupling"] = final_coupling(model, data, cfg, seed)
     scratch = loopify(
         build_decoder(cfg, data, seed), layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, injection=cfg.injection
     )
@@ -477,114 +476,13 @@ def run_seed(cfg: RetrofitConfig, seed: int, models: Path | None = None) -> dict
         save_model(scratch, models / f"seed{seed}" / "scratch")
     out["scratch"] = {**spent, "readings": readings, **accuracy(scratch, data, seed)}
     if cfg.loop_coupling_params is not None:
-        out["scratch"]["loop_coupling"] = loop_coupling(scratch, data, cfg, seed)
+        out["scratch"]["loop_coupling"] = final_coupling(scratch, data, cfg, seed)
     target = out["scratch"]["past"]
     reached = next((f for f, acc in out["shift"]["readings"] if acc >= target), None)
     # compute SHIFT (Stage I included) spent until its accuracy past the training length first reached the
     # scratch arm's final one; None if it never did
     out["shift_flops_to_scratch_final"] = reached
     return out
-
-
-def verdicts(runs: dict[int, dict]) -> list[dict]:
-    """The rule: SHIFT from a trained model **holds** if, past the training length, its mean
-    accuracy over seeds is at most ``GAP_PTS`` points below the looped-from-scratch arm's and it
-    spent fewer FLOPs; **fails** otherwise; **not tested** with fewer than 2 seeds. One row for
-    ``shift``, and one by the same rule for each variant arm run (:data:`VARIANTS`)."""
-    source = "Appendix B"
-    paper = "proposed, no numbers given"
-    arms = [a for a in next(iter(runs.values())) if a == "shift" or a in VARIANTS]
-    rows = []
-    for arm in arms:
-        claim = "Retrofitting recursion into a trained model reaches the looped model's accuracy for less compute"
-        if arm != "shift":
-            claim += f" ({arm}: {VARIANT_NAMES[arm]})"
-        if len(runs) < 2:
-            rows.append(verdict_row(claim, source, "one seed: no spread to judge by", paper, NOT_TESTED))
-            continue
-        gap = mean_sd_se([r[arm]["past"] - r["scratch"]["past"] for r in runs.values()])
-        ratio = mean_sd_se([r["scratch"]["flops"] / r[arm]["flops"] for r in runs.values()])
-        holds = gap["mean"] >= -GAP_PTS and ratio["mean"] > 1
-        ours = (
-            f"past the training length {arm} minus scratch {gap['mean']:+.1f} pts (se {gap['se']:.1f}); "
-            f"scratch / {arm} FLOPs {ratio['mean']:.2f}x"
-        )
-        rows.append(verdict_row(claim, source, ours, paper, "holds" if holds else "fails"))
-    return rows
-
-
-def markdown(cfg: RetrofitConfig, runs: dict[int, dict], rows: list[dict]) -> str:
-    a, b = cfg.loop_layers
-    lines = [
-        "# Retrofit: recursion into a trained model (Appendix B)",
-        "",
-        (
-            f"Text file {cfg.data_path}, characters as tokens, trained on windows of {cfg.text_context}, tested "
-            f"on held-out windows of {cfg.text_context} (within) and {2 * cfg.text_context} (past: its positions "
-            f"beyond {cfg.text_context})"
-            if cfg.data_path is not None
-            else f"Task {cfg.task}, training lengths 1..{cfg.train_max_len}, tested at {cfg.test_lengths[0]}.."
-            f"{cfg.test_lengths[-1]}"
-        )
-        + f". A Llama-layout decoder, d = {cfg.d_model}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} heads, RoPE. Stage I: {cfg.stage1_steps} steps, one loop. Then "
-        f"{cfg.stage2_steps} more steps per arm: **plain** continues as it is; **shift** loops layers "
-        f"{a}..{b - 1} {cfg.n_loops} times (injection: {cfg.injection}) and continues; **scratch** is the "
-        f"looped model trained from its initialisation for all {cfg.stage1_steps + cfg.stage2_steps} steps. "
-        f"Seeds {cfg.seeds}. Accuracy: {build_metric(cfg)}, %; FLOPs and wall time include Stage I.",
-        "",
-        *(
-            [
-                "Variants, each SHIFT from the same trained model with the shift arm's settings but: "
-                + "; ".join(f"**{a}**: {VARIANT_NAMES[a]}" for a in cfg.arms if a in VARIANTS)
-                + f" (Poisson-log-normal: mean {cfg.n_loops}, at most {2 * cfg.n_loops} loops, tested at "
-                f"{cfg.n_loops}; LoRA rank {cfg.lora_rank} on every linear layer of the range).",
-                "",
-            ]
-            if any(a in VARIANTS for a in cfg.arms)
-            else []
-        ),
-        "| seed | arm | within training lengths | past them | training FLOPs | wall time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for seed, run in runs.items():
-        for arm in ("stage1", *cfg.arms):
-            r = run[arm]
-            past = "-" if r["past"] is None else f"{r['past']:.1f}"
-            lines.append(f"| {seed} | {arm} | {r['within']:.1f} | {past} | {r['flops']:.3g} | {r['time_s']:.0f} s |")
-    lines += ["", "| arm | within (mean, sd) | past (mean, sd) | FLOPs (mean) |", "|---|---|---|---|"]
-    for arm in cfg.arms:
-        w = mean_sd_se([r[arm]["within"] for r in runs.values()])
-        p = mean_sd_se([r[arm]["past"] for r in runs.values()]) if cfg.train_max_len < max(cfg.test_lengths) else None
-        past = "-" if p is None else f"{p['mean']:.1f}{_sd(p)}"
-        flops = sum(r[arm]["flops"] for r in runs.values()) / len(runs)
-        lines.append(f"| {arm} | {w['mean']:.1f}{_sd(w)} | {past} | {flops:.3g} |")
-    reach = [
-        f"seed {seed}: {r['shift_flops_to_scratch_final'] / r['scratch']['flops']:.2f}x"
-        if r["shift_flops_to_scratch_final"] is not None
-        else f"seed {seed}: never"
-        for seed, r in runs.items()
-    ]
-    lines += [
-        "",
-        "Compute SHIFT from the trained model spent (Stage I included) until its accuracy past the training "
-        "length first reached the scratch arm's final one, as a share of the scratch arm's compute (read every "
-        f"{cfg.eval_every} steps): " + "; ".join(reach) + ".",
-        "",
-        *(
-            f"- Verdict, {arm}: **{row['verdict']}** ({row['ours']})."
-            for arm, row in zip([a for a in cfg.arms if a == "shift" or a in VARIANTS], rows)
-        ),
-        "",
-        f"Rule: SHIFT from a trained model holds if, past the training length, its mean accuracy over seeds is at "
-        f"most {GAP_PTS:g} points below the looped-from-scratch arm's and it spent fewer FLOPs; it fails otherwise; "
-        "not tested with fewer than 2 seeds.",
-    ]
-    return "\n".join(lines)
-
-
-def _sd(stats: dict) -> str:
-    return "" if stats["sd"] is None else f" ({stats['sd']:.1f})"
 
 
 def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = True) -> dict:
@@ -603,7 +501,7 @@ def run_retrofit(cfg: RetrofitConfig, out: str | Path, show_progress: bool = Tru
             print(f"retrofit: seed {seed} ...", flush=True)
         runs[seed] = run_seed(cfg, seed, out / "models")
     rows = verdicts(runs)
-    text = markdown(cfg, runs, rows)
+    text = markdown(cfg, runs, rows, build_metric(cfg))
     coupling = {
         arm: coupling_over_seeds({seed: r[arm]["loop_coupling"] for seed, r in runs.items()})
         for arm in ("shift", "scratch")

@@ -19,7 +19,7 @@ Writes into ``OUT``::
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,8 @@ SCP = "scp"
 
 @dataclass
 class ShiftStudyConfig:
-    """The shift-point study. Policies are shift epochs as text, or ``"scp"``."""
+    """The shift-point study. Policies are shift epochs as text, or ``"scp"``: SCP with ``scp``, the ``scp``
+    section of :class:`~loopscape.shift.schedule.ShiftConfig` (every SCP setting, ``shift_by`` included)."""
 
     shift_epochs: list[int] = field(default_factory=lambda: [0, 50, 100, 120, 150, 200, 300, 400])
     scp: SCPConfig = field(default_factory=SCPConfig)
@@ -83,7 +84,7 @@ class ShiftStudyConfig:
         """A policy as the one SHIFT setting every trainer and callback builds from: SCP with this study's
         ``scp``, or a fixed shift epoch given as text."""
         if policy == SCP:
-            return ShiftConfig(n_loops, scp=asdict(self.scp), optimizer=optimizer)
+            return ShiftConfig(n_loops, scp=replace(self.scp), optimizer=optimizer)
         return ShiftConfig(n_loops, at=int(policy), optimizer=optimizer)
 
 

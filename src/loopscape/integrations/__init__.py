@@ -1,12 +1,9 @@
-"""Loopscape on models and trainers we did not write (Appendix B).
+"""Thin adapters of loopscape's framework-free objects to the frameworks researchers train and evaluate in.
 
-* :func:`~loopscape.integrations.loopify.loopify`: loop a range of decoder
-  layers of a Hugging Face causal LM (GPT-2 and Llama families), with input
-  injection; needs no import of ``transformers`` itself.
-* :class:`~loopscape.shift.controller.ShiftController` (in the core, not here):
-  SHIFT's one schedule applied to a model and an optimiser, framework-free: a
-  plain PyTorch loop calls it directly, and the callbacks below wrap it.
-* ``loopscape.integrations.hf.ShiftCallback`` (extra ``[hf]``) and
-  ``loopscape.integrations.lightning.ShiftCallback`` (extra ``[lightning]``):
-  thin adapters of the controller to each framework's callback API.
+* ``loopscape.integrations.hf`` (extra ``[hf]``): the Hugging Face Trainer callbacks (SHIFT, curvature).
+* ``loopscape.integrations.lightning`` (extra ``[lightning]``): the Lightning callbacks (SHIFT, curvature).
+* ``loopscape.integrations.lmeval`` (extra ``[eval]``): the ``loopscape`` model type of lm-evaluation-harness.
+
+What they adapt lives in the core: the loop protocol and ``loopify`` in :mod:`loopscape.looped`, SHIFT's one
+controller in :mod:`loopscape.shift.controller`, the curvature probe in :mod:`loopscape.landscape`.
 """

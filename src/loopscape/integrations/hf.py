@@ -6,11 +6,18 @@ configured like HF's own callbacks (``EarlyStoppingCallback``)::
 
 Training steps up to the switch step run one loop, later ones ``n_loops``
 (the convention of :class:`~loopscape.shift.schedule.ShiftSchedule`). With
-neither ``at`` nor ``milestones``, SCP decides on each evaluation
-(``eval_loss`` and the last logged ``grad_norm``). Every log row gains
-``n_loops``, and ``shift_step`` once the switch is decided. The callback's
-state is saved in each checkpoint's ``trainer_state.json`` and read back on
-resume, so a run resumed across the switch is the same run.
+neither ``at`` nor ``milestones``, SCP decides on each evaluation, on
+``eval_loss`` and the last ``grad_norm`` the Trainer logged before it (one
+step's gradient norm before clipping: ``last_logged`` in
+:data:`~loopscape.shift.criterion.GRAD_NORMS`, not the full-batch norm of
+loopscape's Markov trainer nor a mean over steps; log every step,
+``logging_steps=1``, for the norm of the step evaluated). Every log row gains
+``n_loops``, ``shift_step`` once the switch is decided, and until then SCP's
+progress (``scp_evaluations``, ``scp_since_best``, ``scp_plateau_at``,
+``scp_grad_norm``: the last norm it read). The callback's state
+(``shift_state``, naming its norm) is saved in each checkpoint's
+``trainer_state.json`` and read back on resume, so a run resumed across the
+switch is the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from loopscape.extras import require_extra
 from loopscape.io import read_json_file
 from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
 from loopscape.reporting.curvature import plot_curves
-from loopscape.shift.controller import ShiftController, get_n_loops
+from loopscape.shift.controller import STATE_KEY, ShiftController, get_n_loops
 from loopscape.shift.schedule import ShiftConfig
 
 transformers = require_extra("transformers", "hf")
@@ -57,13 +64,13 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         # its fields are the callback's args, saved with its state (ExportableState)
         self.config = ShiftConfig.of(n_loops, **settings)
         self.settings = asdict(self.config)
-        self.controller = ShiftController(self.config.build())
+        self.controller = ShiftController(self.config.build(), grad_norm="last_logged")
         self.shift_state: dict | None = None  # restored by the Trainer (restore_callback_states_from_checkpoint)
-        self._grad_norm: float | None = None
+        self._grad_norm: float | None = None  # the last logged grad_norm: what SCP reads (last_logged)
         self._writer = None  # TensorBoard, when the Trainer reports to it
 
     def state(self) -> dict:
-        return {"args": self.settings, "attributes": {"shift_state": self.controller.state_dict()}}
+        return {"args": self.settings, "attributes": {STATE_KEY: self.controller.state_dict()}}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
@@ -74,7 +81,7 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
                 "fixed switch step"
             )
         self.controller.attach(model, optimizer)
-        restored = _saved_attribute(self, state, "shift_state")
+        restored = _saved_attribute(self, state, STATE_KEY)
         if restored is not None:
             self.controller.load_state_dict(restored)
         self.controller.before_step(state.global_step + 1)

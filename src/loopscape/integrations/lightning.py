@@ -6,8 +6,11 @@ The LightningModule holds the model to loop (loopified, or with an
 ``n_loops`` attribute), anywhere among its submodules. Steps up to the switch
 step run one loop, later ones ``n_loops``; with neither ``at`` nor
 ``milestones`` SCP decides after each validation, on ``monitor`` (the logged
-validation loss) and the mean gradient norm since the last validation. It
-logs ``n_loops`` (and ``shift_step`` once decided) through the module's
+validation loss) and the mean, over the optimiser steps since the last
+validation, of each step's gradient norm before clipping (``step_mean`` in
+:data:`~loopscape.shift.criterion.GRAD_NORMS`, as loopscape's algorithmic
+trainer). It logs ``n_loops`` (and ``shift_step`` once decided; until then
+SCP's progress, ``scp_grad_norm`` the last norm it read) through the module's
 logger (TensorBoard by default), and saves its state with the checkpoint.
 """
 
@@ -21,7 +24,7 @@ import torch
 from loopscape.extras import require_extra
 from loopscape.landscape.probe import CurvatureProbe, probe_batches_to_device, scalars
 from loopscape.reporting.curvature import plot_curves
-from loopscape.shift.controller import ShiftController, get_n_loops
+from loopscape.shift.controller import STATE_KEY, ShiftController, get_n_loops, saved_state
 from loopscape.shift.schedule import ShiftConfig
 
 pl = require_extra("lightning.pytorch", "lightning")
@@ -32,13 +35,14 @@ log = logging.getLogger(__name__)
 
 class ShiftCallback(pl.Callback):
     """SHIFT's schedule as a Lightning callback (arguments: :class:`~loopscape.shift.schedule.ShiftConfig`'s, plus
-    ``monitor``)."""
+    ``monitor``). Its state: the controller's (``shift_state``) and the running sum of the step gradient norms since
+    the last validation (``step_grad_norms``), whose mean SCP reads (``step_mean``)."""
 
     def __init__(self, n_loops: int = 2, *, monitor: str = "val_loss", **settings):
         self.config = ShiftConfig.of(n_loops, **settings)
-        self.controller = ShiftController(self.config.build())
+        self.controller = ShiftController(self.config.build(), grad_norm="step_mean")
         self.monitor = monitor
-        self._grad = {"sum": 0.0, "n": 0}
+        self._grad = {"sum": 0.0, "n": 0}  # step gradient norms since the last validation (before clipping)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.controller.attach(pl_module)
@@ -93,11 +97,13 @@ class ShiftCallback(pl.Callback):
             warnings.warn(never, stacklevel=2)
 
     def state_dict(self) -> dict:
-        return {**self.controller.state_dict(), "grad": {"sum": float(self._grad["sum"]), "n": self._grad["n"]}}
+        grads = {"sum": float(self._grad["sum"]), "n": self._grad["n"]}
+        return {STATE_KEY: self.controller.state_dict(), "step_grad_norms": grads}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.controller.load_state_dict(state_dict)
-        self._grad = dict(state_dict["grad"])
+        # checkpoints written before shift_state held the controller's keys beside "grad"
+        self.controller.load_state_dict(saved_state(state_dict))
+        self._grad = dict(state_dict.get("step_grad_norms", state_dict.get("grad")))
 
 
 class CurvatureCallback(pl.Callback):
@@ -143,8 +149,46 @@ class CurvatureCallback(pl.Callback):
         if trainer.is_global_zero and self.probe.rows and self.probe.folder is not None:
             plot_curves({"run": [self.probe.rows]}, self.probe.folder / "curvature.png")
 
+    @property
+    def state_key(self) -> str:
+        """Where the checkpoint keeps this callback's state: the class and the settings that tell two of them
+        in one trainer apart (Lightning's advice for stateful callbacks), so each resumes its own."""
+        p = self.probe
+        return self._generate_state_key(
+            every=p.every,
+            k=p.k,
+            params=_describe_params(p.params),
+            module=self.module,
+            folder=None if p.folder is None else str(p.folder),
+            n_probes=p.n_probes,
+            n_steps=p.n_steps,
+            n_bins=p.n_bins,
+        )
+
     def state_dict(self) -> dict:
         return self.probe.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.probe.load_state_dict(state_dict)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # a checkpoint from before state_key named the settings keeps the state under the class name alone
+        # (one CurvatureCallback per trainer then): the one CurvatureCallback of this trainer takes it
+        states, old = checkpoint.get("callbacks") or {}, type(self).__qualname__
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, CurvatureCallback)]
+        if self.state_key not in states and old in states and ours == [self]:
+            self.load_state_dict(states[old])
+
+
+def _describe_params(params) -> str | None:
+    """A stable text for ``params`` in a state key: a name pattern as it is; a module or a list of
+    parameters by what it holds, never by its values (they change while training)."""
+    if params is None or isinstance(params, str):
+        return params
+    if isinstance(params, torch.nn.Module):
+        tensors = list(params.parameters())
+    elif isinstance(params, (list, tuple)):
+        tensors = list(params)
+    else:  # an iterator: not read here, the probe reads it
+        return type(params).__name__
+    return f"{type(params).__name__} of {len(tensors)} tensors, shapes {[tuple(t.shape) for t in tensors]}"

@@ -25,7 +25,13 @@ try:
 except ImportError as error:  # one line, not a traceback from deep inside an optional extra
     raise ImportError("loopscape's lm-eval model needs lm-eval: pip install 'loopscape[eval]'") from error
 
-from loopscape.integrations.loopify import EXITS, INJECTIONS, load_loop_weights, looped_layers, loopify, set_exit
+from functools import partial
+
+from loopscape.looped import find_looped
+from loopscape.looped.decoder import looped_layers, loopify
+from loopscape.looped.exit import EXITS
+from loopscape.looped.io import from_pretrained
+from loopscape.looped.range import INJECTIONS
 
 __all__ = ["LoopscapeLM", "parse_layers"]
 
@@ -74,34 +80,48 @@ class LoopscapeLM(HFLM):
             self._loop(self._model)
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
-        super()._create_model(pretrained=pretrained, **kwargs)
-        self._loop(self._model, pretrained, kwargs.get("subfolder") or "")
+        """lm-eval's own argument handling (dtype, devices, revision), with loopscape's one loader of a
+        looped checkpoint (:func:`loopscape.looped.io.from_pretrained`) in place of AutoModelForCausalLM's."""
+        a, auto = self._loop_args, self.AUTO_MODEL_CLASS
+        self.AUTO_MODEL_CLASS = _Loader(partial(from_pretrained, layers=a["layers"], injection=a["injection"]))
+        try:
+            super()._create_model(pretrained=pretrained, **kwargs)
+        except ValueError as error:
+            if "has no loopscape settings" in str(error):
+                raise ValueError(
+                    "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
+                ) from None
+            raise
+        finally:
+            self.AUTO_MODEL_CLASS = auto
+        self._loop(self._model)
 
-    def _loop(self, model, path: str | None = None, subfolder: str = "") -> None:
+    def _loop(self, model) -> None:
+        """The loop settings given as model args, over what the model holds."""
         a = self._loop_args
-        if a["layers"] is not None:
-            loopify(model, layers=a["layers"], n_loops=a["n_loops"] or 1, injection=a["injection"])
-        elif looped_layers(model) is not None:
-            pass  # a loopified model object: its loop (and trained loop weights) as they are
-        elif getattr(model.config, "loopscape", None) is not None:
-            loopify(model)  # the settings the checkpoint holds, with the loop's own weights
-            if path is not None:
-                load_loop_weights(model, path, subfolder)
-        else:
-            raise ValueError(
-                "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
-            )
-        looped = looped_layers(model)
+        if looped_layers(model) is None:  # a model object passed in, not loopified
+            if a["layers"] is None:
+                raise ValueError(
+                    "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
+                )
+            loopify(model, layers=a["layers"], n_loops=1, injection=a["injection"])
+        looped = find_looped(model)
         if a["n_loops"] is not None:
             looped.n_loops = a["n_loops"]
         if a["exit"] != "saved" or a["exit_threshold"] is not None or a["min_loops"] is not None:
             s = looped.settings()
-            set_exit(
-                model,
+            looped.set_exit(
                 s["exit"] if a["exit"] == "saved" else a["exit"],
                 s["exit_threshold"] if a["exit_threshold"] is None else a["exit_threshold"],
                 s["min_loops"] if a["min_loops"] is None else a["min_loops"],
             )
+
+
+class _Loader:
+    """What HFLM calls as ``AUTO_MODEL_CLASS.from_pretrained(...)``."""
+
+    def __init__(self, load):
+        self.from_pretrained = load
 
 
 def main() -> None:

@@ -12,17 +12,15 @@ are exactly what tying adds. :func:`loop_hessian` gives each block, their sums `
 Lanczos, SLQ and Hutch++ run on them; every product goes through an untied functional call of the model
 (forward-over-reverse, one product per tangent), never a dense matrix.
 
-A model says which weights it loops by a ``looped_parameters()`` method (on itself or a submodule:
-:class:`~loopscape.models.linear_attn.LinearAttn`, :class:`~loopscape.models.looped_gpt.LoopedGPT`,
-a loopified model's :class:`~loopscape.integrations.loopify.LoopedRange`). Untying is generic: the modules
-that own those weights are called once per loop, and at their ``t``-th call in a forward they run on copy
-``t``. A model whose looped weights are read outside such calls (the linear-attention toys) provides
-``untie_loops(weights)`` instead, a context in which loop ``t`` reads ``weights[t]``.
+The model is read through the loop protocol (:class:`~loopscape.looped.Looped`): its
+``looped_parameters()`` are the weights split, ``untie_loops(weights)`` runs loop ``t`` on copy ``t``, and
+``recording()`` counts the loops a forward runs. Loop 0 runs the model's own weights, which the functional
+call sets to copy 0 (a loopified range's first loop is the model's own pass), so ``weights[0]`` is empty.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,23 +28,30 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from loopscape.landscape.hessian import HessianOperator, as_batch_list, select_parameters
+from loopscape.looped import Looped, find_looped
 
 
-def looped_parameter_names(model: nn.Module) -> list[str]:
-    """Names (in ``model.named_parameters()``) of the weights ``model`` shares across its loops."""
-    looped = {id(p) for m in model.modules() if hasattr(m, "looped_parameters") for p in m.looped_parameters()}
-    return [n for n, p in model.named_parameters() if id(p) in looped]
+def looped_parameter_names(model: nn.Module, looped: Looped | None = None) -> list[str]:
+    """Names (in ``model.named_parameters()``) of the weights the loop of ``model`` (``looped``, found if not
+    given) shares."""
+    looped = find_looped(model) if looped is None else looped
+    shared = {id(p) for p in looped.looped_parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in shared]
 
 
 class LoopHessian:
     """See the module docstring. Build with :func:`loop_hessian`."""
 
     def __init__(self, model: nn.Module, data, params=None, dtype: torch.dtype | None = torch.float64, **options):
-        looped = looped_parameter_names(model)
+        try:
+            self.looped = find_looped(model)
+        except ValueError:
+            self.looped = None
+        looped = looped_parameter_names(model, self.looped) if self.looped is not None else []
         if not looped:
             raise ValueError(
-                f"model must loop some of its weights (a looped_parameters() method: loopscape's looped models or "
-                f"loopify); {type(model).__name__} has none"
+                f"model must loop some of its weights (the loop protocol's looped_parameters(): loopscape's looped "
+                f"models or loopify); {type(model).__name__} has none"
             )
         named = dict(model.named_parameters())
         chosen = select_parameters(model, [named[n] for n in looped] if params is None else params)
@@ -59,65 +64,31 @@ class LoopHessian:
         self.op = HessianOperator(model, as_batch_list(data), dtype=dtype, params=[named[n] for n in chosen], **options)
         self.model, self.names = model, self.op.names
         self.shape, self.dtype = self.op.shape, self.op.dtype
-        untie = next((m for m in model.modules() if hasattr(m, "untie_loops")), None)
-        self._untie = untie.untie_loops if untie is not None else self._untie_by_calls
-        self.n_loops = int(untie.n_loops) if untie is not None else self._count_loops()
+        position = {id(p): i for i, p in enumerate(self.looped.looped_parameters())}
+        self._index = [position[id(named[n])] for n in self.names]  # each split weight's looped_parameters() slot
+        self.n_loops = self._count_loops()
 
     # -- the untied loss -------------------------------------------------------------------------------
-    def _owners(self) -> list[tuple[nn.Module, str, int]]:
-        """(module, its own name of the parameter, index in the selected names) of every selected weight."""
-        index = {n: i for i, n in enumerate(self.names)}
-        return [
-            (m, local, index[f"{prefix}.{local}" if prefix else local])
-            for prefix, m in self.model.named_modules()
-            for local in list(m._parameters)
-            if (f"{prefix}.{local}" if prefix else local) in index
-        ]
-
-    @contextlib.contextmanager
-    def _untie_by_calls(self, weights: list[dict[str, torch.Tensor]]):
-        """Loop ``t``'s call of each owning module runs on ``weights[t]`` (calls past ``len(weights)``: the last)."""
-        owners, calls = self._owners(), {}
-        by_module: dict[nn.Module, list[tuple[str, str]]] = {}
-        for m, local, i in owners:
-            by_module.setdefault(m, []).append((local, self.names[i]))
-
-        def before(module, args):
-            t = calls.get(module, 0)
-            calls[module] = t + 1
-            for local, name in by_module[module]:
-                module._parameters[local] = weights[min(t, len(weights) - 1)][name]
-
-        handles = [m.register_forward_pre_hook(before) for m in by_module]
-        try:
-            yield calls
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.op.sizes), self.op.shapes)}
+    def _split(self, theta: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Copy ``theta`` of the split weights, keyed by their slot in ``looped_parameters()``."""
+        parts = zip(self._index, theta.split(self.op.sizes), self.op.shapes)
+        return {i: t.view(shape) for i, t, shape in parts}
 
     def _untied_loss(self, thetas: torch.Tensor) -> torch.Tensor:
-        """``L(theta_1, ..., theta_T)`` for ``thetas`` of shape ``(T, P)``; each batch's forward counts its
-        loops from the first."""
-        weights, total = [self._split(t) for t in thetas], 0
+        """``L(theta_1, ..., theta_T)`` for ``thetas`` of shape ``(T, P)``: the model runs at ``theta_1``
+        (loop 0's copy), loops ``t >= 1`` on their own."""
+        weights, total = [{}] + [self._split(t) for t in thetas[1:]], 0
         for batch in self.op.batches:
-            with self._untie(weights):
+            with self.looped.untie_loops(weights):
                 total = total + self.op._batch_loss(thetas[0], batch)
         return total
 
     def _count_loops(self) -> int:
+        """The loops one forward of the first batch runs (its recorded states)."""
         theta = self.op.theta
-        with torch.no_grad(), self.op._guard(), self._untie([self._split(theta)]) as calls:
+        with torch.no_grad(), self.op._guard(), self.looped.recording() as states:
             self.op._batch_loss(theta, self.op.batches[0])
-        counts = {m: calls.get(m, 0) for m, _, _ in self._owners()}
-        if len(set(counts.values())) != 1 or min(counts.values()) < 1:
-            raise ValueError(
-                "model must call each module that owns a looped weight once per loop (found call counts "
-                f"{sorted(set(counts.values()))}); loop_hessian cannot untie it"
-            )
-        return next(iter(counts.values()))
+            return len(states)
 
     def _products(self, tangents: torch.Tensor) -> torch.Tensor:
         """``(T, P)`` tangents ``U`` -> ``(T, P)``: row ``s`` is ``sum_t H_st U_t``."""
@@ -239,3 +210,33 @@ def loop_hessian(model: nn.Module, data, params=None, dtype: torch.dtype | None 
     looped weights to untie (a name pattern, a module, a list; default every looped weight); ``options``:
     :class:`~loopscape.landscape.hessian.HessianOperator`'s."""
     return LoopHessian(model, data, params=params, dtype=dtype, **options)
+
+
+def loop_coupling(lh: LoopHessian, k: int = 5, curves: bool = False) -> dict:
+    """The one loop-coupling measurement, as the studies keep it: one exact :meth:`LoopHessian.measure` of
+    the top ``k`` (at most the weights), its loops and weights, the cross-loop shares of the trace and of the
+    top eigenvalue, kappa and the valley shape of the tied Hessian (full) and of its diagonal loop part at one
+    eps, each part's top eigenvalues and trace; with ``curves``, kappa of full and diagonal over the eps grid
+    relative to full's largest ``|lambda|`` and the smallest ``log10(kappa_full / kappa_diagonal)`` over it."""
+    m = lh.measure(k=min(k, lh.shape[0]), exact=True)
+    out = {
+        "n_loops": lh.n_loops,
+        "params": lh.shape[0],
+        "cross_share_trace": m["cross_share_trace"],
+        "cross_share_top": m["cross_share_top"],
+        **{f"{part}_{key}": m[part]["valley"][key] for part in ("full", "diagonal") for key in ("kappa", "shape")},
+        "top": {part: m[part]["top"] for part in ("full", "diagonal", "cross")},
+        "trace": {part: m[part]["trace"] for part in ("full", "diagonal", "cross")},
+    }
+    return {**out, **kappa_curves(m)} if curves else out
+
+
+def kappa_curves(m: dict) -> dict:
+    """kappa over the eps grid of ``full`` and ``diagonal`` of one exact :meth:`LoopHessian.measure`, both
+    relative to full's largest ``|lambda|``, and the smallest ``log10(kappa_full / kappa_diagonal)``."""
+    from loopscape.landscape.river_valley import common_eps, kappa_curve
+
+    ref = common_eps(m["full"]["eigenvalues"], rel=1.0)
+    parts = {part: kappa_curve(m[part]["eigenvalues"], ref) for part in ("full", "diagonal")}
+    ratios = [math.log10(f / d) for f, d in zip(parts["full"], parts["diagonal"]) if f is not None and d is not None]
+    return {"kappa_curves": parts, "min_log10_ratio": min(ratios) if ratios else None}

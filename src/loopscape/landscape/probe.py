@@ -10,7 +10,8 @@ bounds), the trace (Hutchinson: ``v^T H v`` is the run's first coefficient)
 and, from the density's pseudo-spectrum
 (:meth:`~loopscape.landscape.linalg.SpectralDensity.pseudo_spectrum`), the
 paper's Matrix Entropy and the Mutual Information with the previous
-measurement (Section 4.1; one binning per pair). Products are in the model's
+measurement (Section 4.1; one binning per pair, ``n_bins`` bins, recorded in each
+row). Products are in the model's
 own precision. Rows go to ``curvature.jsonl`` in ``folder`` (and TensorBoard
 scalars with ``tensorboard=True``, or into the folder ``tensorboard`` names); the state (rows, last pseudo-spectrum)
 resumes with a run. The HF and Lightning ``CurvatureCallback`` and our
@@ -28,7 +29,7 @@ from torch import nn
 from loopscape.io import JsonlLog, rewrite_jsonl
 from loopscape.landscape.api import hessian_operator
 from loopscape.landscape.linalg import lanczos, slq_density
-from loopscape.landscape.spectrum import matrix_entropy, mutual_information, shared_edges
+from loopscape.landscape.spectrum import DEFAULT_BINS, matrix_entropy, mutual_information, shared_edges
 
 PSEUDO_POINTS = 20_000  # eigenvalues standing for a density (at most the number of parameters)
 WARM_TOL = 1e-3  # the warm-started top k's tolerance (benchmarks/bench_warm_start.py's)
@@ -56,7 +57,7 @@ class CurvatureProbe:
         params=None,
         n_probes: int = 4,
         n_steps: int = 16,
-        n_bins: int = 50,
+        n_bins: int = DEFAULT_BINS,
         folder: str | Path | None = None,
         tensorboard: bool | str | Path = False,
         dtype: torch.dtype | None = None,
@@ -115,6 +116,7 @@ class CurvatureProbe:
             "trace_stderr": trace.stderr,
             "matrix_entropy": matrix_entropy(pseudo, n_bins=self.n_bins),
             "mutual_information": None,
+            "n_bins": self.n_bins,  # the binning of both entropies, for the report's threshold (reporting.curvature)
             **({"top_products": warm.iterations} if self.warm_start else {}),
         }
         if self._previous is not None and self._previous.size == pseudo.size:

@@ -19,7 +19,7 @@ the paper's ``E^T``; the equations below are written in the paper's layout.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from loopscape.config import require
+from loopscape.looped.protocol import check_n_loops, while_set
 
 EMBEDDINGS = ("onehot", "token", "random")
 POSITIONS = ("absolute", "cyclic", "cyclic_end")
@@ -143,8 +144,7 @@ class LinearAttn(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set to build a model (a study fills it in from its data)")
-        if config.n_loops < 1:
-            raise ValueError(f"n_loops must be >= 1 (got {config.n_loops})")
+        check_n_loops(config.n_loops)
         self.config = config
         d, V = config.d, config.vocab_size
         self.embed = FixedEmbedding(config)
@@ -166,34 +166,41 @@ class LinearAttn(nn.Module):
     @n_loops.setter
     def n_loops(self, value: int) -> None:
         # SHIFT raises the loop count of a trained model in place (Section 5).
-        if value < 1:
-            raise ValueError(f"n_loops must be >= 1 (got {value})")
-        self.config.n_loops = value
+        check_n_loops(value)
+        self.config = dataclasses.replace(self.config, n_loops=value)  # never into the config it was built from
 
     def looped_parameters(self) -> list[nn.Parameter]:
         """The weights every loop shares (``landscape.loops``): the attention's; ``W_h`` reads out once."""
         return [self.W_Q, self.W_K, self.W_V]
 
-    @contextlib.contextmanager
-    def untie_loops(self, weights: list[dict[str, torch.Tensor]]):
-        """Within this context loop ``t`` reads its attention weights from ``weights[t]`` (names ending in
-        ``W_Q``, ``W_K``, ``W_V``; one not given stays shared): the untied model of ``landscape.loops``."""
-        self._untied = weights
-        try:
-            yield {}
-        finally:
-            self._untied = None
+    def untie_loops(self, weights: list[dict[int, torch.Tensor]]):
+        """Within this context loop ``t`` (0-based) reads its attention weights from ``weights[t]``
+        (``weights[t][i]``: its copy of ``looped_parameters()[i]``; one not given stays shared): the untied
+        model of ``landscape.loops`` (the :class:`~loopscape.looped.Looped` protocol)."""
+        return while_set(self, "_untied", weights)
+
+    def recording(self):
+        """Within this context the list it yields holds ``z_1 .. z_T`` of the last forward (each ``(B, 1, d)``)."""
+        return while_set(self, "_recording", [])
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``W_h z`` of a state ``z`` ``(B, 1, d)``: ``(B, V)``."""
+        return self._logits(z).squeeze(-2)
+
+    def weights_per_token(self, n_loops: int, last: int | None = None) -> int:
+        """The query's multiply-adds with the loop's weights: ``W_Q``, ``W_K``, ``W_V`` once per loop (the
+        ``E E^T`` products of Eq. 1 are counted in :mod:`loopscape.shift.compute`)."""
+        last = n_loops if last is None else min(last, n_loops)
+        return last * sum(p.numel() for p in self.looped_parameters())
 
     def loop_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(W_Q, W_K, W_V)`` of loop ``t`` (1-based): the shared ones, or loop ``t``'s own when untied."""
         untied = getattr(self, "_untied", None)
         shared = (self.W_Q, self.W_K, self.W_V)
-        if untied is None:
+        if not untied:
             return shared
-        own = untied[t - 1]
-        return tuple(
-            next((v for k, v in own.items() if k.endswith(n)), w) for n, w in zip(("W_Q", "W_K", "W_V"), shared)
-        )
+        own = untied[min(t - 1, len(untied) - 1)]
+        return tuple(own.get(i, w) for i, w in enumerate(shared))
 
     def attn(self, E: torch.Tensor, Z: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         """``f(E, Z) = W_V E E^T W_K^T W_Q Z`` for a batch of query sets ``Z`` (Eq. 1; divided by
@@ -226,9 +233,14 @@ class LinearAttn(nn.Module):
                 E = E + self.attn(E, E, weights)
             z = z_next
             steps.append(z)
+        if getattr(self, "_recording", None) is not None:
+            self._recording[:] = steps
         if all_loops:
-            return _times(torch.cat(steps, dim=-2), self.W_h.mT)
-        return _times(z, self.W_h.mT).squeeze(-2)
+            return self._logits(torch.cat(steps, dim=-2))  # every loop's readout in one product
+        return self.readout(z)
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        return _times(z, self.W_h.mT)
 
 
 class UntiedLinearAttn(LinearAttn):

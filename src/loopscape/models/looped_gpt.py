@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+
+from loopscape.looped.protocol import check_n_loops, while_set
 
 READ_INS = ("linear", "embedding")
 INITS = ("authors", "normal")
@@ -125,13 +128,17 @@ class Layer(nn.Module):
 
 
 class LoopedGPT(nn.Module):
-    """The looped block with read-in and read-out. ``model(x, n_loops)``."""
+    """The looped block with read-in and read-out. ``model(x, n_loops)``; implements the
+    :class:`~loopscape.looped.Looped` protocol (``n_loops``: the count a call without one runs)."""
 
     def __init__(self, config: LoopedGPTConfig):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set to build a model (a study fills it in from its task)")
         self.config = config
+        self._n_loops = 1
+        self._untied: list[dict[int, torch.Tensor]] | None = None
+        self._recording: list[torch.Tensor] | None = None
         V, d = config.vocab_size, config.d_model
         self.read_in = nn.Linear(V, d) if config.read_in == "linear" else nn.Embedding(V, d)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
@@ -162,32 +169,41 @@ class LoopedGPT(nn.Module):
             return self.read_in(x)
         return self.read_in(F.one_hot(x, self.config.vocab_size).to(self.read_in.weight.dtype))
 
-    def block(self, h: torch.Tensor) -> torch.Tensor:
-        """``B(h)``: the looped block, final LayerNorm included."""
-        for layer in self.layers:
-            h = layer(h)
-        return self.ln_f(h)
+    def block(self, h: torch.Tensor, loop: int = 0) -> torch.Tensor:
+        """``B(h)``: the looped block, final LayerNorm included (at loop ``loop``, 0-based: its own copy of
+        the block's weights inside :meth:`untie_loops`)."""
+        own = self._own_weights(loop)
+        for i, layer in enumerate(self.layers):
+            h = _call(layer, own.get(f"layers.{i}"), h)
+        return _call(self.ln_f, own.get("ln_f"), h)
 
-    def step(self, h: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
-        """``h_t`` from ``h_{t-1}`` (``None`` for ``h_0``) and the read-in ``e = E(x)``."""
+    def step(self, h: torch.Tensor | None, e: torch.Tensor, loop: int = 0) -> torch.Tensor:
+        """``h_t`` from ``h_{t-1}`` (``None`` for ``h_0``) and the read-in ``e = E(x)``; ``loop = t - 1``."""
         if h is None:
-            return self.block(e)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
-        return self.block(h + e if self.config.input_injection else h)
+            out = self.block(e, loop)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
+        else:
+            out = self.block(h + e if self.config.input_injection else h, loop)
+        if self._recording is not None:
+            self._recording.append(out)
+        return out
 
-    def forward(self, x: torch.Tensor, n_loops: int | torch.Tensor = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_loops: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, W, V)`` of each sample after its own number of loops.
 
-        ``n_loops``: an int for the whole batch, or ``(B,)`` per sample (each
-        >= 1). Samples are sorted by loop count, so at loop ``t`` the block runs
-        only on the samples still going (a contiguous prefix: no gather), and
-        a sample's compute is ``T(n_i)`` loops, not the batch's largest.
+        ``n_loops``: an int for the whole batch (default: the model's ``n_loops``), or ``(B,)`` per sample
+        (each >= 1). Samples are sorted by loop count, so at loop ``t`` the block runs only on the samples
+        still going (a contiguous prefix: no gather), and a sample's compute is ``T(n_i)`` loops, not the
+        batch's largest.
         """
+        n_loops = self.n_loops if n_loops is None else n_loops
+        if self._recording is not None:
+            self._recording.clear()
         e, k, grad = self.embed(x), self.config.backprop_loops, torch.is_grad_enabled()
         if isinstance(n_loops, int) or n_loops.dim() == 0:
             h, n = None, int(n_loops)
             for t in range(1, n + 1):
                 with torch.set_grad_enabled(grad and (k is None or t > n - k)):  # truncated: the last k only
-                    h = self.step(h, e)
+                    h = self.step(h, e, t - 1)
             return self.head(h)
         if int(n_loops.min()) < 1:
             raise ValueError("n_loops must be >= 1 for every sample")
@@ -200,11 +216,11 @@ class LoopedGPT(nn.Module):
             early = sum(counts[t + k :]) if k is not None and grad else 0
             if early:
                 with torch.no_grad():
-                    h_early = self.step(None if h is None else h[:early], e[:early])
-                late = self.step(None if h is None else h[early:], e[early:active]) if early < active else None
+                    h_early = self.step(None if h is None else h[:early], e[:early], t - 1)
+                late = self.step(None if h is None else h[early:], e[early:active], t - 1) if early < active else None
                 h = h_early if late is None else torch.cat([h_early, late])
             else:
-                h = self.step(h, e[:active])
+                h = self.step(h, e[:active], t - 1)
             finished = counts[t]  # they sit at the end of the prefix
             if finished:
                 done.append(h[active - finished :])
@@ -214,12 +230,58 @@ class LoopedGPT(nn.Module):
         return self.head(out)[torch.argsort(order)]
 
     def all_loops(self, x: torch.Tensor, max_loops: int) -> torch.Tensor:
-        """Logits after every loop ``t = 1..max_loops``: ``(max_loops, B, W, V)``."""
-        e, h, logits = self.embed(x), None, []
-        for _ in range(max_loops):
-            h = self.step(h, e)
-            logits.append(self.head(h))
-        return torch.stack(logits)
+        """Logits after every loop ``t = 1..max_loops``: ``(max_loops, B, W, V)`` (the logit lens; the block
+        ends in the final LayerNorm, so loop ``t``'s readout is the model run at ``t`` loops)."""
+        with self.recording() as states:
+            self(x, max_loops)
+            return torch.stack([self.readout(h) for h in states])
+
+    # -- the loop protocol (loopscape.looped.Looped) ------------------------------------------------------
+    @property
+    def n_loops(self) -> int:
+        return self._n_loops
+
+    @n_loops.setter
+    def n_loops(self, value: int) -> None:
+        self._n_loops = check_n_loops(value)
+
+    def recording(self):
+        """Within this context the list it yields holds each loop's state of the last forward (with loop
+        counts per sample, the samples still going at that loop)."""
+        return while_set(self, "_recording", [])
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits of a state: the read-out ``W_out h`` (the block already ends in the final norm)."""
+        return self.head(h)
+
+    def untie_loops(self, weights: list[dict[int, torch.Tensor]]):
+        """Within this context loop ``t`` (0-based) runs the block on ``weights[t]`` (``weights[t][i]``: its
+        copy of ``looped_parameters()[i]``; one not given stays shared; loops past ``len(weights)``: the last)."""
+        return while_set(self, "_untied", weights)
+
+    def weights_per_token(self, n_loops: int, last: int | None = None) -> int:
+        """Weights a token multiplies through in the last ``last`` loops (all if None) of ``n_loops``: the
+        block's linear layers once per loop (biases and LayerNorms, O(d), left out; the attention's
+        context-length term is :func:`attention_flops`)."""
+        last = n_loops if last is None else min(last, n_loops)
+        return last * _linear_weights(self.config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The read-in (Hugging Face's name: a token costs a look-up here, not a product)."""
+        return self.read_in
+
+    def _own_weights(self, loop: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Loop ``loop``'s own weights inside :meth:`untie_loops`, by submodule of the block."""
+        if not self._untied:
+            return {}
+        given = self._untied[min(loop, len(self._untied) - 1)]
+        index = {id(p): i for i, p in enumerate(self.looped_parameters())}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for prefix, module in [*((f"layers.{i}", m) for i, m in enumerate(self.layers)), ("ln_f", self.ln_f)]:
+            own = {n: given[index[id(p)]] for n, p in module.named_parameters() if index.get(id(p)) in given}
+            if own:
+                out[prefix] = own
+        return out
 
     def looped_parameters(self) -> list[nn.Parameter]:
         """The weights every loop shares (``landscape.loops``): the block's, final LayerNorm included."""
@@ -227,6 +289,10 @@ class LoopedGPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _call(module: nn.Module, own: dict[str, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
+    return module(x) if not own else functional_call(module, own, (x,))
 
 
 def looped_gpt(vocab_size: int, **config) -> LoopedGPT:
@@ -280,10 +346,19 @@ def exact_match(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
     return ((pred == targets) | ~mask).all(-1)
 
 
-def flops_per_token_step(config: LoopedGPTConfig, width: int) -> float:
-    """Forward multiply-adds x 2 of one block step per token at row width ``width``
-    (linear layers, plus the causal attention's ``q k^T`` and ``a v`` halves)."""
+def _linear_weights(config: LoopedGPTConfig) -> int:
+    """Weights of the block's linear layers: ``qkv``, ``proj``, ``fc``, ``proj`` per layer."""
     d = config.d_model
-    linear = 2 * (3 * d * d + d * d + 2 * config.mlp_ratio * d * d)
-    attention = 2 * 2 * d * (width + 1) / 2  # causal: on average half the row is attended
-    return config.n_layers * (linear + attention)
+    return config.n_layers * (3 * d * d + d * d + 2 * config.mlp_ratio * d * d)
+
+
+def attention_flops(config: LoopedGPTConfig, width: int) -> float:
+    """Forward FLOPs per token and loop of the causal attention's ``q k^T`` and ``a v`` at row width
+    ``width`` (on average half the row is attended): the term no weight count holds."""
+    return config.n_layers * (2 * 2 * config.d_model * (width + 1) / 2)
+
+
+def flops_per_token_step(config: LoopedGPTConfig, width: int) -> float:
+    """Forward FLOPs of one block step per token at row width ``width``: 2 per weight of
+    :meth:`LoopedGPT.weights_per_token` at one loop, plus :func:`attention_flops`."""
+    return 2 * _linear_weights(config) + attention_flops(config, width)

@@ -3,7 +3,7 @@
 
 Rule (Section 4.1's, with training steps for epochs, stated in the report). On the Matrix
 Entropy ``E(t)`` of each paradigm's SLQ pseudo-spectrum (its own binning per measurement,
-``n_bins`` bins; mean over seeds), with ``c = 0.1 log(n_bins)``:
+``n_bins`` bins, the probe's, read from its rows; mean over seeds), with ``c = 0.1 log(n_bins)``:
 
 * Single-Attn **static**: ``max E - min E`` over every measurement is at most ``c``.
 * Looped-Attn **collapse**: ``min E`` over the first quarter of training is below ``E`` at the
@@ -13,7 +13,8 @@ Entropy ``E(t)`` of each paradigm's SLQ pseudo-spectrum (its own binning per mea
 
 Reproduced if all four hold; partly if Single-Attn is static or Looped-Attn shows at least two
 of its three phases; not reproduced otherwise; not tested with fewer than 2 measurements in the
-first quarter or in the last sixth, or when the measure is degenerate: every entropy of every
+first quarter or in the last sixth, when the runs were binned differently (no one ``c``), or when
+the measure is degenerate: every entropy of every
 paradigm below ``c``, i.e. nearly the whole spectrum in the first of the ``n_bins`` bins on
 ``[0, max |lambda|]``, where "static" would only say that the histogram cannot see the spectrum.
 """
@@ -25,10 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from loopscape.io import read_jsonl
+from loopscape.landscape.spectrum import DEFAULT_BINS
 from loopscape.reporting.figures import plt, save_figure
 from loopscape.reporting.html import NOT_TESTED, Section, verdict_row
 
-N_BINS = 50
+# a row's n_bins is the probe's (landscape.probe records it); rows written before it did were binned by the
+# probe's default, this one
+N_BINS = DEFAULT_BINS
 NAMES = {"single": "Single-Attn", "looped": "Looped-Attn", "shift": "SHIFT"}
 RULE = (
     "c = 0.1 log(n_bins). Single-Attn static: range of E over all measurements <= c. Looped-Attn collapse: min E "
@@ -76,7 +80,12 @@ def observation2(curves: dict[str, list[list[dict]]], total_steps: int) -> dict:
     """The rule in the module docstring."""
     if "single" not in curves or "looped" not in curves:
         return {"verdict": NOT_TESTED, "reason": "Single-Attn and Looped-Attn were not both tracked", "rule": RULE}
-    c = 0.1 * float(np.log(N_BINS))
+    binnings = sorted({r.get("n_bins", N_BINS) for runs in curves.values() for rows in runs for r in rows})
+    if len(binnings) > 1:
+        reason = f"the measurements were binned differently (n_bins {binnings}), so no one threshold c fits them all"
+        return {"verdict": NOT_TESTED, "reason": reason, "rule": RULE}
+    n_bins = binnings[0] if binnings else N_BINS
+    c = 0.1 * float(np.log(n_bins))
     es = mean_curve(curves["single"], "matrix_entropy")[1]
     tl, el = mean_curve(curves["looped"], "matrix_entropy")
     early, late = tl <= total_steps / 4, tl > total_steps - total_steps / 6
@@ -84,7 +93,7 @@ def observation2(curves: dict[str, list[list[dict]]], total_steps: int) -> dict:
     if largest < c:
         reason = (
             f"the Matrix Entropy never exceeds {largest:.3f} nats (c = {c:.3f}): nearly every eigenvalue falls in the "
-            f"first of {N_BINS} bins on [0, max |lambda|], so the histogram cannot see the spectrum"
+            f"first of {n_bins} bins on [0, max |lambda|], so the histogram cannot see the spectrum"
         )
         return {"verdict": NOT_TESTED, "reason": reason, "rule": RULE, "largest_entropy": largest}
     if early.sum() < 2 or late.sum() < 2:
@@ -103,6 +112,7 @@ def observation2(curves: dict[str, list[list[dict]]], total_steps: int) -> dict:
         "verdict": verdict,
         "rule": RULE,
         "c": c,
+        "n_bins": n_bins,
         "single_static": static,
         "single_entropy_range": float(np.ptp(es)),
         "looped_collapse": collapse,

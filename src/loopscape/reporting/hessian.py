@@ -534,7 +534,7 @@ COUPLING_SEEDS_RULE = (
 
 
 def coupling_over_seeds(measured: dict[int, dict]) -> dict:
-    """Per seed (``measured``: seed -> :func:`coupling_summary`-style numbers), the numbers and
+    """Per seed (``measured``: seed -> :func:`~loopscape.landscape.loops.loop_coupling`'s numbers), the numbers and
     :func:`shape_verdict`; over seeds, :data:`COUPLING_SEEDS_RULE`."""
     per_seed = [
         {"seed": seed, **{k: v for k, v in c.items() if k not in ("top", "trace")}, "verdict": shape_verdict(c)}
@@ -579,41 +579,11 @@ def coupling_seeds_row(claim: str, name: str, c: dict) -> dict:
     )
 
 
-def final_model_coupling(lh, k: int = 5) -> dict:
-    """A final model's exact split (``lh``: a :class:`~loopscape.landscape.loops.LoopHessian`) as a study keeps
-    it: its loops and weights, and :func:`coupling_summary` of the top ``k`` (at most the weights)."""
-    return {
-        "n_loops": lh.n_loops,
-        "params": lh.shape[0],
-        **coupling_summary(lh.measure(k=min(k, lh.shape[0]), exact=True)),
-    }
-
-
-def coupling_summary(m: dict) -> dict:
-    """The numbers a report keeps of one :meth:`~loopscape.landscape.loops.LoopHessian.measure`."""
-    return {
-        "cross_share_trace": m["cross_share_trace"],
-        "cross_share_top": m["cross_share_top"],
-        **{f"{part}_{key}": m[part]["valley"][key] for part in ("full", "diagonal") for key in ("kappa", "shape")},
-        "top": {part: m[part]["top"] for part in ("full", "diagonal", "cross")},
-        "trace": {part: m[part]["trace"] for part in ("full", "diagonal", "cross")},
-    }
-
-
 COUPLING_CURVE_RULE = (
     "per tracked seed at the last epoch, Looped-Attn's tied Hessian of the attention weights (full) and its "
     "diagonal loop part cut at one eps = r x full's largest |lambda| for each r in the eps grid; statistic: the "
     "smallest over r of log10(kappa_full / kappa_diagonal); one-sided t-test over seeds, bar log10(2)"
 )
-
-
-def coupling_curves(m: dict) -> dict:
-    """kappa over the eps grid of ``full`` and ``diagonal`` of one exact :meth:`LoopHessian.measure`, both
-    relative to full's largest ``|lambda|``, and the statistic of :data:`COUPLING_CURVE_RULE`."""
-    ref = common_eps(m["full"]["eigenvalues"], rel=1.0)
-    curves = {part: kappa_curve(m[part]["eigenvalues"], ref) for part in ("full", "diagonal")}
-    ratios = [np.log10(f / d) for f, d in zip(curves["full"], curves["diagonal"]) if f is not None and d is not None]
-    return {"kappa_curves": curves, "min_log10_ratio": min(ratios) if ratios else None}
 
 
 def coupling_verdict(coupling: dict) -> dict:

@@ -14,63 +14,77 @@ directly::
 
 Under ``torch.distributed`` the decision is rank 0's, broadcast to every rank,
 so all ranks switch at the same step even if their evaluations differ.
+
+Its state (:meth:`ShiftController.state_dict`) is saved under one name, :data:`STATE_KEY`
+(``shift_state``), by every trainer and callback; :func:`saved_state` also reads where earlier
+checkpoints kept it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from loopscape.looped import find_looped, get_n_loops, set_n_loops  # noqa: F401  (names this module kept)
+from loopscape.shift.criterion import GRAD_NORMS
 from loopscape.shift.schedule import ShiftSchedule
 
-
-def loop_holder(model: nn.Module) -> nn.Module:
-    """Where the loop count lives: the first module of ``model`` (itself or a submodule, e.g. of a
-    LightningModule) with an ``n_loops`` attribute: a loopified model's ``LoopedRange``, which saves
-    its settings in the model's config whenever it is set, or one of loopscape's models."""
-    if not isinstance(model, nn.Module):  # any object with a loop count, e.g. one population member
-        return model
-    # a module that declares it holds the loop count (loopify's LoopedRange) wins over a wrapper's attribute
-    holder = next((m for m in model.modules() if getattr(type(m), "holds_loops", False)), None)
-    holder = holder or next((m for m in model.modules() if hasattr(m, "n_loops")), None)
-    if holder is None:
-        raise ValueError(
-            f"model must be loopified (loopscape.loopify) or hold a module with an n_loops attribute: "
-            f"{type(model).__name__} has nothing to loop"
-        )
-    return holder
+# the controller's state in a checkpoint (Markov, population and algorithmic trainers; the callbacks' state)
+STATE_KEY = "shift_state"
 
 
-def set_n_loops(model: nn.Module, n_loops: int) -> None:
-    """Set the loop count of a loopified model (SHIFT's Stage II) or of a model holding one of
-    loopscape's looped models (an ``n_loops`` attribute)."""
-    if not isinstance(n_loops, int) or n_loops < 1:
-        raise ValueError(f"n_loops must be an integer >= 1 (got {n_loops!r})")
-    loop_holder(model).n_loops = n_loops
-
-
-def get_n_loops(model: nn.Module) -> int:
-    return int(loop_holder(model).n_loops)
+def saved_state(extra: dict):
+    """The controller's state (a list of them for a population) in a checkpoint's extras or a callback's saved
+    state: under :data:`STATE_KEY`, or where earlier versions kept it: the population's ``schedules``, the Markov
+    trainer's and Lightning's extras themselves (``schedule``, ``switches``, ``applied``), the algorithmic trainer's
+    ``schedule`` (and a schedule's bare state there); None if there is none."""
+    if STATE_KEY in extra:
+        return extra[STATE_KEY]
+    if "schedules" in extra:
+        return extra["schedules"]
+    if "switches" in extra:
+        return extra
+    return extra.get("schedule")
 
 
 class ShiftController:
-    """SHIFT's schedule applied to ``model`` (and ``optimizer``, whose state is cleared when a new
-    stage starts and the schedule says ``optimizer="reset"``). Without a model it sets no loop count:
-    a trainer that reads the stage itself (the algorithmic trainer's per-row ``T(n)``) asks
-    ``schedule.stage(step)``."""
+    """SHIFT's schedule applied to ``model``. When a new stage starts and the schedule says ``optimizer="reset"``,
+    the optimiser's state is cleared: by ``reset()`` if given (e.g. one population member's moments), else by
+    ``optimizer.state.clear()``. Without a model it sets no loop count: a trainer that reads the stage itself (the
+    algorithmic trainer's per-row ``T(n)``) asks ``schedule.stage(step)``.
 
-    def __init__(self, schedule: ShiftSchedule, model: nn.Module | None = None, optimizer=None):
+    ``grad_norm``: which gradient norm the caller feeds SCP, by its name in
+    :data:`~loopscape.shift.criterion.GRAD_NORMS` (``full_batch``, ``step_mean``, ``last_logged``); kept in the
+    state and named when SCP never fired. None: not said (a loop of yours)."""
+
+    def __init__(
+        self,
+        schedule: ShiftSchedule,
+        model: nn.Module | None = None,
+        optimizer=None,
+        *,
+        reset: Callable[[], None] | None = None,
+        grad_norm: str | None = None,
+    ):
         if not isinstance(schedule, ShiftSchedule):
             raise ValueError(f"schedule must be a loopscape ShiftSchedule (got {type(schedule).__name__})")
+        if grad_norm is not None and grad_norm not in GRAD_NORMS:
+            raise ValueError(f"grad_norm must be None or one of {list(GRAD_NORMS)} (got {grad_norm!r})")
+        if reset is not None and not callable(reset):
+            raise ValueError(f"reset must be a callable that clears the optimiser's state (got {reset!r})")
         self.schedule, self.model, self.optimizer, self.holder = schedule, None, optimizer, None
+        self.reset, self.grad_norm = reset, grad_norm
         self.switches: list[tuple[int, int]] = []  # (step, loop count from that step on)
         self._applied: int | None = None  # the last step applied: a framework may announce a step twice
         if model is not None:
             self.attach(model, optimizer)
 
     def attach(self, model: nn.Module, optimizer=None) -> None:
-        self.holder = loop_holder(model)  # found once; one clear line if there is nothing to loop
+        # found once (one clear line if there is nothing to loop); a population member is its own holder
+        self.holder = find_looped(model) if isinstance(model, nn.Module) else model
         self.model, self.optimizer = model, optimizer if optimizer is not None else self.optimizer
 
     def before_step(self, step: int) -> int:
@@ -81,12 +95,18 @@ class ShiftController:
         k = self.schedule.n_loops_at(step)
         if step != self._applied and self.schedule.starts_stage(step):
             self.switches.append((step, k))
-            if self.schedule.resets_optimizer and self.optimizer is not None:
-                self.optimizer.state.clear()
+            if self.schedule.resets_optimizer:
+                self._reset_optimizer()
         self._applied = step
         if self.holder is not None and k != self.holder.n_loops:  # a resumed holder starts from its own default
             self.holder.n_loops = k
         return k
+
+    def _reset_optimizer(self) -> None:
+        if self.reset is not None:
+            self.reset()
+        elif self.optimizer is not None:
+            self.optimizer.state.clear()
 
     def after_evaluation(self, step: int, val_loss: float | None, grad_norm: float | None = None) -> bool:
         """Report the evaluation after step ``step``; True if step ``step + 1`` starts a new stage."""
@@ -106,15 +126,18 @@ class ShiftController:
             self.schedule.shift_step = None if int(decided) < 0 else int(decided)
         return self.schedule.starts_stage(step + 1)
 
-    def scp_progress(self) -> dict[str, int]:
+    def scp_progress(self) -> dict[str, float]:
         """What SCP has seen so far, for the logs as it happens (empty without SCP or once it fired):
-        ``scp_evaluations``, ``scp_since_best`` (evaluations without a gain) and ``scp_plateau_at``."""
+        ``scp_evaluations``, ``scp_since_best`` (evaluations without a gain), ``scp_plateau_at`` and
+        ``scp_grad_norm``, the last gradient norm it read (of the kind named by ``grad_norm``)."""
         c = self.schedule.criterion
         if c is None or c.shifted:
             return {}
         out = {"scp_evaluations": c.evaluations, "scp_since_best": c.since_best}
         if c.plateau_at is not None:
             out["scp_plateau_at"] = c.plateau_at
+        if c.grad_norms:
+            out["scp_grad_norm"] = c.grad_norms[-1]
         return out
 
     def end_of_training(self, last_step: int) -> str | None:
@@ -128,15 +151,19 @@ class ShiftController:
             why = self.schedule.criterion.status() + (
                 "; ShiftCriterion(shift_by=N) bounds the wait from the start of training"
             )
+            if self.grad_norm is not None:
+                why += f" (the gradient norm SCP read, {self.grad_norm}: {GRAD_NORMS[self.grad_norm]})"
         else:
             why = "the schedule has no switch"
         return f"SHIFT: Stage II never started ({self.schedule.n_loops} loops): {why}"
 
     def state_dict(self) -> dict:
+        """Saved under :data:`STATE_KEY` by every trainer and callback."""
         return {
             "schedule": self.schedule.state_dict(),
             "switches": [list(s) for s in self.switches],
             "applied": self._applied,  # a resumed run does not apply (record, reset) that step again
+            "grad_norm": self.grad_norm,  # which gradient norm SCP read (GRAD_NORMS)
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -29,6 +29,22 @@ therefore waits out the early spikes without waiting forever on noise that
 does not go away. The defaults were set before the shift-point study was run
 and were not tuned on its outcome.
 
+**Which gradient norm.** SCP reads one number per evaluation, and what that
+number is depends on who feeds it: each feeder names its definition
+(:data:`GRAD_NORMS`, kept in its controller's state and listed in docs/shift.md):
+
+* ``full_batch``: the norm of the full-batch training-loss gradient, computed
+  at the evaluation (the Markov and population trainers; the ``grad_norm`` of
+  their rows);
+* ``step_mean``: the mean, over the optimiser steps since the previous
+  evaluation, of each step's global gradient norm before clipping (the
+  algorithmic trainer, the ``grad_norm`` of its rows; the Lightning callback);
+* ``last_logged``: the last ``grad_norm`` the Hugging Face Trainer logged
+  before the evaluation, one step's global norm before clipping (the HF callback).
+
+The defaults above were chosen from ``full_batch`` norms on the Markov toy and
+were not re-tuned for the other two.
+
 Evaluations are counted from 1. The object is framework-free and its state is
 a JSON-able dict (``state_dict`` / ``load_state_dict``) so a run can resume.
 """
@@ -37,15 +53,27 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from loopscape.config import ConfigError
 
+# the gradient norms SCP may be fed, by name: every feeder says which one it reads (module docstring)
+GRAD_NORMS = {
+    "full_batch": "the norm of the full-batch training-loss gradient, computed at the evaluation",
+    "step_mean": "the mean, over the optimiser steps since the previous evaluation, of each step's global gradient "
+    "norm before clipping",
+    "last_logged": "the last grad_norm the Hugging Face Trainer logged before the evaluation (one step's global "
+    "gradient norm before clipping)",
+}
+
 
 @dataclass
-class ShiftCriterion:
-    """SCP. Defaults: P = 10 evaluations, delta_1 = 1e-3, W = 10 evaluations,
-    delta_2 = 0.5 (coefficient of variation), at most 50 evaluations after the plateau."""
+class SCPConfig:
+    """SCP's settings, listed once: the ``scp`` section of :class:`~loopscape.shift.schedule.ShiftConfig` (the
+    algorithmic ``train.shift.scp:``, the callbacks' ``scp=``) and the SHIFT study's ``scp:``.
+    :class:`ShiftCriterion` is these settings plus SCP's state. Defaults: P = 10 evaluations, delta_1 = 1e-3,
+    W = 10 evaluations, delta_2 = 0.5 (coefficient of variation), at most 50 evaluations after the plateau, no
+    bound from the start."""
 
     patience: int = 10
     min_delta: float = 1e-3
@@ -53,16 +81,12 @@ class ShiftCriterion:
     grad_tol: float = 0.5
     max_wait: int | None = 50
     shift_by: int | None = None  # shift at this evaluation at the latest (from the start of training)
-    # state
-    evaluations: int = 0
-    best: float = math.inf
-    since_best: int = 0
-    plateau_at: int | None = None
-    shift_at: int | None = None
-    forced: bool = False
-    grad_norms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """A ValueError naming the first setting out of range."""
         for name, ok, allowed in (
             ("patience", self.patience >= 1, "an integer >= 1"),
             ("min_delta", self.min_delta >= 0, "a number >= 0"),
@@ -73,6 +97,44 @@ class ShiftCriterion:
         ):
             if not ok:
                 raise ValueError(f"{name} must be {allowed} (got {getattr(self, name)!r})")
+
+    @classmethod
+    def of(cls, settings: dict) -> SCPConfig:
+        """Settings given as a dict (``scp={"patience": 2}``); an unknown key is one ValueError line."""
+        known = [f.name for f in fields(SCPConfig)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ValueError(f"scp must hold SCP's settings {known} (got {', '.join(map(str, unknown))})")
+        return cls(**settings)
+
+    def settings(self) -> dict:
+        """The settings alone (of a :class:`ShiftCriterion` too: without its state)."""
+        return {f.name: getattr(self, f.name) for f in fields(SCPConfig)}
+
+    def validate(self, p: str = "") -> None:
+        try:
+            self.check()
+        except ValueError as e:
+            raise ConfigError(f"{p}{e}") from None
+
+    def build(self) -> ShiftCriterion:
+        """A fresh criterion with these settings."""
+        return ShiftCriterion(**self.settings())
+
+
+@dataclass
+class ShiftCriterion(SCPConfig):
+    """SCP: :class:`SCPConfig`'s settings (the same keywords and defaults) and the state of the evaluations
+    seen so far."""
+
+    # state
+    evaluations: int = 0
+    best: float = math.inf
+    since_best: int = 0
+    plateau_at: int | None = None
+    shift_at: int | None = None
+    forced: bool = False
+    grad_norms: list[float] = field(default_factory=list)
 
     @property
     def shifted(self) -> bool:
@@ -139,24 +201,3 @@ class ShiftCriterion:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-
-
-@dataclass
-class SCPConfig:
-    """SCP's settings as a config section (one evaluation per epoch or per ``eval_every`` steps)."""
-
-    patience: int = ShiftCriterion.patience
-    min_delta: float = ShiftCriterion.min_delta
-    wait: int = ShiftCriterion.wait
-    grad_tol: float = ShiftCriterion.grad_tol
-    max_wait: int | None = ShiftCriterion.max_wait
-
-    def validate(self, p: str = "") -> None:
-        try:
-            self.build()
-        except ValueError as e:
-            raise ConfigError(f"{p}{e}") from None
-
-    def build(self) -> ShiftCriterion:
-        """A fresh criterion with these settings."""
-        return ShiftCriterion(**asdict(self))

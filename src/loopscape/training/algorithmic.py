@@ -14,8 +14,10 @@ AdamW, constant learning rate until the curriculum ends, then cosine decay to
 appended to ``metrics.jsonl``: training loss and exact-match accuracy (mean
 over the steps since the last row), validation loss and accuracy on a fixed
 set drawn from the full training distribution (read at the paradigm's own
-steps), gradient norm, learning rate, loops per sample, cumulative FLOPs
-and wall time.
+steps), ``grad_norm`` (the mean over the steps since the last row of each
+step's gradient norm before clipping: the number SCP reads here, ``step_mean``
+in :data:`~loopscape.shift.criterion.GRAD_NORMS`), learning rate, loops per
+sample, cumulative FLOPs and wall time.
 
 Data parallelism: every rank draws the same global batch from the same
 generator and trains on its shard; each shard's loss is divided by the
@@ -37,12 +39,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from loopscape.config import require
+from loopscape.config import ConfigError, require
 from loopscape.data.algorithmic import AlgorithmicBatch, AlgorithmicTask, Curriculum
 from loopscape.errors import DivergenceError
 from loopscape.landscape.probe import CurvatureProbe
 from loopscape.models.looped_gpt import LoopedGPT, exact_match, flops_per_token_step
-from loopscape.shift.controller import ShiftController
+from loopscape.shift.controller import STATE_KEY, ShiftController, saved_state
 from loopscape.shift.schedule import SWITCH_KEY, ShiftConfig
 from loopscape.training.run import RunState, check_finite
 
@@ -63,7 +65,8 @@ class AlgorithmicTrainConfig:
     eval_every: int = 500
     eval_size: int = 512
     checkpoint_every: int = 2000
-    shift: ShiftConfig = field(default_factory=ShiftConfig)  # at: the last Single-Attn step; else SCP (evaluations)
+    # at: the last Single-Attn step; else SCP (scp, counted in evaluations). n_loops is refused: each row's T(n)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     precision: str = "fp32"
     compile: bool = False
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars (run_dir/tensorboard)
@@ -76,7 +79,7 @@ class AlgorithmicTrainConfig:
     @staticmethod
     def upgrade(data: dict) -> dict:
         """Run folders (and ``--set``) from before the ``shift`` section: ``shift_at`` and ``scp`` move into
-        it; a fixed ``shift_at`` drops ``scp``, as it always did."""
+        it (``train.scp`` is ``train.shift.scp``); a fixed ``shift_at`` drops ``scp``, as it always did."""
         at, scp = data.pop("shift_at", None), data.pop("scp", None)
         if at is not None or scp is not None:
             shift = dict(data.get("shift") or {})
@@ -97,6 +100,11 @@ class AlgorithmicTrainConfig:
             "depth distribution and a ramp do not apply",
             {"milestones": self.shift.milestones, "depth": self.shift.depth, "ramp": self.shift.ramp},
         )
+        if self.shift.n_loops != ShiftConfig.n_loops:
+            raise ConfigError(
+                f"{p}shift.n_loops is not used by the algorithmic study: its loop count is T(n) per row "
+                f"(got {self.shift.n_loops!r}; leave it out)"
+            )
         self.shift.validate(f"{p}shift.")
         require(
             self.curvature_every is None or self.curvature_every >= 1,
@@ -155,10 +163,11 @@ def step_flops(config, batch: AlgorithmicBatch, n_loops: torch.Tensor) -> float:
 def shift_controller(paradigm: str, config: AlgorithmicTrainConfig, optimizer) -> ShiftController | None:
     """SHIFT (``train.shift``: a fixed switch step or SCP) as the controller every trainer drives; None for
     Single-Attn and Looped-Attn. It holds no model: the trainer asks its schedule for the stage, and the looped
-    stage reads each row at its own ``T(n)``."""
+    stage reads each row at its own ``T(n)``. SCP reads each row's ``val_loss`` and ``grad_norm``
+    (``step_mean``)."""
     if paradigm != "shift":
         return None
-    return ShiftController(config.shift.build(), optimizer=optimizer)
+    return ShiftController(config.shift.build(), optimizer=optimizer, grad_norm="step_mean")
 
 
 class ScoredRows(torch.nn.Module):
@@ -316,7 +325,7 @@ def train_algorithmic(
     if extra:
         totals, window = extra["totals"], extra["window"]
         if shift is not None:
-            shift.load_state_dict(extra["schedule"])
+            shift.load_state_dict(saved_state(extra))
         if probe is not None and "curvature" in extra:
             probe.load_state_dict(extra["curvature"])
     net = model
@@ -389,7 +398,7 @@ def train_algorithmic(
                 if run.checkpoint_due(step):
                     extra = {"totals": totals, "window": window, "paradigm": paradigm}
                     if shift is not None:
-                        extra["schedule"] = shift.state_dict()
+                        extra[STATE_KEY] = shift.state_dict()
                     if probe is not None:
                         extra["curvature"] = probe.state_dict()
                     run.save(step, model, optimizer, generator, extra=extra)

@@ -4,8 +4,10 @@ Adam, learning rate 1e-3, 600 epochs (one epoch = one pass over the N
 training sequences, in shuffled mini-batches). After every epoch the whole
 training and validation sets are evaluated and one row is appended to
 ``metrics.jsonl``: losses, accuracy on all / low-IC / high-IC training
-sequences, and the norm of the full-batch training gradient. Row 0 is the
-model at initialisation.
+sequences, and ``grad_norm``, the norm of the full-batch training gradient
+(the number SCP reads here: ``full_batch`` in
+:data:`~loopscape.shift.criterion.GRAD_NORMS`). Row 0 is the model at
+initialisation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from loopscape.config import require
 from loopscape.data.markov import MarkovTask
 from loopscape.errors import DivergenceError
-from loopscape.shift.controller import ShiftController
+from loopscape.shift.controller import STATE_KEY, ShiftController, saved_state
 from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.run import RunState, check_finite
 
@@ -93,16 +95,17 @@ def train_markov(
     ``close()`` and optionally ``flush()``, called before every checkpoint
     (e.g. :class:`~loopscape.landscape.tracking.HessianTracker`).
     With a SHIFT ``schedule`` every epoch trains with the loop count it gives,
-    each evaluation is reported to it, its state is saved in every checkpoint,
-    and rows record the loop count ``n_loops``.
+    each evaluation is reported to it (the validation loss and the full-batch
+    gradient norm, ``full_batch``), its controller's state is saved in every
+    checkpoint (under ``shift_state``), and rows record the loop count ``n_loops``.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(model, optimizer, generator) if resume else {}
-    shift = ShiftController(schedule, model, optimizer) if schedule is not None else None
-    if shift is not None and "schedule" in extra:
-        shift.load_state_dict(extra)
+    shift = ShiftController(schedule, model, optimizer, grad_norm="full_batch") if schedule is not None else None
+    if shift is not None and saved_state(extra) is not None:
+        shift.load_state_dict(saved_state(extra))
 
     def loops(epoch: int) -> dict:
         """Set the epoch's loop count (epoch 0, the initial evaluation, uses epoch 1's)."""
@@ -149,7 +152,7 @@ def train_markov(
                 if run.checkpoint_due(epoch):
                     for t in trackers:  # what a tracker still holds is written before the run can resume past it
                         getattr(t, "flush", lambda: None)()
-                    extra = shift.state_dict() if shift is not None else None  # {"schedule", "switches"}
+                    extra = {STATE_KEY: shift.state_dict()} if shift is not None else None
                     run.save(epoch, model, optimizer, generator, extra=extra)
                 if on_epoch is not None:
                     on_epoch(epoch)

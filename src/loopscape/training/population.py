@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from torch.func import functional_call, stack_module_state
 
 from loopscape.data.markov import MarkovTask
 from loopscape.errors import DivergenceError
-from loopscape.shift.controller import ShiftController
+from loopscape.shift.controller import STATE_KEY, ShiftController, saved_state
 from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.checkpoint import generator_state, set_generator_state
 from loopscape.training.markov import MarkovTrainConfig, scores
@@ -82,11 +83,11 @@ class MemberAdam(torch.optim.Optimizer):
 
 
 class _Member:
-    """Member ``k`` as its :class:`~loopscape.shift.controller.ShiftController` sees it: a loop count
-    (its entry of the population's ``loops``) and an optimiser whose state clears only its own moments."""
+    """Member ``k``'s loop count (its entry of the population's ``loops``), as its
+    :class:`~loopscape.shift.controller.ShiftController` sets it."""
 
-    def __init__(self, loops: torch.Tensor, optimizer: MemberAdam, k: int):
-        self.loops, self.k, self.state = loops, k, _MemberState(optimizer, k)
+    def __init__(self, loops: torch.Tensor, k: int):
+        self.loops, self.k = loops, k
 
     @property
     def n_loops(self) -> int:
@@ -95,14 +96,6 @@ class _Member:
     @n_loops.setter
     def n_loops(self, value: int) -> None:
         self.loops[self.k] = value
-
-
-class _MemberState:
-    def __init__(self, optimizer: MemberAdam, k: int):
-        self.optimizer, self.k = optimizer, k
-
-    def clear(self) -> None:
-        self.optimizer.reset(self.k)
 
 
 class Population(nn.Module):
@@ -190,8 +183,10 @@ def train_population(
 
     ``metrics.jsonl`` has one row per epoch whose values are lists over members
     (the keys of :func:`~loopscape.training.markov.evaluate`, plus ``n_loops``);
-    ``time_s`` is the whole population's epoch. Checkpoints every
-    ``config.checkpoint_every`` epochs; ``resume=True`` continues from the latest
+    ``time_s`` is the whole population's epoch. SCP reads each member's
+    ``val_loss`` and ``grad_norm`` (its full-batch gradient norm, ``full_batch``).
+    Checkpoints every ``config.checkpoint_every`` epochs (the controllers' states
+    as one list under ``shift_state``); ``resume=True`` continues from the latest
     and ends with the same numbers. Each schedule's ``shift_step`` is set when
     it decides. Returns every row.
     """
@@ -205,12 +200,15 @@ def train_population(
     run = RunState(run_dir, config.epochs, config.checkpoint_every, unit="epoch", tensorboard=config.tensorboard)
     extra = run.resume(pop, optimizer) if resume else {}
     loops = torch.ones(len(schedules), dtype=torch.long)  # each member's loop count, set by its controller
-    members = [_Member(loops, optimizer, k) for k in range(len(schedules))]
-    shifts = [ShiftController(s, m, optimizer=m) for s, m in zip(schedules, members)]  # m.state: its moments
+    # member k's controller sets its loop count and, at a stage change with optimizer="reset", its moments alone
+    shifts = [
+        ShiftController(s, _Member(loops, k), reset=partial(optimizer.reset, k), grad_norm="full_batch")
+        for k, s in enumerate(schedules)
+    ]
     if extra:
         for g, text in zip(generators, extra["generators"]):
             set_generator_state(g, text)
-        for c, state in zip(shifts, extra["schedules"]):
+        for c, state in zip(shifts, saved_state(extra)):
             c.load_state_dict(state)
     for c in shifts:
         c.before_step(run.start + 1)
@@ -253,7 +251,7 @@ def train_population(
                 if run.checkpoint_due(epoch):
                     extra = {
                         "generators": [generator_state(g) for g in generators],
-                        "schedules": [c.state_dict() for c in shifts],
+                        STATE_KEY: [c.state_dict() for c in shifts],
                     }
                     run.save(epoch, pop, optimizer, extra=extra)
                 if on_epoch is not None:

@@ -5,9 +5,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from loopscape.integrations.loopify import loop_logits, loopify, set_n_loops  # noqa: E402
+from hf_families import V, family_config  # noqa: E402
 
-V = 40
+from loopscape.looped.decoder import loop_logits, loopify, set_n_loops  # noqa: E402
 
 
 def gpt2(n_layer=4):
@@ -20,18 +20,7 @@ def gpt2(n_layer=4):
 
 def llama(n_layer=4, cls=None):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layer,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return (cls or transformers.LlamaForCausalLM)(config).eval()
+    return (cls or transformers.LlamaForCausalLM)(family_config("llama", n_layer)).eval()
 
 
 FAMILIES = {"gpt2": gpt2, "llama": llama}
@@ -96,6 +85,9 @@ def test_n_loops_changes_at_any_time_and_the_lens_reads_every_loop(family):
         four = model(x).logits
         lens = loop_logits(model, x)
     assert lens.shape == (4, 2, 6, V) and not torch.allclose(one, four)
+    # each loop's state is read out through the layers after the range (2, 3), the final norm and the head:
+    # at the last loop, the model's own output
+    assert torch.equal(lens[-1], four) and not torch.allclose(lens[0], lens[-1])
     assert model.config.loopscape == {
         "layers": [0, 2],
         "n_loops": 4,

@@ -75,7 +75,7 @@ def test_bad_backprop_loops_is_one_line(k):
 transformers = pytest.importorskip("transformers")
 from hf_families import V, build  # noqa: E402
 
-from loopscape.integrations.loopify import looped_layers, loopify  # noqa: E402
+from loopscape.looped.decoder import looped_layers, loopify  # noqa: E402
 
 IDS = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(2))
 

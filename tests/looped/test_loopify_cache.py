@@ -8,8 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from hf_families import FAMILIES, V, build  # noqa: E402
 
-from loopscape.integrations.loopify import (  # noqa: E402
-    from_pretrained,
+from loopscape.looped import from_pretrained  # noqa: E402
+from loopscape.looped.decoder import (  # noqa: E402
     loop_logits,
     looped_layers,
     loopify,
@@ -157,10 +157,9 @@ def test_state_exit_stops_each_token_where_its_state_settles():
     relative state change ||h_t - h_{t-1}|| / ||h_t|| is below the threshold, read from a full-depth run."""
     x = torch.randint(1, V, (16, 1))
     model = looped("llama", n_loops=6)
-    looped_layers(model).record = True
-    with torch.no_grad():
+    with torch.no_grad(), looped_layers(model).recording() as recorded:
         model(input_ids=x, use_cache=False)
-    states = torch.stack(looped_layers(model).loop_states)[:, :, 0]  # (loops, rows, d)
+    states = torch.stack(recorded)[:, :, 0]  # (loops, rows, d)
     change = (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)  # change[t-1]: after loop t+1
     threshold = change.median().item()
     below = change < threshold
@@ -179,11 +178,9 @@ def test_exit_with_the_cache_equals_the_same_policy_without_it(exit):
     model, x = looped("llama", n_loops=5), torch.randint(1, V, (2, 10))
     # the threshold: the median of the criterion over a full-depth run, so tokens exit at different loops
     if exit == "state":
-        looped_layers(model).record = True
-        with torch.no_grad():
+        with torch.no_grad(), looped_layers(model).recording() as recorded:
             model(input_ids=x, use_cache=False)
-        states = torch.stack(looped_layers(model).loop_states)
-        looped_layers(model).record = False
+        states = torch.stack(recorded)
         values = (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
     else:
         logp = torch.log_softmax(loop_logits(model, x), dim=-1)

@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 from hf_families import V, build  # noqa: E402
 
 import loopscape  # noqa: E402
-from loopscape.integrations.loop_sweep import flops_per_token  # noqa: E402
-from loopscape.integrations.loopify import looped_layers, loopify  # noqa: E402
+from loopscape.looped.decoder import looped_layers, loopify  # noqa: E402
+from loopscape.looped.sweep import flops_per_token  # noqa: E402
 
 IDS = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -36,7 +36,7 @@ def test_concat_injection_starts_as_add_and_is_saved_with_the_model(family, tmp_
         adapter.weight[:, :d] = 2 * torch.eye(d)
     doubled = loopify(build(family, dtype=torch.float64), layers=(1, 3), n_loops=3, injection="none")
     hook = [m for m in looped_layers(doubled).range_layers()][0].register_forward_pre_hook(
-        lambda m, args, kwargs: ((2 * args[0], *args[1:]), kwargs) if looped_layers(doubled)._loop else None,
+        lambda m, args, kwargs: ((2 * args[0], *args[1:]), kwargs) if looped_layers(doubled).current_loop else None,
         with_kwargs=True,
     )
     assert torch.allclose(_logits(concat), _logits(doubled), atol=1e-12)

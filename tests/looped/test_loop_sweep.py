@@ -12,8 +12,8 @@ from hf_families import V, build  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from loopscape.cli import app  # noqa: E402
-from loopscape.integrations.loop_sweep import loop_sweep, overthinking  # noqa: E402
-from loopscape.integrations.loopify import loopify  # noqa: E402
+from loopscape.looped.decoder import looped_layers, loopify  # noqa: E402
+from loopscape.looped.sweep import loop_sweep, overthinking  # noqa: E402
 
 runner = CliRunner()
 
@@ -36,7 +36,7 @@ def test_the_sweep_reads_every_count_and_agrees_with_itself(tmp_path):
             "--loops",
             "1-4",
             "--thresholds",
-            "0,1e-3",
+            "0,1e-3,1e9",
             "--context",
             "32",
             "--exit-loops",
@@ -60,7 +60,10 @@ def test_the_sweep_reads_every_count_and_agrees_with_itself(tmp_path):
     # 12 windows of 32 tokens, 31 of them scored (the last one's output predicts nothing in the window)
     assert full["threshold"] == 0 and full["histogram"] == {"4": 12 * 31} and s["exit_loops"] == 4
     assert full["perplexity"] == pytest.approx(s["counts"][-1]["perplexity"], rel=1e-12)
-    assert s["exits"][1]["mean_loops"] <= 4
+    assert 2 <= s["exits"][1]["mean_loops"] <= 4
+    # a threshold no criterion stays above: every token leaves at the first loop it may (the second)
+    assert s["exits"][2]["histogram"] == {"2": 12 * 31} and s["exits"][2]["mean_loops"] == 2.0
+    assert s["windows_read"] == 12 and s["windows_total"] == 12
 
 
 def test_overthinking_rule():
@@ -85,7 +88,7 @@ def test_bad_sweep_inputs_are_one_line(tmp_path):
     ]:
         r = runner.invoke(app, [*base, *extra, "-o", str(tmp_path / "o")])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
-    with pytest.raises(ValueError, match="must be loopified"):
+    with pytest.raises(ValueError, match="has nothing to loop"):
         loop_sweep(model, [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], [1])
 
 
@@ -140,7 +143,7 @@ def test_the_sweep_reads_a_looped_gpt_of_an_algorithmic_run(tmp_path):
 
     from loopscape.config import to_dict
     from loopscape.experiments.algorithmic import AlgorithmicStudyConfig, build
-    from loopscape.models.looped_gpt import flops_per_token_step
+    from loopscape.models.looped_gpt import attention_flops, flops_per_token_step
     from loopscape.training.checkpoint import save_weights
 
     config = AlgorithmicStudyConfig(task="parity", test_lengths=[2, 5], test_size=16)
@@ -166,8 +169,13 @@ def test_the_sweep_reads_a_looped_gpt_of_an_algorithmic_run(tmp_path):
             assert s["per_length"][str(n)]["exact_match"] == pytest.approx(hand, abs=1e-12)
             assert s["per_length"][str(n)]["T"] == int(b.n_loops.max())
             assert s["per_length"][str(n)]["best"] == 1 + hand.index(max(hand))
-    step = flops_per_token_step(model.config, task.width(5))
-    assert [c["flops_per_token"] for c in s["counts"]] == pytest.approx([step, 2 * step, 3 * step])
+    # one FLOP count for every looped model: 2 x (the loop's weights per token + the read-out), the
+    # attention's context-length term beside it at the widest row
+    head = sum(p.numel() for p in model.head.parameters())
+    assert [c["flops_per_token"] for c in s["counts"]] == [2.0 * (model.weights_per_token(k) + head) for k in (1, 2, 3)]
+    attention = attention_flops(model.config, task.width(5))
+    assert [c["attention_flops_per_token"] for c in s["counts"]] == [k * attention for k in (1, 2, 3)]
+    assert flops_per_token_step(model.config, task.width(5)) == 2.0 * model.weights_per_token(1) + attention
     assert len(s["convergence"]) == 2 and all(c > 0 for c in s["convergence"])
     r = runner.invoke(app, ["loop-sweep", "--model", str(tmp_path / "run"), "-o", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "must be a Hugging Face save_pretrained folder or a paradigm folder" in r.output
@@ -178,3 +186,74 @@ def test_exits_at_one_loop_read_one_loop_per_token(tmp_path):
     batches = [{"input_ids": torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(0))}]
     s = loop_sweep(model, batches, [1, 2], thresholds=[0.0], exit_loops=1)
     assert s["exits"][0]["histogram"] == {1: 10} and s["exits"][0]["mean_loops"] == 1.0
+
+
+@pytest.mark.parametrize("arm", ["shift-lora", "shift-concat"])
+def test_the_sweep_reads_a_checkpoints_own_loop_weights_not_fresh_ones(arm, tmp_path):
+    """A retrofit arm's saved LoRA / concat adapter are what the sweep measures: its perplexity at the saved
+    count is the loaded model's own, and differs from the same layers with fresh loop weights."""
+    settings = {"loop_lora": 2} if arm == "shift-lora" else {"injection": "concat"}
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=3, **settings)
+    with torch.no_grad():
+        for p in looped_layers(model).loop_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids}]
+    trained = loop_sweep(model, batches, [3])["counts"][0]["perplexity"]
+    fresh = loop_sweep(loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=3, **settings), batches, [3])
+    assert fresh["counts"][0]["perplexity"] != pytest.approx(trained, rel=1e-6)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": ids.flatten().tolist()}))
+    r = runner.invoke(
+        app,
+        ["loop-sweep", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"), "--context", "12",
+         "--loops", "3", "-o", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    swept = json.loads((tmp_path / "out" / "sweep.json").read_text())["counts"][0]["perplexity"]
+    assert swept == pytest.approx(trained, rel=1e-9)
+
+
+def test_a_linear_attention_toy_goes_through_the_same_sweep():
+    """Looped-Attn (the paper's toy) through the one sweep, scored on its targets: each count equals the
+    model run at that count by hand, the lens equals the counts (its readout is W_h z_t), FLOPs grow by the
+    loop's 3 d^2 weights per loop."""
+    from loopscape.looped.sweep import Masked
+    from loopscape.models.linear_attn import looped_attn
+
+    toy = looped_attn(n_loops=3, vocab_size=3, max_len=4).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 3, (16, 4), generator=g), torch.randint(0, 3, (16,), generator=g)
+    s = loop_sweep(toy, [{"inputs": x, "targets": y[:, None], "mask": torch.ones(16, 1, dtype=torch.bool)}], [1, 2, 5],
+                   scorer=Masked())  # fmt: skip
+    for row in s["counts"]:
+        toy.n_loops = row["n_loops"]
+        with torch.no_grad():
+            nll = torch.nn.functional.cross_entropy(toy(x), y, reduction="mean").item()
+        assert row["perplexity"] == pytest.approx(math.exp(nll), rel=1e-10)
+    toy.n_loops = 3
+    assert toy.n_loops == 3 and s["trained_n_loops"] == 3  # restored: the sweep ran it at 1, 2 and 5
+    assert [r["perplexity"] for r in s["logit_lens"]][:2] == pytest.approx([r["perplexity"] for r in s["counts"]][:2])
+    d = toy.config.d
+    assert s["counts"][1]["flops_per_token"] - s["counts"][0]["flops_per_token"] == 2.0 * 3 * d * d
+    with pytest.raises(ValueError, match=r"^thresholds must be empty: LinearAttn has no per-token exit"):
+        loop_sweep(toy, [{"inputs": x, "targets": y[:, None], "mask": torch.ones(16, 1, dtype=torch.bool)}], [1],
+                   thresholds=[0.1], scorer=Masked())  # fmt: skip
+
+
+def test_the_window_cap_is_a_flag_and_the_report_says_how_much_was_read(tmp_path):
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=2)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(1, V, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": ids}))
+    base = ["loop-sweep", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"), "--context", "16"]
+    r = runner.invoke(app, [*base, "--loops", "2", "--max-windows", "5", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (s["windows_read"], s["windows_total"]) == (5, 12) and s["counts"][0]["tokens"] == 5 * 15
+    assert "read 5 of the data's 12 windows" in r.output
+    assert "Read 5 of the data&#x27;s 12 windows" in (tmp_path / "out" / "report.html").read_text() or (
+        "Read 5 of the data's 12 windows" in (tmp_path / "out" / "report.html").read_text()
+    )
+    r = runner.invoke(app, [*base, "--max-windows", "0", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "--max-windows must be an integer >= 1 (got 0)" in r.output
