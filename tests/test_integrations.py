@@ -718,3 +718,19 @@ def test_retrofit_training_stops_on_divergence_in_one_line_and_takes_its_clip_fr
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, f"retrofit -o {tmp_path / 'b'} -q {tiny} --set clip=0".split())
     assert result.exit_code == 2 and "clip must be null (no clip) or a number > 0 (got 0.0)" in result.output
+
+
+def test_a_loop_of_ones_own_that_keeps_only_a_count_is_driven_too():
+    """The controller prefers the loop protocol, and falls back on an n_loops attribute; nothing to loop is
+    one line."""
+
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_loops, self.cell = 1, torch.nn.Linear(2, 2)
+
+    model = Counted()
+    ShiftController(ShiftSchedule.fixed(3, at=2), model).before_step(3)
+    assert model.n_loops == 3
+    with pytest.raises(ValueError, match="Linear has nothing to loop"):
+        ShiftController(ShiftSchedule.fixed(3, at=2), torch.nn.Linear(2, 2))

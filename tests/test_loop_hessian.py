@@ -89,7 +89,7 @@ def test_two_loops_of_one_weight_by_hand():
     assert H.item() == pytest.approx(6 * w**2 * x**2 - 2 * x * y, rel=1e-12)
 
 
-def test_several_batches_count_their_loops_from_the_first():
+def test_several_batches_untie_each_forward_from_its_first_loop():
     # two batches, two loops: the blocks are the sums of each batch's own (each batch weighted 1/2)
     w, xs, ys = 0.7, (1.3, -0.6), (0.4, 0.9)
     model = Scalar(w, 2)
@@ -205,3 +205,19 @@ def test_full_and_diagonal_are_cut_at_one_eps_and_compared_over_the_grid():
     # eps = 0.1 x 100 = 10: full's valley is 100 alone (kappa 1), diagonal's 50, 25 (kappa 2): the smallest ratio
     assert c["kappa_curves"]["full"][-1] == 1.0 and c["kappa_curves"]["diagonal"][-1] == 2.0
     assert c["min_log10_ratio"] == pytest.approx(np.log10(0.5))
+
+
+def test_the_loop_parts_run_in_chunks_that_fit_the_memory_budget():
+    """A budget of one column per product: every part's matmat runs one column at a time (n_loops tangents
+    each) and gives what the unchunked product gives."""
+    toy = looped_attn(n_loops=3, vocab_size=3, max_len=4).double()
+    data = [(torch.randint(0, 3, (6, 4), generator=torch.Generator().manual_seed(0)), torch.randint(0, 3, (6,)))]
+    whole = loop_hessian(toy, data)
+    small = loop_hessian(toy, data, chunk_size=1)
+    V = torch.randn(whole.shape[0], 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    original = small.full()._apply
+    part = small.full()
+    part._apply = lambda v: calls.append(v.shape) or original(v)
+    assert torch.allclose(part.matmat(V), whole.full().matmat(V), rtol=1e-10, atol=1e-12)
+    assert len(calls) == 5  # one product per column under the budget

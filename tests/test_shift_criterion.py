@@ -82,3 +82,25 @@ def test_invalid_settings():
 def test_spread_is_the_coefficient_of_variation():
     assert ShiftCriterion.spread([1.0, 3.0]) == pytest.approx(0.5)  # std 1 / mean 2, worked by hand
     assert ShiftCriterion.spread([2.0] * 5) == 0.0 and ShiftCriterion.spread([0.0, 0.0]) == 0.0
+
+
+def test_the_logs_and_the_end_say_who_decided_the_switch():
+    """SCP's own decision, forced by max_wait, forced by shift_by: each is named in the status line, in the log
+    rows (scp_decided_by 0 / 1 / 2) and in the controller's decision line."""
+    from loopscape.shift.controller import ShiftController
+    from loopscape.shift.criterion import DECISIONS, ShiftCriterion
+    from loopscape.shift.schedule import ShiftSchedule
+
+    cases = [
+        ({"patience": 1, "wait": 2}, [1.0, 1.0, 1.0, 1.0], [1.0] * 4, "settled"),
+        ({"patience": 1, "wait": 2, "max_wait": 3, "grad_tol": 1e-9}, [1.0] * 5, [1.0, 2.0, 1.0, 2.0, 1.0], "max_wait"),
+        ({"shift_by": 3}, [3.0, 2.0, 1.0], [1.0] * 3, "shift_by"),  # still improving: the bound forces it
+    ]
+    for settings, losses, norms, expected in cases:
+        shift = ShiftController(ShiftSchedule.scp(3, ShiftCriterion(**settings)))
+        for step, (loss, norm) in enumerate(zip(losses, norms), 1):
+            shift.after_evaluation(step * 10, loss, norm)
+        c = shift.schedule.criterion
+        assert c.decided_by == expected, (settings, c)
+        assert shift.scp_progress() == {"scp_fired_at": len(losses), "scp_decided_by": list(DECISIONS).index(expected)}
+        assert DECISIONS[expected] in shift.decision() and f"from step {10 * len(losses) + 1}" in shift.decision()

@@ -226,13 +226,13 @@ def test_a_linear_attention_toy_goes_through_the_same_sweep():
     x, y = torch.randint(0, 3, (16, 4), generator=g), torch.randint(0, 3, (16,), generator=g)
     s = loop_sweep(toy, [{"inputs": x, "targets": y[:, None], "mask": torch.ones(16, 1, dtype=torch.bool)}], [1, 2, 5],
                    scorer=Masked())  # fmt: skip
+    assert toy.n_loops == 3 and s["trained_n_loops"] == 3  # restored: the sweep ran it at 1, 2 and 5
     for row in s["counts"]:
         toy.n_loops = row["n_loops"]
         with torch.no_grad():
             nll = torch.nn.functional.cross_entropy(toy(x), y, reduction="mean").item()
         assert row["perplexity"] == pytest.approx(math.exp(nll), rel=1e-10)
     toy.n_loops = 3
-    assert toy.n_loops == 3 and s["trained_n_loops"] == 3  # restored: the sweep ran it at 1, 2 and 5
     assert [r["perplexity"] for r in s["logit_lens"]][:2] == pytest.approx([r["perplexity"] for r in s["counts"]][:2])
     d = toy.config.d
     assert s["counts"][1]["flops_per_token"] - s["counts"][0]["flops_per_token"] == 2.0 * 3 * d * d

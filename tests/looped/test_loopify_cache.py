@@ -182,9 +182,13 @@ def test_exit_with_the_cache_equals_the_same_policy_without_it(exit):
             model(input_ids=x, use_cache=False)
         states = torch.stack(recorded)
         values = (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
-    else:
-        logp = torch.log_softmax(loop_logits(model, x), dim=-1)
-        values = (logp[1:].exp() * (logp[1:] - logp[:-1])).sum(-1)
+    else:  # the criterion itself, on a full-depth run's states
+        from loopscape.looped.exit import Exit
+
+        loop = looped_layers(model)
+        with torch.no_grad(), loop.recording() as recorded:
+            model(input_ids=x, use_cache=False)
+            values = torch.stack([Exit("kl").score(a, b, loop._lens_of) for a, b in zip(recorded, recorded[1:])])
     threshold = values.flatten().median().item()
     set_exit(model, exit, threshold, min_loops=2)
     with torch.no_grad():
@@ -258,3 +262,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(input_ids=x, labels=x, use_cache=False).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.equal(grads[0], grads[1])
+
+
+def test_what_the_range_cannot_do_is_one_line():
+    """readout after a cached decode step; an untied first loop (the model's own pass); per-loop LoRA under
+    gradient checkpointing."""
+    model, x = looped("llama"), torch.randint(1, V, (1, 6))
+    loop = looped_layers(model)
+    with torch.no_grad(), loop.recording() as states:
+        out = model(input_ids=x[:, :5], use_cache=True)
+        model(input_ids=x[:, 5:], cache=_cache_of(out), use_cache=True)
+        with pytest.raises(ValueError, match=r"^readout reads a forward without a cache's past .* use_cache=False$"):
+            loop.readout(states[-1])
+    with pytest.raises(ValueError, match=r"^weights\[0\] must be empty for a loopified range"):
+        loop.untie_loops([{0: torch.zeros(1)}])
+    lora = looped("llama", loop_lora=2).train()
+    lora.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match=r"^loop_lora cannot train under gradient checkpointing"):
+        lora(input_ids=x, labels=x, use_cache=False).loss.backward()

@@ -83,3 +83,28 @@ def test_untied_loops_read_their_own_weights():
     with torch.no_grad():
         by_hand = a.head(b.block(a.block(e) + e))
     assert torch.allclose(untied, by_hand, rtol=0, atol=1e-12) and not torch.allclose(untied, a(ids, 2))
+
+
+def test_recordings_and_untyings_nest():
+    toy = looped_attn(n_loops=2, vocab_size=3, max_len=4).double()
+    x = torch.randint(0, 3, (4, 4), generator=torch.Generator().manual_seed(0))
+    with toy.recording() as outer:
+        with toy.recording() as inner:
+            toy(x)
+        toy(x)  # the outer recording goes on after the inner one
+    assert len(inner) == 2 and len(outer) == 2 and toy._recording is None
+    with toy.untie_loops([{}, {0: toy.W_Q * 2}]):
+        with toy.untie_loops([{}]):
+            shared = toy(x)
+        untied = toy(x)
+    assert torch.equal(shared, toy(x)) and not torch.equal(untied, shared)
+
+
+def test_the_looped_gpt_records_one_state_per_loop_with_per_sample_counts_and_truncation():
+    model = gpt(backprop_loops=1).train()
+    ids = torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))
+    counts = torch.tensor([1, 3, 2, 3])
+    with model.recording() as states:
+        model(ids, counts).sum().backward()  # the truncated path steps twice per loop (early and late rows)
+    # loop t holds the rows still going, in descending order of their counts: 4, then 3, then 2 rows
+    assert [len(h) for h in states] == [4, 3, 2]

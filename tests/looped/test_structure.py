@@ -1,7 +1,6 @@
 """Structure discovery refuses what it cannot read unambiguously, in one line."""
 
 import pytest
-import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -30,4 +29,3 @@ def test_two_layer_lists_of_one_length_are_refused_in_one_line():
 
     with pytest.raises(ValueError, match=r"^model must hold one list of decoder layers; TwoStacks has 2 of 3 layers"):
         loopify(TwoStacks(), layers=(0, 2), n_loops=2)
-    assert torch.is_grad_enabled()

@@ -172,3 +172,45 @@ def test_the_algorithmic_trainer_counts_backward_flops_of_the_last_k_loops_only(
         2 * per_loop * 5
     )
     assert step_flops(replace(full, backprop_loops=6), batch, loops) == step_flops(full, batch, loops)
+
+
+def test_lora_under_truncation_warns_and_its_early_loops_really_stay_untrained():
+    """The warning's claim, checked: after a backward, the LoRA of the loops before the last k has no
+    gradient, that of the last k has one."""
+    with pytest.warns(UserWarning, match=r"^loop_lora with backprop_loops=1 trains the LoRA of the last 1 of 3 loops"):
+        model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=3, loop_lora=2, backprop_loops=1)
+    with torch.no_grad():
+        for p in looped_layers(model).lora_parameters():
+            p.add_(0.01)  # B away from 0, so A gets a gradient too
+    _loss(model).backward()
+    for lora in looped_layers(model).lora.values():
+        grad = lora.B.grad
+        assert grad[:2].abs().max() == 0 and grad[2].abs().max() > 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loopify(build("llama"), layers=(1, 3), n_loops=3, loop_lora=2, backprop_loops=3)  # every loop: no warning
+
+
+def test_curvature_of_a_truncated_model_warns_and_the_setter_turns_truncation_off(tmp_path):
+    from loopscape.landscape.hessian import HessianOperator
+    from loopscape.looped import from_pretrained, set_backprop_loops, truncation
+
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=3, backprop_loops=1)
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=torch.float64)
+    assert truncation(loaded) == 1
+    batch = [{"input_ids": IDS, "labels": IDS}]
+    params = "model.layers.1.input_layernorm.weight"
+    with pytest.warns(UserWarning, match=r"back-propagates through its last 1 of 3 loops only .*set_backprop_loops"):
+        HessianOperator(loaded, batch, params=params)
+    set_backprop_loops(loaded, None)
+    assert truncation(loaded) is None and loaded.config.loopscape["backprop_loops"] is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HessianOperator(loaded, batch, params=params)
+    with pytest.raises(ValueError, match=r"^backprop_loops must be an integer >= 1 \(got 0\)$"):
+        set_backprop_loops(loaded, 0)

@@ -22,7 +22,7 @@ from loopscape.config import ConfigError
 from loopscape.extras import require_extra
 from loopscape.io import atomic_write_text, claim_new_run_folder, write_json
 from loopscape.looped.exit import EXITS
-from loopscape.looped.io import from_pretrained
+from loopscape.looped.io import from_pretrained, gguf_file
 from loopscape.looped.sweep import OVERTHINKING_TOLERANCE, Masked, loop_sweep
 from loopscape.models.looped_gpt import attention_flops
 from loopscape.reporting.figures import save_figure
@@ -54,7 +54,12 @@ def read_tokens(data: Path, model_path: Path) -> list[int] | list[dict]:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            gguf = gguf_file(model_path)
+            tokenizer = (
+                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                if gguf is not None
+                else AutoTokenizer.from_pretrained(model_path)
+            )
         except (OSError, ValueError):
             raise ConfigError(
                 f"--data {data.name}: a .txt file needs the tokenizer saved in --model {str(model_path)!r} "
@@ -181,7 +186,7 @@ def run_loop_sweep(
     exit_loops: int | None = None,
 ) -> dict:
     """Sweep the model saved in ``model_path`` (a loopified one; ``layers`` loops a plain one first)."""
-    if model_path.is_dir() and not (model_path / "config.json").exists():
+    if model_path.is_dir() and not (model_path / "config.json").exists() and not list(model_path.glob("*.gguf")):
         if thresholds or layers is not None or data is not None or exit_loops is not None:
             raise ConfigError(
                 "--data, --thresholds, --exit-loops and --layers are for Hugging Face models; a looped GPT of an "
@@ -193,8 +198,8 @@ def run_loop_sweep(
     require_extra("transformers", "hf")
     if exit not in EXITS[1:]:
         raise ConfigError(f"--exit must be one of {EXITS[1:]} (got {exit!r})")
-    if not model_path.is_dir():
-        raise ConfigError(f"--model {str(model_path)!r} must be a local save_pretrained folder")
+    if not (model_path.is_dir() or (model_path.suffix == ".gguf" and model_path.is_file())):
+        raise ConfigError(f"--model {str(model_path)!r} must be a local save_pretrained folder or a .gguf file")
     tokens = read_tokens(data, model_path)
     if tokens and isinstance(tokens[0], dict):
         batches = labelled_batches(tokens, max_rows=max_windows * 32)

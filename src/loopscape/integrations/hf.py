@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,9 +116,7 @@ class ShiftCallback(transformers.TrainerCallback, transformers.trainer_callback.
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        never = self.controller.end_of_training(state.global_step)
-        if never is not None and state.is_world_process_zero:
-            warnings.warn(never, stacklevel=2)
+        self.controller.report_end(state.global_step, state.is_world_process_zero)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")

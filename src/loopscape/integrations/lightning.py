@@ -17,7 +17,6 @@ logger (TensorBoard by default), and saves its state with the checkpoint.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 
@@ -92,9 +91,7 @@ class ShiftCallback(pl.Callback):
         self.controller.after_evaluation(trainer.global_step, None if loss is None else float(loss), grad)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        never = self.controller.end_of_training(trainer.global_step)
-        if never is not None and trainer.is_global_zero:
-            warnings.warn(never, stacklevel=2)
+        self.controller.report_end(trainer.global_step, trainer.is_global_zero)
 
     def state_dict(self) -> dict:
         grads = {"sum": float(self._grad["sum"]), "n": self._grad["n"]}

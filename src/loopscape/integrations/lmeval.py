@@ -30,7 +30,7 @@ from functools import partial
 from loopscape.looped import find_looped
 from loopscape.looped.decoder import looped_layers, loopify
 from loopscape.looped.exit import EXITS
-from loopscape.looped.io import from_pretrained
+from loopscape.looped.io import from_pretrained, load_loop_weights
 from loopscape.looped.range import INJECTIONS
 
 __all__ = ["LoopscapeLM", "parse_layers"]
@@ -58,14 +58,14 @@ class LoopscapeLM(HFLM):
         exit_threshold: float | None = None,
         min_loops: int | None = None,
         layers=None,
-        injection: str = "add",
+        injection: str | None = None,
         **kwargs,
     ) -> None:
         if isinstance(exit, str) and exit.lower() == "none":  # lm-eval's model args: "none" or "None"
             exit = None
         if exit != "saved" and exit not in EXITS:
             raise ValueError(f"exit must be one of none, kl, entropy, state (got {exit!r})")
-        if injection not in INJECTIONS:
+        if injection is not None and injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
         self._loop_args = dict(
             n_loops=n_loops,
@@ -81,30 +81,33 @@ class LoopscapeLM(HFLM):
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         """lm-eval's own argument handling (dtype, devices, revision), with loopscape's one loader of a
-        looped checkpoint (:func:`loopscape.looped.io.from_pretrained`) in place of AutoModelForCausalLM's."""
-        a, auto = self._loop_args, self.AUTO_MODEL_CLASS
-        self.AUTO_MODEL_CLASS = _Loader(partial(from_pretrained, layers=a["layers"], injection=a["injection"]))
+        looped checkpoint (:func:`loopscape.looped.io.from_pretrained`) for the model itself: the loader is
+        swapped in for HFLM's first ``from_pretrained`` call only (a ``delta=`` checkpoint loads as lm-eval's)."""
+        a = self._loop_args
+        _Loader.swap_once(self, partial(from_pretrained, layers=a["layers"], injection=a["injection"]))
         try:
             super()._create_model(pretrained=pretrained, **kwargs)
         except ValueError as error:
             if "has no loopscape settings" in str(error):
-                raise ValueError(
-                    "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
-                ) from None
+                raise ValueError(NO_LAYERS) from None
             raise
         finally:
-            self.AUTO_MODEL_CLASS = auto
-        self._loop(self._model)
+            _Loader.restore(self)
+        self._loop(self._model, pretrained, kwargs.get("subfolder") or "")
 
-    def _loop(self, model) -> None:
-        """The loop settings given as model args, over what the model holds."""
+    def _loop(self, model, path: str | None = None, subfolder: str = "") -> None:
+        """The loop settings given as model args, over what the model holds (a model object passed in, or
+        one loaded by another of HFLM's paths, e.g. AutoGPTQ, is looped here)."""
         a = self._loop_args
-        if looped_layers(model) is None:  # a model object passed in, not loopified
-            if a["layers"] is None:
-                raise ValueError(
-                    "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
-                )
-            loopify(model, layers=a["layers"], n_loops=1, injection=a["injection"])
+        if looped_layers(model) is None:
+            if getattr(model.config, "loopscape", None) is not None:
+                loopify(model)  # the settings the checkpoint holds, with the loop's own weights
+                if path is not None:
+                    load_loop_weights(model, path, subfolder)
+            elif a["layers"] is None:
+                raise ValueError(NO_LAYERS)
+            else:
+                loopify(model, layers=a["layers"], n_loops=1, injection=a["injection"] or "add")
         looped = find_looped(model)
         if a["n_loops"] is not None:
             looped.n_loops = a["n_loops"]
@@ -117,11 +120,28 @@ class LoopscapeLM(HFLM):
             )
 
 
-class _Loader:
-    """What HFLM calls as ``AUTO_MODEL_CLASS.from_pretrained(...)``."""
+NO_LAYERS = "layers must be given as 'start:stop' (e.g. layers=2:4): the model holds no loopscape settings"
 
-    def __init__(self, load):
-        self.from_pretrained = load
+
+class _Loader:
+    """What HFLM calls as ``AUTO_MODEL_CLASS.from_pretrained(...)``: loopscape's loader for the first call,
+    the class HFLM chose afterwards."""
+
+    def __init__(self, lm, load):
+        self.lm, self.load, self.auto = lm, load, lm.AUTO_MODEL_CLASS
+
+    @classmethod
+    def swap_once(cls, lm, load) -> None:
+        lm.AUTO_MODEL_CLASS = cls(lm, load)
+
+    @staticmethod
+    def restore(lm) -> None:
+        if isinstance(lm.AUTO_MODEL_CLASS, _Loader):
+            lm.AUTO_MODEL_CLASS = lm.AUTO_MODEL_CLASS.auto
+
+    def from_pretrained(self, *args, **kwargs):
+        _Loader.restore(self.lm)  # a second call (a delta checkpoint) is HFLM's own
+        return self.load(*args, **kwargs)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -44,7 +45,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopscape.config import machine_memory
 from loopscape.extras import require_extra
+from loopscape.looped import get_n_loops, truncation
 
+TRUNCATED = (
+    "the model back-propagates through its last {k} of {n} loops only (backprop_loops={k}): this curvature is the "
+    "truncated surrogate's (the blocks of the earlier loops are zero); loopscape.looped.set_backprop_loops(model, "
+    "None) measures the loss itself"
+)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, per-sample weights
 
 
@@ -281,6 +288,9 @@ class HessianOperator:
         self.distributed = distributed
         self.model = model
         self.loss_fn = loss_fn
+        k = truncation(model)
+        if k is not None:
+            warnings.warn(TRUNCATED.format(k=k, n=get_n_loops(model)), stacklevel=2)
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self._columns = chunk_size  # columns per batched product, sized on first use when None
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -192,7 +192,13 @@ class LoopOperator:
         return self._apply(v.to(device=self.device, dtype=self.dtype)).detach()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``V`` in chunks of columns that fit the operator's memory budget: each column of a loop part
+        takes ``n_loops`` tangents at once (the Hessian operator's own chunk, divided by the loops)."""
         V = V.to(device=self.device, dtype=self.dtype)
+        per = max(1, self.parent.op.columns_per_product() // self.parent.n_loops)
+        return torch.cat([self._columns(chunk) for chunk in V.split(per, dim=1)], 1)
+
+    def _columns(self, V: torch.Tensor) -> torch.Tensor:
         try:
             return vmap(self._apply, in_dims=1, out_dims=1)(V).detach()
         except RuntimeError:  # a model vmap cannot batch through: one column at a time

@@ -14,7 +14,9 @@ from loopscape.looped.protocol import (
     find_looped,
     get_n_loops,
     loop_settings,
+    set_backprop_loops,
     set_n_loops,
+    truncation,
     weights_inside,
 )
 
@@ -27,6 +29,8 @@ __all__ = [
     "loop_settings",
     "loopify",
     "set_exit",
+    "set_backprop_loops",
     "set_n_loops",
+    "truncation",
     "weights_inside",
 ]

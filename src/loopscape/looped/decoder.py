@@ -20,6 +20,8 @@ model back, with the loop's own weights.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -68,7 +70,7 @@ def loopify(
     the layers before the range still train; activation memory then grows with ``k``, not the depth. A loop
     count at or below ``k`` (a sampled depth, SHIFT's Stage I) back-propagates through every loop. Curvature
     tools (``loopscape.landscape``) differentiate what the forward records, so on a truncated model they see
-    the truncated surrogate: set ``backprop_loops=None`` (loopify again) to measure the loss itself.
+    the truncated surrogate (they warn): ``loopscape.looped.set_backprop_loops(model, None)`` measures the loss itself.
     ``injection="concat"``, ``loop_lora=r`` and ``lora_layers`` (names of the range's linear layers, e.g.
     ``["q_proj", "v_proj"]``; all of them if None): see the module docstring. The LoRA is made for the
     ``n_loops`` given here; loops beyond them (a larger ``n_loops`` set later) run the shared weights."""
@@ -107,6 +109,12 @@ def loopify(
     )  # fmt: skip
     looped.exit = policy
     structure.stack.looped_range = looped
+    if loop_lora is not None and backprop_loops is not None and backprop_loops < n_loops and layers_given:
+        warnings.warn(
+            f"loop_lora with backprop_loops={backprop_loops} trains the LoRA of the last {backprop_loops} of "
+            f"{n_loops} loops only: loops 1..{n_loops - backprop_loops} run without a graph and keep B = 0",
+            stacklevel=2,
+        )
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None and getattr(config, "use_cache", None) is False:
             config.use_cache = True  # a looped model keeps its cache per loop

@@ -15,21 +15,25 @@ log = logging.getLogger(__name__)
 OWN = ".looped_range."  # where the loop's own weights sit in a loopified model's state dict
 
 
-def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str = "add", **kwargs) -> nn.Module:
+def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str | None = None, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, looped again by the settings its config
     holds, with the loop's own weights (concat adapter, per-loop LoRA) loaded back (a plain
     ``from_pretrained`` gives the unlooped model; it does not know ``config.loopscape``). A plain checkpoint
-    is looped by ``layers`` and ``injection`` (one loop: set ``n_loops`` after); for a looped one, ``layers``
-    may only repeat the range it loops."""
+    is looped by ``layers`` and ``injection`` (default ``"add"``; one loop: set ``n_loops`` after); for a looped
+    one, ``layers`` and ``injection`` may only repeat what it saved."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the loop's own weights are "unused" by the plain model: reported below
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        model, info = load_gguf(gguf, **kwargs), {}
+    else:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the loop's own weights are "unused" by the plain model: reported below
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         others = [k for k in info.get(kind, []) if OWN not in f".{_key(k)}"]
         if others:
@@ -41,15 +45,69 @@ def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str 
                 f"path must hold a model saved after loopscape.loopify ({path!r} has no loopscape settings; "
                 "give layers=(start, stop) to loop a plain checkpoint)"
             )
-        return loopify(model, layers=tuple(layers), n_loops=1, injection=injection)
+        return loopify(model, layers=tuple(layers), n_loops=1, injection=injection or "add")
     if layers is not None and list(layers) != list(saved["layers"]):
         raise ValueError(
             f"layers must be the range the checkpoint loops ({tuple(saved['layers'])}), or left out "
             f"(got {tuple(layers)})"
         )
+    if injection is not None and injection != saved["injection"]:
+        raise ValueError(
+            f"injection must be the checkpoint's own ({saved['injection']!r}), or left out (got {injection!r})"
+        )
     loopify(model)
     load_loop_weights(model, path, kwargs.get("subfolder", ""))
     return model
+
+
+def gguf_file(path) -> Path | None:
+    """The GGUF file ``path`` names (a ``.gguf`` file, or a folder holding one and no ``config.json``), or
+    None for a ``save_pretrained`` folder."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ValueError(f"path must be an existing GGUF file (got {str(p)!r})")
+        return p
+    if p.is_dir() and not (p / "config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"path must hold one .gguf file (found {len(found)} in {str(p)!r}); name the file")
+        return found[0] if found else None
+    return None
+
+
+def load_gguf(path: Path, **kwargs) -> nn.Module:
+    """A llama.cpp checkpoint as a plain, float Hugging Face causal LM: transformers reads and dequantises
+    it (the ``gguf`` package), and the model is rebuilt from its config without the GGUF quantisation, so it
+    trains (the HF Trainer refuses a quantised model) and saves as an ordinary checkpoint. An architecture
+    transformers cannot read, or a torn file, is one line naming the file."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError(f"reading {path.name} needs the gguf package: pip install 'loopscape[hf]'") from None
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    except Exception as error:  # transformers' and gguf's own errors (ValueError, KeyError, OSError, ...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"path must be a GGUF file of an architecture transformers reads ({path.name}: {reason})"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=quantised.dtype)
+    model.load_state_dict(quantised.state_dict())
+    return model.eval()
 
 
 def _key(k) -> str:

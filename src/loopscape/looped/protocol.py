@@ -7,9 +7,10 @@ sweep, the loop-split Hessian, the FLOP counts, the lm-eval adapter) asks for th
 
 * ``n_loops``: the loop count, settable (SHIFT's Stage II sets it in place);
 * ``looped_parameters()``: the weights every loop shares;
-* ``untie_loops(weights)``: a context in which loop ``t`` (0-based) reads ``weights[t]`` (a dict from the
-  model's parameter names to tensors; a name not given stays shared), the untied model of
-  :mod:`loopscape.landscape.loops`;
+* ``untie_loops(weights)``: a context in which loop ``t`` (0-based) reads ``weights[t]``, a dict from slots
+  of ``looped_parameters()`` to tensors (a slot not given stays shared; loops past ``len(weights)`` read the
+  last), the untied model of :mod:`loopscape.landscape.loops`. Loop 0 may also read its own copy, except in a
+  loopified range, whose first loop is the model's own pass (its ``weights[0]`` must be empty);
 * ``recording()``: a context that yields a list, filled with each loop's state by the forwards run inside it;
 * ``readout(h)``: the model's logits from a loop's state ``h`` (everything the model runs after the loop);
 * ``weights_per_token(n_loops, last=None)``: the weights a token multiplies through inside the loop's last
@@ -37,7 +38,7 @@ class Looped(Protocol):
 
     def looped_parameters(self) -> list[nn.Parameter]: ...
 
-    def untie_loops(self, weights: list[dict[str, torch.Tensor]]) -> contextlib.AbstractContextManager: ...
+    def untie_loops(self, weights: list[dict[int, torch.Tensor]]) -> contextlib.AbstractContextManager: ...
 
     def recording(self) -> contextlib.AbstractContextManager[list[torch.Tensor]]: ...
 
@@ -48,13 +49,14 @@ class Looped(Protocol):
 
 @contextlib.contextmanager
 def while_set(owner, name: str, value):
-    """``owner.<name> = value`` within the context, ``None`` after it (also on error); yields ``value``. The
-    models' ``untie_loops`` and ``recording`` are this on their own attribute."""
+    """``owner.<name> = value`` within the context, its previous value after it (also on error); yields
+    ``value``. The models' ``untie_loops`` and ``recording`` are this on their own attribute (so they nest)."""
+    previous = getattr(owner, name, None)
     setattr(owner, name, value)
     try:
         yield value
     finally:
-        setattr(owner, name, None)
+        setattr(owner, name, previous)
 
 
 def check_n_loops(value, name: str = "n_loops") -> int:
@@ -85,6 +87,29 @@ def weights_inside(looped: Looped) -> set[int]:
     ones, and the loop's own where it has some (a loopified range's ``loop_parameters()``: adapter, LoRA)."""
     own = looped.loop_parameters() if hasattr(looped, "loop_parameters") else []
     return {id(p) for p in [*looped.looped_parameters(), *own]}
+
+
+def truncation(model) -> int | None:
+    """``k`` if the loop of ``model`` back-propagates through only its last ``k`` of ``n_loops`` loops (truncated
+    backprop, ``backprop_loops=k < n_loops``), so gradients and curvature are the truncated surrogate's; else
+    None (also for a model that does not loop)."""
+    try:
+        looped = find_looped(model)
+    except ValueError:
+        return None
+    k = getattr(looped, "backprop_loops", None)
+    return k if k is not None and looped.n_loops > k else None
+
+
+def set_backprop_loops(model, k: int | None) -> None:
+    """Back-propagate through the last ``k`` loops of ``model`` (None: every loop, the loss itself), e.g. on
+    a retrofit saved with ``backprop_loops`` before measuring its curvature (a loopified model saves it)."""
+    if k is not None:
+        check_n_loops(k, "backprop_loops")
+    looped = find_looped(model)
+    if not hasattr(looped, "backprop_loops"):
+        raise ValueError(f"model must support truncated backprop (a backprop_loops setting): {type(looped).__name__}")
+    looped.backprop_loops = k
 
 
 def get_n_loops(model) -> int:

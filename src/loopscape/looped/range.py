@@ -63,6 +63,7 @@ class _Call:
     loop: int | None = 0  # the loop running now (0-based), for the per-loop LoRA; None between loops
     inside: bool = False  # the range's own loops are running (the hooks let those calls through)
     grad_saved: bool | None = None  # the caller's grad mode, while truncated backprop runs without a graph
+    past: bool = False  # the cache it was handed already holds tokens (a decode step)
 
 
 class LoopedRange(nn.Module):
@@ -86,9 +87,10 @@ class LoopedRange(nn.Module):
         lora_loops: int | None = None,
     ):
         super().__init__()
-        self.start, self.stop, self.injection, self.backprop_loops = start, stop, injection, backprop_loops
+        self.start, self.stop, self.injection, self._backprop_loops = start, stop, injection, backprop_loops
         self.loop_lora, self.lora_layers = loop_lora, lora_layers
         self._layers = list(structure.layers)  # a plain list: not registered again as submodules
+        self._stack = (structure.stack,)  # the decoder stack, not registered (it holds this module)
         self._lens = (structure.norm, structure.head)  # the final norm and LM head
         self._config = config
         self._exit: Exit | None = None
@@ -98,6 +100,7 @@ class LoopedRange(nn.Module):
         self._untied: list[dict[int, torch.Tensor]] | None = None
         self._tail: list = []  # while recording: the arguments of each layer after the range, last forward
         self._reading = False  # readout is running the layers after the range (not a forward to record)
+        self._recorded_past = False  # the forward recorded last had a cache with past tokens
         self.loops_used: torch.Tensor | None = None  # (batch, positions) of the last call
         # loops used -> tokens through the range since reset_exit_counts(): a generation's prompt tokens included
         self.exit_counts: dict[int, int] = {}
@@ -159,6 +162,7 @@ class LoopedRange(nn.Module):
     def recording(self):
         """Within the context, the list it yields holds each loop's state of the last forward, and
         :meth:`readout` reads them (the layers after the range run on the arguments they had then)."""
+        previous = self._recording, self._tail, self._recorded_past  # an outer recording goes on after this one
         self._recording = states = []
         tail = self._layers[self.stop :]
         hooks = [layer.register_forward_pre_hook(self._keep_tail(j), with_kwargs=True) for j, layer in enumerate(tail)]
@@ -166,8 +170,7 @@ class LoopedRange(nn.Module):
         try:
             yield states
         finally:
-            self._recording = None
-            self._tail = []
+            self._recording, self._tail, self._recorded_past = previous
             for h in hooks:
                 h.remove()
 
@@ -177,6 +180,11 @@ class LoopedRange(nn.Module):
         x, tail = h, self._layers[self.stop :]
         if tail and (not self._tail or self._tail[0] is None):
             raise ValueError("readout reads the states of a forward run inside recording() (none was)")
+        if tail and self._recorded_past:
+            raise ValueError(
+                "readout reads a forward without a cache's past (a decode step's later layers would attend to nothing "
+                "before the new token): record with use_cache=False"
+            )
         reading, self._reading = self._reading, True
         try:
             for layer, (args, kwargs) in zip(tail, self._tail):
@@ -198,6 +206,16 @@ class LoopedRange(nn.Module):
         return last * layers + adapter + max(0, min(n_loops, self._lora_loops()) - first) * lora
 
     # --- settings -------------------------------------------------------------------------------------
+    @property
+    def backprop_loops(self) -> int | None:
+        """Truncated backprop: only the last ``backprop_loops`` loops build a graph (None: every loop)."""
+        return self._backprop_loops
+
+    @backprop_loops.setter
+    def backprop_loops(self, k: int | None) -> None:
+        self._backprop_loops = None if k is None else check_n_loops(k, "backprop_loops")
+        self._save()
+
     @property
     def exit(self) -> Exit | None:
         """The per-token exit policy (None: every token runs ``n_loops`` loops)."""
@@ -278,10 +296,20 @@ class LoopedRange(nn.Module):
     def _before_range(self, module, args, kwargs):
         if self._call is not None and self._call.inside:
             return None
+        if (
+            self.loop_lora is not None
+            and torch.is_grad_enabled()
+            and getattr(self._stack[0], "gradient_checkpointing", False)
+        ):
+            raise ValueError(
+                "loop_lora cannot train under gradient checkpointing: the recomputed layers would not know their "
+                "loop (turn checkpointing off, or train the LoRA without it)"
+            )
         self._call = call = _Call(args, kwargs)
         cache = _cache(args, kwargs)
         if cache is not None:
             self._make_room(cache)
+            call.past = getattr(cache, "self_attention_cache", cache).get_seq_length() > 0
         k = self.backprop_loops
         if k is not None and self.n_loops > k and torch.is_grad_enabled():
             call.grad_saved = True  # truncated backprop: the first loop, before the last k, keeps no graph
@@ -297,6 +325,7 @@ class LoopedRange(nn.Module):
         h, rest = _split(output)
         if self._recording is not None:
             self._recording[:] = [h]
+            self._recorded_past = call.past
         if self.n_loops == 1:
             self.loops_used = None
             return None
@@ -306,25 +335,27 @@ class LoopedRange(nn.Module):
         exited = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
         policy, k = self._exit, self.backprop_loops
         call.inside = True
-        for t in range(1, self.n_loops):
-            # truncated backprop: only the last k loops build a graph; e keeps its gradient in them
-            with torch.set_grad_enabled(grad and (k is None or t >= self.n_loops - k)):
-                x = self._inject(h, e)
-                call.loop = t
-                for j, layer in enumerate(self.range_layers()):
-                    with self._at_loop(t, j):
-                        x, rest = _split(self._run(t, j, layer, x, rest_args, kwargs))
-                call.loop = None
-            if policy is not None:
-                x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
-                value = policy.score(h, x, self._lens_of)
-                used = torch.where(exited, used, used + 1)
-                done = used >= min(policy.min_loops, self.n_loops)
-                exited = exited | ((value < policy.threshold) & done)
-            h = x
-            if self._recording is not None:
-                self._recording.append(h)
-        call.inside = False
+        try:
+            for t in range(1, self.n_loops):
+                # truncated backprop: only the last k loops build a graph; e keeps its gradient in them
+                with torch.set_grad_enabled(grad and (k is None or t >= self.n_loops - k)):
+                    x = self._inject(h, e)
+                    call.loop = t
+                    for j, layer in enumerate(self.range_layers()):
+                        with self._at_loop(t, j):
+                            x, rest = _split(self._run(t, j, layer, x, rest_args, kwargs))
+                    call.loop = None
+                if policy is not None:
+                    x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
+                    value = policy.score(h, x, self._lens_of)
+                    used = torch.where(exited, used, used + 1)
+                    done = used >= min(policy.min_loops, self.n_loops)
+                    exited = exited | ((value < policy.threshold) & done)
+                h = x
+                if self._recording is not None:
+                    self._recording.append(h)
+        finally:
+            call.inside, call.loop = False, None
         self.loops_used = used if policy is not None else torch.full_like(used, self.n_loops)
         if policy is not None:
             for n, count in zip(*torch.unique(used, return_counts=True)):

@@ -78,6 +78,9 @@ class Masked:
         """Every position of the state (the answers read it, and so do the later positions)."""
         return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
 
+    def exit_positions(self, batch: dict) -> torch.Tensor:
+        return batch["mask"]
+
 
 def _scores(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> list:
     """[summed NLL, correct predictions, scored positions, rows all right, scored rows]; a row is right when
@@ -192,9 +195,10 @@ def _exit_reading(model, looped, batches: list[dict], scorer, policy: Exit, n_lo
     with loop_settings(looped, n_loops=n_loops, exit=policy):
         for batch in batches:
             totals.append(scorer.scores(scorer.logits(model, batch), batch))
+            where = scorer.exit_positions(batch)
             held = looped.loops_used  # None at one loop: every token ran it
-            held = torch.ones_like(batch["input_ids"]) if held is None else held
-            used.append(held[scorer.exit_positions(batch)])
+            held = torch.ones(where.shape, dtype=torch.long, device=where.device) if held is None else held
+            used.append(held[where])
     used = torch.cat(used)
     histogram = {int(k): int(n) for k, n in zip(*torch.unique(used, return_counts=True))}
     return {

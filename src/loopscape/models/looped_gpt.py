@@ -21,6 +21,7 @@ residual output projections at ``0.02 / sqrt(2 x layers)``, biases 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -180,12 +181,8 @@ class LoopedGPT(nn.Module):
     def step(self, h: torch.Tensor | None, e: torch.Tensor, loop: int = 0) -> torch.Tensor:
         """``h_t`` from ``h_{t-1}`` (``None`` for ``h_0``) and the read-in ``e = E(x)``; ``loop = t - 1``."""
         if h is None:
-            out = self.block(e, loop)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
-        else:
-            out = self.block(h + e if self.config.input_injection else h, loop)
-        if self._recording is not None:
-            self._recording.append(out)
-        return out
+            return self.block(e, loop)  # h_0 = 0 with injection; h_0 = E(x) without: both give B(E(x))
+        return self.block(h + e if self.config.input_injection else h, loop)
 
     def forward(self, x: torch.Tensor, n_loops: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, W, V)`` of each sample after its own number of loops.
@@ -198,12 +195,13 @@ class LoopedGPT(nn.Module):
         n_loops = self.n_loops if n_loops is None else n_loops
         if self._recording is not None:
             self._recording.clear()
-        e, k, grad = self.embed(x), self.config.backprop_loops, torch.is_grad_enabled()
+        e, k, grad = self.embed(x), self.backprop_loops, torch.is_grad_enabled()
         if isinstance(n_loops, int) or n_loops.dim() == 0:
             h, n = None, int(n_loops)
             for t in range(1, n + 1):
                 with torch.set_grad_enabled(grad and (k is None or t > n - k)):  # truncated: the last k only
                     h = self.step(h, e, t - 1)
+                self._record(h)
             return self.head(h)
         if int(n_loops.min()) < 1:
             raise ValueError("n_loops must be >= 1 for every sample")
@@ -221,6 +219,7 @@ class LoopedGPT(nn.Module):
                 h = h_early if late is None else torch.cat([h_early, late])
             else:
                 h = self.step(h, e[:active], t - 1)
+            self._record(h)
             finished = counts[t]  # they sit at the end of the prefix
             if finished:
                 done.append(h[active - finished :])
@@ -245,10 +244,23 @@ class LoopedGPT(nn.Module):
     def n_loops(self, value: int) -> None:
         self._n_loops = check_n_loops(value)
 
+    @property
+    def backprop_loops(self) -> int | None:
+        """Truncated backprop through the last ``k`` loops (the config's ``backprop_loops``; None: every loop)."""
+        return self.config.backprop_loops
+
+    @backprop_loops.setter
+    def backprop_loops(self, k: int | None) -> None:
+        self.config = dataclasses.replace(self.config, backprop_loops=None if k is None else check_n_loops(k))
+
     def recording(self):
         """Within this context the list it yields holds each loop's state of the last forward (with loop
-        counts per sample, the samples still going at that loop)."""
+        counts per sample: at loop ``t`` the samples still going, in descending order of their loop counts)."""
         return while_set(self, "_recording", [])
+
+    def _record(self, h: torch.Tensor) -> None:
+        if self._recording is not None:
+            self._recording.append(h)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """The logits of a state: the read-out ``W_out h`` (the block already ends in the final norm)."""

@@ -22,6 +22,8 @@ checkpoints kept it.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,8 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from loopscape.looped import find_looped, get_n_loops, set_n_loops  # noqa: F401  (names this module kept)
-from loopscape.shift.criterion import GRAD_NORMS
+from loopscape.shift.criterion import DECISIONS, GRAD_NORMS
 from loopscape.shift.schedule import ShiftSchedule
+
+log = logging.getLogger(__name__)
 
 # the controller's state in a checkpoint (Markov, population and algorithmic trainers; the callbacks' state)
 STATE_KEY = "shift_state"
@@ -48,6 +52,21 @@ def saved_state(extra: dict):
     if "switches" in extra:
         return extra
     return extra.get("schedule")
+
+
+def loop_count_holder(model):
+    """Where SHIFT sets the loop count: the model's :class:`~loopscape.looped.Looped` part, else (a loop of
+    one's own that keeps only a count) its first module with an ``n_loops`` attribute; an object that is not
+    a module (a population member) is its own holder."""
+    if not isinstance(model, nn.Module):
+        return model
+    try:
+        return find_looped(model)
+    except ValueError:
+        holder = next((m for m in model.modules() if hasattr(m, "n_loops")), None)
+        if holder is None:
+            raise
+        return holder
 
 
 class ShiftController:
@@ -83,8 +102,7 @@ class ShiftController:
             self.attach(model, optimizer)
 
     def attach(self, model: nn.Module, optimizer=None) -> None:
-        # found once (one clear line if there is nothing to loop); a population member is its own holder
-        self.holder = find_looped(model) if isinstance(model, nn.Module) else model
+        self.holder = loop_count_holder(model)  # found once; one clear line if there is nothing to loop
         self.model, self.optimizer = model, optimizer if optimizer is not None else self.optimizer
 
     def before_step(self, step: int) -> int:
@@ -127,18 +145,43 @@ class ShiftController:
         return self.schedule.starts_stage(step + 1)
 
     def scp_progress(self) -> dict[str, float]:
-        """What SCP has seen so far, for the logs as it happens (empty without SCP or once it fired):
-        ``scp_evaluations``, ``scp_since_best`` (evaluations without a gain), ``scp_plateau_at`` and
-        ``scp_grad_norm``, the last gradient norm it read (of the kind named by ``grad_norm``)."""
+        """What SCP has seen so far, for the logs as it happens (empty without SCP): ``scp_evaluations``,
+        ``scp_since_best`` (evaluations without a gain), ``scp_plateau_at`` and ``scp_grad_norm``, the last
+        gradient norm it read (of the kind named by ``grad_norm``); once it fired, ``scp_fired_at`` (the
+        evaluation) and ``scp_decided_by``, the index in :data:`~loopscape.shift.criterion.DECISIONS` (0: its
+        own decision, 1: forced by ``max_wait``, 2: forced by ``shift_by``)."""
         c = self.schedule.criterion
-        if c is None or c.shifted:
+        if c is None:
             return {}
+        if c.shifted:
+            return {"scp_fired_at": c.shift_at, "scp_decided_by": list(DECISIONS).index(c.decided_by or "settled")}
         out = {"scp_evaluations": c.evaluations, "scp_since_best": c.since_best}
         if c.plateau_at is not None:
             out["scp_plateau_at"] = c.plateau_at
         if c.grad_norms:
             out["scp_grad_norm"] = c.grad_norms[-1]
         return out
+
+    def decision(self) -> str | None:
+        """One line saying who decided the switch (None before it): the fixed schedule, or SCP and how
+        (:data:`~loopscape.shift.criterion.DECISIONS`)."""
+        shift, c = self.schedule.shift_step, self.schedule.criterion
+        if shift is None:
+            return None
+        if c is None or not c.shifted:
+            return f"SHIFT: Stage II from step {shift + 1} ({self.schedule.n_loops} loops), as the schedule fixed it"
+        return f"SHIFT: Stage II from step {shift + 1} ({self.schedule.n_loops} loops): {c.status()}"
+
+    def report_end(self, last_step: int, main_process: bool = True) -> None:
+        """At the end of training, on the main process: a warning if Stage II never started or SCP was
+        forced to switch (by ``max_wait`` or ``shift_by``), else the decision logged at INFO level."""
+        never, c = self.end_of_training(last_step), self.schedule.criterion
+        if not main_process:
+            return
+        if never is not None or (c is not None and c.forced):
+            warnings.warn(never or self.decision(), stacklevel=3)
+        elif self.decision() is not None:
+            log.info(self.decision())
 
     def end_of_training(self, last_step: int) -> str | None:
         """None if Stage II started by ``last_step``; otherwise one line saying that it never did, and why."""

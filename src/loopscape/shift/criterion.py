@@ -122,6 +122,13 @@ class SCPConfig:
         return ShiftCriterion(**self.settings())
 
 
+DECISIONS = {  # what made SCP fire, as the logs' scp_decided_by codes 0, 1, 2 and the end-of-training line say
+    "settled": "SCP's own decision (a plateau, then the gradient norm settled)",
+    "max_wait": "forced by max_wait (a plateau, but the gradient norm did not settle in time)",
+    "shift_by": "forced by shift_by (the bound from the start of training)",
+}
+
+
 @dataclass
 class ShiftCriterion(SCPConfig):
     """SCP: :class:`SCPConfig`'s settings (the same keywords and defaults) and the state of the evaluations
@@ -134,6 +141,7 @@ class ShiftCriterion(SCPConfig):
     plateau_at: int | None = None
     shift_at: int | None = None
     forced: bool = False
+    decided_by: str | None = None  # once fired: one of DECISIONS
     grad_norms: list[float] = field(default_factory=list)
 
     @property
@@ -152,7 +160,7 @@ class ShiftCriterion(SCPConfig):
         e = self.evaluations
         self.grad_norms = (self.grad_norms + [float(grad_norm)])[-self.wait :]
         if self.shift_by is not None and e >= self.shift_by:
-            self.shift_at, self.forced = e, True
+            self.shift_at, self.forced, self.decided_by = e, True, "shift_by"
             return True
         if self.plateau_at is None:
             if val_loss < self.best - self.min_delta:
@@ -167,13 +175,14 @@ class ShiftCriterion(SCPConfig):
         spread = self.spread(self.grad_norms)
         if spread <= self.grad_tol or (self.max_wait is not None and e >= self.plateau_at + self.max_wait):
             self.shift_at, self.forced = e, spread > self.grad_tol
+            self.decided_by = "max_wait" if self.forced else "settled"
             return True
         return False
 
     def status(self) -> str:
         """Where SCP stands, in one line: why it has not fired yet (or when it did), with the values it saw."""
         if self.shifted:
-            return f"SCP fired at evaluation {self.shift_at}" + (" (forced)" if self.forced else "")
+            return f"SCP fired at evaluation {self.shift_at}: {DECISIONS[self.decided_by or 'settled']}"
         if self.evaluations == 0:
             return "SCP saw no evaluation: evaluate on a validation set (and log the gradient norm) during training"
         if self.plateau_at is None:
