@@ -24,7 +24,8 @@ def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    gguf = gguf_file(path)
+    named = kwargs.pop("gguf_file", None)  # transformers' and lm-eval's way to name it: a folder and a file name
+    gguf = gguf_file(Path(path) / named if named else path)
     if gguf is not None:
         model, info = load_gguf(gguf, **kwargs), {}
     else:
