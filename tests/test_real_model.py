@@ -78,3 +78,31 @@ def test_a_torn_gguf_is_one_line(gguf, tmp_path):
     torn.write_bytes(gguf.read_bytes()[:1_000_000])
     with pytest.raises(ValueError, match=r"^path must be a GGUF file of an architecture transformers reads \(torn"):
         from_pretrained(torn, layers=(1, 2))
+
+
+def test_lm_eval_scores_the_looped_gguf_on_a_local_task_from_real_text(gguf, tmp_path):
+    """`loopscape lm-eval`'s model type on a GGUF (a folder and lm-eval's gguf_file=), looped by layers and
+    n_loops, on last-word prediction built from held-out prose (docs/scripts/pydoc_lastword.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "pydoc_lastword.py"
+    spec = importlib.util.spec_from_file_location("pydoc_lastword", script)
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    task.main(tmp_path / "task")
+    from loopscape.integrations.lmeval import LoopscapeLM
+    from loopscape.looped import find_looped
+
+    lm = LoopscapeLM(
+        pretrained=str(gguf.parent), gguf_file=gguf.name, layers="12:18", n_loops=2, device="cpu", batch_size=8
+    )
+    assert find_looped(lm.model).n_loops == 2 and getattr(lm.model.config, "quantization_config", None) is None
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["pydoc_lastword"], task_manager=TaskManager(include_path=str(tmp_path / "task")), limit=16
+    )
+    scores = out["results"]["pydoc_lastword"]
+    assert 0 <= scores["acc,none"] <= 1 and 1 < scores["perplexity,none"] < 1e4
