@@ -488,7 +488,7 @@ def test_two_lightning_curvature_callbacks_keep_their_own_state_through_a_checkp
     first = callbacks()
     assert first[0].state_key != first[1].state_key
     fit(4, first).save_checkpoint(tmp_path / "step4.ckpt")
-    saved = torch.load(tmp_path / "step4.ckpt", weights_only=False)["callbacks"]
+    saved = torch.load(tmp_path / "step4.ckpt", weights_only=True)["callbacks"]
     assert [r["step"] for r in saved[first[0].state_key]["rows"]] == [2, 4]
     assert [r["step"] for r in saved[first[1].state_key]["rows"]] == [3]
     resumed = callbacks()
@@ -497,7 +497,7 @@ def test_two_lightning_curvature_callbacks_keep_their_own_state_through_a_checkp
     assert [r["step"] for r in resumed[1].probe.rows] == [3, 6]
     assert resumed[0].probe.rows[:2] == saved[first[0].state_key]["rows"]
     # a checkpoint written before state_key: one CurvatureCallback, its state under the class name
-    ckpt = torch.load(tmp_path / "step4.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "step4.ckpt", weights_only=True)
     ckpt["callbacks"] = {"CurvatureCallback": ckpt["callbacks"][first[1].state_key]}
     torch.save(ckpt, tmp_path / "old.ckpt")
     alone = callbacks()[1]

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-a, b = torch.load(sys.argv[1]), torch.load(sys.argv[2])
+a, b = (torch.load(path, weights_only=True) for path in sys.argv[1:3])
 bad = [k for k in a if k not in b or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
 print(f"{len(a)} outputs compared, {len(bad)} differ: {bad}")
 sys.exit(1 if bad else 0)

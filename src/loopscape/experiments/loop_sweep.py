@@ -22,7 +22,7 @@ from loopscape.config import ConfigError
 from loopscape.extras import require_extra
 from loopscape.io import atomic_write_text, claim_new_run_folder, write_json
 from loopscape.looped.exit import EXITS
-from loopscape.looped.io import from_pretrained, gguf_file
+from loopscape.looped.io import NotLoopedError, from_pretrained, gguf_file
 from loopscape.looped.sweep import OVERTHINKING_TOLERANCE, Masked, loop_sweep
 from loopscape.models.looped_gpt import attention_flops
 from loopscape.reporting.figures import save_figure
@@ -209,11 +209,11 @@ def run_loop_sweep(
         read = {"windows_read": sum(len(b["input_ids"]) for b in batches), "windows_total": len(tokens) // context}
     try:
         model = from_pretrained(model_path, layers=None if layers is None else tuple(layers))
+    except NotLoopedError:
+        raise ConfigError(
+            f"--model {str(model_path)!r} is not loopified: give --layers START,STOP to loop it"
+        ) from None
     except ValueError as error:
-        if "has no loopscape settings" in str(error):
-            raise ConfigError(
-                f"--model {str(model_path)!r} is not loopified: give --layers START,STOP to loop it"
-            ) from None
         raise ConfigError(f"--model: {error}") from None
     claim_new_run_folder(out)
     result = loop_sweep(model, batches, loops, thresholds, exit, exit_loops)

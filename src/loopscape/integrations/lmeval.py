@@ -30,7 +30,7 @@ from functools import partial
 from loopscape.looped import find_looped
 from loopscape.looped.decoder import looped_layers, loopify
 from loopscape.looped.exit import EXITS
-from loopscape.looped.io import from_pretrained, load_loop_weights
+from loopscape.looped.io import NotLoopedError, from_pretrained, load_loop_weights
 from loopscape.looped.range import INJECTIONS
 
 __all__ = ["LoopscapeLM", "parse_layers"]
@@ -87,10 +87,8 @@ class LoopscapeLM(HFLM):
         _Loader.swap_once(self, partial(from_pretrained, layers=a["layers"], injection=a["injection"]))
         try:
             super()._create_model(pretrained=pretrained, **kwargs)
-        except ValueError as error:
-            if "has no loopscape settings" in str(error):
-                raise ValueError(NO_LAYERS) from None
-            raise
+        except NotLoopedError:
+            raise ValueError(NO_LAYERS) from None
         finally:
             _Loader.restore(self)
         self._loop(self._model, pretrained, kwargs.get("subfolder") or "")

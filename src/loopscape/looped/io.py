@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 OWN = ".looped_range."  # where the loop's own weights sit in a loopified model's state dict
 
 
+class NotLoopedError(ValueError):
+    """A plain checkpoint given where a looped one (or ``layers=``) was needed: callers name their own flag."""
+
+
 def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str | None = None, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, looped again by the settings its config
     holds, with the loop's own weights (concat adapter, per-loop LoRA) loaded back (a plain
@@ -42,7 +46,7 @@ def from_pretrained(path, layers: tuple[int, int] | None = None, injection: str 
     saved = getattr(model.config, "loopscape", None)
     if saved is None:
         if layers is None:
-            raise ValueError(
+            raise NotLoopedError(
                 f"path must hold a model saved after loopscape.loopify ({path!r} has no loopscape settings; "
                 "give layers=(start, stop) to loop a plain checkpoint)"
             )

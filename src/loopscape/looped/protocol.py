@@ -59,6 +59,22 @@ def while_set(owner, name: str, value):
         setattr(owner, name, previous)
 
 
+def slots(modules: list[nn.Module]) -> list[list[tuple[str, int]]]:
+    """Per module, each parameter's own name and its slot in ``[*m.parameters() for m in modules]``: where a
+    model whose ``looped_parameters()`` is that list finds loop ``t``'s copies in ``untie_loops``' weights."""
+    out, offset = [], 0
+    for m in modules:
+        names = [n for n, _ in m.named_parameters()]
+        out.append([(n, offset + k) for k, n in enumerate(names)])
+        offset += len(names)
+    return out
+
+
+def own_copies(module_slots: list[tuple[str, int]], given: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One module's copies in one loop's untied weights (:func:`slots`), by the module's own names."""
+    return {name: given[i] for name, i in module_slots if i in given}
+
+
 def check_n_loops(value, name: str = "n_loops") -> int:
     """``value`` if it is an integer >= 1; else one line naming ``name``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from loopscape.looped.exit import NO_EXIT, Exit
 from loopscape.looped.lora import LoopLoRA, lora_targets
-from loopscape.looped.protocol import check_n_loops, while_set
+from loopscape.looped.protocol import check_n_loops, own_copies, slots, while_set
 from loopscape.looped.structure import Structure, linear_shape
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class LoopedRange(nn.Module):
         # loops used -> tokens through the range since reset_exit_counts(): a generation's prompt tokens included
         self.exit_counts: dict[int, int] = {}
         # the modules whose `layer_idx` names their cache entry, per looped layer
+        self._slots = slots(self.range_layers())  # where each layer's weights sit in looped_parameters()
         self._indexed = [
             [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
             for layer in self.range_layers()
@@ -385,13 +386,7 @@ class LoopedRange(nn.Module):
     def _own_weights(self, t: int, j: int) -> dict[str, torch.Tensor]:
         if not self._untied:
             return {}
-        given = self._untied[min(t, len(self._untied) - 1)]
-        index = {id(p): i for i, p in enumerate(self.looped_parameters())}
-        return {
-            local: given[index[id(p)]]
-            for local, p in self.range_layers()[j].named_parameters()
-            if index.get(id(p)) in given
-        }
+        return own_copies(self._slots[j], self._untied[min(t, len(self._untied) - 1)])
 
     def _lens_of(self, h: torch.Tensor) -> torch.Tensor:
         """The exit criteria's cheap lens: the final norm and LM head on a state (later layers skipped)."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from loopscape.looped.protocol import check_n_loops, while_set
+from loopscape.looped.protocol import check_n_loops, own_copies, slots, while_set
 
 READ_INS = ("linear", "embedding")
 INITS = ("authors", "normal")
@@ -145,6 +145,7 @@ class LoopedGPT(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, V, bias=config.head_bias)
+        self._slots = slots([*self.layers, self.ln_f])  # where each module's weights sit in looped_parameters()
         self.reset_backbone()
         if config.init == "normal":
             for module in (self.read_in, self.head):
@@ -173,10 +174,10 @@ class LoopedGPT(nn.Module):
     def block(self, h: torch.Tensor, loop: int = 0) -> torch.Tensor:
         """``B(h)``: the looped block, final LayerNorm included (at loop ``loop``, 0-based: its own copy of
         the block's weights inside :meth:`untie_loops`)."""
-        own = self._own_weights(loop)
-        for i, layer in enumerate(self.layers):
-            h = _call(layer, own.get(f"layers.{i}"), h)
-        return _call(self.ln_f, own.get("ln_f"), h)
+        *own, own_norm = self._own_weights(loop)
+        for layer, weights in zip(self.layers, own):
+            h = _call(layer, weights, h)
+        return _call(self.ln_f, own_norm, h)
 
     def step(self, h: torch.Tensor | None, e: torch.Tensor, loop: int = 0) -> torch.Tensor:
         """``h_t`` from ``h_{t-1}`` (``None`` for ``h_0``) and the read-in ``e = E(x)``; ``loop = t - 1``."""
@@ -282,18 +283,13 @@ class LoopedGPT(nn.Module):
         """The read-in (Hugging Face's name: a token costs a look-up here, not a product)."""
         return self.read_in
 
-    def _own_weights(self, loop: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Loop ``loop``'s own weights inside :meth:`untie_loops`, by submodule of the block."""
+    def _own_weights(self, loop: int) -> list[dict[str, torch.Tensor]]:
+        """Loop ``loop``'s own weights inside :meth:`untie_loops`: per module of the block (its layers, then
+        the final norm), a dict of its own parameter names (empty: shared)."""
         if not self._untied:
-            return {}
+            return [{}] * (len(self.layers) + 1)
         given = self._untied[min(loop, len(self._untied) - 1)]
-        index = {id(p): i for i, p in enumerate(self.looped_parameters())}
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for prefix, module in [*((f"layers.{i}", m) for i, m in enumerate(self.layers)), ("ln_f", self.ln_f)]:
-            own = {n: given[index[id(p)]] for n, p in module.named_parameters() if index.get(id(p)) in given}
-            if own:
-                out[prefix] = own
-        return out
+        return [own_copies(module_slots, given) for module_slots in self._slots]
 
     def looped_parameters(self) -> list[nn.Parameter]:
         """The weights every loop shares (``landscape.loops``): the block's, final LayerNorm included."""
