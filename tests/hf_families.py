@@ -27,3 +27,18 @@ def build(model_type: str, n_layer: int = 4, dtype=torch.float32) -> torch.nn.Mo
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(family_config(model_type, n_layer))
     return model.to(dtype).eval()
+
+
+def tiny_llama(vocab_size: int = 256, hidden_size: int = 32, **overrides) -> transformers.LlamaConfig:
+    """A 4-layer Llama configuration with untied embeddings (256 tokens: text read as UTF-8 bytes)."""
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaConfig(**{**settings, **overrides})

@@ -305,24 +305,47 @@ def retrofit(
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder (default runs/retrofit-<time>)."),
     config: Path | None = ConfigOpt,
     seeds: str | None = SeedsOpt,
-    model: Path | None = typer.Option(None, "--model", help="A local checkpoint (save_pretrained folder) as Stage I."),
-    data: Path | None = typer.Option(None, "--data", help="A local UTF-8 text file to train on instead of the task."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="A pretrained causal LM (a GGUF file, or a save_pretrained folder). With --data: retrofitted "
+        "recurrence on that text; alone: the checkpoint as Stage I of the task study.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="A UTF-8 text file, or 'pydoc' (CPython's pydoc topics), to train --model on."
+    ),
     set_: list[str] | None = SetOpt,
+    resume: bool = ResumeOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Appendix B: loop the middle layers of a trained decoder and continue, against continuing it plain
-    and a looped model from scratch (needs the \\[hf] extra)."""
-    from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
+    (needs the \\[hf] extra). With --model and --data: a pretrained model on real text at equal training FLOPs
+    (docs/integrations.md); else a small decoder trained on a task first, and a looped model from scratch too."""
+    if model is not None and data is not None:
+        from loopscape.experiments.retrofit_lm import LMRetrofitConfig, run_lm_retrofit
 
-    pairs = overrides(
-        set_,
-        ("--seeds", "seeds", seeds),
-        ("--model", "model_path", str(model) if model else None),
-        ("--data", "data_path", str(data) if data else None),
-    )
-    cfg = load_config(RetrofitConfig, config, pairs)
-    out = _output("retrofit", output, False)
-    result = run_retrofit(cfg, out, show_progress=not quiet)
+        pairs = overrides(
+            set_, ("--seeds", "seeds", seeds), ("--model", "model_path", str(model)), ("--data", "data_path", str(data))
+        )
+        cfg = load_config(LMRetrofitConfig, config, pairs)
+        out = _output("retrofit", output, resume)
+        result = run_lm_retrofit(cfg, out, resume=resume, show_progress=not quiet)
+    else:
+        from loopscape.experiments.retrofit import RetrofitConfig, run_retrofit
+
+        if resume:
+            raise ConfigError("--resume goes with --model and --data (the task study runs in minutes: run it again)")
+        pairs = overrides(
+            set_,
+            ("--seeds", "seeds", seeds),
+            ("--model", "model_path", str(model) if model else None),
+            ("--data", "data_path", str(data) if data else None),
+        )
+        cfg = load_config(RetrofitConfig, config, pairs)
+        out = _output("retrofit", output, False)
+        result = run_retrofit(cfg, out, show_progress=not quiet)
+    if "verdicts" not in result:  # a rank other than 0 under torchrun: rank 0 writes and prints
+        return
     for v in result["verdicts"]:
         typer.echo(f"{v['verdict']:>18}  {v['claim']}: {v['ours']}")
     typer.echo(f"Report: {out / 'report.html'}  Numbers: {out / 'retrofit.json'}")

@@ -160,3 +160,30 @@ def test_a_model_without_an_lm_head_is_refused_in_one_line():
         loopify(transformers.BertModel(config), layers=(0, 1), n_loops=2)
     with pytest.raises(ValueError, match="has nothing to loop"):
         set_n_loops(torch.nn.Linear(2, 2), 2)
+
+
+def test_a_depth_per_call_runs_that_call_only_in_forward_and_generate():
+    """``model(x, n_loops=k)`` and ``model.generate(x, n_loops=k)`` equal the model set to ``k`` loops, and the
+    model's own count is back afterwards, after a refused count too; a deep copy keeps its own hooks."""
+    import copy
+
+    from loopscape.looped import get_n_loops
+
+    model = loopify(llama().eval(), layers=(1, 3), n_loops=2)
+    x = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_call = model(x, n_loops=4).logits
+        assert get_n_loops(model) == 2 and model.config.loopscape["n_loops"] == 2
+        own = model(x).logits
+        set_n_loops(model, 4)
+        four = model(x).logits
+        greedy = model.generate(x[:1], max_new_tokens=5, do_sample=False)
+        set_n_loops(model, 2)
+        assert torch.equal(per_call, four) and not torch.allclose(own, four)
+        assert torch.equal(model.generate(x[:1], max_new_tokens=5, do_sample=False, n_loops=4), greedy)
+        assert get_n_loops(model) == 2
+        with pytest.raises(ValueError, match=r"n_loops must be an integer >= 1 \(got 0\)"):
+            model(x, n_loops=0)
+        assert get_n_loops(model) == 2 and torch.equal(model(x).logits, own)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x, n_loops=4).logits, four) and get_n_loops(twin) == 2 and get_n_loops(model) == 2

@@ -22,7 +22,7 @@ from loopscape.config import ConfigError
 from loopscape.extras import require_extra
 from loopscape.io import atomic_write_text, claim_new_run_folder, write_json
 from loopscape.looped.exit import EXITS
-from loopscape.looped.io import NotLoopedError, from_pretrained, gguf_file
+from loopscape.looped.io import NotLoopedError, from_pretrained, load_tokenizer
 from loopscape.looped.sweep import OVERTHINKING_TOLERANCE, Masked, loop_sweep
 from loopscape.models.looped_gpt import attention_flops
 from loopscape.reporting.figures import save_figure
@@ -51,20 +51,12 @@ def read_tokens(data: Path, model_path: Path) -> list[int] | list[dict]:
             return [r if "labels" in r else {**r, "labels": r["input_ids"]} for r in rows]
         return [t for r in rows for t in r["input_ids"]]
     if data.suffix == ".txt":
-        from transformers import AutoTokenizer
-
-        try:
-            gguf = gguf_file(model_path)
-            tokenizer = (
-                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                if gguf is not None
-                else AutoTokenizer.from_pretrained(model_path)
-            )
-        except (OSError, ValueError):
+        tokenizer = load_tokenizer(model_path)
+        if tokenizer is None:
             raise ConfigError(
                 f"--data {data.name}: a .txt file needs the tokenizer saved in --model {str(model_path)!r} "
                 "(none there); give a .jsonl file of input_ids instead"
-            ) from None
+            )
         return tokenizer(data.read_text(encoding="utf-8"))["input_ids"]
     raise ConfigError(f"--data must end in .txt or .jsonl (got {data.name!r})")
 

@@ -397,8 +397,10 @@ def check_coupling_params(cfg: RetrofitConfig, data: TaskData | TextData) -> Non
     require_fits(8 * 6 * P * P, "loop_coupling_params", cfg.loop_coupling_params, f"a dense {P:,} x {P:,} split")
 
 
-def save_model(model: torch.nn.Module, folder: Path) -> None:
-    """``save_pretrained`` into ``folder`` all at once: written beside it, then moved into place."""
+def save_model(model: torch.nn.Module, folder: Path, state_dict: dict | None = None, tokenizer=None) -> None:
+    """``save_pretrained`` into ``folder`` all at once: written beside it, then moved into place (``state_dict``:
+    the weights to write, e.g. gathered from a sharded model; default the model's own; ``tokenizer``: saved
+    with them, so the folder is all that ``loop-sweep`` and ``lm-eval`` need)."""
     from transformers.utils import logging as hf_logging
 
     partial = folder.with_name(folder.name + ".partial")
@@ -406,7 +408,9 @@ def save_model(model: torch.nn.Module, folder: Path) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per tiny model would bury the study's own lines
     try:
-        model.save_pretrained(partial)
+        model.save_pretrained(partial, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

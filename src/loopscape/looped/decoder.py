@@ -20,13 +20,14 @@ model back, with the loop's own weights.
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
 from torch import nn
 
 from loopscape.looped.exit import EXITS, Exit
-from loopscape.looped.protocol import check_n_loops, find_looped, get_n_loops, set_n_loops
+from loopscape.looped.protocol import check_n_loops, find_looped, get_n_loops, loop_settings, set_n_loops
 from loopscape.looped.range import INJECTIONS, LoopedRange
 from loopscape.looped.structure import Structure
 
@@ -108,6 +109,9 @@ def loopify(
         lora_loops,
     )  # fmt: skip
     looped.exit = policy
+    looped.depth_per_call(model)
+    if hasattr(type(model), "generate"):
+        model.generate = types.MethodType(_generate, model)
     structure.stack.looped_range = looped
     if loop_lora is not None and backprop_loops is not None and backprop_loops < n_loops and layers_given:
         warnings.warn(
@@ -119,6 +123,15 @@ def loopify(
         if config is not None and getattr(config, "use_cache", None) is False:
             config.use_cache = True  # a looped model keeps its cache per loop
     return model
+
+
+def _generate(self, *args, n_loops: int | None = None, **kwargs):
+    """The model's own ``generate``; with ``n_loops=k``, at ``k`` loops for this call only (the model's own
+    count back afterwards): HF's ``generate`` refuses keywords its ``forward`` does not name."""
+    if n_loops is None:
+        return type(self).generate(self, *args, **kwargs)
+    with loop_settings(self, n_loops=n_loops):
+        return type(self).generate(self, *args, **kwargs)
 
 
 def set_exit(model: nn.Module, exit: str | None = None, exit_threshold: float = 0.0, min_loops: int = 1) -> None:

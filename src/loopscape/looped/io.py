@@ -115,6 +115,20 @@ def load_gguf(path: Path, **kwargs) -> nn.Module:
     return model.eval()
 
 
+def load_tokenizer(path):
+    """The tokenizer saved with the checkpoint ``path`` (a GGUF file or folder, or a ``save_pretrained``
+    folder), or None when it holds none."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_file(path)
+    try:
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
 def _key(k) -> str:
     return k if isinstance(k, str) else str(k[0])  # mismatched keys come as (name, shapes)
 

@@ -285,6 +285,31 @@ class LoopedRange(nn.Module):
     def reset_exit_counts(self) -> None:
         self.exit_counts = {}
 
+    def depth_per_call(self, model: nn.Module) -> None:
+        """``model(..., n_loops=k)`` runs ``k`` loops for that call only (Huginn's ``num_steps``), the model's own
+        count back afterwards, even if the call raises: the keyword is taken off the call before the model sees
+        it (its ``**kwargs`` would pass it on unread). Hooks are bound methods, so a deep copy of the model
+        gets hooks on its own copy of the range."""
+        self._depths: list[int | None] = []
+        self._hooks += [
+            model.register_forward_pre_hook(self._depth_before, with_kwargs=True),
+            model.register_forward_hook(self._depth_after, with_kwargs=True, always_call=True),
+        ]
+
+    def _depth_before(self, module, args, kwargs):
+        k = kwargs.get("n_loops")
+        self._depths.append(None if k is None else self._n_loops)  # one entry per call, popped after it
+        if k is None:
+            return None
+        kwargs = {name: v for name, v in kwargs.items() if name != "n_loops"}
+        self._n_loops = check_n_loops(k)  # for this call: not saved in the config
+        return args, kwargs
+
+    def _depth_after(self, module, args, kwargs, output):
+        own = self._depths.pop() if self._depths else None
+        if own is not None:
+            self._n_loops = own
+
     def remove(self) -> None:
         """Undo the loop: remove the hooks (the model is the original again)."""
         for h in self._hooks:

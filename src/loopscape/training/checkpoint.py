@@ -70,18 +70,39 @@ def save_checkpoint(
     unit: str = "epoch",
 ) -> Path:
     """Write a checkpoint after ``done`` units (epochs or steps) and point ``latest.json`` at it."""
-    directory = Path(directory)
+    opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
+    state = {"unit": unit, "done": done, "optimizer": opt_meta, "extra": extra or {}}
+    if generator is not None:
+        state["generator"] = generator_state(generator)
+    return write_checkpoint(directory, model.state_dict(), opt_tensors, state, keep_last)
+
+
+def _unshared(weights: dict) -> dict:
+    """The tensors on the CPU, those that share memory with an earlier one (tied embeddings) copied:
+    safetensors refuses shared tensors, and ``load_state_dict`` ties them again."""
+    seen, out = set(), {}
+    for k, v in weights.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
+def write_checkpoint(directory: str | Path, weights: dict, opt_tensors: dict, state: dict, keep_last: int = 1) -> Path:
+    """The files of :func:`save_checkpoint` from state dicts (``state``: what ``state.json`` holds, with its
+    ``unit`` and ``done``): also what a sharded model's gathered state is written with."""
+    directory, unit, done = Path(directory), state["unit"], state["done"]
     final = directory / f"{unit}-{done:05d}"
     tmp = directory / f".{unit}-{done:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
+    save_file(_unshared(weights), str(tmp / "model.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = {"unit": unit, "done": done, "optimizer": opt_meta, "extra": extra or {}}
-    state["files"] = {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
-    if generator is not None:
-        state["generator"] = generator_state(generator)
+    state = {
+        **state,
+        "files": {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")},
+    }
     write_json(tmp / "state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -100,22 +121,28 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return Path(directory) / read_json_file(pointer)["dir"]
 
 
+def read_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
+    """(weights, optimiser tensors, ``state.json``) of a checkpoint folder, on the CPU; files that differ from
+    what was written (their sizes and hashes are in ``state.json``) are refused."""
+    path = Path(path)
+    state = read_json_file(path / "state.json")
+    for name, digest in state.get("files", {}).items():
+        check_digest(path / name, digest)
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")), state
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its ``state.json`` content. Files that differ from
-    what was written (their sizes and hashes are in ``state.json``) are refused."""
-    path = Path(path)
+    """Restore a checkpoint in place; returns its ``state.json`` content (see :func:`read_checkpoint`)."""
     device = next(model.parameters()).device
-    state = read_json_file(path / "state.json")
-    for name, digest in state.get("files", {}).items():
-        check_digest(path / name, digest)
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    weights, opt_tensors, state = read_checkpoint(path)
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()})
     if optimizer is not None:
-        _load_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        _load_optimizer(model, optimizer, opt_tensors, state["optimizer"])
     if generator is not None and "generator" in state:
         set_generator_state(generator, state["generator"])
     return state

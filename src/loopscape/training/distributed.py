@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def init_distributed(device: str = "auto") -> int:
@@ -22,3 +23,99 @@ def init_distributed(device: str = "auto") -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist.get_rank()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): the process group's once joined, else what ``torchrun`` put in the environment
+    (``(0, 1)`` in a plain process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def data_parallel(model: nn.Module, layers: list[nn.Module], how: str) -> nn.Module:
+    """``model`` for data-parallel training over the process group; returns the module to call. ``"ddp"``:
+    ``DistributedDataParallel``. ``"fsdp"``: PyTorch's FSDP2 (``fully_shard``) on each of ``layers`` (a
+    decoder's blocks) and on the root, so a looped block is gathered again at each of its loops and its
+    gradients reduced once per backward. The model itself keeps its methods (FSDP2 shards in place)."""
+    if how not in PARALLEL:
+        raise ValueError(f"parallel must be one of {list(PARALLEL)} (got {how!r})")
+    if how == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 has it under _composable
+        from torch.distributed._composable.fsdp import fully_shard
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_gathered_checkpoint(
+    directory, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, unit: str = "step"
+) -> None:
+    """A data-parallel (DDP or FSDP) model's checkpoint in :mod:`loopscape.training.checkpoint`'s format: the
+    full weights and optimiser state gathered from every rank (all ranks call this), written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from loopscape.training.checkpoint import write_checkpoint
+
+    weights, optim = get_state_dict(model, optimizer, options=_full_options())
+    if dist.get_rank() == 0:
+        tensors, scalars = {}, {}
+        for name, fields in optim["state"].items():
+            for field, value in fields.items():
+                (tensors if torch.is_tensor(value) else scalars)[f"{name}.{field}"] = value
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
+        meta = {"param_groups": groups, "scalars": scalars}
+        write_checkpoint(directory, weights, tensors, {"unit": unit, "done": done, "optimizer": meta, "extra": extra})
+    dist.barrier()  # no rank goes on (or is killed into a resume) before the checkpoint is whole
+
+
+def load_gathered_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore :func:`save_gathered_checkpoint`'s files on every rank (each reads them); returns ``state.json``."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    from loopscape.training.checkpoint import read_checkpoint
+
+    weights, tensors, state = read_checkpoint(path)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    fields: dict[str, dict] = {}
+    for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
+        name, field = key.rsplit(".", 1)
+        fields.setdefault(name, {})[field] = value
+    groups = [
+        {**group, **saved, "params": group["params"]}
+        for group, saved in zip(optim["param_groups"], state["optimizer"]["param_groups"])
+    ]
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict={"state": fields, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+    return state
