@@ -2,7 +2,8 @@
 
 ``loopscape.loopify`` loops a range of a Hugging Face decoder's layers and ``loopscape.from_pretrained``
 loads a looped one back; ``set_n_loops`` and ``set_exit`` change them (:mod:`loopscape.looped`, where the
-loop protocol every looped model implements lives). They are imported on first use, so ``import loopscape``
+loop protocol every looped model implements lives); ``generate_speculative`` drafts with fewer loops and
+verifies at full depth (:mod:`loopscape.looped.speculative`). They are imported on first use, so ``import loopscape``
 stays light.
 """
 
@@ -10,6 +11,10 @@ _LAZY = {"loopify", "from_pretrained", "set_n_loops", "set_exit"}
 
 
 def __getattr__(name: str):
+    if name == "generate_speculative":
+        from loopscape.looped.speculative import generate_speculative
+
+        return generate_speculative
     if name in _LAZY:
         import loopscape.looped
 

@@ -101,6 +101,7 @@ class LoopedRange(nn.Module):
         self._tail: list = []  # while recording: the arguments of each layer after the range, last forward
         self._reading = False  # readout is running the layers after the range (not a forward to record)
         self._recorded_past = False  # the forward recorded last had a cache with past tokens
+        self._drafting = False  # inside drafting(): fewer loops than the cache holds, for a draft
         self.loops_used: torch.Tensor | None = None  # (batch, positions) of the last call
         # loops used -> tokens through the range since reset_exit_counts(): a generation's prompt tokens included
         self.exit_counts: dict[int, int] = {}
@@ -296,6 +297,18 @@ class LoopedRange(nn.Module):
             model.register_forward_hook(self._depth_after, with_kwargs=True, always_call=True),
         ]
 
+    @contextlib.contextmanager
+    def drafting(self, k: int):
+        """Run ``k`` loops (fewer than the cache was made for) without changing what the cache holds: the
+        draft steps of :func:`~loopscape.looped.speculative.generate_speculative`, whose entries are cut back
+        before the full-depth forward that verifies them."""
+        saved = self._n_loops, self._drafting
+        self._n_loops, self._drafting = check_n_loops(k), True
+        try:
+            yield
+        finally:
+            self._n_loops, self._drafting = saved
+
     def _depth_before(self, module, args, kwargs):
         k = kwargs.get("n_loops")
         self._depths.append(None if k is None else self._n_loops)  # one entry per call, popped after it
@@ -453,6 +466,8 @@ class LoopedRange(nn.Module):
         """Give ``cache`` an entry for every (loop, layer) this call will write, made like the layer's own."""
         cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: its decoder part
         held = getattr(cache, "_loopscape_n_loops", None)
+        if self._drafting and held is not None and self.n_loops <= held:
+            return  # a draft: the cache keeps its room for the full depth
         if held is not None and held != self.n_loops and cache.get_seq_length() > 0:
             raise ValueError(CACHE_MID_GENERATION.format(held=held, now=self.n_loops))
         if self.n_loops == 1 and held is None:
