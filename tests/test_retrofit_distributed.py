@@ -34,7 +34,7 @@ def test_ddp_and_fsdp_gradients_equal_one_process_and_ranks_switch_together(tmp_
     """A looped Llama (3 loops, truncated backprop through 2) in float64: with each rank on half the batch,
     every weight's gradient equals the one-process gradient of the whole batch (to rounding), under DDP and
     under FSDP2, whose per-layer gathering runs the looped layers 3 times per forward; an SCP decision taken on
-    rank 0's validation loss is every rank's."""
+    rank 0's validation loss is every rank's; the concat adapter, unused at one loop, does not stop DDP."""
     script = str(HERE / "distributed" / "gradients.py")
     finish(torchrun(1, script, "one", str(tmp_path)))
     for how in ("ddp", "fsdp"):
@@ -48,6 +48,7 @@ def test_ddp_and_fsdp_gradients_equal_one_process_and_ranks_switch_together(tmp_
                 assert torch.allclose(r["grads"][name], g, rtol=1e-12, atol=1e-15), (how, name)
         # rank 1's own loss kept falling (alone it never switches); it switched with rank 0, at step 5
         assert ranks[0]["depths"] == ranks[1]["depths"] == [1] * 4 + [3] * 11
+        assert ranks[0]["stage1_steps"] == 2  # a concat adapter unused at one loop trains under DDP and FSDP
 
 
 def _worker(parent: int, rank: int) -> int | None:
@@ -99,3 +100,23 @@ def test_the_retrofit_under_torchrun_resumes_after_one_rank_is_killed(tmp_path, 
     results = [json.loads((tmp_path / r / "seed0" / "shift" / "result.json").read_text()) for r in ("killed", "one")]
     assert results[0]["depths"] == results[1]["depths"] and 3 in results[0]["depths"]
     assert results[0]["perplexity"]["3"] == pytest.approx(results[1]["perplexity"]["3"], rel=1e-9)
+
+
+def test_a_run_folder_refused_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone prepares the run folder; when it refuses (a folder in use, no --resume), the other rank
+    stops with it instead of waiting for rank 0 forever."""
+    model = tmp_path / "model"
+    transformers.LlamaForCausalLM(tiny_llama(hidden_size=16)).save_pretrained(model)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's run")
+    study = [
+        "-m", "loopscape.cli", "retrofit", "--model", str(model), "--data", "pydoc", "-o", str(out), "-q",
+        "--set", "context=16", "--set", "batch_size=4", "--set", "eval_windows=2", "--set", "test_loops=[1,3]",
+        "--set", "loop_layers=[1,3]",
+    ]  # fmt: skip
+    proc = torchrun(2, *study)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert err.count("already exists and is not empty") == 2, err[-2000:]  # rank 0's own line, and rank 1's
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

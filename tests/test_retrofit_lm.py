@@ -40,17 +40,17 @@ def test_every_arm_spends_the_plain_arms_flops_and_is_scored_at_every_loop_count
     from loopscape.experiments.retrofit_lm import LMRetrofitConfig, build_arm, load_plain, schedule, step_cost
 
     out = tmp_path / "run"
-    r = run(f"retrofit --model {tiny} --data pydoc -o {out} -q --seeds 0,1 --set budget_steps=8 {TINY}")
+    r = run(f"retrofit --model {tiny} --data pydoc -o {out} -q --seeds 0,1 --set budget_steps=10 {TINY}")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "retrofit.json").read_text())
-    cfg = LMRetrofitConfig(model_path=str(tiny), budget_steps=8, context=16, batch_size=2, loop_layers=[1, 3])
+    cfg = LMRetrofitConfig(model_path=str(tiny), budget_steps=10, context=16, batch_size=2, loop_layers=[1, 3])
     base = load_plain(str(tiny))
     plain_step = step_cost(base, cfg, 1)
-    budget = 8 * plain_step
+    budget = 10 * plain_step
     for seed in ("0", "1"):
         arms = report["runs"][seed]
         assert set(arms) == {"plain", "shift", "loop", "shift-lora", "shift-concat"}
-        assert arms["plain"]["steps"] == 8 and arms["plain"]["flops"] == pytest.approx(budget)
+        assert arms["plain"]["steps"] == 10 and arms["plain"]["flops"] == pytest.approx(budget)
         for name, arm in arms.items():
             assert set(arm["perplexity"]) == {"1", "2", "3"}
             model, depth = build_arm(base, cfg, name), schedule(cfg, name, int(seed))
@@ -58,8 +58,8 @@ def test_every_arm_spends_the_plain_arms_flops_and_is_scored_at_every_loop_count
             # at equal FLOPs: within the budget, and the schedule's next step would not have fitted
             assert budget - step_cost(model, cfg, after) < arm["flops"] <= budget * (1 + 1e-9), name
             assert arm["flops"] == pytest.approx(sum(step_cost(model, cfg, k) for k in arm["depths"]))
-        # SHIFT: one loop for half the budget (4 plain steps), then the ramp 2, 3 (over 2 steps), then 3
-        assert arms["shift"]["depths"][:6] == [1, 1, 1, 1, 2, 3]
+        # SHIFT: one loop for half the budget (5 plain steps), then the ramp 2, 3 (over 2 steps), then 3
+        assert arms["shift"]["depths"][:7] == [1, 1, 1, 1, 1, 2, 3]
         assert arms["loop"]["depths"] == [3] * len(arms["loop"]["depths"])
         assert arms["shift"]["backprop_loops"] == 1 and arms["shift-lora"]["backprop_loops"] is None
     assert (out / "seed0" / "shift" / "model" / "config.json").is_file()  # save_models: the shift arm
@@ -148,6 +148,8 @@ def test_a_torn_trainer_checkpoint_is_removed_not_resumed_from(tmp_path):
         ("--set arms=[shift]", "arms must be plain and any of"),
         ("--set trainer=keras", "trainer must be one of ['loop', 'hf'] (got 'keras')"),
         ("--set backprop_loops=4", "backprop_loops must be null or 1..n_loops (3) (got 4)"),
+        ("--set test_loops=[1,2]", "test_loops must be distinct loop counts that include 1 and n_loops (3)"),
+        (f"--set budget_steps=3 {TINY}", "budget_steps must be enough plain steps for every arm to reach 3 loops"),
     ],
 )
 def test_bad_settings_are_one_line_and_write_nothing(tiny, tmp_path, setting, message):

@@ -29,6 +29,7 @@ extra) stops with one line, exit code 1. Never a traceback for either.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -328,6 +329,8 @@ def retrofit(
             set_, ("--seeds", "seeds", seeds), ("--model", "model_path", str(model)), ("--data", "data_path", str(data))
         )
         cfg = load_config(LMRetrofitConfig, config, pairs)
+        if output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--output must name the run folder under torchrun (each process would name its own)")
         out = _output("retrofit", output, resume)
         result = run_lm_retrofit(cfg, out, resume=resume, show_progress=not quiet)
     else:

@@ -51,7 +51,12 @@ def main(how: str, out: str) -> None:
     for step in range(1, 16):
         depths.append(controller.before_step(step))
         controller.after_evaluation(step, 1.0 - 0.3 * rank * step, 1.0)
-    torch.save({"grads": grads, "depths": depths}, f"{out}/{how}-rank{rank}.pt")
+    # Stage I of a concat-injection model: one loop leaves the adapter unused, which DDP must allow
+    stage1 = loopify(tiny(), layers=(1, 3), n_loops=1, injection="concat")
+    run = data_parallel(stage1, Structure(stage1).layers, how) if how != "one" else stage1
+    for _ in range(2):
+        run(input_ids=x[rank::world], labels=x[rank::world]).loss.backward()
+    torch.save({"grads": grads, "depths": depths, "stage1_steps": 2}, f"{out}/{how}-rank{rank}.pt")
     dist.destroy_process_group()
 
 

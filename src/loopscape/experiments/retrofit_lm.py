@@ -56,14 +56,14 @@ from loopscape.shift.schedule import ShiftSchedule
 from loopscape.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loopscape.training.distributed import (
     PARALLEL,
-    barrier,
     data_parallel,
     init_distributed,
     load_gathered_checkpoint,
+    on_rank0,
     rank_and_world,
     save_gathered_checkpoint,
 )
-from loopscape.training.run import check_finite
+from loopscape.training.run import check_finite, seeded
 
 ARMS = ("plain", "shift", "loop", "shift-lora", "shift-concat")
 PYDOC = "pydoc"  # data_path's name for CPython's pydoc topics (PSF licence), installed with Python itself
@@ -89,7 +89,7 @@ class LMRetrofitConfig:
     batch_size: int = 8
     context: int = 64  # tokens per training and test window
     lr: float = 1e-4
-    weight_decay: float = 0.01  # torch's AdamW default, set on the HF Trainer's too
+    weight_decay: float = 0.01  # torch's AdamW default (the HF Trainer's AdamW leaves biases and norms out)
     clip: float | None = 1.0
     backprop_loops: int | None = 1  # truncated backprop through the last k loops (None: every loop)
     lora_rank: int = 8
@@ -113,12 +113,13 @@ class LMRetrofitConfig:
         )
         require_seeds(self.seeds, f"{p}seeds")
         a, b = (list(self.loop_layers) + [0, 0])[:2]
-        require(len(self.loop_layers) == 2 and 0 <= a < b, f"{p}loop_layers", "[start, stop], 0 <= start < stop", a)
+        ok = len(self.loop_layers) == 2 and 0 <= a < b
+        require(ok, f"{p}loop_layers", "[start, stop] with 0 <= start < stop", self.loop_layers)
         require(self.n_loops >= 2, f"{p}n_loops", "an integer >= 2", self.n_loops)
         require(
-            bool(self.test_loops) and min(self.test_loops) >= 1 and len(set(self.test_loops)) == len(self.test_loops),
+            {1, self.n_loops} <= set(self.test_loops) and len(set(self.test_loops)) == len(self.test_loops),
             f"{p}test_loops",
-            "distinct integers >= 1",
+            f"distinct loop counts that include 1 and n_loops ({self.n_loops}), which the tests compare",
             self.test_loops,
         )
         require(
@@ -140,6 +141,8 @@ class LMRetrofitConfig:
         require(set(self.save_models) <= set(self.arms), f"{p}save_models", "arms of the study", self.save_models)
         require(self.dtype in DTYPES, f"{p}dtype", f"one of {list(DTYPES)}", self.dtype)
         require(self.device in ("auto", "cpu", "cuda"), f"{p}device", "one of ['auto', 'cpu', 'cuda']", self.device)
+        cuda = self.device != "cuda" or torch.cuda.is_available()
+        require(cuda, f"{p}device", "auto or cpu on a machine without CUDA", self.device)
         require(self.parallel in PARALLEL, f"{p}parallel", f"one of {list(PARALLEL)}", self.parallel)
 
 
@@ -154,11 +157,15 @@ class Text:
 
             text = "\n".join(pydoc_data.topics.topics.values())
         else:
-            text = Path(cfg.data_path).read_text(encoding="utf-8")
+            try:
+                text = Path(cfg.data_path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                where = f"{cfg.data_path}: {error.reason} at byte {error.start}"
+                raise ConfigError(f"data_path must be UTF-8 text ({where})") from None
         cut = int((1 - HELD_OUT) * len(text))
         self.train_ids, self.test_ids = (self._encode(part, tokenizer, vocab_size) for part in (text[:cut], text[cut:]))
         self.cfg, self.tokenizer = cfg, tokenizer
-        need = (cfg.context + 1) * max(cfg.eval_windows, 2)
+        need = cfg.context + 1
         if len(self.train_ids) < need or len(self.test_ids) < cfg.eval_windows * cfg.context:
             raise ConfigError(
                 f"data_path must give at least {need} training and {cfg.eval_windows * cfg.context} held-out tokens "
@@ -177,7 +184,7 @@ class Text:
 
     def batch(self, seed: int, step: int) -> torch.Tensor:
         """Step ``step``'s windows of ``context`` tokens: the same for every arm and on resume."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
         starts = torch.randint(0, len(self.train_ids) - self.cfg.context, (self.cfg.batch_size,), generator=g)
         return self.train_ids[starts[:, None] + torch.arange(self.cfg.context)]
 
@@ -193,7 +200,11 @@ def load_plain(path: str, dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     gguf = gguf_file(path)
-    model = load_gguf(gguf) if gguf is not None else AutoModelForCausalLM.from_pretrained(path)
+    try:
+        model = load_gguf(gguf) if gguf is not None else AutoModelForCausalLM.from_pretrained(path)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"model_path must be a GGUF file or a save_pretrained causal LM ({path}: {reason})") from None
     if getattr(model.config, "loopscape", None) is not None:
         raise ConfigError(f"model_path must be a plain (not loopified) checkpoint (got {path!r})")
     return model.to(DTYPES[dtype])
@@ -222,7 +233,7 @@ def schedule(cfg: LMRetrofitConfig, arm: str, seed: int) -> ShiftSchedule | None
     if arm == "loop":
         return ShiftSchedule(cfg.n_loops, at=0)
     at = max(1, int(cfg.switch_fraction * cfg.budget_steps))
-    ramp = max(1, round((1 - cfg.switch_fraction) * cfg.budget_steps / 2))  # the first half of Stage II
+    ramp = max(1, round((1 - cfg.switch_fraction) * cfg.budget_steps / 2))  # half of Stage II's budget, in plain steps
     return ShiftSchedule(cfg.n_loops, at=at, ramp="linear", ramp_steps=ramp, seed=seed)
 
 
@@ -233,8 +244,9 @@ def cfg_device(cfg: LMRetrofitConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_arm(base: torch.nn.Module, cfg: LMRetrofitConfig, arm: str) -> torch.nn.Module:
-    """A copy of the pretrained model, looped as the arm says."""
+def build_arm(base: torch.nn.Module, cfg: LMRetrofitConfig, arm: str, seed: int = 0) -> torch.nn.Module:
+    """A copy of the pretrained model, looped as the arm says; new weights (the LoRA's A) drawn from ``seed``
+    alone, so a resumed run builds the arm a whole run built."""
     model = copy.deepcopy(base).to(cfg_device(cfg))
     if arm == "plain":
         return model
@@ -243,7 +255,8 @@ def build_arm(base: torch.nn.Module, cfg: LMRetrofitConfig, arm: str) -> torch.n
         options.update(loop_lora=cfg.lora_rank, backprop_loops=None)
     if arm == "shift-concat":
         options["injection"] = "concat"
-    return loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, **options)
+    with seeded(seed):
+        return loopify(model, layers=tuple(cfg.loop_layers), n_loops=cfg.n_loops, **options)
 
 
 def step_cost(model: torch.nn.Module, cfg: LMRetrofitConfig, k: int) -> float:
@@ -351,7 +364,7 @@ def train_hf(model, cfg: LMRetrofitConfig, text: Text, seed: int, sched, depths,
         logging_steps=1,
         report_to=[],
         seed=seed,
-        use_cpu=True,
+        use_cpu=cfg_device(cfg).type == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -359,7 +372,12 @@ def train_hf(model, cfg: LMRetrofitConfig, text: Text, seed: int, sched, depths,
     if sched is not None:
         c = sched.config
         callbacks.append(ShiftCallback(n_loops=c.n_loops, at=c.at, ramp=c.ramp, ramp_steps=c.ramp_steps, seed=c.seed))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Windows(), callbacks=callbacks)
+
+    class InOrder(transformers.Trainer):
+        def _get_train_sampler(self, *args, **kwargs):  # step s reads the windows of step s, as our loop does
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args, train_dataset=Windows(), callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the study prints its own lines
     t0 = time.perf_counter()
     bars = hf_logging.is_progress_bar_enabled()
@@ -393,9 +411,9 @@ def run_arm(base, cfg: LMRetrofitConfig, text: Text, seed: int, arm: str, budget
     done = folder / "result.json"
     if done.exists():
         return read_json_file(done)
-    rank, world = rank_and_world()
+    _, world = rank_and_world()
     folder.mkdir(parents=True, exist_ok=True)
-    model = build_arm(base, cfg, arm)
+    model = build_arm(base, cfg, arm, seed)
     sched = schedule(cfg, arm, seed)
     depths = plan(model, cfg, sched, budget)
     train = train_hf if cfg.trainer == "hf" else train_loop
@@ -415,8 +433,7 @@ def run_arm(base, cfg: LMRetrofitConfig, text: Text, seed: int, arm: str, budget
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(model, options=options)
-        if rank == 0:
-            save_model(model, folder / "model", state_dict=weights, tokenizer=text.tokenizer)
+        on_rank0(save_model, model, folder / "model", state_dict=weights, tokenizer=text.tokenizer)
     result = {
         "arm": arm,
         "seed": seed,
@@ -431,18 +448,40 @@ def run_arm(base, cfg: LMRetrofitConfig, text: Text, seed: int, arm: str, budget
         "perplexity": per_loop,
         "backprop_loops": None if looped is None or arm == "plain" else looped.backprop_loops,
     }
-    if rank == 0:
-        write_json(done, result)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the arm is done: its result is what stays
-        shutil.rmtree(folder / "hf", ignore_errors=True)
-    barrier()
+    on_rank0(finish_arm, folder, result)
     return result
 
 
-def check_layers(cfg: LMRetrofitConfig, model: torch.nn.Module) -> None:
-    n = model.config.num_hidden_layers
-    a, b = cfg.loop_layers
-    require(b <= n, "loop_layers", f"[start, stop] with 0 <= start < stop <= {n} (the model's layers)", cfg.loop_layers)
+def finish_arm(folder: Path, result: dict) -> None:
+    write_json(folder / "result.json", result)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the arm is done: its result is what stays
+    shutil.rmtree(folder / "hf", ignore_errors=True)
+
+
+def check_plans(cfg: LMRetrofitConfig, model: torch.nn.Module, budget: float) -> None:
+    """Before any run folder: the model loops (its layout, the range inside it), and every arm's budget holds a
+    step, and SHIFT's reaches its full depth."""
+    n = len(Structure(model).layers)
+    need = f"[start, stop] with 0 <= start < stop <= {n} (the model's layers)"
+    require(cfg.loop_layers[1] <= n, "loop_layers", need, cfg.loop_layers)
+    for arm in cfg.arms:
+        depths = plan(build_arm(model, cfg, arm), cfg, schedule(cfg, arm, 0), budget)
+        require(
+            bool(depths) and (arm == "plain" or max(depths) == cfg.n_loops),
+            "budget_steps",
+            f"enough plain steps for every arm to reach {cfg.n_loops} loops ({arm} runs {depths})",
+            cfg.budget_steps,
+        )
+
+
+def score_untrained(base: torch.nn.Module, cfg: LMRetrofitConfig, text: Text, path: Path) -> None:
+    """The pretrained model's untrained loops at every test count, written to ``path``."""
+    untrained = loopify(copy.deepcopy(base).to(cfg_device(cfg)), layers=tuple(cfg.loop_layers))
+    per_loop = {}
+    for n in cfg.test_loops:
+        with loop_settings(untrained, n_loops=n):
+            per_loop[str(n)] = perplexity(untrained, text.held_out())
+    write_json(path, {"perplexity": per_loop})
 
 
 def run_lm_retrofit(cfg: LMRetrofitConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
@@ -453,30 +492,21 @@ def run_lm_retrofit(cfg: LMRetrofitConfig, out: str | Path, resume: bool = False
     if world > 1:
         if cfg.trainer == "hf":
             raise ConfigError(
-                "trainer must be 'loop' under torchrun (got 'hf'): launch the Hugging Face Trainer its own way "
-                "(accelerate launch) with one process per study"
+                "trainer must be 'loop' under torchrun (got 'hf'): run trainer=hf in one process; several processes "
+                "train through our loop (parallel: ddp or fsdp)"
             )
         init_distributed(cfg_device(cfg).type)
     base = load_plain(cfg.model_path, cfg.dtype)  # bad input (the model, its layers, a short text) before the folder
-    check_layers(cfg, base)
+    budget = cfg.budget_steps * step_cost(base, cfg, 1)
+    check_plans(cfg, base, budget)
     text = Text(cfg, load_tokenizer(cfg.model_path), base.config.vocab_size)
     require(
         cfg.batch_size % world == 0, "batch_size", f"a multiple of the number of processes ({world})", cfg.batch_size
     )
-    if rank == 0:
-        prepare_run_folder(out, cfg, resume=resume)
-    barrier()
-    budget = cfg.budget_steps * step_cost(base, cfg, 1)
+    on_rank0(prepare_run_folder, out, cfg, resume=resume)
     untrained_file = out / "untrained.json"
-    if rank == 0 and not untrained_file.exists():
-        untrained = loopify(copy.deepcopy(base).to(cfg_device(cfg)), layers=tuple(cfg.loop_layers))
-        held_out = text.held_out()
-        per_loop = {}
-        for n in cfg.test_loops:
-            with loop_settings(untrained, n_loops=n):
-                per_loop[str(n)] = perplexity(untrained, held_out)
-        write_json(untrained_file, {"perplexity": per_loop})
-    barrier()
+    if not untrained_file.exists():
+        on_rank0(score_untrained, base, cfg, text, untrained_file)
     untrained = read_json_file(untrained_file)
     runs: dict[int, dict] = {}
     for seed in cfg.seeds:

@@ -132,7 +132,7 @@ LM_ARM_NAMES = {
     "plain": "the model continued unlooped",
     "shift": "SHIFT: one loop, then a depth curriculum",
     "loop": "looped from the first step",
-    "shift-lora": "SHIFT with per-loop LoRA",
+    "shift-lora": "SHIFT with per-loop LoRA (and a backward through every loop)",
     "shift-concat": "SHIFT with concat injection",
 }
 RETROFIT_PAPER = "McLeish et al. (2025): retrofitted recurrence beats the plain model at equal FLOPs (1B models, math)"
@@ -304,7 +304,9 @@ def lm_markdown(cfg, runs: dict[int, dict], untrained: dict, rows: list[dict], f
         "",
         "Tests, stated before the runs (per seed: a difference of held-out log perplexities; a direction by a "
         "one-sided t-test at alpha 0.05 against 0, 'no worse' by non-inferiority with the margin ln 1.02, "
-        "perplexity within 2%):",
+        "perplexity within 2%). Each test is at alpha 0.05 on its own, not corrected for their number; with 3 "
+        "seeds a t-test has 2 degrees of freedom; the held-out windows are the same for every seed, so the spread "
+        "is that of training on this split:",
         "",
         "| claim | verdict | ours | false-positive rate at the boundary |",
         "|---|---|---|---|",

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loopscape.config import ConfigError
+
 
 def init_distributed(device: str = "auto") -> int:
     """Join the ``torchrun`` process group (once); returns this process's rank."""
@@ -33,9 +35,27 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def on_rank0(fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` on rank 0 alone (what writes files), every rank waiting for it; should it fail
+    there (a refused run folder, a full disk), every rank raises, so that none waits for rank 0 forever: the
+    same error on rank 0, a ``ConfigError`` (for a ``ValueError``) or ``RuntimeError`` with its message on the
+    others."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        fn(*args, **kwargs)
+        return
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            fn(*args, **kwargs)
+        except Exception as error:  # told to every rank below, then raised here as it was
+            failure = error
+    told = [None if failure is None else (isinstance(failure, ValueError), str(failure))]
+    dist.broadcast_object_list(told, src=0)
+    if failure is not None:
+        raise failure
+    if told[0] is not None:
+        bad_input, message = told[0]
+        raise (ConfigError if bad_input else RuntimeError)(f"rank 0: {message}")
 
 
 PARALLEL = ("ddp", "fsdp")
@@ -49,7 +69,8 @@ def data_parallel(model: nn.Module, layers: list[nn.Module], how: str) -> nn.Mod
     if how not in PARALLEL:
         raise ValueError(f"parallel must be one of {list(PARALLEL)} (got {how!r})")
     if how == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
+        # a loop's own weights (the concat adapter, the LoRA of later loops) are unused at one loop (Stage I)
+        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
