@@ -1,6 +1,7 @@
 """Benchmark: loop-speculative decoding (``loopscape.generate_speculative``) against full-depth greedy decoding
 and against the plain model, side by side in one run (batch 1, greedy, the per-loop cache).
 
+The prompt: 32 tokens of held-out pydoc prose for a model saved with its tokenizer, else random tokens.
 Rows: the plain model (one loop), full depth (``generate``), full depth with a depth per call
 (``generate(..., n_loops=)``), and speculative at each draft depth below the full one. Per row: tokens per
 second, the ratio to full depth, the acceptance rate, and whether the tokens equal full-depth greedy's. Each
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pydoc_data.topics
 import time
 
 import torch
@@ -22,6 +24,7 @@ import transformers
 
 from loopscape import from_pretrained, generate_speculative, loopify
 from loopscape.looped import find_looped, loop_settings
+from loopscape.looped.io import load_tokenizer
 
 
 def tiny() -> torch.nn.Module:
@@ -52,7 +55,12 @@ def main() -> None:
     model = (from_pretrained(args.model) if args.model else tiny()).to(args.device).eval()
     model.generation_config.eos_token_id = None  # every row decodes the same number of tokens
     n = find_looped(model).n_loops
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    tokenizer = load_tokenizer(args.model) if args.model else None
+    if tokenizer is not None:  # real prose: the start of the held-out tenth of CPython's pydoc topics
+        text = "\n".join(pydoc_data.topics.topics.values())
+        prompt = torch.tensor([tokenizer(text[int(0.9 * len(text)) :])["input_ids"][:32]])
+    else:
+        prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
     greedy = dict(max_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
