@@ -280,3 +280,24 @@ def test_what_the_range_cannot_do_is_one_line():
     lora.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match=r"^loop_lora cannot train under gradient checkpointing"):
         lora(input_ids=x, labels=x, use_cache=False).loss.backward()
+
+
+def test_a_static_cache_generates_the_tokens_of_the_dynamic_one():
+    """``cache_implementation="static"``: the per-(loop, layer) entries are made like the model's own static
+    layers, and greedy decoding gives the same tokens."""
+    model = loopify(build("llama"), layers=(1, 3), n_loops=3)
+    prompt = torch.randint(1, V, (1, 9), generator=torch.Generator().manual_seed(0))
+    greedy = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    dynamic = model.generate(prompt, **greedy)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **greedy), dynamic)
+
+
+def test_a_looped_forward_is_one_graph_for_torch_compile():
+    """torch.compile traces through the loop's hooks: one graph, no graph break (on this torch)."""
+    import torch._dynamo as dynamo
+
+    model = loopify(build("llama"), layers=(1, 3), n_loops=3)
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        explained = dynamo.explain(model)(input_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
