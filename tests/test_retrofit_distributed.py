@@ -63,7 +63,8 @@ def _worker(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_the_retrofit_under_torchrun_resumes_after_one_rank_is_killed(tmp_path, parallel):
     """SIGKILL rank 1 inside the SHIFT arm after its first checkpoint: torchrun stops the run; --resume under
     torchrun ends with the weights of an uninterrupted 2-process run, bit for bit, and with those of one

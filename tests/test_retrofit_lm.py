@@ -98,7 +98,7 @@ def test_the_verdicts_are_the_tests_stated_before_the_run():
     assert words["SHIFT no loss"] == "inconclusive"
 
 
-@pytest.mark.parametrize("trainer", ["loop", "hf"])
+@pytest.mark.parametrize("trainer", ["loop", pytest.param("hf", marks=pytest.mark.slow)])
 def test_a_killed_arm_resumes_to_the_same_weights(tiny, tmp_path, trainer):
     """SIGKILL inside the SHIFT arm after its first checkpoint; --resume ends with the weights and
     perplexities of an uninterrupted run (our loop, and the Hugging Face Trainer with ShiftCallback)."""
