@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,6 +227,16 @@ def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     return math.exp(total / count)
 
 
+def perplexities(model: torch.nn.Module, cfg: LMRetrofitConfig, text: Text) -> dict[str, float]:
+    """Held-out perplexity of a looped model at each of ``cfg.test_loops``, keyed by the count as text (JSON)."""
+    held_out = text.held_out()
+    out = {}
+    for n in cfg.test_loops:
+        with loop_settings(model, n_loops=n):
+            out[str(n)] = perplexity(model, held_out)
+    return out
+
+
 def schedule(cfg: LMRetrofitConfig, arm: str, seed: int) -> ShiftSchedule | None:
     """The arm's loop count per step (None: the plain arm)."""
     if arm == "plain":
@@ -388,7 +399,7 @@ def train_hf(model, cfg: LMRetrofitConfig, text: Text, seed: int, sched, depths,
         if bars:
             hf_logging.enable_progress_bar()
     losses = [round(r["loss"], 6) for r in trainer.state.log_history if "loss" in r]
-    flops = sum(step_cost(model, cfg, k) for k in depths)
+    flops = sum(step_cost(model, cfg, k) * steps for k, steps in Counter(depths).items())
     return {"flops": flops, "time_s": time.perf_counter() - t0, "losses": losses, "readings": []}
 
 
@@ -420,11 +431,7 @@ def run_arm(base, cfg: LMRetrofitConfig, text: Text, seed: int, arm: str, budget
     trained = train(model, cfg, text, seed, sched, depths, folder)
     if arm == "plain":
         loopify(model, layers=tuple(cfg.loop_layers))  # its untrained loops, read at the test counts
-    held_out = text.held_out()
-    per_loop = {}
-    for n in cfg.test_loops:
-        with loop_settings(model, n_loops=n):
-            per_loop[str(n)] = perplexity(model, held_out)
+    per_loop = perplexities(model, cfg, text)
     looped = looped_layers(model)
     if arm in cfg.save_models:
         weights = None
@@ -477,11 +484,7 @@ def check_plans(cfg: LMRetrofitConfig, model: torch.nn.Module, budget: float) ->
 def score_untrained(base: torch.nn.Module, cfg: LMRetrofitConfig, text: Text, path: Path) -> None:
     """The pretrained model's untrained loops at every test count, written to ``path``."""
     untrained = loopify(copy.deepcopy(base).to(cfg_device(cfg)), layers=tuple(cfg.loop_layers))
-    per_loop = {}
-    for n in cfg.test_loops:
-        with loop_settings(untrained, n_loops=n):
-            per_loop[str(n)] = perplexity(untrained, text.held_out())
-    write_json(path, {"perplexity": per_loop})
+    write_json(path, {"perplexity": perplexities(untrained, cfg, text)})
 
 
 def run_lm_retrofit(cfg: LMRetrofitConfig, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
@@ -517,17 +520,17 @@ def run_lm_retrofit(cfg: LMRetrofitConfig, out: str | Path, resume: bool = False
             runs[seed][arm] = run_arm(base, cfg, text, seed, arm, budget, out / f"seed{seed}" / arm)
     result = {"config": to_dict(cfg), "untrained": untrained, "runs": {str(s): r for s, r in runs.items()}}
     if rank == 0:
-        result.update(write_report(cfg, runs, untrained, out))
+        write_report(cfg, runs, result, out)
     return result
 
 
-def write_report(cfg: LMRetrofitConfig, runs: dict[int, dict], untrained: dict, out: Path) -> dict:
-    """``retrofit.json``, ``retrofit.md``, ``report.html`` and the figures; returns the verdicts and tests."""
+def write_report(cfg: LMRetrofitConfig, runs: dict[int, dict], result: dict, out: Path) -> None:
+    """Add the verdicts and tests to ``result``; write it as ``retrofit.json``, with ``retrofit.md``,
+    ``report.html`` and the figures."""
     rows, tests = lm_verdicts(cfg, runs)
-    figures = lm_figures(cfg, runs, untrained, out)
-    text_md = lm_markdown(cfg, runs, untrained, rows, figures)
-    judged = {"verdicts": rows, "tests": tests}
-    result = {"config": to_dict(cfg), "untrained": untrained, "runs": {str(s): r for s, r in runs.items()}, **judged}
+    figures = lm_figures(cfg, runs, result["untrained"], out)
+    text_md = lm_markdown(cfg, runs, result["untrained"], rows, figures)
+    result.update(verdicts=rows, tests=tests)
     write_json(out / "retrofit.json", result)
     atomic_write_text(out / "retrofit.md", text_md)
     page = render_report(
@@ -540,4 +543,3 @@ def write_report(cfg: LMRetrofitConfig, runs: dict[int, dict], untrained: dict, 
         versions(),
     )
     atomic_write_text(out / "report.html", page)
-    return judged

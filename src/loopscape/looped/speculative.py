@@ -102,14 +102,10 @@ def _cut(cache, length: int) -> None:
     """Every entry of ``cache`` cut back to its first ``length`` positions (entries may differ in length after a
     draft, which transformers' ``crop`` does not allow for)."""
     layers = getattr(cache, "layers", None)
-    pairs = [(layer, "keys", "values") for layer in layers] if layers is not None else None
-    if pairs is None:  # transformers < 4.56: lists of tensors
+    if layers is None:  # transformers < 4.56: lists of tensors
         for store in (cache.key_cache, cache.value_cache):
-            for i, t in enumerate(store):
-                if torch.is_tensor(t) and t.dim() == 4:
-                    store[i] = t[..., :length, :]
+            store[:] = [t[..., :length, :] if torch.is_tensor(t) and t.dim() == 4 else t for t in store]
         return
-    for layer, k, v in pairs:
-        if getattr(layer, "is_initialized", True) and getattr(layer, k, None) is not None:
-            setattr(layer, k, getattr(layer, k)[..., :length, :])
-            setattr(layer, v, getattr(layer, v)[..., :length, :])
+    for layer in layers:
+        if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
