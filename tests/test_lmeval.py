@@ -123,7 +123,7 @@ def test_a_plain_checkpoint_is_looped_by_layers_and_exit_is_a_model_arg(setting)
     saved, _ = _loglikelihoods(setting, "loopscape", pretrained=str(root / "looped"))
     assert torch.allclose(plain_looped, saved, atol=1e-6)
     # a threshold of 0 is full depth exactly; a huge one stops every token after min_loops = 2 loops
-    full, _ = _loglikelihoods(setting, "loopscape", pretrained=str(root / "looped"), exit="kl", exit_threshold=0.0)
+    full, _ = _loglikelihoods(setting, "loopscape", pretrained=str(root / "looped"), exit="state", exit_threshold=0.0)
     assert torch.equal(full, saved)
     early, _ = _loglikelihoods(
         setting, "loopscape", pretrained=str(root / "looped"), exit="state", exit_threshold=1e9, min_loops=2

@@ -40,14 +40,14 @@ def main(out):
         m = loopify(build(fam), layers=(1, 3), n_loops=3, loop_lora=2)
         with torch.no_grad():
             res[f"{fam}-lora"] = m(input_ids=ids).logits
-            for ex in ("kl", "entropy", "state"):
+            for ex in ("state",):  # kl, entropy: refused on a range with layers after it (issue 37)
                 set_exit(m, ex, 0.05, 1)
                 res[f"{fam}-exit-{ex}"] = m(input_ids=ids).logits
             set_exit(m, None)
             g = m.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
             res[f"{fam}-gen"] = g
         batches = [{"input_ids": ids}]
-        s = loop_sweep(m, batches, [1, 2, 3, 4], thresholds=[0.0, 0.1], exit="kl")
+        s = loop_sweep(m, batches, [1, 2, 3, 4], thresholds=[0.0, 0.1], exit="state")
         res[f"{fam}-sweep-ppl"] = torch.tensor([r["perplexity"] for r in s["counts"]], dtype=torch.float64)
         res[f"{fam}-sweep-conv"] = torch.tensor(s["convergence"], dtype=torch.float64)
         res[f"{fam}-sweep-exit"] = torch.tensor([e["mean_loops"] for e in s["exits"]], dtype=torch.float64)

@@ -366,7 +366,11 @@ def loop_sweep(
     ),
     loops: str = typer.Option("1-16", "--loops", help="Loop counts, e.g. 1-16 or 1,2,4,8."),
     thresholds: str = typer.Option("", "--thresholds", help="Exit thresholds to histogram, e.g. 1e-4,1e-3."),
-    exit_: str = typer.Option("kl", "--exit", help="Exit criterion for --thresholds: kl, entropy or state."),
+    exit_: str = typer.Option(
+        "state",
+        "--exit",
+        help="Exit criterion for --thresholds: state, kl or entropy (kl, entropy: a range ending at the last layer).",
+    ),
     exit_loops: int | None = typer.Option(
         None, "--exit-loops", help="Most loops a token runs with --thresholds (default: the model's n_loops)."
     ),

@@ -99,6 +99,7 @@ def test_n_loops_changes_at_any_time_and_the_lens_reads_every_loop(family):
         "exit": None,
         "exit_threshold": 0.0,
         "min_loops": 1,
+        "kv_sharing": None,
     }
 
 

@@ -16,6 +16,7 @@ from loopscape.looped.decoder import (  # noqa: E402
     set_exit,
     set_n_loops,
 )
+from loopscape.looped.exit import state_change  # noqa: E402
 
 GENERATION_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
 
@@ -146,8 +147,8 @@ def test_a_looped_model_is_an_ordinary_module_tree(family):
 def test_exit_threshold_zero_is_full_depth_exactly(exit):
     x = torch.randint(1, V, (2, 8))
     with torch.no_grad():
-        full = looped("llama")(input_ids=x).logits
-        model = looped("llama", exit=exit, exit_threshold=0.0)
+        full = looped("llama", layers=(1, 4))(input_ids=x).logits  # kl, entropy: a range ending at the last layer
+        model = looped("llama", layers=(1, 4), exit=exit, exit_threshold=0.0)
         assert torch.equal(model(input_ids=x).logits, full)
     assert torch.equal(looped_layers(model).loops_used, torch.full((2, 8), 3))
 
@@ -175,7 +176,7 @@ def test_state_exit_stops_each_token_where_its_state_settles():
 @pytest.mark.parametrize("exit", ["kl", "state"])
 def test_exit_with_the_cache_equals_the_same_policy_without_it(exit):
     """The slow reference: the full forward of the whole sequence (no cache) with the same exit policy."""
-    model, x = looped("llama", n_loops=5), torch.randint(1, V, (2, 10))
+    model, x = looped("llama", layers=(1, 4), n_loops=5), torch.randint(1, V, (2, 10))
     # the threshold: the median of the criterion over a full-depth run, so tokens exit at different loops
     if exit == "state":
         with torch.no_grad(), looped_layers(model).recording() as recorded:
@@ -282,22 +283,70 @@ def test_what_the_range_cannot_do_is_one_line():
         lora(input_ids=x, labels=x, use_cache=False).loss.backward()
 
 
-def test_a_static_cache_generates_the_tokens_of_the_dynamic_one():
-    """``cache_implementation="static"``: the per-(loop, layer) entries are made like the model's own static
-    layers, and greedy decoding gives the same tokens."""
-    model = loopify(build("llama"), layers=(1, 3), n_loops=3)
+@pytest.mark.parametrize("sharing", [None, "first", "cycle:2"])
+def test_a_static_cache_generates_the_tokens_of_the_dynamic_one(sharing):
+    """``cache_implementation="static"``: the cache slots are made like the model's own static layers (a
+    revisited cycle slot is written at its positions, where a dynamic one is cut and appended), and greedy
+    decoding gives the same tokens, with a per-token exit too."""
+    model = loopify(build("llama"), layers=(1, 3), n_loops=3, kv_sharing=sharing)
     prompt = torch.randint(1, V, (1, 9), generator=torch.Generator().manual_seed(0))
     greedy = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     dynamic = model.generate(prompt, **greedy)
     assert torch.equal(model.generate(prompt, cache_implementation="static", **greedy), dynamic)
+    with torch.no_grad(), looped_layers(model).recording() as states:
+        model(input_ids=prompt, use_cache=False)
+    set_exit(model, "state", state_change(states[0], states[1]).median().item(), min_loops=2)
+    dynamic = model.generate(prompt, **greedy)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **greedy), dynamic)
+    assert len(looped_layers(model).exit_counts) > 1  # tokens exited at different loops
 
 
-def test_a_looped_forward_is_one_graph_for_torch_compile():
-    """torch.compile traces through the loop's hooks: one graph, no graph break (on this torch)."""
+@pytest.mark.parametrize("sharing", [None, "first", "cycle:2"])
+def test_a_looped_forward_is_one_graph_for_torch_compile(sharing):
+    """torch.compile traces through the loop's hooks and the shared cache: one graph, no graph break (on this
+    torch), with the cache and without. (An exit breaks the graph once a loop: whether every token has
+    exited is a value the forward branches on.)"""
     import torch._dynamo as dynamo
 
-    model = loopify(build("llama"), layers=(1, 3), n_loops=3)
+    model = loopify(build("llama"), layers=(1, 3), n_loops=3, kv_sharing=sharing)
     ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        explained = dynamo.explain(model)(input_ids=ids)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
+    for use_cache in (False, True):
+        dynamo.reset()
+        with torch.no_grad():
+            explained = dynamo.explain(model)(input_ids=ids, use_cache=use_cache)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
+
+
+def test_the_distribution_criteria_read_the_first_loops_top_k(monkeypatch):
+    """KL after the first comparison is over the first state's top TOP_K tokens, renormalised, as worked out
+    here from the readout (the final norm and head: the range ends at the last layer); with TOP_K at least
+    the vocabulary it is the full KL."""
+    import torch.nn.functional as F
+
+    from loopscape.looped import exit as exits
+
+    model, x = looped("llama", layers=(1, 4), n_loops=3), torch.randint(1, V, (2, 5))
+    loop = looped_layers(model)
+    with torch.no_grad(), loop.recording() as states:
+        model(input_ids=x, use_cache=False)
+        full = [F.log_softmax(loop.readout(h), -1) for h in states]
+        for k in (V, 5):
+            monkeypatch.setattr(exits, "TOP_K", k)
+            rows = full[0].topk(k, -1).indices
+            lp = [F.log_softmax(f.gather(-1, rows), -1) for f in full]
+            memo = {}
+            for t in (1, 2):
+                got = exits.Exit("kl").score(states[t - 1], states[t], loop._lens_of, memo)
+                want = (lp[t].exp() * (lp[t] - lp[t - 1])).sum(-1)
+                assert (got - want).abs().max() < 1e-12
+            if k == V:
+                assert (got - (full[2].exp() * (full[2] - full[1])).sum(-1)).abs().max() < 1e-12
+
+
+def test_beam_search_with_first_sharing_equals_it_without_the_cache():
+    model = loopify(build("llama", dtype=torch.float64), layers=(1, 3), n_loops=3, kv_sharing="first")
+    prompt = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(5))
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(
+        model.generate(prompt, use_cache=True, **beams), model.generate(prompt, use_cache=False, **beams)
+    )

@@ -171,7 +171,7 @@ def run_loop_sweep(
     loops: list[int],
     out: Path,
     thresholds: list[float] = (),
-    exit: str = "kl",
+    exit: str = "state",
     layers: tuple[int, int] | None = None,
     context: int = 128,
     max_windows: int = 64,

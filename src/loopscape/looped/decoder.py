@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from loopscape.looped.exit import EXITS, Exit
+from loopscape.looped.kv import check_sharing
 from loopscape.looped.protocol import check_n_loops, find_looped, get_n_loops, loop_settings, set_n_loops
-from loopscape.looped.range import INJECTIONS, LoopedRange
+from loopscape.looped.range import INJECTIONS, LoopedRange, check_exit_reads
 from loopscape.looped.structure import Structure
 
 __all__ = [
@@ -60,6 +61,7 @@ def loopify(
     backprop_loops: int | None = None,
     loop_lora: int | None = None,
     lora_layers: list[str] | None = None,
+    kv_sharing: str | None = None,
 ) -> nn.Module:
     """Loop the decoder layers ``layers[0]..layers[1]-1`` of ``model`` ``n_loops`` times, in place;
     returns the model. ``layers=None`` reads the settings saved in ``model.config.loopscape``
@@ -74,7 +76,9 @@ def loopify(
     the truncated surrogate (they warn): ``loopscape.looped.set_backprop_loops(model, None)`` measures the loss itself.
     ``injection="concat"``, ``loop_lora=r`` and ``lora_layers`` (names of the range's linear layers, e.g.
     ``["q_proj", "v_proj"]``; all of them if None): see the module docstring. The LoRA is made for the
-    ``n_loops`` given here; loops beyond them (a larger ``n_loops`` set later) run the shared weights."""
+    ``n_loops`` given here; loops beyond them (a larger ``n_loops`` set later) run the shared weights.
+    ``kv_sharing``: ``None`` (every loop its own keys and values), ``"first"`` (deeper loops attend to loop
+    1's) or ``"cycle:K"`` (K cache slots, loop t in slot t mod K): :mod:`loopscape.looped.kv`."""
     structure = Structure(model)
     saved = getattr(model.config, "loopscape", None)
     layers_given = layers is not None  # else the saved settings, whose n_loops may be a later one (SHIFT's)
@@ -86,6 +90,7 @@ def loopify(
         exit, exit_threshold, min_loops = saved.get("exit"), saved.get("exit_threshold", 0.0), saved.get("min_loops", 1)
         backprop_loops = saved.get("backprop_loops")
         loop_lora, lora_layers, lora_loops = saved.get("loop_lora"), saved.get("lora_layers"), saved.get("lora_loops")
+        kv_sharing = saved.get("kv_sharing")
     n = len(structure.layers)
     if not (isinstance(layers, (tuple, list)) and len(layers) == 2 and 0 <= layers[0] < layers[1] <= n):
         raise ValueError(f"layers must be a pair (start, stop) with 0 <= start < stop <= {n} (got {layers!r})")
@@ -93,6 +98,9 @@ def loopify(
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     check_n_loops(n_loops)
     policy = Exit.of(exit, exit_threshold, min_loops, n_loops)
+    if layers_given:  # (saved settings were checked when made: their n_loops may have moved since, SHIFT's)
+        kv_sharing = check_sharing(kv_sharing, n_loops)
+    check_exit_reads(policy, layers[0], layers[1], n)
     k, top = backprop_loops, n_loops if saved is None or layers_given else max(n_loops, backprop_loops or 1)
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= top):
         raise ValueError(f"backprop_loops must be an integer from 1 to n_loops ({n_loops}) or None (got {k!r})")
@@ -106,7 +114,7 @@ def loopify(
         old.remove()
     looped = LoopedRange(
         structure, layers[0], layers[1], n_loops, injection, model.config, backprop_loops, loop_lora, lora_layers,
-        lora_loops,
+        lora_loops, kv_sharing,
     )  # fmt: skip
     looped.exit = policy
     looped.depth_per_call(model)

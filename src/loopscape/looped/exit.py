@@ -1,8 +1,14 @@
 """Per-token exit: after each loop from the second on, a token whose criterion between its last two states
 falls below a threshold stops looping. The criteria are small classes, after Huginn's exit evaluators
 (Geiping et al., 2025, "Scaling up test-time compute with latent reasoning", Sec. 6); each reads two
-successive states, and the distribution criteria read them through ``lens``, the final norm and LM head (a
-cheap logit lens: the layers after a loopified range are not run at every loop)."""
+successive states.
+
+The distribution criteria (KL, entropy) read the states through ``lens``, the final norm and LM head, which
+is the model's own readout only for a range that ends at the last decoder layer (loopify refuses them
+elsewhere). They do not pay a full LM-head pass per loop: the first state they read in a forward goes
+through the whole head once, and every later loop's distribution is read on that state's top
+:data:`TOP_K` tokens only, renormalised there (the criteria compare distributions over those candidates;
+mass outside them is not seen). Cost per token and forward: one head pass, plus ``TOP_K`` head rows a loop."""
 
 from __future__ import annotations
 
@@ -16,34 +22,52 @@ import torch.nn.functional as F
 def state_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Per token, the relative change of the latent state ``||h_t - h_{t-1}|| / ||h_t||`` (Huginn's
     convergence measure of the recurrent state): the one formula the exit and the sweeps use."""
-    return (after - before).float().norm(dim=-1) / after.float().norm(dim=-1).clamp_min(1e-30)
+    after, before = _wide(after), _wide(before)
+    return (after - before).norm(dim=-1) / after.norm(dim=-1).clamp_min(1e-30)
+
+
+TOP_K = 64  # the candidate tokens the distribution criteria read after the first loop (module docstring)
 
 
 class KL:
-    """``KL(p_t || p_{t-1})`` of the next-token distributions (Huginn's KL exit)."""
+    """``KL(p_t || p_{t-1})`` of the next-token distributions (Huginn's KL exit), over the candidates."""
 
-    def __call__(self, before, after, lens: Callable) -> torch.Tensor:
-        logp_before, logp_after = _log_probs(before, lens), _log_probs(after, lens)
+    def __call__(self, before, after, lens: Callable, memo: dict) -> torch.Tensor:
+        logp_before, logp_after = _candidate_log_probs(before, after, lens, memo)
         return (logp_after.exp() * (logp_after - logp_before)).sum(-1)
 
 
 class Entropy:
-    """``|H(p_t) - H(p_{t-1})|``: the entropy-change exit of the same work."""
+    """``|H(p_t) - H(p_{t-1})|``: the entropy-change exit of the same work, over the candidates."""
 
-    def __call__(self, before, after, lens: Callable) -> torch.Tensor:
+    def __call__(self, before, after, lens: Callable, memo: dict) -> torch.Tensor:
         entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
-        return (entropy(_log_probs(after, lens)) - entropy(_log_probs(before, lens))).abs()
+        logp_before, logp_after = _candidate_log_probs(before, after, lens, memo)
+        return (entropy(logp_after) - entropy(logp_before)).abs()
 
 
 class State:
-    """:func:`state_change` of the latent state."""
+    """:func:`state_change` of the latent state: no readout."""
 
-    def __call__(self, before, after, lens: Callable) -> torch.Tensor:
+    def __call__(self, before, after, lens: Callable, memo: dict) -> torch.Tensor:
         return state_change(before, after)
 
 
-def _log_probs(h: torch.Tensor, lens: Callable) -> torch.Tensor:
-    return F.log_softmax(lens(h).float(), dim=-1)
+def _candidate_log_probs(before, after, lens: Callable, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``before`` and ``after`` over the candidate tokens: the top :data:`TOP_K` of the
+    first state read in this forward (``memo`` carries them, and the last distribution, from loop to loop)."""
+    if "rows" not in memo:
+        full = _wide(lens(before))
+        memo["rows"] = full.topk(min(TOP_K, full.shape[-1]), dim=-1).indices
+        memo["last"] = F.log_softmax(full.gather(-1, memo["rows"]), dim=-1)
+    logp_after = F.log_softmax(_wide(lens(after, memo["rows"])), dim=-1)
+    logp_before, memo["last"] = memo["last"], logp_after
+    return logp_before, logp_after
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 (a softmax over a vocabulary needs it); float64 stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 CRITERIA = {"kl": KL(), "entropy": Entropy(), "state": State()}
@@ -83,9 +107,10 @@ class Exit:
             return None
         return cls(exit, threshold, min_loops)
 
-    def score(self, before: torch.Tensor, after: torch.Tensor, lens: Callable) -> torch.Tensor:
-        """The criterion per token between two successive states."""
-        return CRITERIA[self.criterion](before, after, lens)
+    def score(self, before: torch.Tensor, after: torch.Tensor, lens: Callable, memo: dict | None = None):
+        """The criterion per token between two successive states; ``memo``: one dict per forward, kept from
+        loop to loop (the distribution criteria's candidates)."""
+        return CRITERIA[self.criterion](before, after, lens, {} if memo is None else memo)
 
     def settings(self) -> dict:
         """As ``config.loopscape`` saves it."""

@@ -13,15 +13,14 @@ the injection (:data:`INJECTIONS`), the hook after the range runs the loops the 
 Everything one forward holds (its inputs, the loop running now, the caller's grad mode) lives in one
 :class:`_Call`, created by the hook before the range and dropped when the decoder stack returns.
 
-**Cache.** Loop ``t >= 2`` of layer ``l`` is its own virtual layer of the model's Hugging Face cache (index
-``L + (t-2)(b-a) + (l-a)`` for ``L`` decoder layers; loop 1 keeps the layer's own index), made like the
+**Cache.** Cache slot ``s >= 1`` of layer ``l`` is its own virtual layer of the model's Hugging Face cache
+(index ``L + (s-1)(b-a) + (l-a)`` for ``L`` decoder layers; slot 0 is the layer's own index), made like the
 layer's own entry (full or sliding window), so beam search's reordering, cropping and batch selection work
-through HF's own cache classes.
+through HF's own cache classes. Which slot each loop writes and reads (``kv_sharing``), and what an exited
+token leaves in the deeper loops: :mod:`loopscape.looped.kv`.
 
-**Exit policy.** An exited token keeps its exit state through the deeper loops, and the layers still run on
-that state, so its keys and values at a deeper loop are those of its exit state and later tokens always find
-an entry to attend to. The cached decode then equals a full forward exactly; what exit saves is depth per
-token (:attr:`LoopedRange.loops_used`), not layer calls.
+**Exit.** An exited token keeps its exit state through the deeper loops and computes nothing there; a
+forward whose tokens have all exited stops looping (a decode step saves the deeper loops' layer calls).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from loopscape.looped import kv
 from loopscape.looped.exit import NO_EXIT, Exit
 from loopscape.looped.lora import LoopLoRA, lora_targets
 from loopscape.looped.protocol import check_n_loops, own_copies, slots, while_set
@@ -64,6 +64,7 @@ class _Call:
     inside: bool = False  # the range's own loops are running (the hooks let those calls through)
     grad_saved: bool | None = None  # the caller's grad mode, while truncated backprop runs without a graph
     past: bool = False  # the cache it was handed already holds tokens (a decode step)
+    private: object = None  # kv_sharing="first" without the caller's cache: loop 0's entries, this forward only
 
 
 class LoopedRange(nn.Module):
@@ -85,9 +86,11 @@ class LoopedRange(nn.Module):
         loop_lora: int | None = None,
         lora_layers: list[str] | None = None,
         lora_loops: int | None = None,
+        kv_sharing: str | None = None,
     ):
         super().__init__()
         self.start, self.stop, self.injection, self._backprop_loops = start, stop, injection, backprop_loops
+        self._sharing = kv_sharing
         self.loop_lora, self.lora_layers = loop_lora, lora_layers
         self._layers = list(structure.layers)  # a plain list: not registered again as submodules
         self._stack = (structure.stack,)  # the decoder stack, not registered (it holds this module)
@@ -129,6 +132,8 @@ class LoopedRange(nn.Module):
         self._hooks = [
             *lora_hooks,
             self._layers[start].register_forward_pre_hook(self._before_range, with_kwargs=True),
+            # after _before_range: loop 0 of every looped layer writes to the forward's own cache, if it has one
+            *(layer.register_forward_pre_hook(self._private_cache, with_kwargs=True) for layer in self.range_layers()),
             self._layers[stop - 1].register_forward_hook(self._after_range, with_kwargs=True),
             # the caller's grad mode comes back even when a layer raises inside the range
             structure.stack.register_forward_hook(self._after_stack, always_call=True),
@@ -219,6 +224,16 @@ class LoopedRange(nn.Module):
         self._save()
 
     @property
+    def kv_sharing(self) -> str | None:
+        """Which cache slot each loop's keys and values go to (:mod:`loopscape.looped.kv`)."""
+        return self._sharing
+
+    @kv_sharing.setter
+    def kv_sharing(self, value: str | None) -> None:
+        self._sharing = kv.check_sharing(value, self.n_loops)
+        self._save()
+
+    @property
     def exit(self) -> Exit | None:
         """The per-token exit policy (None: every token runs ``n_loops`` loops)."""
         return self._exit
@@ -227,6 +242,7 @@ class LoopedRange(nn.Module):
     def exit(self, policy: Exit | None) -> None:
         if policy is not None and not isinstance(policy, Exit):
             raise ValueError(f"exit must be a loopscape.looped.exit.Exit or None (got {policy!r})")
+        check_exit_reads(policy, self.start, self.stop, len(self._layers))
         self._exit = policy
         self._save()
 
@@ -243,6 +259,7 @@ class LoopedRange(nn.Module):
             "loop_lora": self.loop_lora,
             "lora_layers": self.lora_layers,
             "lora_loops": self._lora_loops() or None,  # the loops the LoRA was made for (n_loops may move)
+            "kv_sharing": self._sharing,
             **(NO_EXIT if self._exit is None else self._exit.settings()),
         }
 
@@ -309,6 +326,13 @@ class LoopedRange(nn.Module):
         finally:
             self._n_loops, self._drafting = saved
 
+    def _private_cache(self, module, args, kwargs):
+        call = self._call
+        if call is None or call.inside or call.private is None:
+            return None
+        rest, kwargs = _with_cache(args[1:], kwargs, call.private)
+        return (*args[:1], *rest), kwargs
+
     def _depth_before(self, module, args, kwargs):
         k = kwargs.get("n_loops")
         self._depths.append(None if k is None else self._n_loops)  # one entry per call, popped after it
@@ -349,6 +373,10 @@ class LoopedRange(nn.Module):
         if cache is not None:
             self._make_room(cache)
             call.past = getattr(cache, "self_attention_cache", cache).get_seq_length() > 0
+        elif self._sharing == "first" and self.n_loops > 1:  # the deeper loops read loop 0's entries
+            from transformers import DynamicCache
+
+            call.private = DynamicCache()
         k = self.backprop_loops
         if k is not None and self.n_loops > k and torch.is_grad_enabled():
             call.grad_saved = True  # truncated backprop: the first loop, before the last k, keeps no graph
@@ -373,20 +401,36 @@ class LoopedRange(nn.Module):
         used = torch.ones(h.shape[:-1], dtype=torch.long, device=h.device)
         exited = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
         policy, k = self._exit, self.backprop_loops
+        shared = None
+        if policy is not None or self._sharing is not None:  # the layers' cache applies sharing and exit
+            cache = call.private if call.private is not None else _cache(call.args, call.kwargs)
+            shared = kv.LoopCache(cache, self._sharing, list(range(self.start, self.stop)))
+            rest_args, kwargs = _with_cache(rest_args, kwargs, shared)
+        memo: dict = {}  # the exit criterion's state across loops (its candidate vocabulary)
         call.inside = True
         try:
             for t in range(1, self.n_loops):
+                gone = int(exited.sum()) if policy is not None else 0  # (no exit: no branch for torch.compile)
+                if policy is not None and gone == exited.numel():  # every token has exited: nothing left to do
+                    shared.write_exited(t, self._index)
+                    if self._recording is not None:
+                        self._recording.append(h)
+                    continue
+                if shared is not None:
+                    shared.loop, shared.exited = t, exited if gone else None
                 # truncated backprop: only the last k loops build a graph; e keeps its gradient in them
                 with torch.set_grad_enabled(grad and (k is None or t >= self.n_loops - k)):
                     x = self._inject(h, e)
                     call.loop = t
                     for j, layer in enumerate(self.range_layers()):
+                        if shared is not None:
+                            shared.layer = j
                         with self._at_loop(t, j):
                             x, rest = _split(self._run(t, j, layer, x, rest_args, kwargs))
                     call.loop = None
                 if policy is not None:
                     x = torch.where(exited[..., None], h, x)  # an exited token keeps its exit state
-                    value = policy.score(h, x, self._lens_of)
+                    value = policy.score(h, x, self._lens_of, memo)
                     used = torch.where(exited, used, used + 1)
                     done = used >= min(policy.min_loops, self.n_loops)
                     exited = exited | ((value < policy.threshold) & done)
@@ -426,10 +470,15 @@ class LoopedRange(nn.Module):
             return {}
         return own_copies(self._slots[j], self._untied[min(t, len(self._untied) - 1)])
 
-    def _lens_of(self, h: torch.Tensor) -> torch.Tensor:
-        """The exit criteria's cheap lens: the final norm and LM head on a state (later layers skipped)."""
+    def _lens_of(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The exit criteria's readout of a state: the final norm and the LM head (the range ends at the last
+        layer, which the exit setter checks), on the head's ``rows`` only when given (``(..., k)`` token ids)."""
         norm, head = self._lens
-        return head(norm(h))
+        if rows is None:
+            return head(norm(h))
+        weight = head.weight[rows]  # (..., k, d)
+        logits = (weight @ norm(h).unsqueeze(-1)).squeeze(-1)
+        return logits if head.bias is None else logits + head.bias[rows]
 
     def _keep_tail(self, j: int):
         def hook(module, args, kwargs):
@@ -446,16 +495,17 @@ class LoopedRange(nn.Module):
         return h
 
     # --- the cache ------------------------------------------------------------------------------------------
-    def _virtual(self, loop: int, j: int) -> int:
-        """The cache index of loop ``loop`` (0-based, >= 1) of the range's ``j``-th layer."""
-        return len(self._layers) + (loop - 1) * (self.stop - self.start) + j
+    def _index(self, loop: int, j: int) -> int:
+        """The cache index loop ``loop`` (0-based) of the range's ``j``-th layer writes and reads."""
+        s = kv.slot(self._sharing, loop)
+        return self.start + j if s == 0 else len(self._layers) + (s - 1) * (self.stop - self.start) + j
 
     @contextlib.contextmanager
     def _at_loop(self, loop: int, j: int):
         modules = self._indexed[j]
         saved = [m.layer_idx for m in modules]
         for m in modules:
-            m.layer_idx = self._virtual(loop, j)
+            m.layer_idx = self._index(loop, j)
         try:
             yield
         finally:
@@ -477,13 +527,26 @@ class LoopedRange(nn.Module):
             if not hasattr(cache, "key_cache"):  # transformers < 4.56: lists that grow on update
                 raise ValueError(CACHE_UNUSABLE.format(kind=type(cache).__name__))
         elif getattr(cache, "layer_class_to_replicate", None) is None:
-            needed = self._virtual(self.n_loops - 1, self.stop - self.start - 1) + 1
+            needed = len(self._layers) + (kv.n_slots(self._sharing, self.n_loops) - 1) * (self.stop - self.start)
             for v in range(len(layers), needed):
                 source = layers[self.start + (v - len(self._layers)) % (self.stop - self.start)]
                 if getattr(source, "is_initialized", False) and cache.get_seq_length() > 0:
                     raise ValueError(CACHE_MID_GENERATION.format(held=held or 1, now=self.n_loops))
                 layers.append(copy.deepcopy(source))
         cache._loopscape_n_loops = self.n_loops
+
+
+def check_exit_reads(policy: Exit | None, start: int, stop: int, n_layers: int) -> None:
+    """The distribution criteria need the model's readout of every loop: the final norm and LM head, when the
+    range ends at the last layer; through the layers after it, they would cost more than the loop."""
+    if policy is not None and policy.criterion in ("kl", "entropy") and stop < n_layers:
+        after = n_layers - stop
+        follow = f"{after} decoder layer{'s' * (after > 1)} follow{'s' * (after == 1)}"
+        raise ValueError(
+            f"exit {policy.criterion!r} reads each loop's next-token distribution, and {follow} the range (layers "
+            f"{start}..{stop - 1} of {n_layers}): reading through them at every loop costs more than a loop; use "
+            "exit='state', or loop a range that ends at the last layer"
+        )
 
 
 def _split(output):
@@ -501,6 +564,16 @@ def _cache(args: tuple, kwargs: dict):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) and args[1] is not None else None
+
+
+def _with_cache(args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
+    """A looped layer's other arguments (after the hidden states) with ``cache`` in the place of its cache."""
+    for name in CACHE_NAMES:
+        if name in kwargs:
+            return args, {**kwargs, name: cache}
+    if args and (args[0] is None or _is_cache(args[0])):
+        return (cache, *args[1:]), kwargs
+    return args, {**kwargs, "past_key_values": cache}
 
 
 def _without_cache(kwargs: dict) -> dict:

@@ -13,12 +13,15 @@ to the tokens verified so far, so the verifier computes every loop of the drafte
 positions afresh and the cache never holds a position at some loops and not at others. (The verifier could
 keep the draft's entries of loops ``1..k``, which depend only on earlier loops; that saving is not taken.)
 
-Greedy only, batch 1, no per-token exit: sampling, a batch, or an exit policy are refused in one line.
+Greedy only, batch 1, no per-token exit, ``kv_sharing`` None or ``"first"``: sampling, a batch, an exit
+policy or a cycle's sharing are refused in one line.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import types
 
 import torch
 from torch import nn
@@ -57,6 +60,12 @@ def generate_speculative(
         raise ValueError(f"generate_speculative takes no {sorted(unknown)} (it decodes greedily, batch 1)")
     if getattr(looped, "exit", None) is not None:
         raise ValueError("generate_speculative needs a model without a per-token exit (set_exit(model, None))")
+    sharing = getattr(looped, "kv_sharing", None)
+    if sharing is not None and sharing != "first":
+        raise ValueError(
+            f"generate_speculative needs kv_sharing None or 'first' (got {sharing!r}: a cycle's verifier, reading the "
+            "draft block in one forward, would see other entries than token-by-token decoding)"
+        )
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
@@ -96,6 +105,23 @@ def generate_speculative(
     ids = ids[:, : input_ids.shape[1] + max_new_tokens]
     stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
     return (ids, stats) if return_stats else ids
+
+
+def draft_model(model: nn.Module, draft_loops: int) -> nn.Module:
+    """``model`` at ``draft_loops`` loops, as Hugging Face's assisted generation takes a draft:
+    ``model.generate(ids, assistant_model=draft_model(model, k), do_sample=...)`` drafts with ``k`` loops and
+    verifies at the model's own depth, greedy (the model's own greedy output) or sampled by HF's speculative
+    acceptance rule (as LayerSkip's ``assistant_early_exit`` drafts with the early layers). A shallow copy: every
+    weight is the model's; its ``generate`` runs at ``k`` loops and keeps its own cache and generation config."""
+    from loopscape.looped.decoder import _generate
+
+    n = find_looped(model).n_loops
+    if not isinstance(draft_loops, int) or isinstance(draft_loops, bool) or not 1 <= draft_loops < n:
+        raise ValueError(f"draft_loops must be an integer from 1 to n_loops - 1 ({n - 1}) (got {draft_loops!r})")
+    draft = copy.copy(model)
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    draft.generate = types.MethodType(lambda self, *a, **kw: _generate(self, *a, n_loops=draft_loops, **kw), draft)
+    return draft
 
 
 def _cut(cache, length: int) -> None:

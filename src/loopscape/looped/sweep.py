@@ -126,7 +126,7 @@ def loop_sweep(
     batches: list[dict],
     loops: list[int],
     thresholds: list[float] = (),
-    exit: str = "kl",
+    exit: str = "state",
     exit_loops: int | None = None,
     scorer: NextToken | Masked | None = None,
 ) -> dict:
