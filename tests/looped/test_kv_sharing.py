@@ -264,8 +264,61 @@ def test_every_family_decodes_first_sharing_and_the_exit_as_its_full_forward(fam
         assert (decoded - full).abs().max() < 1e-10, (sharing, threshold)
 
 
-def test_a_cycle_on_a_dynamic_sliding_window_cache_is_one_line():
-    """Mistral's dynamic cache keeps a sliding window, whose positions a cycle cannot rewrite in place."""
-    model = loopify(build("mistral", dtype=torch.float64), layers=(1, 3), n_loops=3, kv_sharing="cycle:2")
-    with pytest.raises(ValueError, match=r"^kv_sharing 'cycle:K' cannot rewrite a dynamic sliding-window cache"):
-        model(input_ids=torch.randint(1, V, (1, 5)), use_cache=True)
+def _sliding(window=4):
+    from hf_families import GQA, TOKENS
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("mistral", **GQA, num_hidden_layers=4, sliding_window=window, **TOKENS)
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("implementation", ["dynamic", "static"])
+def test_a_cycle_on_a_sliding_window_cache_is_one_line(implementation):
+    """A sliding window may drop or roll the positions a cycle's slot wrote: refused, dynamic or static."""
+    model = loopify(_sliding(), layers=(1, 3), n_loops=3, kv_sharing="cycle:2")
+    prompt = torch.randint(1, V, (1, 5))
+    with pytest.raises(ValueError, match=r"^kv_sharing 'cycle:K' cannot rewrite a sliding-window cache layer"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False, cache_implementation=implementation, pad_token_id=0)
+
+
+@pytest.mark.parametrize("sharing, threshold", [("first", None), (None, 0.3), ("first", 0.3)])
+def test_past_a_sliding_window_first_sharing_and_the_exit_decode_as_the_full_forward(sharing, threshold):
+    """A window of 4 over 12 tokens: the deeper loops attend to what loop 1 attended to (its window), not to
+    what the cache keeps."""
+    model = loopify(_sliding(), layers=(1, 3), n_loops=3, kv_sharing=sharing)
+    if threshold is not None:
+        set_exit(model, "state", threshold, min_loops=2)
+    x = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=x, use_cache=False).logits
+        decoded, _, _ = _decode(model, x, 6)
+    assert (decoded - full).abs().max() < 1e-10
+
+
+def test_sharing_and_the_exit_refuse_gradient_checkpointing_and_a_change_mid_generation():
+    _, model = _model("first")
+    model.train()
+    model.gradient_checkpointing_enable()
+    x = torch.randint(1, V, (1, 6))
+    with pytest.raises(ValueError, match=r"^kv_sharing cannot train under gradient checkpointing"):
+        model(input_ids=x, labels=x, use_cache=False)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    with torch.no_grad():
+        cache = model(input_ids=x, use_cache=True).past_key_values
+        looped_layers(model).kv_sharing = None
+        with pytest.raises(ValueError, match=r"^loopify: kv_sharing changed in the middle of a cached generation"):
+            model(input_ids=x[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_a_checkpoint_saved_with_a_refused_exit_loads_without_it(tmp_path):
+    """Saved before loopscape refused KL on a range with layers after it: loads with a warning, no exit."""
+    from loopscape.looped import from_pretrained
+
+    _, model = _model(None)
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"exit": null', '"exit": "kl"')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.warns(UserWarning, match=r"exit 'kl' reads each loop's .*; the saved exit is dropped"):
+        back = from_pretrained(tmp_path, dtype=torch.float64)
+    assert looped_layers(back).exit is None and back.config.loopscape["exit"] is None

@@ -75,8 +75,13 @@ def test_a_cycle_sharing_is_refused_and_first_sharing_is_exact():
     not be its greedy decoding: refused. With "first", speculative output is the model's own greedy output."""
     model = loopify(build("llama"), layers=(1, 3), n_loops=3, kv_sharing="cycle:2")
     prompt = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(3))
-    with pytest.raises(ValueError, match=r"^generate_speculative needs kv_sharing None or 'first' \(got 'cycle:2'"):
+    refused = r"^loop-speculative decoding needs kv_sharing None or 'first' \(got 'cycle:2'"
+    with pytest.raises(ValueError, match=refused):
         generate_speculative(model, prompt, 1)
+    draft = draft_model(loopify(build("llama"), layers=(1, 3), n_loops=3), 1)
+    looped_layers(draft).kv_sharing = "cycle:2"  # after the draft was made: checked at each call
+    with pytest.raises(ValueError, match=refused):
+        draft.generate(prompt, max_new_tokens=2)
     looped_layers(model).kv_sharing = "first"
     greedy = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(generate_speculative(model, prompt, 1, max_new_tokens=10, eos_token_id=None), greedy)

@@ -5,7 +5,7 @@ devices, dtypes and accelerate work as with ``--model hf``) loaded through :func
 with the loop settings as model args::
 
     loopscape lm-eval --model loopscape \\
-        --model_args pretrained=runs/looped-llama,n_loops=8,exit=kl,exit_threshold=0.01 --tasks hellaswag
+        --model_args pretrained=runs/looped-llama,n_loops=8,exit=state,exit_threshold=0.3 --tasks hellaswag
 
     import lm_eval, loopscape.integrations.lmeval
     lm_eval.simple_evaluate(model="loopscape", model_args={"pretrained": path, "n_loops": 8}, tasks=[...])

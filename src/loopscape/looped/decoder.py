@@ -98,9 +98,15 @@ def loopify(
         raise ValueError(f"injection must be one of {INJECTIONS} (got {injection!r})")
     check_n_loops(n_loops)
     policy = Exit.of(exit, exit_threshold, min_loops, n_loops)
-    if layers_given:  # (saved settings were checked when made: their n_loops may have moved since, SHIFT's)
-        kv_sharing = check_sharing(kv_sharing, n_loops)
-    check_exit_reads(policy, layers[0], layers[1], n)
+    # saved settings: K was checked against the n_loops of their time (SHIFT may have moved it since)
+    kv_sharing = check_sharing(kv_sharing, n_loops if layers_given else 1 << 30)
+    try:
+        check_exit_reads(policy, layers[0], layers[1], n)
+    except ValueError as refused:
+        if layers_given:
+            raise
+        warnings.warn(f"{refused}; the saved exit is dropped (saved before loopscape refused it)", stacklevel=2)
+        policy = None
     k, top = backprop_loops, n_loops if saved is None or layers_given else max(n_loops, backprop_loops or 1)
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= top):
         raise ValueError(f"backprop_loops must be an integer from 1 to n_loops ({n_loops}) or None (got {k!r})")

@@ -6,23 +6,25 @@ a looped layer:
 * ``None``: loop ``t`` writes its own slot ``t``; its queries attend to slot ``t``: every earlier token's
   keys and values at loop ``t``, and the token's own. Exact: a cached decode equals the full forward.
 * ``"first"`` (Mixture-of-Recursions' recursive sharing, Bae et al., 2025): loops ``t >= 1`` write nothing;
-  their queries attend to loop 0's keys and values, of every token up to and including their own. A full
-  forward and a cached decode agree; the cache is the plain model's.
+  their queries attend to the keys and values loop 0 attended to (every token's loop-0 entry up to and
+  including their own; a sliding-window layer's window of them). A full forward and a cached decode agree;
+  the cache is the plain model's.
 * ``"cycle:K"`` (Huginn's ``compress-sK``, Geiping et al., 2025): ``K`` slots per layer; loop ``t`` writes
   slot ``t mod K``, over the entry an earlier loop of the same token wrote there, and attends to that slot.
   A token decoded before the current forward is seen through the last loop it wrote to the slot; the tokens
   of the current forward (a prompt) see each other's loop-``t`` entries, as without sharing. So a prompt
-  read in one forward and one read token by token differ; ``cycle:n_loops`` is ``None``.
+  read in one forward and one read token by token differ; ``cycle:n_loops`` is ``None``. A sliding-window
+  layer's cache is refused (its window may have dropped what the slot wrote).
 
-**Exit.** A token that has exited at loop ``e`` computes nothing in the deeper loops; wherever a deeper loop
-writes, it writes the token's loop-``e`` keys and values (a reference, not a computation), so later tokens
-find an entry at every loop. In one forward over many positions (a prompt, a partly exited batch) the
-layers run on every position and an exited position's output and keys and values are replaced by its own;
-a forward whose positions have all exited stops looping.
+**Exit.** A token that has exited at loop ``e`` keeps its state; wherever a deeper loop writes, it writes the
+token's loop-``e`` keys and values (a reference, not a computation), so later tokens find an entry at every
+loop. A forward whose positions have all exited stops looping (a decode step computes nothing deeper); in
+one forward over many positions (a prompt, a partly exited batch) the layers still run on every position,
+and an exited position's output and keys and values are replaced by its own.
 
-:class:`LoopCache` is what the range's layers are handed as their cache in loops ``t >= 1`` when sharing or
-an exit is on: it applies both rules and passes everything else to the model's cache (or keeps nothing
-when the forward has none).
+:class:`LoopCache` is what the range's layers are handed as their cache when sharing or an exit is on: it
+applies both rules and passes everything else to the model's cache (or keeps nothing when the forward has
+none).
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ def _rewrite(cache, idx: int, keys: torch.Tensor, values: torch.Tensor, args: tu
     """Entry ``idx``'s last positions (this forward's, written by an earlier loop) replaced by ``keys`` and
     ``values``: a cycle's revisited slot."""
     layer = None if getattr(cache, "layers", None) is None else cache.layers[idx]
-    if layer is not None and hasattr(layer, "max_cache_len"):  # static: write at the same positions again
+    if getattr(layer, "is_sliding", False):  # a window may have dropped or rolled what the slot wrote
+        raise ValueError("kv_sharing 'cycle:K' cannot rewrite a sliding-window cache layer: use 'first' or None")
+    if hasattr(layer, "max_cache_len") or (layer is None and "Static" in type(cache).__name__):
         if hasattr(layer, "cumulative_length"):  # transformers >= 5: the layer counts its own positions
             layer.cumulative_length -= keys.shape[-2]
-        return cache.update(keys, values, idx, *args, **kwargs)
-    if getattr(layer, "is_sliding", False):
-        raise ValueError("kv_sharing 'cycle:K' cannot rewrite a dynamic sliding-window cache: use a static cache")
+        return cache.update(keys, values, idx, *args, **kwargs)  # (older static caches: at cache_position)
     q = keys.shape[-2]
     old_k, old_v = entries(cache, idx)
     k, v = torch.cat([old_k[..., :-q, :], keys], -2), torch.cat([old_v[..., :-q, :], values], -2)
@@ -97,32 +99,40 @@ def _rewrite(cache, idx: int, keys: torch.Tensor, values: torch.Tensor, args: tu
 
 
 class LoopCache:
-    """The cache the range's layers see in loops ``t >= 1`` of one forward (module docstring). ``cache``: the
-    model's cache, or None (nothing is kept beyond this forward). The range sets ``loop``, ``layer`` and
-    ``exited`` (``(batch, positions)``) before each layer call."""
+    """The cache the range's layers see in one forward (module docstring): in loop 0 with ``"first"`` (to keep
+    the keys and values loop 0 attends to), in loops ``t >= 1`` with any sharing or an exit. ``cache``: the
+    model's cache, or None (nothing is kept beyond this forward). ``first[j]``: layer ``j``'s own cache index.
+    The range sets ``loop``, ``layer`` and ``exited`` (``(batch, positions)``, None while no token has exited)
+    before each deeper layer call."""
 
     def __init__(self, cache, sharing: str | None, first: list[int]):
-        self.cache, self.sharing, self._first = cache, sharing, first  # first[j]: layer j's own cache index
-        self.loop, self.layer = 1, 0
+        self.cache, self.sharing, self._first = cache, sharing, first
+        self.loop, self.layer = 0, 0
         self.exited: torch.Tensor | None = None
+        self._loop0: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> what loop 0 attended to
         self._own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> each position's last entry
         self._written = set(first)  # cache indices that already hold this forward's positions (loop 0's)
         self._call: dict[int, tuple[tuple, dict]] = {}  # layer -> update()'s other arguments (cache_position)
 
     def __getattr__(self, name):  # the model's cache answers everything else (lengths, masks)
-        if name == "cache":
-            raise AttributeError(name)
-        return getattr(self.cache, name)
+        cache = self.__dict__.get("cache")
+        if cache is None:
+            raise AttributeError(f"a looped layer asked its cache for {name!r}, and this forward has none")
+        return getattr(cache, name)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, idx: int, *args, **kwargs):
+        if self.loop == 0:  # the model's own pass ("first" only): what it attends to, the deeper loops will
+            out = (keys, values) if self.cache is None else self.cache.update(keys, values, idx, *args, **kwargs)
+            self._loop0[self._first.index(idx)] = out
+            return out
         j = self.layer
-        if self.exited is not None and j in self._own:  # (no data-dependent branch: one graph per loop compiled)
+        if self.exited is not None and j in self._own:
             gone = self.exited[:, None, :, None]  # (batch, heads, positions, head_dim)
             keys, values = torch.where(gone, self._own[j][0], keys), torch.where(gone, self._own[j][1], values)
         self._own[j] = keys, values
         self._call[j] = args, kwargs
-        if self.sharing == "first":  # loops >= 1 read loop 0's entries and write nothing
-            return entries(self.cache, self._first[j])
+        if self.sharing == "first":  # loops >= 1 attend to what loop 0 attended to, and write nothing
+            return self._loop0[j]
         if self.cache is None:
             return keys, values
         if idx in self._written:

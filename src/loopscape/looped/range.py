@@ -19,14 +19,16 @@ layer's own entry (full or sliding window), so beam search's reordering, croppin
 through HF's own cache classes. Which slot each loop writes and reads (``kv_sharing``), and what an exited
 token leaves in the deeper loops: :mod:`loopscape.looped.kv`.
 
-**Exit.** An exited token keeps its exit state through the deeper loops and computes nothing there; a
-forward whose tokens have all exited stops looping (a decode step saves the deeper loops' layer calls).
+**Exit.** An exited token keeps its exit state through the deeper loops; a forward whose tokens have all
+exited stops looping (a decode step saves the deeper loops' layer calls), while in a forward with tokens
+still looping the layers run on every position and an exited one's results are replaced by its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -48,6 +50,10 @@ CACHE_MID_GENERATION = (
     "loopify: n_loops changed in the middle of a cached generation (the cache holds {held} loops, the model runs "
     "{now}); call set_n_loops between generate() calls, or generate with use_cache=False"
 )
+SHARING_MID_GENERATION = (
+    "loopify: kv_sharing changed in the middle of a cached generation (the cache was written with {held!r}, the "
+    "model runs {now!r}); change it between generate() calls"
+)
 CACHE_UNUSABLE = (
     "loopify: the cache passed to a looped model must be a Hugging Face Cache holding per-layer entries "
     "(e.g. DynamicCache, or none: the model makes one); got {kind}"
@@ -64,7 +70,7 @@ class _Call:
     inside: bool = False  # the range's own loops are running (the hooks let those calls through)
     grad_saved: bool | None = None  # the caller's grad mode, while truncated backprop runs without a graph
     past: bool = False  # the cache it was handed already holds tokens (a decode step)
-    private: object = None  # kv_sharing="first" without the caller's cache: loop 0's entries, this forward only
+    shared: object = None  # the looped.kv.LoopCache of this forward (with kv_sharing or an exit)
 
 
 class LoopedRange(nn.Module):
@@ -110,6 +116,7 @@ class LoopedRange(nn.Module):
         self.exit_counts: dict[int, int] = {}
         # the modules whose `layer_idx` names their cache entry, per looped layer
         self._slots = slots(self.range_layers())  # where each layer's weights sit in looped_parameters()
+        self._cache_name, self._cache_position = _cache_parameter(self.range_layers()[0])
         self._indexed = [
             [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
             for layer in self.range_layers()
@@ -132,8 +139,8 @@ class LoopedRange(nn.Module):
         self._hooks = [
             *lora_hooks,
             self._layers[start].register_forward_pre_hook(self._before_range, with_kwargs=True),
-            # after _before_range: loop 0 of every looped layer writes to the forward's own cache, if it has one
-            *(layer.register_forward_pre_hook(self._private_cache, with_kwargs=True) for layer in self.range_layers()),
+            # after _before_range: with kv_sharing="first", loop 0 of every looped layer keeps what it attends to
+            *(layer.register_forward_pre_hook(self._loop0_cache, with_kwargs=True) for layer in self.range_layers()),
             self._layers[stop - 1].register_forward_hook(self._after_range, with_kwargs=True),
             # the caller's grad mode comes back even when a layer raises inside the range
             structure.stack.register_forward_hook(self._after_stack, always_call=True),
@@ -326,12 +333,23 @@ class LoopedRange(nn.Module):
         finally:
             self._n_loops, self._drafting = saved
 
-    def _private_cache(self, module, args, kwargs):
+    def _loop0_cache(self, module, args, kwargs):
         call = self._call
-        if call is None or call.inside or call.private is None:
+        if call is None or call.inside or call.shared is None or self._sharing != "first":
             return None
-        rest, kwargs = _with_cache(args[1:], kwargs, call.private)
+        rest, kwargs = self._with_cache(args[1:], kwargs, call.shared)
         return (*args[:1], *rest), kwargs
+
+    def _with_cache(self, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
+        """A looped layer's arguments after the hidden states, with ``cache`` where the layer takes its cache:
+        the keyword it was given, else its position, else its keyword by the layer's signature."""
+        for name in CACHE_NAMES:
+            if name in kwargs:
+                return args, {**kwargs, name: cache}
+        i = self._cache_position
+        if i is not None and i < len(args):
+            return (*args[:i], cache, *args[i + 1 :]), kwargs
+        return args, {**kwargs, self._cache_name: cache}
 
     def _depth_before(self, module, args, kwargs):
         k = kwargs.get("n_loops")
@@ -359,24 +377,22 @@ class LoopedRange(nn.Module):
     def _before_range(self, module, args, kwargs):
         if self._call is not None and self._call.inside:
             return None
-        if (
-            self.loop_lora is not None
-            and torch.is_grad_enabled()
-            and getattr(self._stack[0], "gradient_checkpointing", False)
-        ):
-            raise ValueError(
-                "loop_lora cannot train under gradient checkpointing: the recomputed layers would not know their "
-                "loop (turn checkpointing off, or train the LoRA without it)"
-            )
+        if torch.is_grad_enabled() and getattr(self._stack[0], "gradient_checkpointing", False):
+            # the recomputed layers would not know their loop (LoRA), and would run without the shared cache
+            on = {"loop_lora": self.loop_lora, "kv_sharing": self._sharing, "an exit": self._exit}
+            what = [name for name, setting in on.items() if setting is not None]
+            if what:
+                raise ValueError(
+                    f"{' and '.join(what)} cannot train under gradient checkpointing: the recomputed layers would not "
+                    "know their loop or their shared cache (turn checkpointing off, or train without it)"
+                )
         self._call = call = _Call(args, kwargs)
         cache = _cache(args, kwargs)
         if cache is not None:
             self._make_room(cache)
             call.past = getattr(cache, "self_attention_cache", cache).get_seq_length() > 0
-        elif self._sharing == "first" and self.n_loops > 1:  # the deeper loops read loop 0's entries
-            from transformers import DynamicCache
-
-            call.private = DynamicCache()
+        if (self._exit is not None or self._sharing is not None) and self.n_loops > 1:
+            call.shared = kv.LoopCache(cache, self._sharing, list(range(self.start, self.stop)))
         k = self.backprop_loops
         if k is not None and self.n_loops > k and torch.is_grad_enabled():
             call.grad_saved = True  # truncated backprop: the first loop, before the last k, keeps no graph
@@ -401,11 +417,9 @@ class LoopedRange(nn.Module):
         used = torch.ones(h.shape[:-1], dtype=torch.long, device=h.device)
         exited = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
         policy, k = self._exit, self.backprop_loops
-        shared = None
-        if policy is not None or self._sharing is not None:  # the layers' cache applies sharing and exit
-            cache = call.private if call.private is not None else _cache(call.args, call.kwargs)
-            shared = kv.LoopCache(cache, self._sharing, list(range(self.start, self.stop)))
-            rest_args, kwargs = _with_cache(rest_args, kwargs, shared)
+        shared = call.shared  # the layers' cache, which applies sharing and the exit (None: neither is on)
+        if shared is not None:
+            rest_args, kwargs = self._with_cache(rest_args, kwargs, shared)
         memo: dict = {}  # the exit criterion's state across loops (its candidate vocabulary)
         call.inside = True
         try:
@@ -472,10 +486,13 @@ class LoopedRange(nn.Module):
 
     def _lens_of(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The exit criteria's readout of a state: the final norm and the LM head (the range ends at the last
-        layer, which the exit setter checks), on the head's ``rows`` only when given (``(..., k)`` token ids)."""
+        layer, which the exit setter checks), on the head's ``rows`` only when given (``(..., k)`` token ids).
+        Where the rows of every position outnumber the head's (a long prompt), the whole head is cheaper."""
         norm, head = self._lens
         if rows is None:
             return head(norm(h))
+        if rows.numel() >= head.weight.shape[0]:
+            return head(norm(h)).gather(-1, rows)
         weight = head.weight[rows]  # (..., k, d)
         logits = (weight @ norm(h).unsqueeze(-1)).squeeze(-1)
         return logits if head.bias is None else logits + head.bias[rows]
@@ -520,6 +537,9 @@ class LoopedRange(nn.Module):
             return  # a draft: the cache keeps its room for the full depth
         if held is not None and held != self.n_loops and cache.get_seq_length() > 0:
             raise ValueError(CACHE_MID_GENERATION.format(held=held, now=self.n_loops))
+        sharing = getattr(cache, "_loopscape_sharing", self._sharing)
+        if sharing != self._sharing and cache.get_seq_length() > 0:
+            raise ValueError(SHARING_MID_GENERATION.format(held=sharing, now=self._sharing))
         if self.n_loops == 1 and held is None:
             return
         layers = getattr(cache, "layers", None)
@@ -533,7 +553,7 @@ class LoopedRange(nn.Module):
                 if getattr(source, "is_initialized", False) and cache.get_seq_length() > 0:
                     raise ValueError(CACHE_MID_GENERATION.format(held=held or 1, now=self.n_loops))
                 layers.append(copy.deepcopy(source))
-        cache._loopscape_n_loops = self.n_loops
+        cache._loopscape_n_loops, cache._loopscape_sharing = self.n_loops, self._sharing
 
 
 def check_exit_reads(policy: Exit | None, start: int, stop: int, n_layers: int) -> None:
@@ -566,14 +586,13 @@ def _cache(args: tuple, kwargs: dict):
     return args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) and args[1] is not None else None
 
 
-def _with_cache(args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
-    """A looped layer's other arguments (after the hidden states) with ``cache`` in the place of its cache."""
-    for name in CACHE_NAMES:
-        if name in kwargs:
-            return args, {**kwargs, name: cache}
-    if args and (args[0] is None or _is_cache(args[0])):
-        return (cache, *args[1:]), kwargs
-    return args, {**kwargs, "past_key_values": cache}
+def _cache_parameter(layer: nn.Module) -> tuple[str, int | None]:
+    """The name under which a decoder layer takes its cache (transformers >= 5.24: ``cache``), and its
+    position among the arguments after the hidden states (None: keyword only)."""
+    params = inspect.signature(layer.forward).parameters
+    name = next((n for n in CACHE_NAMES if n in params), "past_key_values")
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return name, (positional.index(name) - 1 if name in positional[1:] else None)
 
 
 def _without_cache(kwargs: dict) -> dict:

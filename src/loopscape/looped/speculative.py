@@ -46,9 +46,7 @@ def generate_speculative(
     from transformers import DynamicCache
 
     looped = find_looped(model)
-    n = looped.n_loops
-    if not isinstance(draft_loops, int) or isinstance(draft_loops, bool) or not 1 <= draft_loops < n:
-        raise ValueError(f"draft_loops must be an integer from 1 to n_loops - 1 ({n - 1}) (got {draft_loops!r})")
+    _check_draft(looped, draft_loops)
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be an integer >= 1 (got {num_draft_tokens!r})")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -60,12 +58,6 @@ def generate_speculative(
         raise ValueError(f"generate_speculative takes no {sorted(unknown)} (it decodes greedily, batch 1)")
     if getattr(looped, "exit", None) is not None:
         raise ValueError("generate_speculative needs a model without a per-token exit (set_exit(model, None))")
-    sharing = getattr(looped, "kv_sharing", None)
-    if sharing is not None and sharing != "first":
-        raise ValueError(
-            f"generate_speculative needs kv_sharing None or 'first' (got {sharing!r}: a cycle's verifier, reading the "
-            "draft block in one forward, would see other entries than token-by-token decoding)"
-        )
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
@@ -115,13 +107,27 @@ def draft_model(model: nn.Module, draft_loops: int) -> nn.Module:
     weight is the model's; its ``generate`` runs at ``k`` loops and keeps its own cache and generation config."""
     from loopscape.looped.decoder import _generate
 
-    n = find_looped(model).n_loops
-    if not isinstance(draft_loops, int) or isinstance(draft_loops, bool) or not 1 <= draft_loops < n:
-        raise ValueError(f"draft_loops must be an integer from 1 to n_loops - 1 ({n - 1}) (got {draft_loops!r})")
+    def generate(self, *args, **kwargs):  # checked again at each call: the model's settings may have moved
+        _check_draft(find_looped(self), draft_loops)
+        return _generate(self, *args, n_loops=draft_loops, **kwargs)
+
+    _check_draft(find_looped(model), draft_loops)
     draft = copy.copy(model)
     draft.generation_config = copy.deepcopy(model.generation_config)
-    draft.generate = types.MethodType(lambda self, *a, **kw: _generate(self, *a, n_loops=draft_loops, **kw), draft)
+    draft.generate = types.MethodType(generate, draft)
     return draft
+
+
+def _check_draft(looped, draft_loops) -> None:
+    n = looped.n_loops
+    if not isinstance(draft_loops, int) or isinstance(draft_loops, bool) or not 1 <= draft_loops < n:
+        raise ValueError(f"draft_loops must be an integer from 1 to n_loops - 1 ({n - 1}) (got {draft_loops!r})")
+    sharing = getattr(looped, "kv_sharing", None)
+    if sharing is not None and sharing != "first":
+        raise ValueError(
+            f"loop-speculative decoding needs kv_sharing None or 'first' (got {sharing!r}: a cycle's verifier, reading "
+            "the draft block in one forward, would see other entries than token-by-token decoding)"
+        )
 
 
 def _cut(cache, length: int) -> None:
