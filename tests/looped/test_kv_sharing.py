@@ -186,15 +186,16 @@ def test_cache_bytes_per_sharing():
 
 
 def test_a_decode_step_whose_tokens_have_exited_runs_no_deeper_layer():
-    """Every token exits after loop 2 (a huge threshold): loops 3 and 4 call no looped layer."""
-    plain, model = _model(None)
+    """Every token exits after loop 2 (a huge threshold): loops 3 and 4 call no looped layer, in the prompt's
+    forward and in each decode step."""
+    _, model = _model(None)
     set_exit(model, "state", 1e9, min_loops=2)
     calls = []
     handle = looped_layers(model).range_layers()[0].register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        _decode(model, torch.randint(1, V, (1, 6)), 6)
+        _decode(model, torch.randint(1, V, (1, 6)), 3)  # a prompt of 3, then 3 decode steps
     handle.remove()
-    assert len(calls) == 2  # loop 1 (the model's own pass) and loop 2
+    assert len(calls) == 4 * 2  # per forward: loop 1 (the model's own pass) and loop 2
 
 
 def test_a_partly_exited_batch_keeps_its_exited_rows():

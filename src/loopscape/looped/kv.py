@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import torch
 
-SHARING = (None, "first", "cycle:K")
-
 
 def check_sharing(value, n_loops: int) -> str | None:
     """``value`` as ``config.loopscape`` saves it, or one line naming ``kv_sharing`` and what it allows."""
